@@ -1,0 +1,218 @@
+"""Typed configuration: one dataclass per config group, registered with Hydra.
+
+The YAML files under ``pipeline/conf/`` are merged on top of these schemas, so an
+unknown key or a value of the wrong type fails while Hydra composes the config,
+before any work starts. :func:`validate` then checks ranges and cross-field rules
+and reports every problem at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+
+log = logging.getLogger(__name__)
+
+
+class LogitDtype(str, Enum):
+    float16 = "float16"
+    bfloat16 = "bfloat16"
+    float32 = "float32"
+
+
+class Precision(str, Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class Distance(str, Enum):
+    kl = "kl"
+
+
+class StudentArch(str, Enum):
+    linear = "linear"
+    mlp = "mlp"
+    cnn = "cnn"
+
+
+class CacheFormat(str, Enum):
+    zarr = "zarr"
+
+
+class DataSource(str, Enum):
+    mnist1d = "mnist1d"
+    disk = "disk"
+
+
+@dataclass
+class PathsConfig:
+    root: str = "data"
+
+
+@dataclass
+class DataConfig:
+    """Where samples come from. ``mnist1d`` generates MNIST-1D locally; ``disk``
+    reads a Hugging Face dataset saved with ``save_to_disk`` or parquet/arrow files."""
+
+    source: DataSource = DataSource.mnist1d
+    name: str = "mnist1d"
+    train_size: int = 4000
+    transfer_size: int = 100_000
+    test_size: int = 1000
+    seed: int = 42  # MNIST-1D's own default seed: train/test are the canonical split
+    transfer_seed: int = 1234
+    # source=disk: a DatasetDict folder, or a folder of {split}.parquet / {split}.arrow
+    path: str | None = None
+    input_column: str = "x"
+    label_column: str = "y"
+    num_classes: int = 10
+
+
+@dataclass
+class FitConfig:
+    """How stage 1 fits the built-in teacher when no checkpoint is given."""
+
+    epochs: int = 60
+    batch_size: int = 128
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    seed: int = 0
+
+
+@dataclass
+class TeacherConfig:
+    name: str = "cnn"
+    # A user's own torch module: import path of the class, its kwargs, and a checkpoint
+    # (.safetensors or a torch state_dict file). With `target` unset the built-in zoo is used.
+    target: str | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    checkpoint: str | None = None
+    channels: int = 64
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    batch_size: int = 2048
+    precision: Precision = Precision.fp32
+    fit: FitConfig = field(default_factory=FitConfig)
+
+
+@dataclass
+class StudentConfig:
+    """One student architecture. Selected by name from the ``student`` group; several
+    may be selected at once (``student=[linear,mlp]``)."""
+
+    arch: StudentArch = StudentArch.mlp
+    hidden: list[int] = field(default_factory=lambda: [256, 256])
+    channels: int = 16
+
+
+@dataclass
+class LossConfig:
+    """``alpha * CE(student, labels) + lam * D(teacher, student)``."""
+
+    distance: Distance = Distance.kl
+    alpha: float = 1.0
+    lam: float = 1.0
+    temperature: float = 2.0
+
+
+@dataclass
+class CacheConfig:
+    format: CacheFormat = CacheFormat.zarr
+    dtype: LogitDtype = LogitDtype.float16
+    path: str | None = None  # default: <paths.root>/caches/<key>
+    chunk_rows: int = 4096
+    shard_chunks: int = 8
+    zstd_level: int = 3
+
+
+@dataclass
+class TrainConfig:
+    """Student training, shared by every student of a run."""
+
+    epochs: int = 8
+    batch_size: int = 256
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    seed: int = 0
+    shuffle_window: int = 8  # blocks mixed together by the stream's shuffle
+    device: str = "cpu"
+
+
+@dataclass
+class Config:
+    stage: str = "all"  # all | 1 | 2 | 3
+    verify: bool = False  # stage 2: re-read every shard and check its checksum
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: dict[str, StudentConfig] = field(default_factory=dict)
+    loss: LossConfig = field(default_factory=LossConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+TEACHER_ARCHS = ("cnn",)
+STAGES = ("all", "1", "2", "3")
+
+
+def register() -> None:
+    """Register the schema so ``conf/config.yaml`` can extend it."""
+    ConfigStore.instance().store(name="schema", node=Config)
+
+
+def _positive(problems: list[str], where: str, value: float) -> None:
+    if value <= 0:
+        problems.append(f"{where}={value}: must be > 0")
+
+
+def validate(cfg: Config) -> Config:
+    """Check ranges and cross-field rules; raise one ValueError listing every problem."""
+    p: list[str] = []
+    if cfg.stage not in STAGES:
+        p.append(f"stage={cfg.stage!r}: expected one of {list(STAGES)}")
+    for name in ("train_size", "test_size"):
+        _positive(p, f"data.{name}", getattr(cfg.data, name))
+    if cfg.data.transfer_size < 0:
+        p.append(f"data.transfer_size={cfg.data.transfer_size}: must be >= 0")
+    if cfg.data.source is DataSource.disk and not cfg.data.path:
+        p.append("data.path is required with data.source=disk (a save_to_disk folder or parquet/arrow files)")
+    _positive(p, "data.num_classes", cfg.data.num_classes)
+    if cfg.teacher.target is None and cfg.teacher.name not in TEACHER_ARCHS:
+        p.append(f"teacher.name={cfg.teacher.name!r}: the built-in teachers are {list(TEACHER_ARCHS)}; "
+                 "for your own module set teacher.target=<import.path.Class> and teacher.checkpoint")
+    if cfg.teacher.target is not None and not cfg.teacher.checkpoint:
+        p.append("teacher.target is set but teacher.checkpoint is not: a user teacher needs its weights")
+    for name in ("batch_size", "channels"):
+        _positive(p, f"teacher.{name}", getattr(cfg.teacher, name))
+    for name in ("epochs", "batch_size", "lr"):
+        _positive(p, f"teacher.fit.{name}", getattr(cfg.teacher.fit, name))
+    if not cfg.student:
+        p.append("no student selected: pick one or more, e.g. student=mlp or student=[linear,mlp]")
+    for key, s in cfg.student.items():
+        if any(h <= 0 for h in s.hidden):
+            p.append(f"student.{key}.hidden={s.hidden}: widths must be > 0")
+    _positive(p, "loss.temperature", cfg.loss.temperature)
+    for name in ("alpha", "lam"):
+        if getattr(cfg.loss, name) < 0:
+            p.append(f"loss.{name}={getattr(cfg.loss, name)}: must be >= 0")
+    if cfg.loss.alpha == 0 and cfg.loss.lam == 0:
+        p.append("loss.alpha and loss.lam are both 0: nothing to train on")
+    for name in ("chunk_rows", "shard_chunks"):
+        _positive(p, f"cache.{name}", getattr(cfg.cache, name))
+    if not 1 <= cfg.cache.zstd_level <= 22:
+        p.append(f"cache.zstd_level={cfg.cache.zstd_level}: must be in 1..22")
+    for name in ("epochs", "batch_size", "lr", "shuffle_window"):
+        _positive(p, f"train.{name}", getattr(cfg.train, name))
+    if p:
+        raise ValueError("invalid config (" + str(len(p)) + " problem(s)):\n  - " + "\n  - ".join(p))
+    return cfg
+
+
+def resolve_root(cfg: Config) -> str:
+    """``paths.root`` as an absolute local path (Hydra may run from another cwd)."""
+    return os.path.abspath(os.path.expanduser(cfg.paths.root))

@@ -1,0 +1,195 @@
+"""Dataset loading: the built-in MNIST-1D default and any dataset on disk.
+
+Every source ends as a :class:`Splits` of NumPy arrays in a fixed order,
+``transfer, train, test``: the order in which stage 1 caches them, so a cached row's
+``id`` is its position in that concatenation (the manifest records each split's range).
+``transfer`` holds unlabeled samples (labels -1); it may be empty.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from pipeline.config import DataConfig, DataSource
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("transfer", "train", "test")
+UNLABELED = -1
+
+
+@dataclass
+class Split:
+    name: str
+    x: np.ndarray  # (N, L) float32
+    y: np.ndarray  # (N,) int64, UNLABELED where unknown
+
+    @property
+    def labeled(self) -> bool:
+        return bool(len(self.y)) and bool((self.y != UNLABELED).all())
+
+
+@dataclass
+class Splits:
+    splits: dict[str, Split]
+    num_classes: int
+
+    def __getitem__(self, name: str) -> Split:
+        return self.splits[name]
+
+    def ranges(self) -> dict[str, tuple[int, int]]:
+        """Row range of each split in the concatenated ``transfer, train, test`` order."""
+        out, start = {}, 0
+        for name in SPLITS:
+            n = len(self.splits[name].y)
+            out[name] = (start, start + n)
+            start += n
+        return out
+
+    def concat(self) -> tuple[np.ndarray, np.ndarray]:
+        """All inputs and labels in id order: ``x[ids]`` joins a cached row to its sample."""
+        xs = np.concatenate([self.splits[s].x for s in SPLITS])
+        ys = np.concatenate([self.splits[s].y for s in SPLITS])
+        return xs, ys
+
+    def content_hash(self) -> str:
+        """sha256 over the rows actually loaded (inputs and labels, every split)."""
+        h = hashlib.sha256()
+        for name in SPLITS:
+            s = self.splits[name]
+            for arr in (s.x, s.y):
+                h.update(f"{name}:{arr.dtype}:{arr.shape}".encode())
+                h.update(np.ascontiguousarray(arr).tobytes())
+        return h.hexdigest()
+
+
+def load_splits(cfg: DataConfig, root: str) -> Splits:
+    if cfg.source is DataSource.mnist1d:
+        path = os.path.join(root, "datasets", f"mnist1d-{_config_key(cfg)}")
+        if not os.path.exists(os.path.join(path, "dataset_dict.json")):
+            _save_atomic(make_mnist1d(cfg), path)
+        return _from_dataset_dict(_load_from_disk(path), cfg)
+    return _from_dataset_dict(_load_user_dataset(cfg), cfg)
+
+
+def _config_key(cfg: DataConfig) -> str:
+    fields = {k: v for k, v in asdict(cfg).items() if k in
+              ("train_size", "transfer_size", "test_size", "seed", "transfer_seed")}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def make_mnist1d(cfg: DataConfig):
+    """Generate MNIST-1D locally (never ``get_dataset``, which downloads)."""
+    import datasets
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    log.info("generating MNIST-1D: train=%d test=%d (seed %d), transfer=%d (seed %d)",
+             cfg.train_size, cfg.test_size, cfg.seed, cfg.transfer_size, cfg.transfer_seed)
+    x, y = _mnist1d_rows(make_dataset, get_dataset_args, cfg.train_size + cfg.test_size, cfg.seed)
+    xt, _ = _mnist1d_rows(make_dataset, get_dataset_args, cfg.transfer_size, cfg.transfer_seed)
+    n = cfg.train_size
+    return datasets.DatasetDict({
+        "train": _to_dataset(x[:n], y[:n]),
+        "test": _to_dataset(x[n:], y[n:]),
+        "transfer": _to_dataset(xt, None),
+    })
+
+
+def _mnist1d_rows(make_dataset, get_dataset_args, n: int, seed: int):
+    if n == 0:
+        return np.zeros((0, 40), np.float32), np.zeros((0,), np.int64)
+    args = get_dataset_args()
+    args.num_samples = -(-n // 10) * 10  # make_dataset draws num_samples // 10 per class
+    args.train_split = 1.0
+    args.seed = seed
+    d = make_dataset(args)
+    return d["x"][:n].astype(np.float32), d["y"][:n].astype(np.int64)
+
+
+def _to_dataset(x: np.ndarray, y: np.ndarray | None):
+    import datasets
+
+    cols = {"x": list(x)}
+    feats = {"x": datasets.Sequence(datasets.Value("float32"), length=x.shape[1] if len(x) else -1)}
+    if y is not None:
+        cols["y"] = y
+        feats["y"] = datasets.Value("int64")
+    return datasets.Dataset.from_dict(cols, features=datasets.Features(feats))
+
+
+def _save_atomic(dsd, path: str) -> None:
+    tmp = path + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    dsd.save_to_disk(tmp)
+    os.replace(tmp, path)
+    log.info("saved dataset to %s", path)
+
+
+def _load_from_disk(path: str):
+    import datasets
+
+    return datasets.load_from_disk(path)
+
+
+def _load_user_dataset(cfg: DataConfig):
+    import datasets
+
+    path = cfg.path
+    if not path or not os.path.exists(path):
+        raise FileNotFoundError(f"data.path={path!r} does not exist; point it at a save_to_disk folder "
+                                "or a folder of {split}.parquet / {split}.arrow files")
+    if os.path.exists(os.path.join(path, "dataset_dict.json")):
+        return datasets.load_from_disk(path)
+    found = {}
+    for split in SPLITS:
+        for ext, reader in (("parquet", datasets.Dataset.from_parquet), ("arrow", datasets.Dataset.from_file)):
+            f = os.path.join(path, f"{split}.{ext}")
+            if os.path.exists(f):
+                found[split] = reader(f)
+    if not found:
+        raise FileNotFoundError(f"data.path={path!r} holds no dataset_dict.json and no "
+                                "train/test/transfer .parquet or .arrow files")
+    return datasets.DatasetDict(found)
+
+
+def _from_dataset_dict(dsd, cfg: DataConfig) -> Splits:
+    missing = [s for s in ("train", "test") if s not in dsd]
+    if missing:
+        raise ValueError(f"dataset at {cfg.path or 'the mnist1d folder'} has splits {list(dsd)}; "
+                         f"missing {missing} (train and test are required, transfer is optional)")
+    out = {name: _split_arrays(dsd[name], name, cfg) for name in SPLITS if name in dsd}
+    width = out["train"].x.shape[1]
+    out.setdefault("transfer", Split("transfer", np.zeros((0, width), np.float32), np.zeros((0,), np.int64)))
+    widths = {name: s.x.shape[1] for name, s in out.items() if len(s.y)}
+    if len(set(widths.values())) > 1:
+        raise ValueError(f"input width differs between splits: {widths}")
+    return Splits({name: out[name] for name in SPLITS}, cfg.num_classes)
+
+
+def _split_arrays(ds, name: str, cfg: DataConfig) -> Split:
+    if cfg.input_column not in ds.column_names:
+        raise ValueError(f"split {name!r} has no input column {cfg.input_column!r}; columns are "
+                         f"{ds.column_names}: set data.input_column")
+    npds = ds.with_format("numpy")
+    x = np.asarray(npds[cfg.input_column], dtype=np.float32).reshape(len(ds), -1)
+    if cfg.label_column in ds.column_names:
+        y = np.asarray(npds[cfg.label_column], dtype=np.int64)
+        bad = (y < 0) | (y >= cfg.num_classes)
+        if bad.any():
+            raise ValueError(f"split {name!r}: {int(bad.sum())} label(s) outside [0, {cfg.num_classes}) "
+                             f"(first at row {int(np.argmax(bad))}); set data.num_classes")
+    elif name == "transfer":
+        y = np.full(len(ds), UNLABELED, np.int64)
+    else:
+        raise ValueError(f"split {name!r} has no label column {cfg.label_column!r}; columns are "
+                         f"{ds.column_names}: set data.label_column")
+    if not np.isfinite(x).all():
+        raise ValueError(f"split {name!r}: non-finite values in input column {cfg.input_column!r}")
+    return Split(name, x, y)

@@ -1,0 +1,95 @@
+"""Stage 3's core: train each student against the cached teacher logits, and the same
+student on labels alone as its baseline, then evaluate both on the test split.
+
+The teacher is never imported or built here: its test-split logits come from the cache.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from pipeline.cache import CacheReader
+from pipeline.config import Config, StudentConfig
+from pipeline.datasets import Splits
+from pipeline.losses import distill_loss
+from pipeline.models import build_student, count_params, save_checkpoint
+from pipeline.stream import CacheStream
+from pipeline.training import Batch, accuracy, ce_loss, label_batches, predict, train_steps
+
+log = logging.getLogger(__name__)
+
+TRAIN_SPLITS = ("transfer", "train")
+
+
+def cached_batches(stream: CacheStream, x_all: np.ndarray, y_all: np.ndarray) -> Iterator[Batch]:
+    """Endless batches: cached teacher logits joined with inputs and labels by id."""
+    while True:
+        for ids, logits in stream:
+            yield torch.from_numpy(x_all[ids]), torch.from_numpy(y_all[ids]), torch.from_numpy(logits)
+
+
+def teacher_test_logits(reader: CacheReader) -> np.ndarray:
+    start, stop = reader.split_range("test")
+    return reader.logits[start:stop].compute().astype(np.float32)
+
+
+def train_one(name: str, spec: StudentConfig, cfg: Config, splits: Splits, reader: CacheReader,
+              run_dir: str, t_test: np.ndarray) -> dict:
+    """Distilled and labels-only runs of one student, with equal optimizer steps."""
+    width, num_classes = splits["train"].x.shape[1], reader.num_classes
+    x_all, y_all = splits.concat()
+    stream = CacheStream(reader, splits=TRAIN_SPLITS, batch_size=cfg.train.batch_size, seed=cfg.train.seed,
+                         shuffle_window=cfg.train.shuffle_window)
+    steps = cfg.train.epochs * len(stream)
+    opt = {"lr": cfg.train.lr, "weight_decay": cfg.train.weight_decay}
+
+    def loss_fn(logits, y, t):
+        return distill_loss(logits, y, t, cfg.loss)
+
+    torch.manual_seed(cfg.train.seed)
+    student = build_student(spec, width, num_classes)
+    t0 = time.perf_counter()
+    train_steps(student, cached_batches(stream, x_all, y_all), steps, loss_fn, desc=f"{name}: distill", **opt)
+    distill_s = time.perf_counter() - t0
+
+    torch.manual_seed(cfg.train.seed)
+    baseline = build_student(spec, width, num_classes)  # same initial weights
+    train_steps(baseline, label_batches(splits["train"].x, splits["train"].y, cfg.train.batch_size,
+                                        cfg.train.seed), steps, ce_loss, desc=f"{name}: labels only", **opt)
+
+    test = splits["test"]
+    s_test, b_test = predict(student, test.x), predict(baseline, test.x)
+    meta = {"student": name, "arch": spec.arch.value, "hidden": list(spec.hidden), "cache": reader.path}
+    save_checkpoint(student, os.path.join(run_dir, "students", name, "distilled"), meta)
+    save_checkpoint(baseline, os.path.join(run_dir, "students", name, "labels_only"), meta)
+    return {
+        "student": name,
+        "arch": spec.arch.value,
+        "loss": cfg.loss.distance.value,
+        "test_acc": accuracy(s_test, test.y),
+        "labels_only_acc": accuracy(b_test, test.y),
+        "teacher_acc": accuracy(t_test, test.y),
+        "agreement": float((s_test.argmax(1) == t_test.argmax(1)).mean()),
+        "labels_only_agreement": float((b_test.argmax(1) == t_test.argmax(1)).mean()),
+        "params": count_params(student),
+        "steps": steps,
+        "train_rows": stream.rows,
+        "seconds": round(distill_s, 2),
+    }
+
+
+def format_results(rows: list[dict]) -> str:
+    lines = [f"teacher test accuracy: {rows[0]['teacher_acc']:.4f}" if rows else "no students",
+             "| student | loss | distilled acc | labels-only acc | gain | agreement w/ teacher | params | distill time |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['student']} | {r['loss']} | {r['test_acc']:.4f} | {r['labels_only_acc']:.4f} | "
+                     f"{100 * (r['test_acc'] - r['labels_only_acc']):+.1f} pt | {r['agreement']:.4f} | "
+                     f"{r['params']:,} | {r['seconds']:.1f}s |")
+    return "\n".join(lines)

@@ -1,0 +1,97 @@
+"""Teacher and student zoo, user modules by import path, safetensors checkpoints."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from pipeline.config import StudentConfig, TeacherConfig
+
+log = logging.getLogger(__name__)
+
+
+class CNN1d(nn.Module):
+    """Small 1-D CNN over a (B, L) signal: the built-in teacher, and the ``cnn`` student."""
+
+    def __init__(self, length: int, num_classes: int, channels: int = 64, hidden: int = 0):
+        super().__init__()
+        c = channels
+        self.features = nn.Sequential(
+            nn.Conv1d(1, c, 5, padding=2), nn.ReLU(),
+            nn.Conv1d(c, c, 3, stride=2, padding=1), nn.ReLU(),
+            nn.Conv1d(c, c, 3, stride=2, padding=1), nn.ReLU(),
+        )
+        flat = c * ((((length - 1) // 2) // 2) + 1)
+        head = [nn.Flatten(), nn.Linear(flat, hidden), nn.ReLU(), nn.Linear(hidden, num_classes)] if hidden \
+            else [nn.Flatten(), nn.Linear(flat, num_classes)]
+        self.head = nn.Sequential(*head)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x.unsqueeze(1)))  # (B, L) -> (B, 1, L) -> (B, C)
+
+
+def mlp(in_features: int, hidden: list[int], num_classes: int) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    width = in_features
+    for h in hidden:
+        layers += [nn.Linear(width, h), nn.ReLU()]
+        width = h
+    layers.append(nn.Linear(width, num_classes))
+    return nn.Sequential(*layers)
+
+
+def build_student(spec: StudentConfig, in_features: int, num_classes: int) -> nn.Module:
+    arch = spec.arch.value
+    if arch == "linear":
+        return nn.Linear(in_features, num_classes)
+    if arch == "mlp":
+        return mlp(in_features, list(spec.hidden), num_classes)
+    return CNN1d(in_features, num_classes, spec.channels, spec.hidden[0] if spec.hidden else 0)
+
+
+def build_teacher(cfg: TeacherConfig, in_features: int, num_classes: int) -> nn.Module:
+    if cfg.target is None:
+        return CNN1d(in_features, num_classes, cfg.channels)
+    module_name, _, cls_name = cfg.target.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), cls_name)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise ValueError(f"teacher.target={cfg.target!r} could not be imported: {e}") from e
+    return cls(**dict(cfg.kwargs))
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def save_checkpoint(model: nn.Module, directory: str, meta: dict) -> None:
+    """Write ``model.safetensors`` and ``config.json`` atomically (temp name, rename)."""
+    os.makedirs(directory, exist_ok=True)
+    weights = os.path.join(directory, "model.safetensors")
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, weights + ".tmp")
+    os.replace(weights + ".tmp", weights)
+    with open(os.path.join(directory, "config.json.tmp"), "w") as f:
+        json.dump(meta, f, indent=2, default=str)
+    os.replace(os.path.join(directory, "config.json.tmp"), os.path.join(directory, "config.json"))
+
+
+def load_weights(model: nn.Module, path: str) -> nn.Module:
+    """Load a ``.safetensors`` file (or a folder holding ``model.safetensors``), or a
+    torch ``state_dict`` file, strictly: a missing or unexpected key is an error."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "model.safetensors")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"teacher checkpoint {path!r} does not exist")
+    state = load_file(path) if path.endswith(".safetensors") else torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"checkpoint {path!r} does not match the configured model: {e}") from e
+    return model

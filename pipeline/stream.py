@@ -1,0 +1,141 @@
+"""Streaming a cache in bounded memory, in a seeded order of the reader's choosing.
+
+An epoch's order: the cache's blocks (Zarr chunks) restricted to the selected splits are
+permuted with ``(seed, epoch)``; consecutive groups of ``shuffle_window`` blocks are read
+together and their rows permuted again. Batches are consecutive slices of that row
+sequence, so the position (batches served) is all a resumed stream needs: it skips the
+windows already consumed without reading them. A background thread reads ahead up to
+``prefetch`` windows through Dask's synchronous scheduler. Memory held is about
+``(prefetch + 2) * shuffle_window`` blocks, whatever the cache's size.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import dask
+import numpy as np
+
+from pipeline.cache import CacheReader
+
+
+@dataclass
+class Block:
+    index: int  # Dask block index
+    start: int  # first row of the block in the cache
+    lo: int  # selected rows within the block: [lo, hi)
+    hi: int
+
+    @property
+    def rows(self) -> int:
+        return self.hi - self.lo
+
+
+def select_blocks(reader: CacheReader, splits: tuple[str, ...]) -> list[Block]:
+    """Blocks overlapping the row ranges of ``splits``, trimmed to them."""
+    ranges = sorted(reader.split_range(s) for s in splits)
+    blocks, start = [], 0
+    for i, size in enumerate(reader.logits.chunks[0]):
+        stop = start + size
+        for lo, hi in ranges:
+            a, b = max(lo, start), min(hi, stop)
+            if a < b:
+                blocks.append(Block(i, start, a - start, b - start))
+        start = stop
+    return blocks
+
+
+class CacheStream:
+    """Iterate ``(ids, logits)`` batches of a cache, one seeded epoch at a time."""
+
+    def __init__(self, reader: CacheReader, *, splits: tuple[str, ...], batch_size: int, seed: int,
+                 shuffle_window: int = 8, prefetch: int = 4):
+        self.reader = reader
+        self.blocks = select_blocks(reader, splits)
+        self.rows = sum(b.rows for b in self.blocks)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.shuffle_window = shuffle_window
+        self.prefetch = prefetch
+        self.epoch = 0
+        self.position = 0  # batches served in the current epoch
+
+    def __len__(self) -> int:
+        return -(-self.rows // self.batch_size)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["seed"] != self.seed:
+            raise ValueError(f"stream state was saved with seed={state['seed']}, this stream has seed={self.seed}")
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+    def _windows(self, epoch: int) -> list[list[Block]]:
+        rng = np.random.default_rng([self.seed, epoch])
+        order = [self.blocks[i] for i in rng.permutation(len(self.blocks))]
+        w = self.shuffle_window
+        return [order[i:i + w] for i in range(0, len(order), w)]
+
+    def _read_window(self, epoch: int, k: int, window: list[Block]) -> tuple[np.ndarray, np.ndarray]:
+        ids_da, logits_da = self.reader.ids, self.reader.logits
+        parts = dask.compute(*[(ids_da.blocks[b.index][b.lo:b.hi], logits_da.blocks[b.index][b.lo:b.hi])
+                               for b in window], scheduler="synchronous")
+        ids = np.concatenate([p[0] for p in parts])
+        logits = np.concatenate([p[1] for p in parts])
+        perm = np.random.default_rng([self.seed, epoch, k]).permutation(len(ids))
+        return ids[perm], logits[perm]
+
+    def _produce(self, epoch: int, skip_rows: int, out: queue.Queue, stop: threading.Event) -> None:
+        try:
+            done = 0
+            for k, window in enumerate(self._windows(epoch)):
+                n = sum(b.rows for b in window)
+                if done + n <= skip_rows:
+                    done += n
+                    continue  # consumed before the resume point: never read
+                ids, logits = self._read_window(epoch, k, window)
+                cut = max(skip_rows - done, 0)
+                done += n
+                while not stop.is_set():
+                    try:
+                        out.put((ids[cut:], logits[cut:]), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            out.put(None)
+        except BaseException as e:  # re-raised in the consumer
+            out.put(e)
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Yield the rest of the current epoch, then advance to the next epoch."""
+        epoch, bs = self.epoch, self.batch_size
+        q: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        stop = threading.Event()
+        t = threading.Thread(target=self._produce, args=(epoch, self.position * bs, q, stop), daemon=True)
+        t.start()
+        try:
+            carry_ids, carry_logits = np.zeros((0,), np.int64), None
+            while (item := q.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                ids, logits = item
+                if carry_logits is not None and len(carry_ids):
+                    ids, logits = np.concatenate([carry_ids, ids]), np.concatenate([carry_logits, logits])
+                full = len(ids) // bs * bs
+                for i in range(0, full, bs):
+                    self.position += 1
+                    yield ids[i:i + bs], logits[i:i + bs]
+                carry_ids, carry_logits = ids[full:], logits[full:]
+            if carry_logits is not None and len(carry_ids):
+                self.position += 1
+                yield carry_ids, carry_logits
+            self.epoch, self.position = epoch + 1, 0
+        finally:
+            stop.set()
+            t.join()

@@ -1,0 +1,83 @@
+"""Training loops: fitting the built-in teacher on labels, training students from a
+stream of cached teacher logits, and evaluation."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+log = logging.getLogger(__name__)
+
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]  # x (B, L), y (B,), teacher logits (B, C)
+
+
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float, total_steps: int):
+    """AdamW with a cosine decay to zero over ``total_steps``."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / max(total_steps, 1))))
+    return opt, sched
+
+
+def label_batches(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int) -> Iterator[Batch]:
+    """Endless shuffled mini-batches of (x, y) for label-only training."""
+    rng = np.random.default_rng(seed)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    while True:
+        order = torch.from_numpy(rng.permutation(len(y)))
+        for i in range(0, len(order) - batch_size + 1 if len(order) >= batch_size else 1, batch_size):
+            idx = order[i:i + batch_size]
+            yield xt[idx], yt[idx], None
+
+
+def train_steps(model: nn.Module, batches: Iterator[Batch], steps: int, loss_fn: Callable,
+                *, lr: float, weight_decay: float, desc: str) -> float:
+    """Run ``steps`` optimizer steps of ``loss_fn(logits, y, teacher)``; return the last loss."""
+    opt, sched = make_optimizer(model, lr, weight_decay, steps)
+    model.train()
+    loss = torch.tensor(float("nan"))
+    with tqdm(total=steps, desc=desc, unit="step", leave=False) as bar:
+        for _ in range(steps):
+            x, y, t = next(batches)
+            loss = loss_fn(model(x), y, t)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            bar.update()
+            if bar.n % 50 == 0:
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+    if not torch.isfinite(loss):
+        raise RuntimeError(f"{desc}: training diverged (loss={loss.item()}); lower the learning rate")
+    return float(loss.item())
+
+
+def ce_loss(logits: torch.Tensor, y: torch.Tensor, _t=None) -> torch.Tensor:
+    return F.cross_entropy(logits, y)
+
+
+def fit_classifier(model: nn.Module, x: np.ndarray, y: np.ndarray, *, epochs: int, batch_size: int,
+                   lr: float, weight_decay: float, seed: int, desc: str) -> float:
+    """Fit on labels alone for ``epochs`` passes; deterministic for ``seed``."""
+    torch.manual_seed(seed)
+    steps = epochs * max(len(y) // batch_size, 1)
+    return train_steps(model, label_batches(x, y, batch_size, seed), steps, ce_loss,
+                       lr=lr, weight_decay=weight_decay, desc=desc)
+
+
+@torch.inference_mode()
+def predict(model: nn.Module, x: np.ndarray, batch_size: int = 4096) -> np.ndarray:
+    model.eval()
+    out = [model(torch.from_numpy(x[i:i + batch_size])).float() for i in range(0, len(x), batch_size)]
+    return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
+
+
+def accuracy(logits: np.ndarray, y: np.ndarray) -> float:
+    return float((logits.argmax(1) == y).mean())

@@ -1,0 +1,34 @@
+"""Stage 2: open the cache lazily with Dask, check it, audit it, write ``audit.json``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+from pipeline.audit import audit_cache, format_audit
+from pipeline.cache import cache_location, expected_fields, open_cache
+from pipeline.config import Config, resolve_root
+from pipeline.datasets import load_splits
+
+log = logging.getLogger(__name__)
+
+
+def main(cfg: Config, run_dir: str) -> dict:
+    root = resolve_root(cfg)
+    splits = load_splits(cfg.data, root)
+    reader = open_cache(cache_location(cfg, root), expected=expected_fields(cfg, splits.content_hash()))
+    if cfg.verify:
+        reader.verify()
+        log.info("verified %d shard checksums", len(reader.manifest.shards))
+    _, labels = splits.concat()
+    report = audit_cache(reader, labels, cfg.loss.temperature)
+    report["cache"] = reader.path
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "audit.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    print(format_audit(report), flush=True)
+    if report["nonfinite"]:
+        raise ValueError(f"cache {reader.path!r} holds {report['nonfinite']} non-finite teacher values "
+                         "(see audit.json per split); re-capture it")
+    return report

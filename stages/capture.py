@@ -1,0 +1,30 @@
+"""Stage 1: run the teacher once over the dataset and cache its logits."""
+
+from __future__ import annotations
+
+import gc
+import logging
+
+import torch
+
+from pipeline.cache import cache_location
+from pipeline.capture import capture_logits
+from pipeline.config import Config, resolve_root
+from pipeline.datasets import load_splits
+from pipeline.teacher import obtain_teacher
+
+log = logging.getLogger(__name__)
+
+
+def main(cfg: Config, run_dir: str) -> str:
+    root = resolve_root(cfg)
+    splits = load_splits(cfg.data, root)
+    teacher, checkpoint = obtain_teacher(cfg, splits, root)
+    cache_dir = cache_location(cfg, root)
+    capture_logits(teacher, splits, cfg, cache_dir)
+    del teacher  # stages 2 and 3 never need it: free it before anything else runs
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    log.info("stage 1 done: teacher %s -> cache %s", checkpoint, cache_dir)
+    return cache_dir

@@ -1,0 +1,30 @@
+"""Stage 3: train the configured students against the cache; write ``results.json``,
+student checkpoints and a results table. Never loads the teacher."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+from pipeline.cache import cache_location, expected_fields, open_cache
+from pipeline.config import Config, resolve_root
+from pipeline.datasets import load_splits
+from pipeline.distill import format_results, teacher_test_logits, train_one
+
+log = logging.getLogger(__name__)
+
+
+def main(cfg: Config, run_dir: str) -> list[dict]:
+    root = resolve_root(cfg)
+    splits = load_splits(cfg.data, root)
+    reader = open_cache(cache_location(cfg, root), expected=expected_fields(cfg, splits.content_hash()))
+    t_test = teacher_test_logits(reader)
+    rows = [train_one(name, spec, cfg, splits, reader, run_dir, t_test) for name, spec in cfg.student.items()]
+    os.makedirs(run_dir, exist_ok=True)
+    results = {"cache": reader.path, "loss": {k: str(v) for k, v in vars(cfg.loss).items()}, "students": rows}
+    with open(os.path.join(run_dir, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    print(format_results(rows), flush=True)
+    log.info("results: %s", os.path.join(run_dir, "results.json"))
+    return rows
