@@ -177,10 +177,9 @@ def _split_arrays(ds, name: str, cfg: DataConfig) -> Split:
     if cfg.input_column not in ds.column_names:
         raise ValueError(f"split {name!r} has no input column {cfg.input_column!r}; columns are "
                          f"{ds.column_names}: set data.input_column")
-    npds = ds.with_format("numpy")
-    x = np.asarray(npds[cfg.input_column], dtype=np.float32).reshape(len(ds), -1)
+    x = _column(ds, cfg.input_column).astype(np.float32, copy=False).reshape(len(ds), -1)
     if cfg.label_column in ds.column_names:
-        y = np.asarray(npds[cfg.label_column], dtype=np.int64)
+        y = _column(ds, cfg.label_column).astype(np.int64, copy=False)
         bad = (y < 0) | (y >= cfg.num_classes)
         if bad.any():
             raise ValueError(f"split {name!r}: {int(bad.sum())} label(s) outside [0, {cfg.num_classes}) "
@@ -193,3 +192,16 @@ def _split_arrays(ds, name: str, cfg: DataConfig) -> Split:
     if not np.isfinite(x).all():
         raise ValueError(f"split {name!r}: non-finite values in input column {cfg.input_column!r}")
     return Split(name, x, y)
+
+
+def _column(ds, name: str) -> np.ndarray:
+    """A column as NumPy straight from Arrow (list columns flattened to (N, L))."""
+    import pyarrow as pa
+
+    col = ds.data.column(name).combine_chunks()
+    if pa.types.is_list(col.type) or pa.types.is_fixed_size_list(col.type) or pa.types.is_large_list(col.type):
+        flat = np.array(col.flatten().to_numpy(zero_copy_only=False))  # a writable copy
+        if len(col) and len(flat) % len(col):
+            raise ValueError(f"column {name!r} holds lists of different lengths; inputs must have one width")
+        return flat.reshape(len(col), -1)
+    return np.array(col.to_numpy(zero_copy_only=False))

@@ -55,7 +55,7 @@ class Manifest:
         return [s.index for s in self.shards if s.status != "committed"]
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=True)
+        return json.dumps(asdict(self), indent=2)
 
     @classmethod
     def from_dict(cls, d: dict) -> Manifest:

@@ -1,0 +1,74 @@
+"""Integration: the real CLI, as a user runs it, on a shrunken default."""
+
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import zarr
+
+SMALL = ["data.train_size=400", "data.test_size=200", "data.transfer_size=1500", "teacher.fit.epochs=30",
+         "train.epochs=1", "cache.chunk_rows=256", "cache.shard_chunks=2"]
+
+
+def run_cli(root, *args, timeout=600):
+    env = dict(os.environ, OMP_WAIT_POLICY="passive")
+    proc = subprocess.run([sys.executable, "-m", "pipeline.run", f"paths.root={root}", *SMALL, *args],
+                          capture_output=True, text=True, timeout=timeout, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("kd")
+    proc = run_cli(root)
+    return root, proc
+
+
+def test_all_stages_write_cache_audit_and_results(full_run):
+    root, proc = full_run
+    (cache,) = glob.glob(str(root / "caches" / "*"))
+    g = zarr.open_group(cache, mode="r")
+    assert g["logits"].shape == (2100, 10) and g["logits"].dtype == np.float16
+    np.testing.assert_array_equal(g["ids"][:], np.arange(2100))
+    assert np.isfinite(g["logits"][:]).all()
+    manifest = json.load(open(os.path.join(cache, "manifest.json")))
+    assert manifest["complete"] is True and manifest["rows"] == 2100
+    assert manifest["splits"] == {"transfer": [0, 1500], "train": [1500, 1900], "test": [1900, 2100]}
+    assert all(s["status"] == "committed" for s in manifest["shards"]) and len(manifest["shards"]) == 5
+    assert set(manifest["fingerprint"]["fields"]) >= {"dataset", "teacher_weights", "teacher_config", "capture"}
+
+    (run_dir,) = glob.glob(str(root / "runs" / "*"))
+    audit = json.load(open(os.path.join(run_dir, "audit.json")))
+    assert audit["rows"] == 2100 and audit["nonfinite"] == 0
+    assert 0.3 < audit["splits"]["test"]["teacher_acc"] <= 1.0
+    results = json.load(open(os.path.join(run_dir, "results.json")))
+    rows = {r["student"]: r for r in results["students"]}
+    assert set(rows) == {"linear", "mlp"}
+    for r in rows.values():
+        assert {"student", "test_acc", "labels_only_acc", "teacher_acc", "params"} <= set(r)
+        assert r["teacher_acc"] == audit["splits"]["test"]["teacher_acc"]
+    assert rows["linear"]["params"] == 40 * 10 + 10
+    assert os.path.exists(os.path.join(run_dir, "students", "mlp", "distilled", "model.safetensors"))
+    assert "| mlp | kl |" in proc.stdout and "teacher test accuracy" in proc.stdout
+
+
+def test_stage3_alone_needs_no_teacher(full_run):
+    root, _ = full_run
+    shutil.rmtree(root / "teachers")  # stage 3 must not need the teacher, even on disk
+    proc = run_cli(root, "stage=3", "student=linear")
+    assert "| linear | kl |" in proc.stdout
+
+
+def test_stage1_again_reuses_the_complete_cache(full_run):
+    root, _ = full_run
+    (cache,) = glob.glob(str(root / "caches" / "*"))
+    before = os.path.getmtime(os.path.join(cache, "logits", "c", "0", "0"))
+    proc = run_cli(root, "stage=1")  # teacher was deleted above: refits deterministically, same weights
+    assert os.path.getmtime(os.path.join(cache, "logits", "c", "0", "0")) == before
+    assert "5/5 shards already committed" in proc.stdout + proc.stderr
