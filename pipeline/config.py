@@ -90,7 +90,7 @@ class TeacherConfig:
     name: str = "cnn"
     # A user's own torch module: import path of the class, its kwargs, and a checkpoint
     # (.safetensors or a torch state_dict file). With `target` unset the built-in zoo is used.
-    target: str | None = None
+    _target_: str | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)
     checkpoint: str | None = None
     channels: int = 64
@@ -134,7 +134,7 @@ class CacheConfig:
 class TrainConfig:
     """Student training, shared by every student of a run."""
 
-    epochs: int = 8
+    epochs: int = 20
     batch_size: int = 256
     lr: float = 2e-3
     weight_decay: float = 1e-4
@@ -182,11 +182,11 @@ def validate(cfg: Config) -> Config:
     if cfg.data.source is DataSource.disk and not cfg.data.path:
         p.append("data.path is required with data.source=disk (a save_to_disk folder or parquet/arrow files)")
     _positive(p, "data.num_classes", cfg.data.num_classes)
-    if cfg.teacher.target is None and cfg.teacher.name not in TEACHER_ARCHS:
+    if cfg.teacher._target_ is None and cfg.teacher.name not in TEACHER_ARCHS:
         p.append(f"teacher.name={cfg.teacher.name!r}: the built-in teachers are {list(TEACHER_ARCHS)}; "
-                 "for your own module set teacher.target=<import.path.Class> and teacher.checkpoint")
-    if cfg.teacher.target is not None and not cfg.teacher.checkpoint:
-        p.append("teacher.target is set but teacher.checkpoint is not: a user teacher needs its weights")
+                 "for your own module set teacher._target_=<import.path.Class> and teacher.checkpoint")
+    if cfg.teacher._target_ is not None and not cfg.teacher.checkpoint:
+        p.append("teacher._target_ is set but teacher.checkpoint is not: a user teacher needs its weights")
     for name in ("batch_size", "channels"):
         _positive(p, f"teacher.{name}", getattr(cfg.teacher, name))
     for name in ("epochs", "batch_size", "lr"):

@@ -17,6 +17,7 @@ import torch
 from pipeline.cache import CacheReader
 from pipeline.config import Config, StudentConfig
 from pipeline.datasets import Splits
+from pipeline.device import choose_device
 from pipeline.losses import distill_loss
 from pipeline.models import build_student, count_params, save_checkpoint
 from pipeline.stream import CacheStream
@@ -52,14 +53,15 @@ def train_one(name: str, spec: StudentConfig, cfg: Config, splits: Splits, reade
     def loss_fn(logits, y, t):
         return distill_loss(logits, y, t, cfg.loss)
 
+    device = choose_device(cfg.train.device)
     torch.manual_seed(cfg.train.seed)
-    student = build_student(spec, width, num_classes)
+    student = build_student(spec, width, num_classes).to(device)
     t0 = time.perf_counter()
     train_steps(student, cached_batches(stream, x_all, y_all), steps, loss_fn, desc=f"{name}: distill", **opt)
     distill_s = time.perf_counter() - t0
 
     torch.manual_seed(cfg.train.seed)
-    baseline = build_student(spec, width, num_classes)  # same initial weights
+    baseline = build_student(spec, width, num_classes).to(device)  # same initial weights
     train_steps(baseline, label_batches(splits["train"].x, splits["train"].y, cfg.train.batch_size,
                                         cfg.train.seed), steps, ce_loss, desc=f"{name}: labels only", **opt)
 

@@ -56,13 +56,13 @@ def build_student(spec: StudentConfig, in_features: int, num_classes: int) -> nn
 
 
 def build_teacher(cfg: TeacherConfig, in_features: int, num_classes: int) -> nn.Module:
-    if cfg.target is None:
+    if cfg._target_ is None:
         return CNN1d(in_features, num_classes, cfg.channels)
-    module_name, _, cls_name = cfg.target.rpartition(".")
+    module_name, _, cls_name = cfg._target_.rpartition(".")
     try:
         cls = getattr(importlib.import_module(module_name), cls_name)
     except (ImportError, AttributeError, ValueError) as e:
-        raise ValueError(f"teacher.target={cfg.target!r} could not be imported: {e}") from e
+        raise ValueError(f"teacher._target_={cfg._target_!r} could not be imported: {e}") from e
     return cls(**dict(cfg.kwargs))
 
 

@@ -8,6 +8,7 @@ out-of-range values before any stage starts.
 from __future__ import annotations
 
 import logging
+import os
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -37,7 +38,13 @@ def main(dcfg: DictConfig) -> None:
         raise SystemExit(2) from e
     run_dir = HydraConfig.get().runtime.output_dir
     log.info("run folder: %s", run_dir)
-    dispatch(cfg, run_dir)
+    try:
+        dispatch(cfg, run_dir)
+    except (ValueError, FileNotFoundError) as e:  # bad input: say what and how to fix, no traceback
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        log.error("%s: %s\n(set HYDRA_FULL_ERROR=1 for the traceback)", type(e).__name__, e)
+        raise SystemExit(1) from e
 
 
 if __name__ == "__main__":

@@ -42,10 +42,13 @@ def train_steps(model: nn.Module, batches: Iterator[Batch], steps: int, loss_fn:
     """Run ``steps`` optimizer steps of ``loss_fn(logits, y, teacher)``; return the last loss."""
     opt, sched = make_optimizer(model, lr, weight_decay, steps)
     model.train()
+    device = next(model.parameters()).device
     loss = torch.tensor(float("nan"))
     with tqdm(total=steps, desc=desc, unit="step", leave=False) as bar:
         for _ in range(steps):
             x, y, t = next(batches)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            t = t.to(device, non_blocking=True) if t is not None else None
             loss = loss_fn(model(x), y, t)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -75,7 +78,8 @@ def fit_classifier(model: nn.Module, x: np.ndarray, y: np.ndarray, *, epochs: in
 @torch.inference_mode()
 def predict(model: nn.Module, x: np.ndarray, batch_size: int = 4096) -> np.ndarray:
     model.eval()
-    out = [model(torch.from_numpy(x[i:i + batch_size])).float() for i in range(0, len(x), batch_size)]
+    device = next(model.parameters()).device
+    out = [model(torch.from_numpy(x[i:i + batch_size]).to(device)).float().cpu() for i in range(0, len(x), batch_size)]
     return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
 
 

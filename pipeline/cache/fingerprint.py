@@ -35,7 +35,7 @@ def hash_json(obj) -> str:
 def teacher_identity(cfg: Config) -> dict:
     """Teacher settings that change its logits (not device or batch size)."""
     t = asdict(cfg.teacher)
-    return {k: t[k] for k in ("name", "target", "kwargs", "checkpoint", "channels", "fit")}
+    return {k: t[k] for k in ("name", "_target_", "kwargs", "checkpoint", "channels", "fit")}
 
 
 def capture_settings(cfg: Config, num_classes: int) -> dict:
