@@ -136,7 +136,7 @@ class TrainConfig:
 
     epochs: int = 20
     batch_size: int = 256
-    lr: float = 2e-3
+    lr: float = 4e-3
     weight_decay: float = 1e-4
     seed: int = 0
     shuffle_window: int = 8  # blocks mixed together by the stream's shuffle
