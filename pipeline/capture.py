@@ -1,9 +1,10 @@
-"""Stage 1's core: run the teacher over every split once and write its logits.
+"""Stage 1's core: run the teacher over every split once and write its outputs.
 
 The loop unit is the shard: shards already committed (an earlier, interrupted run) are
-skipped; each remaining shard is computed in batches under ``torch.inference_mode``,
-cast to the cache dtype on the device, copied to the host and handed to the background
-writer, which encodes and writes it while the next shard is computed.
+skipped; each remaining shard is computed in batches under ``torch.inference_mode``, its
+representations (full / top-k / sampled) are computed on the device, copied into host
+buffers (pinned and non-blocking on CUDA) and handed to the background writer, which
+encodes and writes the shard while the next one is computed.
 """
 
 from __future__ import annotations
@@ -17,56 +18,54 @@ from tqdm.auto import tqdm
 
 from pipeline.cache import CacheWriter, Manifest, ShardRecord, make_fingerprint, plan_shards
 from pipeline.cache.fingerprint import capture_settings, hash_json, hash_state_dict, teacher_identity
-from pipeline.cache.format import FORMAT_VERSION
+from pipeline.cache.format import FORMAT_VERSION, IDS, array_specs, row_bytes
+from pipeline.cache.storage import Storage
 from pipeline.config import Config
 from pipeline.datasets import Splits
 from pipeline.device import autocast, choose_device
+from pipeline.representations import represent
 
 log = logging.getLogger(__name__)
 
-_TORCH_DTYPE = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _MAX_CHUNK_BYTES = 8 << 20
 
 
 def plan_manifest(cfg: Config, splits: Splits, teacher: torch.nn.Module) -> Manifest:
+    c = cfg.cache
     rows = sum(len(s.y) for s in splits.splits.values())
-    row_bytes = splits.num_classes * (4 if cfg.cache.dtype.value == "float32" else 2)
-    chunk_rows = min(cfg.cache.chunk_rows, max(1, _MAX_CHUNK_BYTES // row_bytes))
-    if chunk_rows < cfg.cache.chunk_rows:
-        log.info("cache.chunk_rows %d -> %d to keep a chunk under %d MiB", cfg.cache.chunk_rows, chunk_rows,
+    m = Manifest(backend=c.format.value, modes=sorted(x.value for x in c.modes), dtype=c.dtype.value,
+                 num_classes=splits.num_classes, rows=rows, chunk_rows=c.chunk_rows, shard_rows=0,
+                 splits={k: list(v) for k, v in splits.ranges().items()}, fingerprint={},
+                 k=c.k if "topk" in [x.value for x in c.modes] else 0,
+                 samples=c.samples if "sampled" in [x.value for x in c.modes] else 0,
+                 temperatures=list(c.temperatures), sample_temperature=c.sample_temperature)
+    widest = max(row_bytes(m, (mode,)) for mode in m.modes)
+    m.chunk_rows = min(c.chunk_rows, max(1, _MAX_CHUNK_BYTES // max(widest, 1)))
+    if m.chunk_rows < c.chunk_rows:
+        log.info("cache.chunk_rows %d -> %d to keep a chunk under %d MiB", c.chunk_rows, m.chunk_rows,
                  _MAX_CHUNK_BYTES >> 20)
-    fields = {
+    m.shard_rows = m.chunk_rows * c.shard_chunks
+    m.shards = plan_shards(rows, m.shard_rows)
+    m.fingerprint = make_fingerprint({
         "format_version": FORMAT_VERSION,
         "dataset": splits.content_hash(),
         "teacher_config": hash_json(teacher_identity(cfg)),
         "teacher_weights": hash_state_dict(teacher),
         "capture": capture_settings(cfg, splits.num_classes),
-    }
-    shard_rows = chunk_rows * cfg.cache.shard_chunks
-    return Manifest(backend=cfg.cache.format.value, modes=["full"], dtype=cfg.cache.dtype.value,
-                    num_classes=splits.num_classes, rows=rows, chunk_rows=chunk_rows, shard_rows=shard_rows,
-                    splits={k: list(v) for k, v in splits.ranges().items()},
-                    fingerprint=make_fingerprint(fields), shards=plan_shards(rows, shard_rows))
+    })
+    return m
 
 
-def _host_array(logits: torch.Tensor, dtype: str) -> np.ndarray:
-    out = logits.to(_TORCH_DTYPE[dtype])
-    if dtype == "bfloat16":
-        out = out.view(torch.int16)  # raw bits; stored as uint16
-    host = out.cpu().numpy()
-    return host.view(np.uint16) if dtype == "bfloat16" else host
-
-
-def _teacher_rows(teacher, x: np.ndarray, start: int, cfg: Config, device: torch.device) -> np.ndarray:
-    """Teacher logits for ``x`` in batches, cast to the cache dtype; refuses bad output."""
-    out = []
-    for i in range(0, len(x), cfg.teacher.batch_size):
-        xb = torch.from_numpy(x[i:i + cfg.teacher.batch_size]).to(device, non_blocking=True)
-        with autocast(device, cfg.teacher.precision.value):
-            logits = teacher(xb).float()  # (B, C)
-        _check_logits(logits, start + i, cfg)
-        out.append(_host_array(logits, cfg.cache.dtype.value))
-    return np.concatenate(out)
+def check_size(m: Manifest, max_full_gb: float) -> None:
+    """Print the projected size of each representation; refuse a `full` capture above the limit."""
+    sizes = {mode: m.rows * row_bytes(m, (mode,)) / 1e9 for mode in m.modes}
+    log.info("projected cache size (uncompressed): %s",
+             ", ".join(f"{k} {v:.3g} GB ({row_bytes(m, (k,))} B/row)" for k, v in sizes.items()))
+    if sizes.get("full", 0.0) > max_full_gb:
+        raise ValueError(f"a `full` cache of {m.rows} rows x {m.num_classes} classes in {m.dtype} would take "
+                         f"{sizes['full']:.1f} GB, above cache.max_full_gb={max_full_gb}: capture "
+                         f"cache.modes=[topk] (K={m.k}: {m.rows * row_bytes(m, ('topk',)) / 1e9:.2f} GB) or "
+                         f"[sampled], or raise cache.max_full_gb")
 
 
 def _check_logits(logits: torch.Tensor, first_row: int, cfg: Config) -> None:
@@ -82,22 +81,60 @@ def _check_logits(logits: torch.Tensor, first_row: int, cfg: Config) -> None:
                          "use cache.dtype=bfloat16 or float32")
 
 
+def _host_buffers(m: Manifest, rows: int, device: torch.device) -> dict[str, torch.Tensor]:
+    torch_dtype = {"int64": torch.int64, "int32": torch.int32, "uint16": torch.int16, "float16": torch.float16,
+                   "float32": torch.float32}
+    pin = device.type == "cuda"
+    return {name: torch.empty((rows, *shape), dtype=torch_dtype[dt] if name not in ("sampled_cnt",) else torch.int32,
+                              pin_memory=pin)
+            for name, (shape, dt) in array_specs(m).items() if name != IDS}
+
+
+def _to_numpy(buffers: dict[str, torch.Tensor], m: Manifest) -> dict[str, np.ndarray]:
+    out = {}
+    for name, (_, dt) in array_specs(m).items():
+        if name == IDS:
+            continue
+        a = buffers[name].numpy()
+        out[name] = a.view(np.uint16) if a.dtype == np.int16 else a.astype(dt, copy=False)
+    return out
+
+
+def capture_shard(teacher, x: np.ndarray, shard: ShardRecord, m: Manifest, cfg: Config,
+                  device: torch.device) -> dict[str, np.ndarray]:
+    """Every array of one shard: teacher forward in batches, representations on the device."""
+    buffers = _host_buffers(m, shard.rows, device)
+    gen = torch.Generator(device=device).manual_seed(shard.index)  # resumable sampling: seeded per shard
+    for i in range(0, shard.rows, cfg.teacher.batch_size):
+        xb = torch.from_numpy(x[i:i + cfg.teacher.batch_size]).to(device, non_blocking=True)
+        with autocast(device, cfg.teacher.precision.value):
+            logits = teacher(xb).float()  # (B, C)
+        _check_logits(logits, shard.start + i, cfg)
+        for name, values in represent(logits, m, gen).items():
+            buffers[name][i:i + len(xb)].copy_(values, non_blocking=True)
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()  # the non-blocking copies have landed
+    arrays = _to_numpy(buffers, m)
+    arrays[IDS] = np.arange(shard.start, shard.stop, dtype=np.int64)
+    return arrays
+
+
 @torch.inference_mode()
-def capture_logits(teacher: torch.nn.Module, splits: Splits, cfg: Config, cache_dir: str) -> Manifest:
-    """Write the teacher's logits over every split to ``cache_dir``; resume if started."""
+def capture_logits(teacher: torch.nn.Module, splits: Splits, cfg: Config, cache_url: str) -> Manifest:
+    """Write the teacher's outputs over every split to ``cache_url``; resume if started."""
     device = choose_device(cfg.teacher.device)
     teacher = teacher.to(device).eval()
-    manifest = plan_manifest(cfg, splits, teacher)
+    m = plan_manifest(cfg, splits, teacher)
+    check_size(m, cfg.cache.max_full_gb)
     x_all, _ = splits.concat()
     t0 = time.perf_counter()
-    with CacheWriter(cache_dir=cache_dir, manifest=manifest, zstd_level=cfg.cache.zstd_level) as writer:
-        todo: list[ShardRecord] = writer.pending()
-        with tqdm(total=sum(s.rows for s in todo), desc="stage 1: teacher logits", unit="row",
-                  unit_scale=True) as bar:
+    storage = Storage(cache_url, cfg.cache.storage_options)
+    with CacheWriter(storage=storage, manifest=m, zstd_level=cfg.cache.zstd_level) as writer:
+        todo = writer.pending()
+        with tqdm(total=sum(s.rows for s in todo), desc="stage 1: teacher", unit="row", unit_scale=True) as bar:
             for shard in todo:
-                logits = _teacher_rows(teacher, x_all[shard.start:shard.stop], shard.start, cfg, device)
-                writer.submit(shard, np.arange(shard.start, shard.stop, dtype=np.int64), logits)
+                writer.submit(shard, capture_shard(teacher, x_all[shard.start:shard.stop], shard, m, cfg, device))
                 bar.update(shard.rows)
-    log.info("cache written: %s (%d rows x %d, %s) in %.1fs", cache_dir, manifest.rows, manifest.num_classes,
-             manifest.dtype, time.perf_counter() - t0)
+    log.info("cache written: %s (%d rows, modes %s, %s) in %.1fs", cache_url, m.rows, m.modes, m.dtype,
+             time.perf_counter() - t0)
     return writer.manifest

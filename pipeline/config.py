@@ -43,6 +43,13 @@ class StudentArch(str, Enum):
 
 class CacheFormat(str, Enum):
     zarr = "zarr"
+    arrow = "arrow"
+
+
+class CacheMode(str, Enum):
+    full = "full"
+    topk = "topk"
+    sampled = "sampled"
 
 
 class DataSource(str, Enum):
@@ -122,9 +129,18 @@ class LossConfig:
 
 @dataclass
 class CacheConfig:
+    """What stage 1 captures and how it is stored (see ``pipeline/cache/format.py``)."""
+
     format: CacheFormat = CacheFormat.zarr
+    modes: list[CacheMode] = field(default_factory=lambda: [CacheMode.full])
     dtype: LogitDtype = LogitDtype.float16
-    path: str | None = None  # default: <paths.root>/caches/<key>
+    k: int = 64  # topk: logits kept per row
+    temperatures: list[float] = field(default_factory=lambda: [1.0, 2.0])  # topk: logsumexp kept at each
+    samples: int = 64  # sampled: draws per row
+    sample_temperature: float = 2.0  # sampled: draws come from softmax(logits / this)
+    max_full_gb: float = 20.0  # refuse a `full` capture projected above this; use topk/sampled
+    path: str | None = None  # default: <paths.root>/caches/<key>; any fsspec URL (s3://...)
+    storage_options: dict[str, Any] = field(default_factory=dict)  # passed to fsspec for cache.path
     chunk_rows: int = 4096
     shard_chunks: int = 8
     zstd_level: int = 3
@@ -202,8 +218,16 @@ def validate(cfg: Config) -> Config:
             p.append(f"loss.{name}={getattr(cfg.loss, name)}: must be >= 0")
     if cfg.loss.alpha == 0 and cfg.loss.lam == 0:
         p.append("loss.alpha and loss.lam are both 0: nothing to train on")
-    for name in ("chunk_rows", "shard_chunks"):
+    for name in ("chunk_rows", "shard_chunks", "k", "samples", "sample_temperature", "max_full_gb"):
         _positive(p, f"cache.{name}", getattr(cfg.cache, name))
+    if not cfg.cache.modes or len(set(cfg.cache.modes)) != len(cfg.cache.modes):
+        p.append(f"cache.modes={[m.value for m in cfg.cache.modes]}: list each of full, topk, sampled at most once")
+    if CacheMode.topk in cfg.cache.modes and cfg.cache.k > cfg.data.num_classes:
+        p.append(f"cache.k={cfg.cache.k} is larger than data.num_classes={cfg.data.num_classes}")
+    if any(t <= 0 for t in cfg.cache.temperatures) or not cfg.cache.temperatures:
+        p.append(f"cache.temperatures={cfg.cache.temperatures}: need at least one, all > 0")
+    if cfg.cache.samples > 65535:
+        p.append(f"cache.samples={cfg.cache.samples}: at most 65535 (counts are stored as uint16)")
     if not 1 <= cfg.cache.zstd_level <= 22:
         p.append(f"cache.zstd_level={cfg.cache.zstd_level}: must be in 1..22")
     for name in ("epochs", "batch_size", "lr", "shuffle_window"):

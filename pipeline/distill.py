@@ -31,8 +31,9 @@ TRAIN_SPLITS = ("transfer", "train")
 def cached_batches(stream: CacheStream, x_all: np.ndarray, y_all: np.ndarray) -> Iterator[Batch]:
     """Endless batches: cached teacher logits joined with inputs and labels by id."""
     while True:
-        for ids, logits in stream:
-            yield torch.from_numpy(x_all[ids]), torch.from_numpy(y_all[ids]), torch.from_numpy(logits)
+        for batch in stream:
+            ids = batch["ids"]
+            yield torch.from_numpy(x_all[ids]), torch.from_numpy(y_all[ids]), torch.from_numpy(batch["logits"])
 
 
 def teacher_test_logits(reader: CacheReader) -> np.ndarray:
@@ -46,7 +47,7 @@ def train_one(name: str, spec: StudentConfig, cfg: Config, splits: Splits, reade
     width, num_classes = splits["train"].x.shape[1], reader.num_classes
     x_all, y_all = splits.concat()
     stream = CacheStream(reader, splits=TRAIN_SPLITS, batch_size=cfg.train.batch_size, seed=cfg.train.seed,
-                         shuffle_window=cfg.train.shuffle_window)
+                         shuffle_window=cfg.train.shuffle_window, arrays=("logits",))
     steps = cfg.train.epochs * len(stream)
     opt = {"lr": cfg.train.lr, "weight_decay": cfg.train.weight_decay}
 

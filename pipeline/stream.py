@@ -20,6 +20,7 @@ import dask
 import numpy as np
 
 from pipeline.cache import CacheReader
+from pipeline.cache.format import IDS
 
 
 @dataclass
@@ -38,7 +39,7 @@ def select_blocks(reader: CacheReader, splits: tuple[str, ...]) -> list[Block]:
     """Blocks overlapping the row ranges of ``splits``, trimmed to them."""
     ranges = sorted(reader.split_range(s) for s in splits)
     blocks, start = [], 0
-    for i, size in enumerate(reader.logits.chunks[0]):
+    for i, size in enumerate(reader.ids.chunks[0]):
         stop = start + size
         for lo, hi in ranges:
             a, b = max(lo, start), min(hi, stop)
@@ -49,11 +50,15 @@ def select_blocks(reader: CacheReader, splits: tuple[str, ...]) -> list[Block]:
 
 
 class CacheStream:
-    """Iterate ``(ids, logits)`` batches of a cache, one seeded epoch at a time."""
+    """Iterate batches of a cache (dicts of row-aligned arrays), one seeded epoch at a time."""
 
     def __init__(self, reader: CacheReader, *, splits: tuple[str, ...], batch_size: int, seed: int,
-                 shuffle_window: int = 8, prefetch: int = 4):
+                 shuffle_window: int = 8, prefetch: int = 4, arrays: tuple[str, ...] | None = None):
         self.reader = reader
+        self.arrays = (IDS, *[a for a in (arrays or reader.arrays) if a != IDS])
+        unknown = [a for a in self.arrays if a not in reader.arrays]
+        if unknown:
+            raise ValueError(f"cache {reader.path!r} has no arrays {unknown}; it has {sorted(reader.arrays)}")
         self.blocks = select_blocks(reader, splits)
         self.rows = sum(b.rows for b in self.blocks)
         self.batch_size = batch_size
@@ -80,14 +85,13 @@ class CacheStream:
         w = self.shuffle_window
         return [order[i:i + w] for i in range(0, len(order), w)]
 
-    def _read_window(self, epoch: int, k: int, window: list[Block]) -> tuple[np.ndarray, np.ndarray]:
-        ids_da, logits_da = self.reader.ids, self.reader.logits
-        parts = dask.compute(*[(ids_da.blocks[b.index][b.lo:b.hi], logits_da.blocks[b.index][b.lo:b.hi])
-                               for b in window], scheduler="synchronous")
-        ids = np.concatenate([p[0] for p in parts])
-        logits = np.concatenate([p[1] for p in parts])
-        perm = np.random.default_rng([self.seed, epoch, k]).permutation(len(ids))
-        return ids[perm], logits[perm]
+    def _read_window(self, epoch: int, k: int, window: list[Block]) -> dict[str, np.ndarray]:
+        names = self.arrays
+        lazy = [[self.reader.arrays[n].blocks[b.index][b.lo:b.hi] for n in names] for b in window]
+        parts = dask.compute(*lazy, scheduler="synchronous")
+        rows = sum(b.rows for b in window)
+        perm = np.random.default_rng([self.seed, epoch, k]).permutation(rows)
+        return {n: np.concatenate([p[i] for p in parts])[perm] for i, n in enumerate(names)}
 
     def _produce(self, epoch: int, skip_rows: int, out: queue.Queue, stop: threading.Event) -> None:
         try:
@@ -97,12 +101,12 @@ class CacheStream:
                 if done + n <= skip_rows:
                     done += n
                     continue  # consumed before the resume point: never read
-                ids, logits = self._read_window(epoch, k, window)
+                window_arrays = self._read_window(epoch, k, window)
                 cut = max(skip_rows - done, 0)
                 done += n
                 while not stop.is_set():
                     try:
-                        out.put((ids[cut:], logits[cut:]), timeout=0.1)
+                        out.put({name: a[cut:] for name, a in window_arrays.items()}, timeout=0.1)
                         break
                     except queue.Full:
                         continue
@@ -112,29 +116,30 @@ class CacheStream:
         except BaseException as e:  # re-raised in the consumer
             out.put(e)
 
-    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Yield the rest of the current epoch, then advance to the next epoch."""
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        """Yield the rest of the current epoch as dicts of arrays (``ids`` and the
+        selected cache arrays, row-aligned), then advance to the next epoch."""
         epoch, bs = self.epoch, self.batch_size
         q: queue.Queue = queue.Queue(maxsize=self.prefetch)
         stop = threading.Event()
         t = threading.Thread(target=self._produce, args=(epoch, self.position * bs, q, stop), daemon=True)
         t.start()
         try:
-            carry_ids, carry_logits = np.zeros((0,), np.int64), None
+            carry: dict[str, np.ndarray] | None = None
             while (item := q.get()) is not None:
                 if isinstance(item, BaseException):
                     raise item
-                ids, logits = item
-                if carry_logits is not None and len(carry_ids):
-                    ids, logits = np.concatenate([carry_ids, ids]), np.concatenate([carry_logits, logits])
-                full = len(ids) // bs * bs
+                if carry is not None:
+                    item = {n: np.concatenate([carry[n], a]) for n, a in item.items()}
+                rows = len(item[IDS])
+                full = rows // bs * bs
                 for i in range(0, full, bs):
                     self.position += 1
-                    yield ids[i:i + bs], logits[i:i + bs]
-                carry_ids, carry_logits = ids[full:], logits[full:]
-            if carry_logits is not None and len(carry_ids):
+                    yield {n: a[i:i + bs] for n, a in item.items()}
+                carry = {n: a[full:] for n, a in item.items()}
+            if carry is not None and len(carry[IDS]):
                 self.position += 1
-                yield carry_ids, carry_logits
+                yield carry
             self.epoch, self.position = epoch + 1, 0
         finally:
             stop.set()

@@ -17,7 +17,8 @@ log = logging.getLogger(__name__)
 def main(cfg: Config, run_dir: str) -> dict:
     root = resolve_root(cfg)
     splits = load_splits(cfg.data, root)
-    reader = open_cache(cache_location(cfg, root), expected=expected_fields(cfg, splits.content_hash()))
+    reader = open_cache(cache_location(cfg, root), expected=expected_fields(cfg, splits.content_hash()),
+                        storage_options=cfg.cache.storage_options)
     if cfg.verify:
         reader.verify()
         log.info("verified %d shard checksums", len(reader.manifest.shards))
@@ -27,7 +28,7 @@ def main(cfg: Config, run_dir: str) -> dict:
     os.makedirs(run_dir, exist_ok=True)
     with open(os.path.join(run_dir, "audit.json"), "w") as f:
         json.dump(report, f, indent=2)
-    print(format_audit(report), flush=True)
+    print("\n" + format_audit(report), flush=True)
     if report["nonfinite"]:
         raise ValueError(f"cache {reader.path!r} holds {report['nonfinite']} non-finite teacher values "
                          "(see audit.json per split); re-capture it")

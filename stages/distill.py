@@ -18,13 +18,14 @@ log = logging.getLogger(__name__)
 def main(cfg: Config, run_dir: str) -> list[dict]:
     root = resolve_root(cfg)
     splits = load_splits(cfg.data, root)
-    reader = open_cache(cache_location(cfg, root), expected=expected_fields(cfg, splits.content_hash()))
+    reader = open_cache(cache_location(cfg, root), expected=expected_fields(cfg, splits.content_hash()),
+                        storage_options=cfg.cache.storage_options)
     t_test = teacher_test_logits(reader)
     rows = [train_one(name, spec, cfg, splits, reader, run_dir, t_test) for name, spec in cfg.student.items()]
     os.makedirs(run_dir, exist_ok=True)
     results = {"cache": reader.path, "loss": {k: str(v) for k, v in vars(cfg.loss).items()}, "students": rows}
     with open(os.path.join(run_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
-    print(format_results(rows), flush=True)
+    print("\n" + format_results(rows), flush=True)
     log.info("results: %s", os.path.join(run_dir, "results.json"))
     return rows

@@ -8,33 +8,44 @@ os.environ.setdefault("OMP_WAIT_POLICY", "passive")
 
 import numpy as np
 import pytest
+import torch
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
-from pipeline.cache import CacheWriter, Manifest, make_fingerprint, plan_shards
+from pipeline.cache import CacheWriter, Manifest, Storage, make_fingerprint, plan_shards
+from pipeline.cache.format import array_specs
+from pipeline.representations import represent
 from pipeline.config import Config, register
 
 register()
 
 
 def write_cache(path, logits: np.ndarray, *, dtype: str = "float16", chunk_rows: int = 16,
-                shard_chunks: int = 2, splits: dict | None = None, fields: dict | None = None) -> Manifest:
-    """Write ``logits`` (N, C) as a complete cache through the real writer."""
+                shard_chunks: int = 2, splits: dict | None = None, fields: dict | None = None,
+                backend: str = "zarr", modes=("full",), k: int = 3, samples: int = 8,
+                temperatures=(1.0, 2.0), sample_temperature: float = 1.0) -> Manifest:
+    """Write ``logits`` (N, C) as a complete cache through the real writer and the real
+    representations code (top-k, sampling) on CPU."""
     n, c = logits.shape
     shard_rows = chunk_rows * shard_chunks
-    stored = logits.astype(np.float32)
-    if dtype == "float16":
-        stored = logits.astype(np.float16)
-    elif dtype == "bfloat16":
-        import torch
-        stored = torch.from_numpy(logits.astype(np.float32)).bfloat16().view(torch.int16).numpy().view(np.uint16)
-    m = Manifest(backend="zarr", modes=["full"], dtype=dtype, num_classes=c, rows=n, chunk_rows=chunk_rows,
+    m = Manifest(backend=backend, modes=sorted(modes), dtype=dtype, num_classes=c, rows=n, chunk_rows=chunk_rows,
                  shard_rows=shard_rows, splits=splits or {"train": [0, n]},
-                 fingerprint=make_fingerprint(fields or {"dataset": "test"}), shards=plan_shards(n, shard_rows))
-    with CacheWriter(cache_dir=str(path), manifest=m) as w:
+                 fingerprint=make_fingerprint(fields or {"dataset": "test"}), shards=plan_shards(n, shard_rows),
+                 k=k if "topk" in modes else 0, samples=samples if "sampled" in modes else 0,
+                 temperatures=list(temperatures), sample_temperature=sample_temperature)
+    t = torch.from_numpy(logits.astype(np.float32))
+    with CacheWriter(storage=Storage(str(path)), manifest=m) as w:
         for shard in w.pending():
-            w.submit(shard, np.arange(shard.start, shard.stop, dtype=np.int64), stored[shard.start:shard.stop])
+            gen = torch.Generator().manual_seed(shard.index)
+            arrays = {name: _host(v, name, m) for name, v in represent(t[shard.start:shard.stop], m, gen).items()}
+            arrays["ids"] = np.arange(shard.start, shard.stop, dtype=np.int64)
+            w.submit(shard, arrays)
     return w.manifest
+
+
+def _host(v: torch.Tensor, name: str, m: Manifest) -> np.ndarray:
+    a = v.numpy()
+    return a.view(np.uint16) if a.dtype == np.int16 else a.astype(array_specs(m)[name][1], copy=False)
 
 
 @pytest.fixture

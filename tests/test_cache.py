@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import zarr
 
-from pipeline.cache import open_cache, read_manifest
+from pipeline.cache import Storage, open_cache, read_manifest
 from pipeline.cache.fingerprint import check_fingerprint
 from tests.conftest import write_cache
 
@@ -36,7 +36,7 @@ def test_stock_zarr_reads_it_with_no_project_code(tmp_path, tiny_logits):
 def test_incomplete_cache_is_refused_naming_missing_shards(tmp_path, tiny_logits):
     path = str(tmp_path / "c")
     write_cache(path, tiny_logits)
-    m = read_manifest(path)
+    m = read_manifest(Storage(path))
     m.shards[2].status, m.complete = "pending", False
     with open(os.path.join(path, "manifest.json"), "w") as f:
         f.write(m.to_json())
@@ -64,7 +64,7 @@ def test_fingerprint_mismatch_names_field_expected_and_found(tmp_path, tiny_logi
     with pytest.raises(ValueError, match="dataset: expected 'xyz', found 'abc'"):
         open_cache(path, expected={"dataset": "xyz"})
     with pytest.raises(ValueError, match="capture"):
-        check_fingerprint(read_manifest(path).fingerprint, {"capture": {"dtype": "float32"}}, path)
+        check_fingerprint(read_manifest(Storage(path)).fingerprint, {"capture": {"dtype": "float32"}}, path)
 
 
 def test_verify_detects_a_flipped_value(tmp_path, tiny_logits):

@@ -8,7 +8,7 @@ from pipeline.stream import CacheStream
 
 
 def _ids(stream):
-    return np.concatenate([ids for ids, _ in stream])
+    return np.concatenate([b["ids"] for b in stream])
 
 
 def test_every_selected_id_once_per_epoch(tiny_cache):
@@ -22,7 +22,8 @@ def test_every_selected_id_once_per_epoch(tiny_cache):
 
 def test_logits_travel_with_their_ids(tiny_cache, tiny_logits):
     s = CacheStream(open_cache(tiny_cache), splits=("train",), batch_size=7, seed=3, shuffle_window=3)
-    for ids, logits in s:
+    for b in s:
+        ids, logits = b["ids"], b["logits"]
         np.testing.assert_allclose(logits.astype(np.float32), tiny_logits[ids], atol=1e-2)
         assert ((ids >= 60) & (ids < 90)).all()
 
@@ -43,7 +44,7 @@ def test_resume_yields_exactly_the_rest_of_the_epoch(tiny_cache, cut):
     full = _ids(CacheStream(r, splits=("transfer", "train"), batch_size=8, seed=5, shuffle_window=2))
     s = CacheStream(r, splits=("transfer", "train"), batch_size=8, seed=5, shuffle_window=2)
     it = iter(s)
-    seen = [next(it)[0] for _ in range(cut)]
+    seen = [next(it)["ids"] for _ in range(cut)]
     state = s.state_dict()
     it.close()
     resumed = CacheStream(r, splits=("transfer", "train"), batch_size=8, seed=5, shuffle_window=2)

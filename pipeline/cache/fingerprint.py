@@ -39,8 +39,15 @@ def teacher_identity(cfg: Config) -> dict:
 
 
 def capture_settings(cfg: Config, num_classes: int) -> dict:
-    return {"modes": ["full"], "dtype": cfg.cache.dtype.value, "num_classes": num_classes,
-            "precision": cfg.teacher.precision.value}
+    c = cfg.cache
+    modes = sorted(m.value for m in c.modes)
+    out = {"modes": modes, "dtype": c.dtype.value, "num_classes": num_classes,
+           "precision": cfg.teacher.precision.value}
+    if "topk" in modes:
+        out |= {"k": c.k, "temperatures": list(c.temperatures)}
+    if "sampled" in modes:
+        out |= {"samples": c.samples, "sample_temperature": c.sample_temperature}
+    return out
 
 
 def expected_fields(cfg: Config, dataset_hash: str) -> dict:
@@ -72,7 +79,8 @@ def cache_key(cfg: Config) -> str:
     find the cache without loading the teacher."""
     ident = {"teacher": teacher_identity(cfg), "data": asdict(cfg.data),
              "capture": capture_settings(cfg, cfg.data.num_classes), "version": FORMAT_VERSION,
-             "layout": {"format": cfg.cache.format.value}}
+             "layout": {"format": cfg.cache.format.value, "chunk_rows": cfg.cache.chunk_rows,
+                        "shard_chunks": cfg.cache.shard_chunks}}
     return f"{cfg.data.name}-{cfg.teacher.name}-{hash_json(ident)[:12]}"
 
 

@@ -1,25 +1,41 @@
 """The on-disk cache format: array names, the manifest schema and its version.
 
-A cache is a directory holding ``manifest.json`` and the arrays. The manifest is the
-index: it lists every shard with its row range, status and checksum, and says
-``complete: true`` only after the last shard is committed, so an interrupted capture
-is visibly incomplete. It is always replaced atomically (temp file, fsync, rename).
+A cache is a folder (local or fsspec URL) holding ``manifest.json`` and the arrays of
+one or more *representations* of the teacher's output:
+
+| mode      | arrays (rows are samples or tokens)                                          |
+|-----------|------------------------------------------------------------------------------|
+| (always)  | ``ids`` (N,) int64: the dataset row each cached row belongs to               |
+| ``full``  | ``logits`` (N, C) in the cache dtype                                         |
+| ``topk``  | ``topk_idx`` (N, K) int32, ``topk_val`` (N, K) cache dtype: the K largest    |
+|           | logits; ``lse`` (N, M) float32: the exact logsumexp of the whole row of      |
+|           | logits/T at each of the M capture temperatures (so the tail mass is known)   |
+| ``sampled`` | ``sampled_idx`` (N, S) int32 distinct class ids drawn from softmax(t/Ts),  |
+|           | padded with -1; ``sampled_cnt`` (N, S) uint16 how often each was drawn (0 =  |
+|           | padding); ``sampled_ent`` (N,) float32 the teacher's entropy at Ts           |
+
+The manifest is the index: every shard with its row range, status and checksum, and
+``complete: true`` only after the last shard is committed, so an interrupted capture is
+visibly incomplete. It is always replaced whole (see :mod:`pipeline.cache.storage`).
 """
 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
+
+from pipeline.cache.storage import Storage
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-IDS = "ids"
-LOGITS = "logits"
-MODES = ("full",)
+IDS, LOGITS = "ids", "logits"
+TOPK_IDX, TOPK_VAL, LSE = "topk_idx", "topk_val", "lse"
+SAMPLED_IDX, SAMPLED_CNT, SAMPLED_ENT = "sampled_idx", "sampled_cnt", "sampled_ent"
+MODES = ("full", "topk", "sampled")
 DTYPES = ("float16", "bfloat16", "float32")
 # bfloat16 has no NumPy dtype: it is stored as its raw uint16 bit pattern.
 STORAGE_DTYPE = {"float16": "float16", "bfloat16": "uint16", "float32": "float32"}
+ITEMSIZE = {"int64": 8, "int32": 4, "uint16": 2, "float16": 2, "float32": 4}
 
 
 @dataclass
@@ -46,6 +62,10 @@ class Manifest:
     shard_rows: int
     splits: dict[str, list[int]]  # split name -> [start, stop) row range
     fingerprint: dict
+    k: int = 0
+    samples: int = 0
+    temperatures: list[float] = field(default_factory=lambda: [1.0])
+    sample_temperature: float = 1.0
     shards: list[ShardRecord] = field(default_factory=list)
     complete: bool = False
     format_version: int = FORMAT_VERSION
@@ -64,40 +84,58 @@ class Manifest:
         return cls(**d)
 
 
+def array_specs(m: Manifest) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Every array of a cache: name -> (shape of one row, storage dtype)."""
+    val = STORAGE_DTYPE[m.dtype]
+    specs: dict[str, tuple[tuple[int, ...], str]] = {IDS: ((), "int64")}
+    if "full" in m.modes:
+        specs[LOGITS] = ((m.num_classes,), val)
+    if "topk" in m.modes:
+        specs |= {TOPK_IDX: ((m.k,), "int32"), TOPK_VAL: ((m.k,), val), LSE: ((len(m.temperatures),), "float32")}
+    if "sampled" in m.modes:
+        specs |= {SAMPLED_IDX: ((m.samples,), "int32"), SAMPLED_CNT: ((m.samples,), "uint16"),
+                  SAMPLED_ENT: ((), "float32")}
+    return specs
+
+
+def row_bytes(m: Manifest, modes: tuple[str, ...] | None = None) -> int:
+    """Uncompressed bytes per cached row, over ``modes`` (default: the manifest's)."""
+    sub = Manifest(**{**asdict(m), "modes": list(modes or m.modes), "shards": []})
+    total = 0
+    for name, (shape, dtype) in array_specs(sub).items():
+        if name != IDS:
+            total += ITEMSIZE[dtype] * (shape[0] if shape else 1)
+    return total
+
+
+def bf16_arrays(m: Manifest) -> set[str]:
+    return {LOGITS, TOPK_VAL} if m.dtype == "bfloat16" else set()
+
+
 def plan_shards(rows: int, shard_rows: int) -> list[ShardRecord]:
     return [ShardRecord(i, start, min(start + shard_rows, rows))
             for i, start in enumerate(range(0, rows, shard_rows))]
 
 
-def manifest_path(cache_dir: str) -> str:
-    return os.path.join(cache_dir, MANIFEST)
+def write_manifest(storage: Storage, manifest: Manifest) -> None:
+    storage.write_atomic(manifest.to_json().encode(), MANIFEST)
 
 
-def write_manifest(cache_dir: str, manifest: Manifest) -> None:
-    path = manifest_path(cache_dir)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(manifest.to_json())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def read_manifest(cache_dir: str) -> Manifest:
-    path = manifest_path(cache_dir)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no cache at {cache_dir!r}: {MANIFEST} is missing "
+def read_manifest(storage: Storage) -> Manifest:
+    if not storage.exists(MANIFEST):
+        raise FileNotFoundError(f"no cache at {storage.url!r}: {MANIFEST} is missing "
                                 "(run stage 1 first, or point cache.path at an existing cache)")
     try:
-        with open(path) as f:
-            raw = json.load(f)
+        raw = json.loads(storage.read_bytes(MANIFEST))
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); the cache index is damaged: re-run stage 1") from e
+        raise ValueError(f"{storage.url}/{MANIFEST} is not valid JSON ({e}); the cache index is damaged: "
+                         "re-run stage 1") from e
     version = raw.get("format_version")
     if version != FORMAT_VERSION:
-        raise ValueError(f"cache {cache_dir!r} has format_version={version!r}; this code reads "
+        raise ValueError(f"cache {storage.url!r} has format_version={version!r}; this code reads "
                          f"version {FORMAT_VERSION}: re-capture it with this version of stage 1")
     try:
         return Manifest.from_dict(raw)
     except TypeError as e:
-        raise ValueError(f"{path} does not match the manifest schema of version {FORMAT_VERSION}: {e}") from e
+        raise ValueError(f"{storage.url}/{MANIFEST} does not match the manifest schema of version "
+                         f"{FORMAT_VERSION}: {e}") from e

@@ -9,9 +9,10 @@ from dataclasses import dataclass
 import dask.array as da
 import numpy as np
 
-from pipeline.cache import zarr_store
+from pipeline.cache.backends import backend
 from pipeline.cache.fingerprint import check_fingerprint
-from pipeline.cache.format import Manifest, read_manifest
+from pipeline.cache.format import IDS, LOGITS, Manifest, bf16_arrays, read_manifest
+from pipeline.cache.storage import Storage
 from pipeline.cache.writer import shard_checksum
 
 log = logging.getLogger(__name__)
@@ -23,10 +24,27 @@ def bf16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
 
 @dataclass
 class CacheReader:
-    path: str
+    storage: Storage
     manifest: Manifest
-    ids: da.Array  # (N,) int64
-    logits: da.Array  # (N, C) float16 | float32 (bfloat16 is decoded to float32)
+    arrays: dict[str, da.Array]  # lazily read; bfloat16 arrays decoded to float32
+
+    @property
+    def path(self) -> str:
+        return self.storage.url
+
+    @property
+    def ids(self) -> da.Array:
+        return self.arrays[IDS]
+
+    @property
+    def logits(self) -> da.Array:
+        if LOGITS not in self.arrays:
+            raise ValueError(f"cache {self.path!r} holds modes {self.manifest.modes}, not 'full' logits")
+        return self.arrays[LOGITS]
+
+    @property
+    def num_classes(self) -> int:
+        return self.manifest.num_classes
 
     def split_range(self, name: str) -> tuple[int, int]:
         if name not in self.manifest.splits:
@@ -34,27 +52,24 @@ class CacheReader:
         start, stop = self.manifest.splits[name]
         return int(start), int(stop)
 
-    @property
-    def num_classes(self) -> int:
-        return self.manifest.num_classes
-
     def verify(self) -> None:
         """Re-read every committed shard and compare its checksum with the manifest's."""
-        ids_arr, logits_arr = zarr_store.open_arrays(self.path)
+        be = backend(self.manifest.backend)
         for shard in self.manifest.shards:
             if shard.status != "committed":
                 continue
-            ids = ids_arr[shard.start:shard.stop]
-            logits = logits_arr[shard.start:shard.stop]
-            if shard_checksum(ids, logits) != shard.sha256:
+            if shard_checksum(be.read_shard(self.storage, self.manifest, shard)) != shard.sha256:
                 raise ValueError(f"cache {self.path!r}: shard {shard.index} (rows {shard.start}:{shard.stop}) "
                                  "does not match its checksum in the manifest; the cache is damaged, re-run stage 1")
 
 
-def open_cache(path: str, *, expected: dict | None = None, allow_partial: bool = False) -> CacheReader:
-    """Open the cache at ``path``. ``expected`` holds fingerprint fields to check;
-    an incomplete cache is refused (naming the missing shards) unless ``allow_partial``."""
-    m = read_manifest(path)
+def open_cache(path: str, *, expected: dict | None = None, allow_partial: bool = False,
+               storage_options: dict | None = None) -> CacheReader:
+    """Open the cache at ``path`` (local or fsspec URL). ``expected`` holds fingerprint
+    fields to check; an incomplete cache is refused (naming the missing shards) unless
+    ``allow_partial``."""
+    storage = Storage(path, storage_options)
+    m = read_manifest(storage)
     if expected is not None:
         check_fingerprint(m.fingerprint, expected, path)
     missing = m.missing_shards()
@@ -63,9 +78,7 @@ def open_cache(path: str, *, expected: dict | None = None, allow_partial: bool =
                          f"of {len(m.shards)} were never committed; re-run stage 1 with the same config to finish it")
     if not m.complete and not allow_partial:
         raise ValueError(f"cache {path!r} is not marked complete; re-run stage 1 with the same config to finish it")
-    ids_arr, logits_arr = zarr_store.open_arrays(path)
-    ids = da.from_zarr(ids_arr, chunks=(m.chunk_rows,))
-    logits = da.from_zarr(logits_arr, chunks=(m.chunk_rows, m.num_classes))
-    if m.dtype == "bfloat16":
-        logits = logits.map_blocks(bf16_bits_to_float32, dtype=np.float32)
-    return CacheReader(path, m, ids, logits)
+    arrays = backend(m.backend).dask_arrays(storage, m)
+    for name in bf16_arrays(m) & set(arrays):
+        arrays[name] = arrays[name].map_blocks(bf16_bits_to_float32, dtype=np.float32)
+    return CacheReader(storage, m, arrays)

@@ -1,5 +1,5 @@
 """The cache writer: shards are encoded and written on a background thread fed by a
-bounded queue, so the teacher's forward passes never wait on compression or disk and
+bounded queue, so the teacher's forward passes never wait on compression or storage and
 host memory stays bounded whatever the dataset size.
 
 Used as a context manager. Each shard is recorded in the manifest (with its checksum)
@@ -10,75 +10,81 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import queue
-import shutil
 import threading
 
 import numpy as np
 
-from pipeline.cache import zarr_store
-from pipeline.cache.format import Manifest, ShardRecord, read_manifest, write_manifest
+from pipeline.cache.backends import backend
+from pipeline.cache.format import MANIFEST, Manifest, ShardRecord, array_specs, read_manifest, write_manifest
+from pipeline.cache.storage import Storage
 
 log = logging.getLogger(__name__)
 _DONE = object()
 
 
-def shard_checksum(ids: np.ndarray, logits: np.ndarray) -> str:
+def shard_checksum(arrays: dict[str, np.ndarray]) -> str:
+    """sha256 over every array of a shard, in name order, as stored."""
     h = hashlib.sha256()
-    h.update(np.ascontiguousarray(ids).tobytes())
-    h.update(np.ascontiguousarray(logits).tobytes())
+    for name in sorted(arrays):
+        h.update(name.encode())
+        h.update(np.ascontiguousarray(arrays[name]).tobytes())
     return h.hexdigest()
 
 
 class CacheWriter:
-    """Create (or resume) a cache at ``cache_dir`` described by ``manifest``."""
+    """Create (or resume) the cache at ``storage`` described by ``manifest``."""
 
-    def __init__(self, *, cache_dir: str, manifest: Manifest, zstd_level: int = 3, queue_size: int = 2):
-        self.cache_dir = cache_dir
-        self.manifest = self._open_or_create(cache_dir, manifest, zstd_level)
+    def __init__(self, *, storage: Storage, manifest: Manifest, zstd_level: int = 3, queue_size: int = 2):
+        self.storage = storage
+        self.backend = backend(manifest.backend)
+        self.manifest = self._open_or_create(manifest, zstd_level)
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._drain, name="cache-writer", daemon=True)
 
-    @staticmethod
-    def _open_or_create(cache_dir: str, fresh: Manifest, zstd_level: int) -> Manifest:
-        if os.path.exists(os.path.join(cache_dir, "manifest.json")):
-            old = read_manifest(cache_dir)
-            same = (old.fingerprint == fresh.fingerprint and old.rows == fresh.rows
-                    and old.shard_rows == fresh.shard_rows and old.chunk_rows == fresh.chunk_rows)
-            if same:
+    def _open_or_create(self, fresh: Manifest, zstd_level: int) -> Manifest:
+        if self.storage.exists(MANIFEST):
+            old = read_manifest(self.storage)
+            keys = ("fingerprint", "rows", "shard_rows", "chunk_rows", "backend", "modes", "k", "samples",
+                    "temperatures", "sample_temperature")
+            if all(getattr(old, k) == getattr(fresh, k) for k in keys):
                 done = len(old.shards) - len(old.missing_shards())
-                log.info("resuming cache %s: %d/%d shards already committed", cache_dir, done, len(old.shards))
+                log.info("resuming cache %s: %d/%d shards already committed", self.storage.url, done,
+                         len(old.shards))
                 return old
-            log.warning("cache %s was started with other settings; starting it again", cache_dir)
-        shutil.rmtree(cache_dir, ignore_errors=True)
-        os.makedirs(cache_dir)
-        zarr_store.create_arrays(cache_dir, fresh, zstd_level)
-        write_manifest(cache_dir, fresh)
+            log.warning("cache %s was started with other settings; starting it again", self.storage.url)
+        self.storage.remove()
+        self.storage.makedirs()
+        self.backend.create(self.storage, fresh, zstd_level)
+        write_manifest(self.storage, fresh)
         return fresh
 
     def pending(self) -> list[ShardRecord]:
         return [s for s in self.manifest.shards if s.status != "committed"]
 
-    def submit(self, shard: ShardRecord, ids: np.ndarray, logits: np.ndarray) -> None:
+    def submit(self, shard: ShardRecord, arrays: dict[str, np.ndarray]) -> None:
         """Queue a whole shard; blocks while the queue is full (bounded memory)."""
         if self._error is not None:
             raise RuntimeError(f"the cache writer failed: {self._error}") from self._error
-        if len(ids) != shard.rows or logits.shape[0] != shard.rows:
-            raise ValueError(f"shard {shard.index} expects {shard.rows} rows, got {len(ids)}")
-        self._queue.put((shard, ids, logits))
+        expected = set(array_specs(self.manifest))
+        if set(arrays) != expected:
+            raise ValueError(f"shard {shard.index}: arrays {sorted(arrays)} given, the cache holds {sorted(expected)}")
+        bad = {k: len(v) for k, v in arrays.items() if len(v) != shard.rows}
+        if bad:
+            raise ValueError(f"shard {shard.index} expects {shard.rows} rows; got {bad}")
+        self._queue.put((shard, arrays))
 
     def _drain(self) -> None:
         while (item := self._queue.get()) is not _DONE:
             if self._error is not None:
                 continue
-            shard, ids, logits = item
+            shard, arrays = item
             try:
-                zarr_store.write_shard(self.cache_dir, shard.start, ids, logits)
-                shard.sha256 = shard_checksum(ids, logits)
+                self.backend.write_shard(self.storage, self.manifest, shard, arrays)
+                shard.sha256 = shard_checksum(arrays)
                 shard.status = "committed"
-                write_manifest(self.cache_dir, self.manifest)
+                write_manifest(self.storage, self.manifest)
             except BaseException as e:  # surfaced to the producer on its next submit / at exit
                 self._error = e
 
@@ -99,4 +105,4 @@ class CacheWriter:
         if missing:
             raise RuntimeError(f"capture ended with shards {missing} unwritten; re-run stage 1 to finish")
         self.manifest.complete = True
-        write_manifest(self.cache_dir, self.manifest)  # the last write: the cache is now complete
+        write_manifest(self.storage, self.manifest)  # the last write: the cache is now complete

@@ -1,40 +1,47 @@
 """Zarr v3 backend: one group, arrays chunked by rows, the sharding codec (one object
-per shard), crc32c on every chunk and on the shard index, zstd.
+per shard), crc32c on every chunk and on each shard's index, zstd.
 
-A stock ``zarr.open_group(path)`` reads it; bfloat16 logits are stored as their uint16
-bit pattern (NumPy has no bfloat16) and flagged in the array attributes.
+A stock ``zarr.open_group(path)`` reads it; bfloat16 arrays are stored as their uint16
+bit pattern (NumPy has no bfloat16) with ``logical_dtype: bfloat16`` in their attributes.
 """
 
 from __future__ import annotations
 
+import dask.array as da
 import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
-from pipeline.cache.format import IDS, LOGITS, STORAGE_DTYPE, Manifest
+from pipeline.cache.format import IDS, Manifest, ShardRecord, array_specs, bf16_arrays
+from pipeline.cache.storage import Storage
 
 
-def create_arrays(cache_dir: str, m: Manifest, zstd_level: int) -> None:
-    group = zarr.open_group(cache_dir, mode="a")
+def create(storage: Storage, m: Manifest, zstd_level: int) -> None:
+    group = zarr.open_group(storage.zarr_store(), mode="a")
     compressors = [ZstdCodec(level=zstd_level), Crc32cCodec()]
-    group.create_array(IDS, shape=(m.rows,), dtype="int64", chunks=(m.chunk_rows,),
-                       shards=(m.shard_rows,), compressors=compressors, fill_value=-1, overwrite=True)
-    fill = 0 if m.dtype == "bfloat16" else float("nan")  # never-written rows read as NaN, not zeros
-    group.create_array(LOGITS, shape=(m.rows, m.num_classes), dtype=STORAGE_DTYPE[m.dtype],
-                       chunks=(m.chunk_rows, m.num_classes), shards=(m.shard_rows, m.num_classes),
-                       compressors=compressors, fill_value=fill, overwrite=True,
-                       attributes={"logical_dtype": m.dtype})
+    for name, (shape, dtype) in array_specs(m).items():
+        logical = "bfloat16" if name in bf16_arrays(m) else dtype
+        # never-written float rows read back as NaN, never as plausible zeros
+        fill = float("nan") if dtype.startswith("float") else (-1 if name == IDS else 0)
+        group.create_array(name, shape=(m.rows, *shape), dtype=dtype, chunks=(m.chunk_rows, *shape),
+                           shards=(m.shard_rows, *shape), compressors=compressors, fill_value=fill,
+                           overwrite=True, attributes={"logical_dtype": logical})
 
 
-def write_shard(cache_dir: str, start: int, ids: np.ndarray, logits: np.ndarray) -> None:
-    """Write one whole shard: a shard-aligned slice, so each shard object is written once
-    by one writer (partial writes of a shard from two processes lose data)."""
-    group = zarr.open_group(cache_dir, mode="r+")
-    stop = start + len(ids)
-    group[IDS][start:stop] = ids
-    group[LOGITS][start:stop] = logits
+def write_shard(storage: Storage, m: Manifest, shard: ShardRecord, arrays: dict[str, np.ndarray]) -> None:
+    """Write one whole shard of every array: a shard-aligned slice, so each shard object
+    is written once, by one writer (partial writes of one shard from two processes lose data)."""
+    group = zarr.open_group(storage.zarr_store(), mode="r+")
+    for name, values in arrays.items():
+        group[name][shard.start:shard.stop] = values
 
 
-def open_arrays(cache_dir: str) -> tuple[zarr.Array, zarr.Array]:
-    group = zarr.open_group(cache_dir, mode="r")
-    return group[IDS], group[LOGITS]
+def read_shard(storage: Storage, m: Manifest, shard: ShardRecord) -> dict[str, np.ndarray]:
+    group = zarr.open_group(storage.zarr_store(read_only=True), mode="r")
+    return {name: group[name][shard.start:shard.stop] for name in array_specs(m)}
+
+
+def dask_arrays(storage: Storage, m: Manifest) -> dict[str, da.Array]:
+    group = zarr.open_group(storage.zarr_store(read_only=True), mode="r")
+    return {name: da.from_zarr(group[name], chunks=(m.chunk_rows, *shape))
+            for name, (shape, _) in array_specs(m).items()}

@@ -1,0 +1,87 @@
+"""Arrow backend: one IPC *file* per shard (``shards/shard-00000.arrow``), one table per
+shard, record batches of ``chunk_rows`` rows; 2-D arrays are FixedSizeList columns.
+
+The IPC file format is used, not the stream format: its footer is written last, so a
+cut file fails to open instead of reading back short. A shard file is written whole and
+moved into place. ``pyarrow.ipc.open_file`` and ``datasets.load_dataset("arrow",
+data_files=...)`` read the shards with no project code.
+"""
+
+from __future__ import annotations
+
+import io
+
+import dask.array as da
+import numpy as np
+import pyarrow as pa
+from dask import delayed
+
+from pipeline.cache.format import Manifest, ShardRecord, array_specs
+from pipeline.cache.storage import Storage
+
+_ARROW = {"int64": pa.int64(), "int32": pa.int32(), "uint16": pa.uint16(), "float16": pa.float16(),
+          "float32": pa.float32()}
+
+
+def shard_file(index: int) -> str:
+    return f"shards/shard-{index:05d}.arrow"
+
+
+def create(storage: Storage, m: Manifest, zstd_level: int) -> None:
+    storage.makedirs("shards")
+
+
+def _column(values: np.ndarray, dtype: str) -> pa.Array:
+    flat = pa.array(np.ascontiguousarray(values).reshape(-1), type=_ARROW[dtype])
+    return flat if values.ndim == 1 else pa.FixedSizeListArray.from_arrays(flat, values.shape[1])
+
+
+def write_shard(storage: Storage, m: Manifest, shard: ShardRecord, arrays: dict[str, np.ndarray]) -> None:
+    specs = array_specs(m)
+    table = pa.table({name: _column(arrays[name], specs[name][1]) for name in specs})
+    sink = io.BytesIO()
+    opts = pa.ipc.IpcWriteOptions(compression=pa.Codec("zstd", compression_level=3))
+    with pa.ipc.new_file(sink, table.schema, options=opts) as w:
+        for batch in table.to_batches(max_chunksize=m.chunk_rows):
+            w.write_batch(batch)
+    storage.write_atomic(sink.getvalue(), shard_file(shard.index))
+
+
+def _to_numpy(col: pa.Array, shape: tuple[int, ...]) -> np.ndarray:
+    if shape:
+        return col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), *shape)
+    return col.to_numpy(zero_copy_only=False)
+
+
+def _open(storage: Storage, index: int) -> pa.ipc.RecordBatchFileReader:
+    path = storage.path(shard_file(index))
+    source = pa.memory_map(path) if storage.local else pa.BufferReader(storage.fs.cat_file(path))
+    try:
+        return pa.ipc.open_file(source)
+    except pa.ArrowInvalid as e:
+        raise ValueError(f"cache {storage.url!r}: shard {index} ({shard_file(index)}) is not a whole Arrow "
+                         f"IPC file ({e}); the cache is damaged, re-run stage 1") from e
+
+
+def read_shard(storage: Storage, m: Manifest, shard: ShardRecord) -> dict[str, np.ndarray]:
+    table = _open(storage, shard.index).read_all()
+    return {name: _to_numpy(table.column(name).combine_chunks(), shape)
+            for name, (shape, _) in array_specs(m).items()}
+
+
+def _read_block(storage: Storage, index: int, batch: int, name: str, shape: tuple[int, ...]) -> np.ndarray:
+    return _to_numpy(_open(storage, index).get_batch(batch).column(name), shape)
+
+
+def dask_arrays(storage: Storage, m: Manifest) -> dict[str, da.Array]:
+    """One Dask block per record batch (``chunk_rows`` rows), read lazily."""
+    out = {}
+    for name, (shape, dtype) in array_specs(m).items():
+        blocks = []
+        for shard in m.shards:
+            for j, start in enumerate(range(shard.start, shard.stop, m.chunk_rows)):
+                rows = min(m.chunk_rows, shard.stop - start)
+                blocks.append(da.from_delayed(delayed(_read_block)(storage, shard.index, j, name, shape),
+                                              shape=(rows, *shape), dtype=np.dtype(dtype)))
+        out[name] = da.concatenate(blocks) if blocks else da.zeros((0, *shape), dtype=dtype)
+    return out

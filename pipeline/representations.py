@@ -1,0 +1,76 @@
+"""Turning a batch of teacher logits into the cached representations, on the device.
+
+``full`` keeps the logits; ``topk`` the K largest with their ids plus the exact
+logsumexp of the whole row at each capture temperature; ``sampled`` draws S class ids
+from the teacher's distribution at the sample temperature (RS-KD, Anshumann et al.,
+2025) and keeps the distinct ids with their counts, plus the teacher's entropy.
+
+The sampled estimator: with ``c_j`` draws of class j out of S, ``p_hat_j = c_j / S`` has
+``E[p_hat_j] = p_j`` exactly, so ``-sum_j p_hat_j log q_j`` is an unbiased estimate of
+the cross-entropy ``-sum_j p_j log q_j`` and ``q - p_hat`` of its gradient with respect
+to the student's logits (over all C classes, the student's full softmax). Adding the
+cached entropy, ``sum_j p_hat_j (-log q_j) - H(p)`` is an unbiased estimate of
+``KL(p || q)``. Top-k targets are biased (the tail's mass is known, its shape is not);
+sampled targets are not, at the price of variance.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pipeline.cache.format import (
+    LOGITS,
+    LSE,
+    SAMPLED_CNT,
+    SAMPLED_ENT,
+    SAMPLED_IDX,
+    TOPK_IDX,
+    TOPK_VAL,
+    Manifest,
+)
+
+_TORCH_DTYPE = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def stored(values: torch.Tensor, dtype: str) -> torch.Tensor:
+    """Cast to the cache dtype; bfloat16 as its raw bits (stored as uint16)."""
+    out = values.to(_TORCH_DTYPE[dtype])
+    return out.view(torch.int16) if dtype == "bfloat16" else out
+
+
+def sample_counts(logits: torch.Tensor, samples: int, temperature: float,
+                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw ``samples`` ids per row from softmax(logits/T); return the distinct ids
+    (B, S) int32 padded with -1 and their counts (B, S) int32, zeros at the padding."""
+    probs = torch.softmax(logits.float() / temperature, dim=-1)  # (B, C)
+    draws = torch.multinomial(probs, samples, replacement=True, generator=generator)  # (B, S)
+    ids, _ = draws.sort(dim=1)
+    first = torch.ones_like(ids, dtype=torch.bool)
+    first[:, 1:] = ids[:, 1:] != ids[:, :-1]
+    slot = first.long().cumsum(dim=1) - 1  # (B, S): the distinct-id slot of each draw
+    out_ids = torch.full_like(ids, -1).scatter_(1, slot, ids)
+    counts = torch.zeros_like(ids).scatter_add_(1, slot, torch.ones_like(ids))
+    return out_ids.int(), counts.int()
+
+
+def entropy(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def represent(logits: torch.Tensor, m: Manifest, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """All arrays of the manifest's modes for a (B, C) batch of logits, on its device."""
+    out: dict[str, torch.Tensor] = {}
+    if "full" in m.modes:
+        out[LOGITS] = stored(logits, m.dtype)
+    if "topk" in m.modes:
+        val, idx = torch.topk(logits, m.k, dim=-1)  # (B, K), sorted, largest first
+        out[TOPK_IDX] = idx.int()
+        out[TOPK_VAL] = stored(val, m.dtype)
+        out[LSE] = torch.stack([torch.logsumexp(logits.float() / t, dim=-1) for t in m.temperatures], dim=1)
+    if "sampled" in m.modes:
+        ids, counts = sample_counts(logits, m.samples, m.sample_temperature, generator)
+        out[SAMPLED_IDX] = ids
+        out[SAMPLED_CNT] = counts.to(torch.int32)
+        out[SAMPLED_ENT] = entropy(logits, m.sample_temperature)
+    return out
