@@ -86,3 +86,76 @@ def test_corrupted_shard_bytes_raise_not_read_wrong(tmp_path, tiny_logits):
     open(shard, "wb").write(bytes(data))
     with pytest.raises(Exception, match="(?i)checksum|crc"):
         open_cache(path).logits.compute()
+
+
+ALL_MODES = ("full", "topk", "sampled")
+
+
+@pytest.mark.parametrize("backend", ["zarr", "arrow"])
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_every_representation_round_trips(tmp_path, tiny_logits, backend, dtype):
+    import torch
+
+    from pipeline.representations import represent
+
+    m = write_cache(tmp_path / "c", tiny_logits, dtype=dtype, backend=backend, modes=ALL_MODES, k=3, samples=8)
+    r = open_cache(str(tmp_path / "c"))
+    assert set(r.arrays) == {"ids", "logits", "topk_idx", "topk_val", "lse", "sampled_idx", "sampled_cnt",
+                             "sampled_ent"}
+    got = {name: a.compute() for name, a in r.arrays.items()}
+    want = {}
+    for shard in m.shards:  # recompute each shard as the writer did, same seeded generator
+        gen = torch.Generator().manual_seed(shard.index)
+        for name, v in represent(torch.from_numpy(tiny_logits[shard.start:shard.stop]), m, gen).items():
+            v = v.view(torch.bfloat16).float() if dtype == "bfloat16" and name in ("logits", "topk_val") else v
+            want.setdefault(name, []).append(v.numpy())
+    for name, parts in want.items():
+        np.testing.assert_array_equal(got[name].astype(np.float64), np.concatenate(parts).astype(np.float64),
+                                      err_msg=name)
+    np.testing.assert_array_equal(got["ids"], np.arange(100))
+    assert got["topk_idx"].dtype == np.int32 and got["sampled_cnt"].dtype == np.uint16
+    assert (got["sampled_cnt"].sum(1) == 8).all()
+    r.verify()
+
+
+STOCK_ZARR = """
+import sys, zarr, numpy as np
+g = zarr.open_group(sys.argv[1], mode="r")
+print(sorted(g.array_keys()), g["logits"].shape, g["logits"].dtype, g["topk_idx"][:2, 0].tolist(), g["ids"][-1])
+"""
+STOCK_ARROW = """
+import sys, glob, pyarrow as pa, datasets
+files = sorted(glob.glob(sys.argv[1] + "/shards/*.arrow"))
+t = pa.ipc.open_file(pa.memory_map(files[0])).read_all()
+ds = datasets.load_dataset("arrow", data_files=files, split="train")
+print(t.column_names, t.num_rows, len(ds), ds[99]["ids"], len(ds[0]["logits"]))
+"""
+
+
+@pytest.mark.parametrize("backend,script", [("zarr", STOCK_ZARR), ("arrow", STOCK_ARROW)])
+def test_stock_clients_read_the_cache_with_no_project_code(tmp_path, tiny_logits, backend, script):
+    import subprocess
+    import sys
+
+    write_cache(tmp_path / "c", tiny_logits, backend=backend, modes=ALL_MODES)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["HF_DATASETS_CACHE"] = str(tmp_path / "hf")
+    proc = subprocess.run([sys.executable, "-I", "-c", script, str(tmp_path / "c")], capture_output=True, text=True,
+                          env=env, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    if backend == "zarr":
+        assert "'logits', 'lse', 'sampled_cnt'" in proc.stdout and "(100, 7) float16" in proc.stdout
+        assert proc.stdout.strip().endswith(" 99")
+    else:
+        assert "['ids', 'logits', 'topk_idx', 'topk_val', 'lse', 'sampled_idx', 'sampled_cnt'" in proc.stdout
+        assert proc.stdout.split()[-3:] == ["100", "99", "7"]
+
+
+def test_cut_arrow_shard_is_an_error_not_a_short_read(tmp_path, tiny_logits):
+    path = str(tmp_path / "c")
+    write_cache(path, tiny_logits, backend="arrow")
+    shard = os.path.join(path, "shards", "shard-00001.arrow")
+    data = open(shard, "rb").read()
+    open(shard, "wb").write(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"shard 1 .* not a whole Arrow IPC file"):
+        open_cache(path).logits.compute()

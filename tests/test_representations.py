@@ -1,0 +1,50 @@
+"""Top-k and sampled representations against the full distribution they summarise."""
+
+import numpy as np
+import torch
+
+from pipeline.cache import open_cache
+from pipeline.representations import sample_counts, sampled_kl_estimate, topk_distribution
+from tests.conftest import write_cache
+
+
+def test_topk_and_tail_read_back_equal_the_full_distribution(tmp_path):
+    rng = np.random.default_rng(0)
+    logits = (rng.standard_normal((64, 50)) * 3).astype(np.float32)
+    write_cache(tmp_path / "c", logits, dtype="float32", modes=("full", "topk"), k=5, temperatures=(1.0, 2.0))
+    r = open_cache(str(tmp_path / "c"))
+    idx, val, lse = (torch.from_numpy(r.arrays[n].compute()) for n in ("topk_idx", "topk_val", "lse"))
+    full = torch.from_numpy(logits)
+    for j, T in enumerate((1.0, 2.0)):
+        p = torch.softmax(full / T, dim=-1)
+        probs, tail = topk_distribution(val, lse[:, j], T)
+        torch.testing.assert_close(probs, p.gather(1, idx.long()))
+        kept = torch.zeros_like(p, dtype=torch.bool).scatter_(1, idx.long(), True)
+        torch.testing.assert_close(tail, (p * ~kept).sum(-1), atol=1e-6, rtol=1e-5)
+    np.testing.assert_array_equal(idx.numpy(), torch.topk(full, 5).indices.numpy())
+
+
+def test_sample_counts_are_distinct_ids_with_counts_summing_to_s():
+    logits = torch.randn(32, 20)
+    ids, counts = sample_counts(logits, 16, 1.0, torch.Generator().manual_seed(0))
+    assert (counts.sum(1) == 16).all()
+    for row_ids, row_cnt in zip(ids, counts):
+        real = row_ids[row_cnt > 0]
+        assert len(set(real.tolist())) == len(real) and (row_ids[row_cnt == 0] == -1).all()
+
+
+def test_sampled_estimator_is_unbiased_for_kl():
+    torch.manual_seed(0)
+    t = torch.randn(8, 30, dtype=torch.float64) * 2
+    s = torch.randn(8, 30, dtype=torch.float64)
+    T = 2.0
+    log_p = torch.log_softmax(t / T, -1)
+    exact = (log_p.exp() * (log_p - torch.log_softmax(s / T, -1))).sum(-1)
+    ent = -(log_p.exp() * log_p).sum(-1)
+    g = torch.Generator().manual_seed(1)
+    draws = 4000
+    est = torch.stack([sampled_kl_estimate(s, *sample_counts(t, 8, T, g), ent, T) for _ in range(draws)])
+    mean, se = est.mean(0), est.std(0) / draws**0.5
+    assert ((mean - exact).abs() < 4 * se + 1e-9).all(), (mean, exact, se)
+    single = est[0]
+    assert not torch.allclose(single, exact)  # one draw is noisy: the test is about the mean
