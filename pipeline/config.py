@@ -189,6 +189,9 @@ def _positive(problems: list[str], where: str, value: float) -> None:
 def validate(cfg: Config) -> Config:
     """Check ranges and cross-field rules; raise one ValueError listing every problem."""
     p: list[str] = []
+    if "://" in cfg.paths.root:
+        p.append(f"paths.root={cfg.paths.root!r}: must be a local folder (run folders, datasets and checkpoints "
+                 "live there); put the cache on object storage with cache.path=s3://bucket/prefix")
     if cfg.stage not in STAGES:
         p.append(f"stage={cfg.stage!r}: expected one of {list(STAGES)}")
     for name in ("train_size", "test_size"):

@@ -72,3 +72,27 @@ def test_stage1_again_reuses_the_complete_cache(full_run):
     proc = run_cli(root, "stage=1")  # teacher was deleted above: refits deterministically, same weights
     assert os.path.getmtime(os.path.join(cache, "logits", "c", "0", "0")) == before
     assert "5/5 shards already committed" in proc.stdout + proc.stderr
+
+
+def test_size_guard_refuses_a_full_capture_above_the_limit(tmp_path):
+    env = dict(os.environ, OMP_WAIT_POLICY="passive")
+    proc = subprocess.run([sys.executable, "-m", "pipeline.run", f"paths.root={tmp_path}", *SMALL, "stage=1",
+                           "cache.max_full_gb=0.00001"], capture_output=True, text=True, timeout=600, env=env)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1
+    assert "projected cache size" in out and "above cache.max_full_gb=1e-05" in out and "cache.modes=[topk]" in out
+    assert not glob.glob(str(tmp_path / "caches" / "*" / "manifest.json"))
+
+
+def test_stage1_captures_every_representation_in_one_pass(tmp_path):
+    run_cli(tmp_path, "stage=1", "cache=arrow", "cache.modes=[full,topk,sampled]", "cache.k=4", "cache.samples=16")
+    (cache,) = glob.glob(str(tmp_path / "caches" / "*"))
+    manifest = json.load(open(os.path.join(cache, "manifest.json")))
+    assert manifest["modes"] == ["full", "sampled", "topk"] and manifest["backend"] == "arrow"
+    assert manifest["fingerprint"]["fields"]["capture"]["k"] == 4
+    from pipeline.cache import open_cache
+
+    r = open_cache(cache)
+    logits = r.logits.compute().astype(np.float32)
+    np.testing.assert_array_equal(r.arrays["topk_idx"][:50].compute(), np.argsort(-logits[:50], axis=1)[:, :4])
+    assert (r.arrays["sampled_cnt"].compute().sum(1) == 16).all()
