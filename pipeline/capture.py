@@ -38,7 +38,8 @@ def plan_manifest(cfg: Config, splits: Splits, teacher: torch.nn.Module) -> Mani
                  splits={k: list(v) for k, v in splits.ranges().items()}, fingerprint={},
                  k=c.k if "topk" in [x.value for x in c.modes] else 0,
                  samples=c.samples if "sampled" in [x.value for x in c.modes] else 0,
-                 temperatures=list(c.temperatures), sample_temperature=c.sample_temperature)
+                 temperatures=list(c.temperatures), sample_temperature=c.sample_temperature,
+                 compression=c.zstd.value)
     widest = max(row_bytes(m, (mode,)) for mode in m.modes)
     m.chunk_rows = min(c.chunk_rows, max(1, _MAX_CHUNK_BYTES // max(widest, 1)))
     if m.chunk_rows < c.chunk_rows:

@@ -40,7 +40,8 @@ def write_shard(storage: Storage, m: Manifest, shard: ShardRecord, arrays: dict[
     specs = array_specs(m)
     table = pa.table({name: _column(arrays[name], specs[name][1]) for name in specs})
     sink = io.BytesIO()
-    opts = pa.ipc.IpcWriteOptions(compression=pa.Codec("zstd", compression_level=3))
+    # IPC compression applies to every buffer of a batch: zstd only when asked for everything
+    opts = pa.ipc.IpcWriteOptions(compression=pa.Codec("zstd", compression_level=3) if m.compression == "all" else None)
     with pa.ipc.new_file(sink, table.schema, options=opts) as w:
         for batch in table.to_batches(max_chunksize=m.chunk_rows):
             w.write_batch(batch)

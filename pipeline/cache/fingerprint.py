@@ -80,7 +80,7 @@ def cache_key(cfg: Config) -> str:
     ident = {"teacher": teacher_identity(cfg), "data": asdict(cfg.data),
              "capture": capture_settings(cfg, cfg.data.num_classes), "version": FORMAT_VERSION,
              "layout": {"format": cfg.cache.format.value, "chunk_rows": cfg.cache.chunk_rows,
-                        "shard_chunks": cfg.cache.shard_chunks}}
+                        "shard_chunks": cfg.cache.shard_chunks, "zstd": cfg.cache.zstd.value}}
     return f"{cfg.data.name}-{cfg.teacher.name}-{hash_json(ident)[:12]}"
 
 

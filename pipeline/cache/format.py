@@ -68,6 +68,7 @@ class Manifest:
     sample_temperature: float = 1.0
     shards: list[ShardRecord] = field(default_factory=list)
     complete: bool = False
+    compression: str = "ints"  # all | ints | none: which arrays carry zstd
     format_version: int = FORMAT_VERSION
     info: dict = field(default_factory=dict)  # free-form: teacher accuracy, timings
 

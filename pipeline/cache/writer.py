@@ -47,7 +47,7 @@ class CacheWriter:
         if self.storage.exists(MANIFEST):
             old = read_manifest(self.storage)
             keys = ("fingerprint", "rows", "shard_rows", "chunk_rows", "backend", "modes", "k", "samples",
-                    "temperatures", "sample_temperature")
+                    "temperatures", "sample_temperature", "compression")
             if all(getattr(old, k) == getattr(fresh, k) for k in keys):
                 done = len(old.shards) - len(old.missing_shards())
                 log.info("resuming cache %s: %d/%d shards already committed", self.storage.url, done,

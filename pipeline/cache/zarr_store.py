@@ -18,8 +18,9 @@ from pipeline.cache.storage import Storage
 
 def create(storage: Storage, m: Manifest, zstd_level: int) -> None:
     group = zarr.open_group(storage.zarr_store(), mode="a")
-    compressors = [ZstdCodec(level=zstd_level), Crc32cCodec()]
     for name, (shape, dtype) in array_specs(m).items():
+        zstd = m.compression == "all" or (m.compression == "ints" and not dtype.startswith("float"))
+        compressors = [ZstdCodec(level=zstd_level), Crc32cCodec()] if zstd else [Crc32cCodec()]
         logical = "bfloat16" if name in bf16_arrays(m) else dtype
         # never-written float rows read back as NaN, never as plausible zeros
         fill = float("nan") if dtype.startswith("float") else (-1 if name == IDS else 0)
