@@ -23,7 +23,7 @@ register()
 def write_cache(path, logits: np.ndarray, *, dtype: str = "float16", chunk_rows: int = 16,
                 shard_chunks: int = 2, splits: dict | None = None, fields: dict | None = None,
                 backend: str = "zarr", modes=("full",), k: int = 3, samples: int = 8,
-                temperatures=(1.0, 2.0), sample_temperature: float = 1.0) -> Manifest:
+                temperatures=(1.0, 2.0), sample_temperature: float = 1.0, compression: str = "ints") -> Manifest:
     """Write ``logits`` (N, C) as a complete cache through the real writer and the real
     representations code (top-k, sampling) on CPU."""
     n, c = logits.shape
@@ -32,7 +32,7 @@ def write_cache(path, logits: np.ndarray, *, dtype: str = "float16", chunk_rows:
                  shard_rows=shard_rows, splits=splits or {"train": [0, n]},
                  fingerprint=make_fingerprint(fields or {"dataset": "test"}), shards=plan_shards(n, shard_rows),
                  k=k if "topk" in modes else 0, samples=samples if "sampled" in modes else 0,
-                 temperatures=list(temperatures), sample_temperature=sample_temperature)
+                 temperatures=list(temperatures), sample_temperature=sample_temperature, compression=compression)
     t = torch.from_numpy(logits.astype(np.float32))
     with CacheWriter(storage=Storage(str(path)), manifest=m) as w:
         for shard in w.pending():

@@ -29,7 +29,8 @@ def test_stock_zarr_reads_it_with_no_project_code(tmp_path, tiny_logits):
     assert g["logits"].shape == (100, 7) and g["logits"].dtype == np.float16
     assert g["logits"].shards == (32, 7) and g["logits"].chunks == (16, 7)
     codecs = json.dumps(g["logits"].metadata.to_dict())
-    assert "sharding_indexed" in codecs and "crc32c" in codecs and "zstd" in codecs
+    assert "sharding_indexed" in codecs and "crc32c" in codecs and "zstd" not in codecs  # floats: crc only
+    assert "zstd" in json.dumps(g["ids"].metadata.to_dict())  # integers compress
     np.testing.assert_array_equal(g["ids"][:], np.arange(100))
 
 
@@ -93,12 +94,14 @@ ALL_MODES = ("full", "topk", "sampled")
 
 @pytest.mark.parametrize("backend", ["zarr", "arrow"])
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
-def test_every_representation_round_trips(tmp_path, tiny_logits, backend, dtype):
+@pytest.mark.parametrize("compression", ["ints", "all"])
+def test_every_representation_round_trips(tmp_path, tiny_logits, backend, dtype, compression):
     import torch
 
     from pipeline.representations import represent
 
-    m = write_cache(tmp_path / "c", tiny_logits, dtype=dtype, backend=backend, modes=ALL_MODES, k=3, samples=8)
+    m = write_cache(tmp_path / "c", tiny_logits, dtype=dtype, backend=backend, modes=ALL_MODES, k=3, samples=8,
+                    compression=compression)
     r = open_cache(str(tmp_path / "c"))
     assert set(r.arrays) == {"ids", "logits", "topk_idx", "topk_val", "lse", "sampled_idx", "sampled_cnt",
                              "sampled_ent"}
