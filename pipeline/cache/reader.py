@@ -39,7 +39,8 @@ class CacheReader:
     @property
     def logits(self) -> da.Array:
         if LOGITS not in self.arrays:
-            raise ValueError(f"cache {self.path!r} holds modes {self.manifest.modes}, not 'full' logits")
+            raise ValueError(f"cache {self.path!r} holds modes {self.manifest.modes}, not 'full' logits, which this "
+                             "step needs (stage 2's audit, stage 3's training): capture with cache.modes=[full,...]")
         return self.arrays[LOGITS]
 
     @property
