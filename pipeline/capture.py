@@ -20,7 +20,7 @@ from pipeline.cache import CacheWriter, Manifest, ShardRecord, make_fingerprint,
 from pipeline.cache.fingerprint import capture_settings, hash_json, hash_state_dict, teacher_identity
 from pipeline.cache.format import FORMAT_VERSION, IDS, array_specs, row_bytes
 from pipeline.cache.storage import Storage
-from pipeline.config import Config
+from pipeline.config import Config, resolve_workers
 from pipeline.datasets import Splits
 from pipeline.device import autocast, choose_device
 from pipeline.representations import represent
@@ -130,9 +130,12 @@ def capture_logits(teacher: torch.nn.Module, splits: Splits, cfg: Config, cache_
     x_all, _ = splits.concat()
     t0 = time.perf_counter()
     storage = Storage(cache_url, cfg.cache.storage_options)
-    with CacheWriter(storage=storage, manifest=m, zstd_level=cfg.cache.zstd_level) as writer:
+    rank, world = resolve_workers(cfg)
+    with CacheWriter(storage=storage, manifest=m, zstd_level=cfg.cache.zstd_level, rank=rank,
+                     world_size=world) as writer:
         todo = writer.pending()
-        with tqdm(total=sum(s.rows for s in todo), desc="stage 1: teacher", unit="row", unit_scale=True) as bar:
+        desc = "stage 1: teacher" if world == 1 else f"stage 1: teacher (rank {rank}/{world})"
+        with tqdm(total=sum(s.rows for s in todo), desc=desc, unit="row", unit_scale=True) as bar:
             for shard in todo:
                 writer.submit(shard, capture_shard(teacher, x_all[shard.start:shard.stop], shard, m, cfg, device))
                 bar.update(shard.rows)

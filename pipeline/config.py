@@ -172,6 +172,10 @@ class TrainConfig:
 class Config:
     stage: str = "all"  # all | 1 | 2 | 3
     verify: bool = False  # stage 2: re-read every shard and check its checksum
+    # stage 1 workers: shard i is written by rank i % world_size. Unset: taken from torchrun's
+    # RANK / WORLD_SIZE environment when present, else a single worker.
+    rank: int | None = None
+    world_size: int | None = None
     paths: PathsConfig = field(default_factory=PathsConfig)
     data: DataConfig = field(default_factory=DataConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
@@ -247,6 +251,15 @@ def validate(cfg: Config) -> Config:
     if p:
         raise ValueError("invalid config (" + str(len(p)) + " problem(s)):\n  - " + "\n  - ".join(p))
     return cfg
+
+
+def resolve_workers(cfg: Config) -> tuple[int, int]:
+    """(rank, world_size) from the config, else torchrun's environment, else (0, 1)."""
+    world = cfg.world_size if cfg.world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
+    rank = cfg.rank if cfg.rank is not None else int(os.environ.get("RANK", "0"))
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"rank={rank}, world_size={world}: need world_size >= 1 and 0 <= rank < world_size")
+    return rank, world
 
 
 def resolve_root(cfg: Config) -> str:

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import shutil
+import uuid
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -125,11 +126,15 @@ def _to_dataset(x: np.ndarray, y: np.ndarray | None):
 
 
 def _save_atomic(dsd, path: str) -> None:
-    tmp = path + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    """Save under a unique temporary name, then rename: a killed save leaves no folder
+    that looks complete, and concurrent workers generating the same data do not collide."""
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
     dsd.save_to_disk(tmp)
-    os.replace(tmp, path)
-    log.info("saved dataset to %s", path)
+    try:
+        os.rename(tmp, path)
+        log.info("saved dataset to %s", path)
+    except OSError:  # another worker got there first with the same content
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _load_from_disk(path: str):

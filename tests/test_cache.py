@@ -8,6 +8,7 @@ import pytest
 import zarr
 
 from pipeline.cache import Storage, open_cache, read_manifest
+from pipeline.cache.format import write_manifest
 from pipeline.cache.fingerprint import check_fingerprint
 from tests.conftest import write_cache
 
@@ -39,8 +40,8 @@ def test_incomplete_cache_is_refused_naming_missing_shards(tmp_path, tiny_logits
     write_cache(path, tiny_logits)
     m = read_manifest(Storage(path))
     m.shards[2].status, m.complete = "pending", False
-    with open(os.path.join(path, "manifest.json"), "w") as f:
-        f.write(m.to_json())
+    write_manifest(Storage(path), m)
+    os.remove(os.path.join(path, "commits", "shard-00002.json"))
     with pytest.raises(ValueError, match=r"incomplete: shards \[2\]"):
         open_cache(path)
     assert open_cache(path, allow_partial=True).manifest.missing_shards() == [2]
@@ -51,9 +52,9 @@ def test_missing_manifest_and_wrong_version(tmp_path, tiny_logits):
     with pytest.raises(FileNotFoundError, match="manifest.json is missing"):
         open_cache(path)
     write_cache(path, tiny_logits)
-    raw = json.loads(open(os.path.join(path, "manifest.json")).read())
-    raw["format_version"] = 99
-    open(os.path.join(path, "manifest.json"), "w").write(json.dumps(raw))
+    m = read_manifest(Storage(path))
+    m.format_version = 99
+    write_manifest(Storage(path), m)
     with pytest.raises(ValueError, match="format_version=99"):
         open_cache(path)
 

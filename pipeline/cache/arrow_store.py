@@ -48,6 +48,14 @@ def write_shard(storage: Storage, m: Manifest, shard: ShardRecord, arrays: dict[
     storage.write_atomic(sink.getvalue(), shard_file(shard.index))
 
 
+def shard_objects(m: Manifest, shard: ShardRecord) -> list[str]:
+    return [shard_file(shard.index)]
+
+
+def remove_shard(storage: Storage, m: Manifest, shard: ShardRecord) -> None:
+    storage.remove(shard_file(shard.index))
+
+
 def _to_numpy(col: pa.Array, shape: tuple[int, ...]) -> np.ndarray:
     if shape:
         return col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), *shape)

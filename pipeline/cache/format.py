@@ -16,11 +16,16 @@ one or more *representations* of the teacher's output:
 
 The manifest is the index: every shard with its row range, status and checksum, and
 ``complete: true`` only after the last shard is committed, so an interrupted capture is
-visibly incomplete. It is always replaced whole (see :mod:`pipeline.cache.storage`).
+visibly incomplete. It carries a checksum of its own content, so an edit is detected, and
+is always replaced whole (see :mod:`pipeline.cache.storage`). While a capture runs, each
+shard, once whole, gets a commit record of its own under ``commits/`` (one writer per
+shard, so concurrent workers never write the same file); the last worker to finish folds
+them into the manifest and marks it complete.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 
@@ -28,6 +33,7 @@ from pipeline.cache.storage import Storage
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+COMMITS = "commits"  # one small record per committed shard, written after the shard itself
 IDS, LOGITS = "ids", "logits"
 TOPK_IDX, TOPK_VAL, LSE = "topk_idx", "topk_val", "lse"
 SAMPLED_IDX, SAMPLED_CNT, SAMPLED_ENT = "sampled_idx", "sampled_cnt", "sampled_ent"
@@ -118,8 +124,50 @@ def plan_shards(rows: int, shard_rows: int) -> list[ShardRecord]:
             for i, start in enumerate(range(0, rows, shard_rows))]
 
 
+def _body_hash(raw: dict) -> str:
+    body = {k: v for k, v in raw.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
 def write_manifest(storage: Storage, manifest: Manifest) -> None:
-    storage.write_atomic(manifest.to_json().encode(), MANIFEST)
+    """Replace ``manifest.json`` whole, with a checksum of its own content."""
+    raw = asdict(manifest)
+    raw["checksum"] = _body_hash(raw)
+    storage.write_atomic(json.dumps(raw, indent=2).encode(), MANIFEST)
+
+
+def commit_path(index: int) -> str:
+    return f"{COMMITS}/shard-{index:05d}.json"
+
+
+def write_commit(storage: Storage, shard: ShardRecord) -> None:
+    """Record one shard as whole. One file per shard: concurrent writers never share one."""
+    storage.write_atomic(json.dumps(asdict(shard)).encode(), commit_path(shard.index))
+
+
+def read_commits(storage: Storage) -> dict[int, ShardRecord]:
+    """Shard commit records written so far (an unfinished capture's progress)."""
+    if not storage.exists(COMMITS):
+        return {}
+    out = {}
+    for path in storage.fs.glob(storage.path(COMMITS, "shard-*.json")):
+        rec = ShardRecord(**json.loads(storage.fs.cat_file(path)))
+        out[rec.index] = rec
+    return out
+
+
+def merge_commits(m: Manifest, commits: dict[int, ShardRecord]) -> Manifest:
+    """The manifest with every committed shard marked, after checking each record matches
+    the planned row range."""
+    for shard in m.shards:
+        rec = commits.get(shard.index)
+        if rec is None:
+            continue
+        if (rec.start, rec.stop) != (shard.start, shard.stop):
+            raise ValueError(f"commit record of shard {shard.index} covers rows {rec.start}:{rec.stop}, the manifest "
+                             f"plans {shard.start}:{shard.stop}: the cache is damaged, re-run stage 1")
+        shard.status, shard.sha256 = "committed", rec.sha256
+    return m
 
 
 def read_manifest(storage: Storage) -> Manifest:
@@ -131,6 +179,10 @@ def read_manifest(storage: Storage) -> Manifest:
     except json.JSONDecodeError as e:
         raise ValueError(f"{storage.url}/{MANIFEST} is not valid JSON ({e}); the cache index is damaged: "
                          "re-run stage 1") from e
+    if "checksum" not in raw or raw["checksum"] != _body_hash(raw):
+        raise ValueError(f"{storage.url}/{MANIFEST} does not match its own checksum: it was edited or damaged. "
+                         "Re-run stage 1 to rebuild the cache (committed shards are kept when the config matches)")
+    raw.pop("checksum")
     version = raw.get("format_version")
     if version != FORMAT_VERSION:
         raise ValueError(f"cache {storage.url!r} has format_version={version!r}; this code reads "

@@ -11,7 +11,7 @@ import numpy as np
 
 from pipeline.cache.backends import backend
 from pipeline.cache.fingerprint import check_fingerprint
-from pipeline.cache.format import IDS, LOGITS, Manifest, bf16_arrays, read_manifest
+from pipeline.cache.format import IDS, LOGITS, Manifest, bf16_arrays, merge_commits, read_commits, read_manifest
 from pipeline.cache.storage import Storage
 from pipeline.cache.writer import shard_checksum
 
@@ -73,13 +73,30 @@ def open_cache(path: str, *, expected: dict | None = None, allow_partial: bool =
     m = read_manifest(storage)
     if expected is not None:
         check_fingerprint(m.fingerprint, expected, path)
+    if not m.complete:
+        merge_commits(m, read_commits(storage))
     missing = m.missing_shards()
     if missing and not allow_partial:
         raise ValueError(f"cache {path!r} is incomplete: shards {missing[:20]}{'...' if len(missing) > 20 else ''} "
                          f"of {len(m.shards)} were never committed; re-run stage 1 with the same config to finish it")
     if not m.complete and not allow_partial:
         raise ValueError(f"cache {path!r} is not marked complete; re-run stage 1 with the same config to finish it")
+    _check_shards_present(storage, m)
     arrays = backend(m.backend).dask_arrays(storage, m)
     for name in bf16_arrays(m) & set(arrays):
         arrays[name] = arrays[name].map_blocks(bf16_bits_to_float32, dtype=np.float32)
     return CacheReader(storage, m, arrays)
+
+
+def _check_shards_present(storage: Storage, m: Manifest) -> None:
+    """Every committed shard's objects exist (one listing), so a deleted shard is an
+    error naming it rather than rows of fill values."""
+    have = storage.listing()
+    be = backend(m.backend)
+    for shard in m.shards:
+        if shard.status != "committed":
+            continue
+        gone = [key for key in be.shard_objects(m, shard) if key not in have]
+        if gone:
+            raise ValueError(f"cache {storage.url!r}: shard {shard.index} (rows {shard.start}:{shard.stop}) is "
+                             f"committed but {gone} are missing; the cache is damaged, re-run stage 1")

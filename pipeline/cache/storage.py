@@ -10,9 +10,18 @@ from __future__ import annotations
 
 import os
 import posixpath
+import time
 import uuid
 
 import fsspec
+
+
+def fault_pause() -> None:
+    """Test hook for crash tests: sleep ``KD_TEST_WRITE_PAUSE_S`` seconds in the middle of
+    a shard write, so a test can kill the process there. Unset in normal use."""
+    delay = float(os.environ.get("KD_TEST_WRITE_PAUSE_S", "0") or 0)
+    if delay > 0:
+        time.sleep(delay)
 
 
 class Storage:
@@ -47,7 +56,25 @@ class Storage:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        fault_pause()
         os.replace(tmp, target)
+
+    def remove_temporaries(self) -> int:
+        """Delete leftover ``*.tmp-*`` files of an interrupted local write; return how many."""
+        if not self.local or not os.path.isdir(self.root):
+            return 0
+        n = 0
+        for d, _, files in os.walk(self.root):
+            for f in files:
+                if ".tmp-" in f:
+                    os.remove(os.path.join(d, f))
+                    n += 1
+        return n
+
+    def listing(self) -> set[str]:
+        """Every object path under the cache (relative), in one listing."""
+        prefix = self.root.rstrip("/") + "/"
+        return {p[len(prefix):] for p in self.fs.find(self.root)} if self.fs.exists(self.root) else set()
 
     def remove(self, *parts: str) -> None:
         if self.exists(*parts):

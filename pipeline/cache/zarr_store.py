@@ -13,7 +13,7 @@ import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from pipeline.cache.format import IDS, Manifest, ShardRecord, array_specs, bf16_arrays
-from pipeline.cache.storage import Storage
+from pipeline.cache.storage import Storage, fault_pause
 
 
 def create(storage: Storage, m: Manifest, zstd_level: int) -> None:
@@ -35,6 +35,17 @@ def write_shard(storage: Storage, m: Manifest, shard: ShardRecord, arrays: dict[
     group = zarr.open_group(storage.zarr_store(), mode="r+")
     for name, values in arrays.items():
         group[name][shard.start:shard.stop] = values
+        fault_pause()
+
+
+def shard_objects(m: Manifest, shard: ShardRecord) -> list[str]:
+    """The store keys holding one shard of every array (default chunk key encoding)."""
+    return [f"{name}/c/{shard.index}" + ("/0" if shape else "") for name, (shape, _) in array_specs(m).items()]
+
+
+def remove_shard(storage: Storage, m: Manifest, shard: ShardRecord) -> None:
+    for key in shard_objects(m, shard):
+        storage.remove(key)
 
 
 def read_shard(storage: Storage, m: Manifest, shard: ShardRecord) -> dict[str, np.ndarray]:
