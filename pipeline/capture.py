@@ -134,6 +134,7 @@ def capture_logits(teacher: torch.nn.Module, splits: Splits, cfg: Config, cache_
     with CacheWriter(storage=storage, manifest=m, zstd_level=cfg.cache.zstd_level, rank=rank,
                      world_size=world) as writer:
         todo = writer.pending()
+        log.info("capture: rank %d of %d writes %d shard(s) to %s", rank, world, len(todo), cache_url)
         desc = "stage 1: teacher" if world == 1 else f"stage 1: teacher (rank {rank}/{world})"
         with tqdm(total=sum(s.rows for s in todo), desc=desc, unit="row", unit_scale=True) as bar:
             for shard in todo:

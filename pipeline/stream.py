@@ -35,9 +35,20 @@ class Block:
         return self.hi - self.lo
 
 
+def _check_finite(arrays: dict[str, np.ndarray], path: str) -> None:
+    for name, a in arrays.items():
+        if a.dtype.kind == "f" and not np.isfinite(a).all():
+            bad = np.nonzero(~np.isfinite(a.reshape(len(a), -1)).all(axis=1))[0]
+            raise ValueError(f"cache {path!r}: non-finite {name} at ids {arrays[IDS][bad[:10]].tolist()}"
+                             f"{' ...' if len(bad) > 10 else ''} ({len(bad)} rows); never-written rows read as NaN: "
+                             "re-run stage 1 to finish or rebuild the cache")
+
+
 def select_blocks(reader: CacheReader, splits: tuple[str, ...]) -> list[Block]:
-    """Blocks overlapping the row ranges of ``splits``, trimmed to them."""
+    """Blocks overlapping the row ranges of ``splits`` within committed shards, trimmed."""
     ranges = sorted(reader.split_range(s) for s in splits)
+    committed = [(s.start, s.stop) for s in reader.manifest.shards if s.status == "committed"]
+    ranges = [(max(a, c), min(b, d)) for a, b in ranges for c, d in committed if max(a, c) < min(b, d)]
     blocks, start = [], 0
     for i, size in enumerate(reader.ids.chunks[0]):
         stop = start + size
@@ -87,8 +98,17 @@ class CacheStream:
 
     def _read_window(self, epoch: int, k: int, window: list[Block]) -> dict[str, np.ndarray]:
         names = self.arrays
-        lazy = [[self.reader.arrays[n].blocks[b.index][b.lo:b.hi] for n in names] for b in window]
-        parts = dask.compute(*lazy, scheduler="synchronous")
+        parts = []
+        for b in window:
+            lazy = [self.reader.arrays[n].blocks[b.index][b.lo:b.hi] for n in names]
+            try:
+                parts.append(dask.compute(*lazy, scheduler="synchronous"))
+            except Exception as e:  # name the rows: a checksum or truncation error says nothing of where
+                rows = f"{b.start + b.lo}:{b.start + b.hi}"
+                raise ValueError(f"cache {self.reader.path!r}: reading rows {rows} "
+                                 f"({self.reader.describe_rows(b.start + b.lo)}) failed: {e}; "
+                                 "run stage 2 with verify=true to check every shard") from e
+            _check_finite(dict(zip(names, parts[-1])), self.reader.path)
         rows = sum(b.rows for b in window)
         perm = np.random.default_rng([self.seed, epoch, k]).permutation(rows)
         return {n: np.concatenate([p[i] for p in parts])[perm] for i, n in enumerate(names)}

@@ -53,6 +53,10 @@ class CacheReader:
         start, stop = self.manifest.splits[name]
         return int(start), int(stop)
 
+    def describe_rows(self, row: int) -> str:
+        shard = self.manifest.shards[row // self.manifest.shard_rows]
+        return f"shard {shard.index}, rows {shard.start}:{shard.stop}"
+
     def verify(self) -> None:
         """Re-read every committed shard and compare its checksum with the manifest's."""
         be = backend(self.manifest.backend)

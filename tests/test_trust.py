@@ -1,0 +1,256 @@
+"""Trust in a cache: crash-safe resumable capture, concurrent workers, fingerprints, and
+every way a cache can be damaged raising a clear error (never a silent wrong value)."""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from pipeline.cache import Storage, open_cache, read_manifest
+from pipeline.cache.fingerprint import hash_state_dict
+from pipeline.cache.format import write_manifest
+from pipeline.stream import CacheStream
+from tests.conftest import write_cache
+from tests.test_cli import SMALL, run_cli
+
+MANY_SHARDS = ["cache.chunk_rows=64", "cache.shard_chunks=2"]  # 2,100 rows -> 17 shards
+
+
+def array_hashes(path: str) -> dict[str, str]:
+    g = zarr.open_group(path, mode="r")
+    return {name: hashlib.sha256(np.ascontiguousarray(g[name][:]).tobytes()).hexdigest() for name in g.array_keys()}
+
+
+def shard_sums(path: str) -> list[str]:
+    return [s.sha256 for s in read_manifest(Storage(path)).shards]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """One uninterrupted single-process capture (its root also holds the fitted teacher)."""
+    root = tmp_path_factory.mktemp("ref")
+    cache = str(root / "cache")
+    run_cli(root, "stage=1", f"cache.path={cache}", *MANY_SHARDS)
+    return root, cache
+
+
+def _popen(root, *args, env_extra=None):
+    env = dict(os.environ, OMP_WAIT_POLICY="passive", **(env_extra or {}))
+    return subprocess.Popen([sys.executable, "-m", "pipeline.run", f"paths.root={root}", *SMALL, *MANY_SHARDS,
+                             "stage=1", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_concurrent_workers_equal_one_process(reference, world):
+    root, ref = reference
+    cache = str(root / f"workers-{world}")
+    procs = [_popen(root, f"cache.path={cache}", f"rank={r}", f"world_size={world}") for r in range(world)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    manifest = read_manifest(Storage(cache))
+    assert manifest.complete
+    assert array_hashes(cache) == array_hashes(ref)
+    assert shard_sums(cache) == shard_sums(ref)
+
+
+def _wait_for(predicate, timeout=120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_killed_capture_resumes_to_the_identical_cache(reference, tmp_path):
+    """SIGKILL once during the teacher fit and five times during capture (most of them inside
+    a shard write, held open by a test pause), resume each time: the final cache equals an
+    uninterrupted run's, array by array."""
+    _, ref = reference
+    root = tmp_path / "killed"  # fresh root: its own data and its own teacher fit
+    cache = str(root / "cache")
+    rng = random.Random(1234)
+    pause = {"KD_TEST_WRITE_PAUSE_S": "0.12"}
+
+    p = _popen(root, f"cache.path={cache}", env_extra=pause)
+    assert _wait_for(lambda: glob.glob(str(root / "teachers" / "*")))  # the fit has started
+    time.sleep(0.2)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+
+    mid_write = 0
+    for _ in range(5):
+        p = _popen(root, f"cache.path={cache}", env_extra=pause)
+        while "capture: rank 0" not in (line := p.stdout.readline()):  # the capture loop has started
+            assert line, "stage 1 ended before capturing"
+        time.sleep(rng.uniform(0.05, 1.0))
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        committed = {int(f[-10:-5]) for f in os.listdir(os.path.join(cache, "commits"))} \
+            if os.path.isdir(os.path.join(cache, "commits")) else set()
+        written = {int(d) for d in os.listdir(os.path.join(cache, "ids", "c"))} \
+            if os.path.isdir(os.path.join(cache, "ids", "c")) else set()
+        mid_write += bool(written - committed)  # a shard object with no commit record: killed inside a write
+    assert mid_write >= 1
+    assert not read_manifest(Storage(cache)).complete
+    with pytest.raises(ValueError, match="incomplete"):
+        open_cache(cache)
+
+    p = _popen(root, f"cache.path={cache}")
+    out = p.communicate(timeout=600)[0]
+    assert p.returncode == 0, out
+    assert "already committed" in out
+    assert read_manifest(Storage(cache)).complete
+    assert array_hashes(cache) == array_hashes(ref)
+    assert shard_sums(cache) == shard_sums(ref)
+
+
+# --- fingerprints -------------------------------------------------------------------------
+
+FINGERPRINT_SCRIPT = """
+import sys, torch
+from pipeline.cache.fingerprint import hash_state_dict
+from pipeline.config import DataConfig
+from pipeline.datasets import load_splits
+from pipeline.models import CNN1d
+torch.manual_seed(0)
+print(hash_state_dict(CNN1d(40, 10, 8)), load_splits(DataConfig(train_size=30, test_size=10, transfer_size=20),
+      sys.argv[1]).content_hash())
+"""
+
+
+def test_fingerprint_is_identical_across_processes(tmp_path):
+    outs = [subprocess.run([sys.executable, "-c", FINGERPRINT_SCRIPT, str(tmp_path / f"r{i}")], capture_output=True,
+                           text=True, timeout=300, check=True).stdout.split() for i in range(2)]
+    assert outs[0] == outs[1] and len(outs[0]) == 2
+
+
+def test_changed_weight_row_or_k_changes_the_fingerprint_and_is_refused(reference):
+    root, ref = reference
+    from pipeline.cache import expected_fields
+    from pipeline.datasets import Split, Splits, load_splits
+    from pipeline.models import CNN1d
+    from tests.conftest import compose_config
+
+    torch.manual_seed(0)
+    model = CNN1d(40, 10, 8)
+    h = hash_state_dict(model)
+    with torch.no_grad():
+        model.head[1].weight[0, 0] += 1e-3
+    assert hash_state_dict(model) != h
+
+    cfg = compose_config(f"paths.root={root}", *SMALL, *MANY_SHARDS)
+    splits = load_splits(cfg.data, str(root))
+    good = expected_fields(cfg, splits.content_hash())
+    open_cache(ref, expected=good)  # the matching config reads it
+
+    x = splits["train"].x.copy()
+    x[3, 5] += 1.0  # one changed row
+    changed = Splits({**splits.splits, "train": Split("train", x, splits["train"].y)}, splits.num_classes)
+    with pytest.raises(ValueError, match="dataset: expected"):
+        open_cache(ref, expected=expected_fields(cfg, changed.content_hash()))
+
+    cfg_k = compose_config(f"paths.root={root}", *SMALL, *MANY_SHARDS, "cache.modes=[full,topk]", "cache.k=5")
+    with pytest.raises(ValueError, match="capture: expected"):
+        open_cache(ref, expected=expected_fields(cfg_k, splits.content_hash()))
+    with pytest.raises(ValueError, match="teacher_weights: expected"):
+        open_cache(ref, expected={**good, "teacher_weights": hash_state_dict(model)})
+
+
+# --- the corruption matrix ------------------------------------------------------------------
+
+
+@pytest.fixture
+def cache32(tmp_path, tiny_logits):
+    path = str(tmp_path / "c")
+    write_cache(path, tiny_logits, dtype="float32", chunk_rows=16, shard_chunks=2)  # shards of 32 rows
+    return path
+
+
+def _stream_all(path, **kw):
+    s = CacheStream(open_cache(path, **kw), splits=("train",), batch_size=10, seed=0)
+    return np.concatenate([b["ids"] for b in s])
+
+
+def test_flipped_byte_raises_naming_the_shard(cache32):
+    f = os.path.join(cache32, "logits", "c", "1", "0")
+    data = bytearray(open(f, "rb").read())
+    data[100] ^= 0x01
+    open(f, "wb").write(bytes(data))
+    with pytest.raises(ValueError, match=r"shard 1, rows 32:64"):
+        _stream_all(cache32)
+
+
+def test_truncated_shard_raises_naming_the_shard(cache32):
+    f = os.path.join(cache32, "logits", "c", "2", "0")
+    data = open(f, "rb").read()
+    open(f, "wb").write(data[: len(data) // 3])
+    with pytest.raises(ValueError, match=r"shard 2, rows 64:96"):
+        _stream_all(cache32)
+
+
+def test_deleted_shard_is_named_on_open(cache32):
+    os.remove(os.path.join(cache32, "logits", "c", "3", "0"))
+    with pytest.raises(ValueError, match=r"shard 3 \(rows 96:100\) is committed but \['logits/c/3/0'\] are missing"):
+        open_cache(cache32)
+
+
+def test_edited_or_deleted_manifest(cache32):
+    f = os.path.join(cache32, "manifest.json")
+    text = open(f).read()
+    open(f, "w").write(text.replace('"rows": 100', '"rows": 90'))
+    with pytest.raises(ValueError, match="does not match its own checksum"):
+        open_cache(cache32)
+    os.remove(f)
+    with pytest.raises(FileNotFoundError, match="manifest.json is missing"):
+        open_cache(cache32)
+
+
+def test_rows_never_written_are_refused_or_skipped_never_filled(cache32):
+    storage = Storage(cache32)
+    m = read_manifest(storage)
+    m.complete = False
+    for s in m.shards:
+        s.status, s.sha256 = "pending", None
+    write_manifest(storage, m)
+    os.remove(os.path.join(cache32, "commits", "shard-00002.json"))
+    for key in ("ids/c/2", "logits/c/2/0"):
+        os.remove(os.path.join(cache32, key))  # the shard was never written
+    with pytest.raises(ValueError, match=r"incomplete: shards \[2\]"):
+        open_cache(cache32)
+    ids = _stream_all(cache32, allow_partial=True)  # only the committed part, explicitly asked for
+    assert sorted(ids.tolist()) == [i for i in range(100) if not 64 <= i < 96]
+
+
+def test_non_finite_teacher_values_are_named(tmp_path, tiny_logits):
+    bad = tiny_logits.copy()
+    bad[[7, 41]] = np.nan
+    path = str(tmp_path / "c")
+    write_cache(path, bad, dtype="float32")
+    with pytest.raises(ValueError, match=r"non-finite logits at ids \[(7|41)\] \(1 rows\)"):  # first block read
+        _stream_all(path)
+
+
+def test_capture_refuses_non_finite_teacher_output():
+    from pipeline.capture import _check_logits
+    from tests.conftest import compose_config
+
+    cfg = compose_config()
+    logits = torch.zeros(4, 10)
+    logits[2, 3] = float("inf")
+    with pytest.raises(ValueError, match=r"non-finite logits at rows \[102\]"):
+        _check_logits(logits, 100, cfg)
+    with pytest.raises(ValueError, match="expected \\(batch, 10\\)"):
+        _check_logits(torch.zeros(4, 7), 0, cfg)
