@@ -140,6 +140,7 @@ def capture_logits(teacher: torch.nn.Module, splits: Splits, cfg: Config, cache_
             for shard in todo:
                 writer.submit(shard, capture_shard(teacher, x_all[shard.start:shard.stop], shard, m, cfg, device))
                 bar.update(shard.rows)
-    log.info("cache written: %s (%d rows, modes %s, %s) in %.1fs", cache_url, m.rows, m.modes, m.dtype,
-             time.perf_counter() - t0)
+    state = "complete" if writer.manifest.complete else "waiting for other workers' shards"
+    log.info("rank %d wrote %d shard(s) in %.1fs; cache %s (%d rows, modes %s, %s) is %s", rank, len(todo),
+             time.perf_counter() - t0, cache_url, m.rows, m.modes, m.dtype, state)
     return writer.manifest

@@ -7,7 +7,7 @@ import logging
 import os
 
 from pipeline.audit import audit_cache, format_audit
-from pipeline.cache import cache_location, expected_fields, open_cache
+from pipeline.cache import open_for_run
 from pipeline.config import Config, resolve_root
 from pipeline.datasets import load_splits
 
@@ -17,8 +17,7 @@ log = logging.getLogger(__name__)
 def main(cfg: Config, run_dir: str) -> dict:
     root = resolve_root(cfg)
     splits = load_splits(cfg.data, root)
-    reader = open_cache(cache_location(cfg, root), expected=expected_fields(cfg, splits.content_hash()),
-                        storage_options=cfg.cache.storage_options)
+    reader = open_for_run(cfg, root, splits.content_hash())
     if cfg.verify:
         reader.verify()
         log.info("verified %d shard checksums", len(reader.manifest.shards))

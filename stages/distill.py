@@ -7,7 +7,7 @@ import json
 import logging
 import os
 
-from pipeline.cache import cache_location, expected_fields, open_cache
+from pipeline.cache import open_for_run
 from pipeline.config import Config, resolve_root
 from pipeline.datasets import load_splits
 from pipeline.distill import format_results, teacher_test_logits, train_one
@@ -18,8 +18,7 @@ log = logging.getLogger(__name__)
 def main(cfg: Config, run_dir: str) -> list[dict]:
     root = resolve_root(cfg)
     splits = load_splits(cfg.data, root)
-    reader = open_cache(cache_location(cfg, root), expected=expected_fields(cfg, splits.content_hash()),
-                        storage_options=cfg.cache.storage_options)
+    reader = open_for_run(cfg, root, splits.content_hash())
     t_test = teacher_test_logits(reader)
     rows = [train_one(name, spec, cfg, splits, reader, run_dir, t_test) for name, spec in cfg.student.items()]
     os.makedirs(run_dir, exist_ok=True)

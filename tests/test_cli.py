@@ -96,3 +96,15 @@ def test_stage1_captures_every_representation_in_one_pass(tmp_path):
     logits = r.logits.compute().astype(np.float32)
     np.testing.assert_array_equal(r.arrays["topk_idx"][:50].compute(), np.argsort(-logits[:50], axis=1)[:, :4])
     assert (r.arrays["sampled_cnt"].compute().sum(1) == 16).all()
+
+
+def test_student_class_count_differing_from_the_cache_is_explained(full_run):
+    root, _ = full_run
+    env = dict(os.environ, OMP_WAIT_POLICY="passive")
+    (cache,) = glob.glob(str(root / "caches" / "*"))
+    proc = subprocess.run([sys.executable, "-m", "pipeline.run", f"paths.root={root}", *SMALL, "stage=3",
+                           "data.num_classes=12", f"cache.path={cache}"], capture_output=True, text=True, timeout=600,
+                          env=env)
+    assert proc.returncode == 1
+    assert "over 10 classes, but this run has data.num_classes=12" in proc.stdout + proc.stderr
+    assert "set data.num_classes=10" in proc.stdout + proc.stderr

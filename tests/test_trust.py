@@ -65,6 +65,18 @@ def test_concurrent_workers_equal_one_process(reference, world):
     assert shard_sums(cache) == shard_sums(ref)
 
 
+def test_torchrun_two_workers_equal_one_process(reference):
+    root, ref = reference
+    cache = str(root / "torchrun")
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    proc = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", "-m", "pipeline.run", f"paths.root={root}",
+                           *SMALL, *MANY_SHARDS, "stage=1", f"cache.path={cache}"], capture_output=True, text=True,
+                          timeout=600, env=dict(os.environ, OMP_WAIT_POLICY="passive"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "rank 1 of 2" in proc.stdout + proc.stderr
+    assert array_hashes(cache) == array_hashes(ref)
+
+
 def _wait_for(predicate, timeout=120):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -104,3 +104,17 @@ def _check_shards_present(storage: Storage, m: Manifest) -> None:
         if gone:
             raise ValueError(f"cache {storage.url!r}: shard {shard.index} (rows {shard.start}:{shard.stop}) is "
                              f"committed but {gone} are missing; the cache is damaged, re-run stage 1")
+
+
+def open_for_run(cfg, root: str, dataset_hash: str) -> CacheReader:
+    """The cache this run's config points at, checked against it: class count first (the
+    commonest mistake, with the fix), then every fingerprint field it can know."""
+    from pipeline.cache.fingerprint import cache_location, expected_fields
+
+    path = cache_location(cfg, root)
+    m = read_manifest(Storage(path, cfg.cache.storage_options))
+    if m.num_classes != cfg.data.num_classes:
+        raise ValueError(f"cache {path!r} holds teacher outputs over {m.num_classes} classes, but this run has "
+                         f"data.num_classes={cfg.data.num_classes} (the students' output width): set "
+                         f"data.num_classes={m.num_classes}, or capture a cache for this data with stage 1")
+    return open_cache(path, expected=expected_fields(cfg, dataset_hash), storage_options=cfg.cache.storage_options)
