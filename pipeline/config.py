@@ -33,6 +33,13 @@ class Precision(str, Enum):
 
 class Distance(str, Enum):
     kl = "kl"
+    reverse_kl = "reverse_kl"
+    js = "js"
+    mse = "mse"
+    cosine = "cosine"
+    euclidean = "euclidean"
+    topk_kl = "topk_kl"  # needs a cache with the topk mode
+    sampled_kl = "sampled_kl"  # needs a cache with the sampled mode
 
 
 class StudentArch(str, Enum):
@@ -130,7 +137,8 @@ class LossConfig:
     distance: Distance = Distance.kl
     alpha: float = 1.0
     lam: float = 1.0
-    temperature: float = 2.0
+    temperature: float = 2.0  # softmax-based distances (kl, reverse_kl, js, topk_kl, sampled_kl)
+    beta: float = 0.5  # js: 0 = forward KL, 1 = reverse KL, 0.5 = symmetric Jensen-Shannon
 
 
 @dataclass
@@ -232,6 +240,8 @@ def validate(cfg: Config) -> Config:
     for name in ("alpha", "lam"):
         if getattr(cfg.loss, name) < 0:
             p.append(f"loss.{name}={getattr(cfg.loss, name)}: must be >= 0")
+    if not 0 <= cfg.loss.beta <= 1:
+        p.append(f"loss.beta={cfg.loss.beta}: must be in [0, 1] (0 = forward KL, 1 = reverse KL)")
     if cfg.loss.alpha == 0 and cfg.loss.lam == 0:
         p.append("loss.alpha and loss.lam are both 0: nothing to train on")
     for name in ("chunk_rows", "shard_chunks", "k", "samples", "sample_temperature", "max_full_gb"):

@@ -1,62 +1,185 @@
-"""The distillation objective, ``alpha * CE(student, labels) + lam * D(teacher, student)``,
-with D computed by the Numba kernels on CPU tensors (zero-copy NumPy views) through a
-``torch.autograd.Function``; CUDA tensors take an equivalent plain torch path."""
+"""The distillation objective, ``alpha * CE(student, labels) + lam * D(teacher, student)``.
+
+On CPU tensors, D runs in the Numba kernels (:mod:`pipeline.kernels`) through a
+``torch.autograd.Function`` over zero-copy NumPy views: the kernel returns the loss and
+its gradient in one pass, and backward only scales the saved gradient. On CUDA tensors
+the same functions run the plain torch implementations below (also the reference the
+benchmark compares against).
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline import kernels
 from pipeline.config import LossConfig
-from pipeline.kernels import kl_forward
+
+_EPS = 1e-8
 
 
-class _KLFunction(torch.autograd.Function):
+class _Kernel(torch.autograd.Function):
+    """Bridge: ``call(student_numpy) -> (loss, grad)``, grad = d loss / d student."""
+
     @staticmethod
-    def forward(ctx, student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
-        loss, grad = kl_forward(student.detach().contiguous().numpy(), teacher.detach().contiguous().numpy(),
-                                temperature)
+    def forward(ctx, student: torch.Tensor, call: Callable) -> torch.Tensor:
+        loss, grad = call(student.detach().contiguous().numpy())
         ctx.save_for_backward(torch.from_numpy(grad))
-        return torch.from_numpy(loss)
+        ctx.per_row = np.ndim(loss) == 1
+        return torch.as_tensor(loss, dtype=student.dtype)
 
     @staticmethod
-    def backward(ctx, grad_rows: torch.Tensor):
+    def backward(ctx, g: torch.Tensor):
         (grad,) = ctx.saved_tensors
-        return grad_rows.unsqueeze(1) * grad, None, None
+        return (g.unsqueeze(1) * grad if ctx.per_row else g * grad), None
+
+
+def _np(x) -> np.ndarray | None:
+    if x is None:
+        return None
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+# --- plain torch: the CUDA path and the benchmark's reference ------------------------------
+
+
+def torch_distance(name: str, s: torch.Tensor, t: torch.Tensor, temperature: float = 1.0,
+                   beta: float = 0.5) -> torch.Tensor:
+    """Per-row distance (B,) in plain torch, same definitions as the kernels."""
+    t = t.to(s.dtype)
+    if name in ("mse", "cosine", "euclidean"):
+        if name == "mse":
+            return ((s - t) ** 2).mean(-1)
+        if name == "cosine":
+            return 1 - (s * t).sum(-1) / (s.norm(dim=-1).clamp_min(_EPS) * t.norm(dim=-1).clamp_min(_EPS))
+        return (s - t).norm(dim=-1)
+    log_p = F.log_softmax(t / temperature, dim=-1)
+    log_q = F.log_softmax(s / temperature, dim=-1)
+    if name == "kl" or (name == "js" and beta == 0):
+        d = (log_p.exp() * (log_p - log_q)).sum(-1)
+    elif name == "reverse_kl" or (name == "js" and beta == 1):
+        d = (log_q.exp() * (log_q - log_p)).sum(-1)
+    elif name == "js":
+        log_m = torch.logaddexp(log_p + np.log(beta), log_q + np.log(1 - beta))
+        d = beta * (log_p.exp() * (log_p - log_m)).sum(-1) + (1 - beta) * (log_q.exp() * (log_q - log_m)).sum(-1)
+    else:
+        raise ValueError(f"distance {name!r} is unknown; expected one of {list(kernels.DENSE)}")
+    return temperature**2 * d
+
+
+def torch_topk_kl(s: torch.Tensor, idx: torch.Tensor, val: torch.Tensor, lse: torch.Tensor,
+                  temperature: float) -> torch.Tensor:
+    log_q = F.log_softmax(s / temperature, dim=-1)
+    log_p = val.to(s.dtype) / temperature - lse.to(s.dtype).unsqueeze(-1)  # (B, K)
+    p = log_p.exp()
+    log_qk = log_q.gather(1, idx.long())
+    kept = torch.zeros_like(log_q, dtype=torch.bool).scatter_(1, idx.long(), True)
+    q_tail = log_q.exp().masked_fill(kept, 0).sum(-1)
+    p_tail = (1 - p.sum(-1)).clamp_min(0)
+    tail = torch.where((p_tail > 0) & (q_tail > 0), p_tail * (p_tail.clamp_min(1e-38).log() - q_tail.log()),
+                       torch.zeros_like(p_tail))
+    return temperature**2 * ((p * (log_p - log_qk)).sum(-1) + tail)
+
+
+def torch_sampled_kl(s: torch.Tensor, idx: torch.Tensor, cnt: torch.Tensor, ent: torch.Tensor,
+                     temperature: float) -> torch.Tensor:
+    log_q = F.log_softmax(s / temperature, dim=-1)
+    w = cnt.to(s.dtype)
+    w = w / w.sum(-1, keepdim=True)
+    return temperature**2 * (-(w * log_q.gather(1, idx.long().clamp_min(0))).sum(-1) - ent.to(s.dtype))
+
+
+def _reduce(rows: torch.Tensor, mask, weights, reduction: str) -> torch.Tensor:
+    w = torch.ones_like(rows)
+    if mask is not None:
+        w = w * torch.as_tensor(mask, device=rows.device).to(rows.dtype)
+    if weights is not None:
+        w = w * torch.as_tensor(weights, device=rows.device).to(rows.dtype)
+    rows = torch.where(w > 0, rows * w, torch.zeros_like(rows))
+    if reduction == "none":
+        return rows
+    return rows.sum() / w.sum().clamp_min(torch.finfo(rows.dtype).tiny) if reduction == "mean" else rows.sum()
+
+
+# --- the public losses ----------------------------------------------------------------------
+
+
+def distance_loss(name: str, student: torch.Tensor, teacher, *, temperature: float = 1.0, beta: float = 0.5,
+                  mask=None, weights=None, reduction: str = "mean") -> torch.Tensor:
+    """A dense distance between (B, C) student logits and teacher logits."""
+    if student.device.type != "cpu":
+        t = torch.as_tensor(teacher, device=student.device)
+        return _reduce(torch_distance(name, student, t, temperature, beta), mask, weights, reduction)
+    t = _np(teacher)
+    return _Kernel.apply(student, lambda s: kernels.distance(
+        name, s, t, temperature=temperature, beta=beta, mask=_np(mask), weights=_np(weights), reduction=reduction))
+
+
+def topk_kl_loss(student: torch.Tensor, idx, val, lse, *, temperature: float = 1.0, mask=None, weights=None,
+                 reduction: str = "mean") -> torch.Tensor:
+    if student.device.type != "cpu":
+        dev = student.device
+        rows = torch_topk_kl(student, torch.as_tensor(idx, device=dev), torch.as_tensor(val, device=dev),
+                             torch.as_tensor(lse, device=dev), temperature)
+        return _reduce(rows, mask, weights, reduction)
+    i, v, l_ = _np(idx), _np(val), _np(lse)
+    return _Kernel.apply(student, lambda s: kernels.topk_kl(
+        s, i, v, l_, temperature=temperature, mask=_np(mask), weights=_np(weights), reduction=reduction))
+
+
+def sampled_kl_loss(student: torch.Tensor, idx, counts, entropy, *, temperature: float = 1.0, mask=None,
+                    weights=None, reduction: str = "mean") -> torch.Tensor:
+    if student.device.type != "cpu":
+        dev = student.device
+        rows = torch_sampled_kl(student, torch.as_tensor(idx, device=dev), torch.as_tensor(counts, device=dev),
+                                torch.as_tensor(entropy, device=dev), temperature)
+        return _reduce(rows, mask, weights, reduction)
+    i, c, e = _np(idx), _np(counts), _np(entropy)
+    return _Kernel.apply(student, lambda s: kernels.sampled_kl(
+        s, i, c, e, temperature=temperature, mask=_np(mask), weights=_np(weights), reduction=reduction))
+
+
+def kl_divergence(student: torch.Tensor, teacher, temperature: float) -> torch.Tensor:
+    """Per-row ``T^2 * KL(softmax(teacher/T) || softmax(student/T))``, shape (B,)."""
+    return distance_loss("kl", student, teacher, temperature=temperature, reduction="none")
 
 
 def kl_torch(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Per-row ``T^2 * KL(p_T || q_T)`` in plain torch (the CUDA path)."""
-    log_p = F.log_softmax(teacher.to(student.dtype) / temperature, dim=-1)
-    log_q = F.log_softmax(student / temperature, dim=-1)
-    return temperature**2 * (log_p.exp() * (log_p - log_q)).sum(-1)
+    return torch_distance("kl", student, teacher, temperature)
 
 
-def kl_divergence(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Per-row ``T^2 * KL(softmax(teacher/T) || softmax(student/T))``, shape (B,)."""
-    if student.device.type == "cpu":
-        return _KLFunction.apply(student, teacher, temperature)
-    return kl_torch(student, teacher, temperature)
+def teacher_term(student: torch.Tensor, teacher: dict, cfg: LossConfig) -> torch.Tensor:
+    """``mean D(teacher, student)`` for the configured distance, from a batch of cache arrays."""
+    name, T = cfg.distance.value, cfg.temperature
+    if name == "topk_kl":
+        return topk_kl_loss(student, teacher["topk_idx"], teacher["topk_val"], teacher["lse"], temperature=T)
+    if name == "sampled_kl":
+        return sampled_kl_loss(student, teacher["sampled_idx"], teacher["sampled_cnt"], teacher["sampled_ent"],
+                               temperature=T)
+    logits = teacher["logits"]
+    if tuple(logits.shape) != tuple(student.shape):
+        raise ValueError(f"teacher logits {tuple(logits.shape)} and student logits {tuple(student.shape)} differ: "
+                         "the student's class count must equal the cache's")
+    return distance_loss(name, student, logits, temperature=T, beta=cfg.beta)
 
 
-def distill_loss(student: torch.Tensor, labels: torch.Tensor, teacher: torch.Tensor | np.ndarray | None,
-                 cfg: LossConfig) -> torch.Tensor:
+def distill_loss(student: torch.Tensor, labels: torch.Tensor, teacher, cfg: LossConfig) -> torch.Tensor:
     """``alpha * CE`` over the labeled rows (labels >= 0) plus ``lam * mean(D)`` over all rows.
 
     Args:
         student: (B, C) student logits.
         labels: (B,) int64; -1 marks an unlabeled row, which contributes only to D.
-        teacher: (B, C) cached teacher logits, or None for label-only training.
+        teacher: a dict of cache arrays for the batch (``logits``, or the top-k / sampled
+            arrays), a (B, C) array of teacher logits, or None for label-only training.
     """
     total = student.new_zeros(())
     labeled = labels >= 0
     if cfg.alpha > 0 and labeled.any():
         total = total + cfg.alpha * F.cross_entropy(student[labeled], labels[labeled])
     if teacher is not None and cfg.lam > 0:
-        t = torch.as_tensor(teacher)
-        if t.shape != student.shape:
-            raise ValueError(f"teacher logits {tuple(t.shape)} and student logits {tuple(student.shape)} differ: "
-                             "the student's class count must equal the cache's")
-        total = total + cfg.lam * kl_divergence(student, t, cfg.temperature).mean()
+        batch = teacher if isinstance(teacher, dict) else {"logits": teacher}
+        total = total + cfg.lam * teacher_term(student, batch, cfg)
     return total

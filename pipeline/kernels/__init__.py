@@ -1,6 +1,143 @@
 """Numba distance kernels: NumPy in, NumPy out, forward and gradient fused in one pass
-per row, parallel over rows. Each returns the per-row loss and d(loss)/d(student)."""
+per row, parallel over rows (``pipeline/kernels/dense.py``, ``sparse.py``).
 
-from pipeline.kernels.kl import kl_forward
+Each entry point returns ``(loss, grad)``: the reduced loss (a float for ``mean``/``sum``,
+per-row losses for ``none``) and its gradient with respect to ``student``. Teachers may be
+float16 (read through a lookup table, never upcast as a whole batch), float32 or float64.
+``mask`` (B,) marks rows that count (padding tokens: False) and ``weights`` (B,) scales
+rows; ``mean`` divides by the sum of mask * weights.
+"""
 
-__all__ = ["kl_forward"]
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline.kernels import dense, sparse
+from pipeline.kernels._base import teacher_view
+
+DENSE = ("kl", "reverse_kl", "js", "mse", "cosine", "euclidean")
+SPARSE = ("topk_kl", "sampled_kl")
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def _student(student: np.ndarray) -> np.ndarray:
+    if student.ndim != 2:
+        raise ValueError(f"student must be (batch, classes); got shape {student.shape}")
+    if student.dtype not in (np.float32, np.float64):
+        raise ValueError(f"student dtype {student.dtype}: expected float32 or float64")
+    return np.ascontiguousarray(student)
+
+
+def _row_weights(n: int, mask, weights, reduction: str) -> tuple[np.ndarray, float]:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction={reduction!r}: expected one of {list(REDUCTIONS)}")
+    w = np.ones(n, np.float64)
+    if mask is not None:
+        mask = np.asarray(mask)
+        if mask.shape != (n,):
+            raise ValueError(f"mask must have shape ({n},), one flag per row; got {mask.shape}")
+        w *= mask.astype(bool)
+    if weights is not None:
+        weights = np.asarray(weights, np.float64)
+        if weights.shape != (n,) or not np.isfinite(weights).all() or (weights < 0).any():
+            raise ValueError(f"weights must be ({n},) finite and >= 0; got shape {weights.shape}")
+        w *= weights
+    total = w.sum()
+    scale = 1.0 / total if reduction == "mean" and total > 0 else 1.0
+    return w, scale
+
+
+def _finish(loss, grad, bad, reduction: str, scale: float, what: str):
+    if bad.any():
+        rows = np.nonzero(bad)[0]
+        raise ValueError(f"{what} holds non-finite values at rows {rows[:10].tolist()}"
+                         f"{' ...' if len(rows) > 10 else ''}: refusing to train on them")
+    if reduction == "none":
+        return loss, grad
+    return float(loss.sum() * scale), grad
+
+
+def _check_temperature(temperature: float) -> float:
+    if not temperature > 0:
+        raise ValueError(f"temperature={temperature}: must be > 0")
+    return float(temperature)
+
+
+def distance(name: str, student: np.ndarray, teacher: np.ndarray, *, temperature: float = 1.0,
+             beta: float = 0.5, mask=None, weights=None, reduction: str = "mean"):
+    """One of :data:`DENSE` between (B, C) student and teacher logits."""
+    s = _student(student)
+    if teacher.shape != s.shape:
+        raise ValueError(f"teacher shape {teacher.shape} differs from student shape {s.shape}")
+    if teacher.dtype not in (np.float16, np.float32, np.float64):
+        raise ValueError(f"teacher dtype {teacher.dtype}: expected float16, float32 or float64")
+    t, table = teacher_view(teacher)
+    w, scale = _row_weights(len(s), mask, weights, reduction)
+    loss = np.empty(len(s), s.dtype)
+    grad = np.empty_like(s)
+    bad = np.zeros(len(s), np.uint8)
+    if name in ("kl", "reverse_kl"):
+        fn = dense.kl_rows if name == "kl" else dense.reverse_kl_rows
+        fn(s, t, table, _check_temperature(temperature), w, scale, loss, grad, bad)
+    elif name == "js":
+        if not 0.0 <= beta <= 1.0:
+            raise ValueError(f"beta={beta}: must be in [0, 1] (0 = forward KL, 1 = reverse KL)")
+        T = _check_temperature(temperature)
+        if beta == 0.0:
+            dense.kl_rows(s, t, table, T, w, scale, loss, grad, bad)
+        elif beta == 1.0:
+            dense.reverse_kl_rows(s, t, table, T, w, scale, loss, grad, bad)
+        else:
+            dense.js_rows(s, t, table, T, float(beta), w, scale, loss, grad, bad)
+    elif name in ("mse", "cosine", "euclidean"):
+        getattr(dense, f"{name}_rows")(s, t, table, w, scale, loss, grad, bad)
+    else:
+        raise ValueError(f"distance {name!r} is unknown; expected one of {list(DENSE)}")
+    return _finish(loss, grad, bad, reduction, scale, "teacher")
+
+
+def topk_kl(student: np.ndarray, idx: np.ndarray, val: np.ndarray, lse: np.ndarray, *, temperature: float = 1.0,
+            mask=None, weights=None, reduction: str = "mean"):
+    """KL over the teacher's top-K classes plus one tail bucket; ``lse`` (B,) is the exact
+    logsumexp of the teacher's whole row at ``temperature``."""
+    s = _student(student)
+    n, c = s.shape
+    if idx.ndim != 2 or idx.shape[0] != n or val.shape != idx.shape or np.shape(lse) != (n,):
+        raise ValueError(f"top-k arrays must be idx (B, K), val (B, K), lse (B,) with B={n}; got idx {idx.shape}, "
+                         f"val {val.shape}, lse {np.shape(lse)}")
+    if idx.shape[1] > c:
+        raise ValueError(f"K={idx.shape[1]} is larger than the student's {c} classes")
+    if idx.size and (idx.min() < 0 or idx.max() >= c):
+        raise ValueError(f"idx holds class ids outside [0, {c}): the student's vocabulary differs from the teacher's")
+    w, scale = _row_weights(n, mask, weights, reduction)
+    loss, grad, bad = np.empty(n, s.dtype), np.empty_like(s), np.zeros(n, np.uint8)
+    sparse.topk_kl_rows(s, np.ascontiguousarray(idx, np.int32), np.ascontiguousarray(val, s.dtype),
+                        np.ascontiguousarray(lse, s.dtype), _check_temperature(temperature), w, scale, loss, grad, bad)
+    return _finish(loss, grad, bad, reduction, scale, "teacher top-k")
+
+
+def sampled_kl(student: np.ndarray, idx: np.ndarray, counts: np.ndarray, entropy: np.ndarray, *,
+               temperature: float = 1.0, mask=None, weights=None, reduction: str = "mean"):
+    """Unbiased RS-KD estimate of T^2 KL(p_T || q_T) from sampled ids and their counts."""
+    s = _student(student)
+    n, c = s.shape
+    if idx.ndim != 2 or idx.shape[0] != n or counts.shape != idx.shape or np.shape(entropy) != (n,):
+        raise ValueError(f"sampled arrays must be idx (B, S), counts (B, S), entropy (B,) with B={n}; got idx "
+                         f"{idx.shape}, counts {counts.shape}, entropy {np.shape(entropy)}")
+    live = counts > 0
+    if live.any() and (idx[live].min() < 0 or idx[live].max() >= c):
+        raise ValueError(f"idx holds class ids outside [0, {c}): the student's vocabulary differs from the teacher's")
+    w, scale = _row_weights(n, mask, weights, reduction)
+    loss, grad, bad = np.empty(n, s.dtype), np.empty_like(s), np.zeros(n, np.uint8)
+    sparse.sampled_kl_rows(s, np.ascontiguousarray(idx, np.int32), np.ascontiguousarray(counts, np.int32),
+                           np.ascontiguousarray(entropy, s.dtype), _check_temperature(temperature), w, scale, loss,
+                           grad, bad)
+    return _finish(loss, grad, bad, reduction, scale, "teacher samples")
+
+
+def kl_forward(student: np.ndarray, teacher: np.ndarray, temperature: float):
+    """Per-row ``T^2 KL(softmax(teacher/T) || softmax(student/T))`` and its gradient."""
+    return distance("kl", student, teacher, temperature=temperature, reduction="none")
+
+
+__all__ = ["DENSE", "SPARSE", "distance", "kl_forward", "sampled_kl", "topk_kl"]
