@@ -28,26 +28,58 @@ log = logging.getLogger(__name__)
 TRAIN_SPLITS = ("transfer", "train")
 
 
-def cached_batches(stream: CacheStream, x_all: np.ndarray, y_all: np.ndarray) -> Iterator[Batch]:
-    """Endless batches: cached teacher logits joined with inputs and labels by id."""
+def teacher_arrays(reader: CacheReader, cfg: Config) -> tuple[tuple[str, ...], dict]:
+    """The cache arrays the configured distance trains from, and how to slice them; refuses
+    a cache that lacks them, saying what to capture."""
+    name, m = cfg.loss.distance.value, reader.manifest
+    need = {"topk_kl": "topk", "sampled_kl": "sampled"}.get(name, "full")
+    if need not in m.modes:
+        raise ValueError(f"loss.distance={name} trains from the '{need}' representation; cache {reader.path!r} holds "
+                         f"{m.modes}: capture it with cache.modes=[{need}] (or pick a distance for {m.modes})")
+    if need == "full":
+        return ("logits",), {}
+    if need == "topk":
+        if cfg.loss.temperature not in m.temperatures:
+            raise ValueError(f"loss.temperature={cfg.loss.temperature}: the cache holds the top-k tail mass only at "
+                             f"temperatures {m.temperatures}; use one of them, or re-capture with cache.temperatures")
+        return ("topk_idx", "topk_val", "lse"), {"lse_column": m.temperatures.index(cfg.loss.temperature)}
+    if cfg.loss.temperature != m.sample_temperature:
+        raise ValueError(f"loss.temperature={cfg.loss.temperature} but the cache's samples were drawn at "
+                         f"T={m.sample_temperature}: set loss.temperature={m.sample_temperature}")
+    return ("sampled_idx", "sampled_cnt", "sampled_ent"), {}
+
+
+def cached_batches(stream: CacheStream, x_all: np.ndarray, y_all: np.ndarray, lse_column: int = 0) -> Iterator[Batch]:
+    """Endless batches: cached teacher arrays joined with inputs and labels by id."""
     while True:
         for batch in stream:
-            ids = batch["ids"]
-            yield torch.from_numpy(x_all[ids]), torch.from_numpy(y_all[ids]), torch.from_numpy(batch["logits"])
+            ids = batch.pop("ids")
+            if "lse" in batch:
+                batch["lse"] = np.ascontiguousarray(batch["lse"][:, lse_column])
+            yield torch.from_numpy(x_all[ids]), torch.from_numpy(y_all[ids]), batch
 
 
-def teacher_test_logits(reader: CacheReader) -> np.ndarray:
+def teacher_test_predictions(reader: CacheReader) -> np.ndarray:
+    """The teacher's predicted class on the test split, from whichever representation the
+    cache holds (sampled-only: the most-drawn class, an estimate)."""
     start, stop = reader.split_range("test")
-    return reader.logits[start:stop].compute().astype(np.float32)
+    a = reader.arrays
+    if "logits" in a:
+        return a["logits"][start:stop].compute().argmax(1)
+    if "topk_idx" in a:
+        return a["topk_idx"][start:stop, 0].compute().astype(np.int64)
+    idx, cnt = a["sampled_idx"][start:stop].compute(), a["sampled_cnt"][start:stop].compute()
+    return idx[np.arange(len(idx)), cnt.argmax(1)].astype(np.int64)
 
 
 def train_one(name: str, spec: StudentConfig, cfg: Config, splits: Splits, reader: CacheReader,
-              run_dir: str, t_test: np.ndarray) -> dict:
+              run_dir: str, t_pred: np.ndarray) -> dict:
     """Distilled and labels-only runs of one student, with equal optimizer steps."""
     width, num_classes = splits["train"].x.shape[1], reader.num_classes
     x_all, y_all = splits.concat()
+    arrays, how = teacher_arrays(reader, cfg)
     stream = CacheStream(reader, splits=TRAIN_SPLITS, batch_size=cfg.train.batch_size, seed=cfg.train.seed,
-                         shuffle_window=cfg.train.shuffle_window, arrays=("logits",))
+                         shuffle_window=cfg.train.shuffle_window, arrays=arrays)
     steps = cfg.train.epochs * len(stream)
     opt = {"lr": cfg.train.lr, "weight_decay": cfg.train.weight_decay}
 
@@ -58,7 +90,8 @@ def train_one(name: str, spec: StudentConfig, cfg: Config, splits: Splits, reade
     torch.manual_seed(cfg.train.seed)
     student = build_student(spec, width, num_classes).to(device)
     t0 = time.perf_counter()
-    train_steps(student, cached_batches(stream, x_all, y_all), steps, loss_fn, desc=f"{name}: distill", **opt)
+    train_steps(student, cached_batches(stream, x_all, y_all, how.get("lse_column", 0)), steps, loss_fn,
+                desc=f"{name}: distill", **opt)
     distill_s = time.perf_counter() - t0
 
     torch.manual_seed(cfg.train.seed)
@@ -77,9 +110,9 @@ def train_one(name: str, spec: StudentConfig, cfg: Config, splits: Splits, reade
         "loss": cfg.loss.distance.value,
         "test_acc": accuracy(s_test, test.y),
         "labels_only_acc": accuracy(b_test, test.y),
-        "teacher_acc": accuracy(t_test, test.y),
-        "agreement": float((s_test.argmax(1) == t_test.argmax(1)).mean()),
-        "labels_only_agreement": float((b_test.argmax(1) == t_test.argmax(1)).mean()),
+        "teacher_acc": float((t_pred == test.y).mean()),
+        "agreement": float((s_test.argmax(1) == t_pred).mean()),
+        "labels_only_agreement": float((b_test.argmax(1) == t_pred).mean()),
         "params": count_params(student),
         "steps": steps,
         "train_rows": stream.rows,

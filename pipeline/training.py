@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
 
-Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]  # x (B, L), y (B,), teacher logits (B, C)
+Batch = tuple[torch.Tensor, torch.Tensor, dict | None]  # x (B, L), y (B,), cached teacher arrays for the batch
 
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float, total_steps: int):
@@ -48,7 +48,8 @@ def train_steps(model: nn.Module, batches: Iterator[Batch], steps: int, loss_fn:
         for _ in range(steps):
             x, y, t = next(batches)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            t = t.to(device, non_blocking=True) if t is not None else None
+            if device.type != "cpu" and t is not None:  # CPU kernels read the NumPy arrays directly
+                t = {k: torch.as_tensor(v).to(device, non_blocking=True) for k, v in t.items()}
             loss = loss_fn(model(x), y, t)
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -10,7 +10,7 @@ import os
 from pipeline.cache import open_for_run
 from pipeline.config import Config, resolve_root
 from pipeline.datasets import load_splits
-from pipeline.distill import format_results, teacher_test_logits, train_one
+from pipeline.distill import format_results, teacher_test_predictions, train_one
 
 log = logging.getLogger(__name__)
 
@@ -19,8 +19,8 @@ def main(cfg: Config, run_dir: str) -> list[dict]:
     root = resolve_root(cfg)
     splits = load_splits(cfg.data, root)
     reader = open_for_run(cfg, root, splits.content_hash())
-    t_test = teacher_test_logits(reader)
-    rows = [train_one(name, spec, cfg, splits, reader, run_dir, t_test) for name, spec in cfg.student.items()]
+    t_pred = teacher_test_predictions(reader)
+    rows = [train_one(name, spec, cfg, splits, reader, run_dir, t_pred) for name, spec in cfg.student.items()]
     os.makedirs(run_dir, exist_ok=True)
     results = {"cache": reader.path, "loss": {k: str(v) for k, v in vars(cfg.loss).items()}, "students": rows}
     with open(os.path.join(run_dir, "results.json"), "w") as f:

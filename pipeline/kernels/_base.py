@@ -1,6 +1,9 @@
 """Shared pieces of the kernels: reading a teacher value that may be float16 (passed as
 its uint16 bits: Numba has no float16 on CPU) without an upcast copy of the batch, and the
-per-row epilogue that applies row weights (0 = masked: skipped entirely)."""
+per-row epilogue that applies row weights (0 = masked: skipped entirely).
+
+Numba's on-disk cache (cache=True) keys on the file that defines each kernel: after editing
+this file, delete pipeline/kernels/__pycache__/*.nb[ic] or the kernels keep the old code."""
 
 from __future__ import annotations
 
@@ -29,10 +32,13 @@ def _tval(t, i, j, table):
 def row_max(s, t, i, table):
     s_max = -np.inf
     t_max = -np.inf
+    poison = 0.0  # becomes NaN if any teacher value is NaN or infinite (max() would skip a NaN)
     for j in range(s.shape[1]):
+        tv = tval(t, i, j, table)
         s_max = max(s_max, s[i, j])
-        t_max = max(t_max, tval(t, i, j, table))
-    return s_max, t_max
+        t_max = max(t_max, tv)
+        poison += tv * 0.0
+    return s_max, t_max + poison
 
 
 def teacher_view(teacher: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
