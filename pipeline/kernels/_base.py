@@ -1,23 +1,144 @@
-"""Shared pieces of the kernels: reading a teacher value that may be float16 (passed as
-its uint16 bits: Numba has no float16 on CPU) without an upcast copy of the batch, and the
-per-row epilogue that applies row weights (0 = masked: skipped entirely).
+"""Shared pieces of the kernels.
+
+- ``vexp``/``vlog``: exp and log that LLVM can vectorise. Numba here has no SVML, so
+  ``math.exp`` on float32 is a scalar libm call per value; these are Cody-Waite range
+  reduction + a minimax polynomial (exp, max relative error ~6e-8 on [-87, 88]) and an
+  exponent/mantissa split + a series in atanh form (log, ~1e-7), written with integer
+  bit casts so a loop over them becomes SIMD. float64 inputs keep ``math.exp``/``math.log``
+  (exact reference path, used by gradcheck).
+- ``like(a, x)``: the constant x in a's float type, so float32 kernels stay float32.
+- ``tval``: reads a teacher value that may be float16, passed as its uint16 bits (Numba
+  has no float16 on CPU), through a 65,536-entry table: no upcast copy of the batch.
+- ``is_finite``: an integer test of the exponent bits (``math.isfinite`` is folded to
+  True under fastmath, seen here).
+- ``row_max``: row maxima, with a guard that turns the teacher's max into NaN when any of
+  its values is NaN or infinite (``max`` alone would skip a NaN).
+
+Kernels use ``FASTMATH`` (reassociation, so reductions vectorise) but never ``nnan`` or
+``ninf``: the non-finite guards must survive optimisation.
 
 Numba's on-disk cache (cache=True) keys on the file that defines each kernel: after editing
-this file, delete pipeline/kernels/__pycache__/*.nb[ic] or the kernels keep the old code."""
+this file, delete pipeline/kernels/__pycache__/*.nb[ic] or the kernels keep the old code.
+"""
 
 from __future__ import annotations
 
+import math
+
 import numba as nb
 import numpy as np
+from llvmlite import ir
 from numba import types
-from numba.extending import overload
+from numba.extending import intrinsic, overload
+
+FASTMATH = {"reassoc", "contract", "arcp", "nsz"}
 
 # float16 bit pattern -> float32 value, for all 65,536 patterns (256 KiB, stays in L2)
 HALF_TABLE = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
 NO_TABLE = np.zeros(1, np.float32)
 
 
-def tval(t, i, j, table):  # pragma: no cover - replaced by the overload in compiled code
+@intrinsic
+def _i32_as_f32(typingctx, x):
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], ir.FloatType())
+    return types.float32(types.int32), codegen
+
+
+@intrinsic
+def _f32_as_i32(typingctx, x):
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+    return types.int32(types.float32), codegen
+
+
+@intrinsic
+def _f64_as_i64(typingctx, x):
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], ir.IntType(64))
+    return types.int64(types.float64), codegen
+
+
+def is_finite(x):  # pragma: no cover
+    return math.isfinite(x)
+
+
+@overload(is_finite, inline="always")
+def _is_finite(x):
+    """An exponent-bits test: ``math.isfinite`` is folded to True under fastmath."""
+    if x == types.float32:
+        return lambda x: (_f32_as_i32(x) & np.int32(0x7F800000)) != np.int32(0x7F800000)
+    return lambda x: (_f64_as_i64(x) & np.int64(0x7FF0000000000000)) != np.int64(0x7FF0000000000000)
+
+
+@nb.njit(inline="always", fastmath=FASTMATH)
+def exp32(x):
+    x = min(max(x, np.float32(-87.3)), np.float32(88.7))
+    n = math.floor(x * np.float32(1.4426950408889634) + np.float32(0.5))
+    r = x - n * np.float32(0.693359375) - n * np.float32(-2.12194440e-4)
+    p = np.float32(1.9875691500e-4)
+    p = p * r + np.float32(1.3981999507e-3)
+    p = p * r + np.float32(8.3334519073e-3)
+    p = p * r + np.float32(4.1665795894e-2)
+    p = p * r + np.float32(1.6666665459e-1)
+    p = p * r + np.float32(5.0000001201e-1)
+    p = p * r * r + r + np.float32(1.0)
+    return p * _i32_as_f32((np.int32(n) + np.int32(127)) << np.int32(23))
+
+
+@nb.njit(inline="always", fastmath=FASTMATH)
+def log32(x):
+    """log for finite x > 0 (0 -> about -88.7, the kernels never rely on it)."""
+    bits = _f32_as_i32(max(x, np.float32(1.1754944e-38)))
+    e = ((bits >> np.int32(23)) & np.int32(255)) - np.int32(127)
+    m = _i32_as_f32((bits & np.int32(0x007FFFFF)) | np.int32(0x3F800000))  # mantissa in [1, 2)
+    big = m > np.float32(1.41421356)
+    m = np.where(big, m * np.float32(0.5), m)
+    e = e + np.where(big, np.int32(1), np.int32(0))
+    z = (m - np.float32(1.0)) / (m + np.float32(1.0))  # log m = 2 atanh z, |z| < 0.172
+    z2 = z * z
+    s = np.float32(2.0 / 9.0)
+    s = s * z2 + np.float32(2.0 / 7.0)
+    s = s * z2 + np.float32(2.0 / 5.0)
+    s = s * z2 + np.float32(2.0 / 3.0)
+    s = s * z2 + np.float32(2.0)
+    return z * s + np.float32(e) * np.float32(0.6931471805599453)
+
+
+def vexp(x):  # pragma: no cover - replaced by the overload in compiled code
+    return math.exp(x)
+
+
+def vlog(x):  # pragma: no cover
+    return math.log(x)
+
+
+def like(a, x):  # pragma: no cover
+    return x
+
+
+@overload(vexp, inline="always")
+def _vexp(x):
+    if x == types.float32:
+        return lambda x: exp32(x)
+    return lambda x: math.exp(x)
+
+
+@overload(vlog, inline="always")
+def _vlog(x):
+    if x == types.float32:
+        return lambda x: log32(x)
+    return lambda x: math.log(x)
+
+
+@overload(like, inline="always")
+def _like(a, x):
+    if isinstance(a, types.Array) and a.dtype == types.float32:
+        return lambda a, x: np.float32(x)
+    return lambda a, x: np.float64(x)
+
+
+def tval(t, i, j, table):  # pragma: no cover
     return t[i, j]
 
 
@@ -28,16 +149,16 @@ def _tval(t, i, j, table):
     return lambda t, i, j, table: t[i, j]
 
 
-@nb.njit(inline="always")
+@nb.njit(inline="always", fastmath=FASTMATH)
 def row_max(s, t, i, table):
-    s_max = -np.inf
-    t_max = -np.inf
-    poison = 0.0  # becomes NaN if any teacher value is NaN or infinite (max() would skip a NaN)
+    s_max = like(s, -np.inf)
+    t_max = like(s, -np.inf)
+    poison = like(s, 0.0)  # NaN if any teacher value is NaN or infinite
     for j in range(s.shape[1]):
         tv = tval(t, i, j, table)
         s_max = max(s_max, s[i, j])
         t_max = max(t_max, tv)
-        poison += tv * 0.0
+        poison += tv * like(s, 0.0)
     return s_max, t_max + poison
 
 

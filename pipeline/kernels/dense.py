@@ -27,9 +27,10 @@ import math
 import numba as nb
 import numpy as np
 
-from pipeline.kernels._base import row_max, tval
+from pipeline.kernels._base import FASTMATH, is_finite, like, row_max, tval, vexp, vlog
 
 _EPS = 1e-8
+_JIT = {"parallel": True, "cache": True, "fastmath": FASTMATH}
 
 
 @nb.njit(inline="always")
@@ -39,168 +40,178 @@ def _zero_row(loss, grad, i):
         grad[i, j] = 0.0
 
 
-@nb.njit(inline="always")
-def _lse_pair(s, t, i, table, inv_t, s_max, t_max):
-    s_sum = 0.0
-    t_sum = 0.0
+@nb.njit(inline="always", fastmath=FASTMATH)
+def _exp_sums(s, t, i, table, inv_t, s_max, t_max, grad):
+    """Sums of exp((x - max)/T) over the row; the teacher's terms are left in ``grad``."""
+    s_sum = like(s, 0.0)
+    t_sum = like(s, 0.0)
     for j in range(s.shape[1]):
-        s_sum += math.exp((s[i, j] - s_max) * inv_t)
-        t_sum += math.exp((tval(t, i, j, table) - t_max) * inv_t)
-    return math.log(s_sum), math.log(t_sum)
+        e = vexp((tval(t, i, j, table) - t_max) * inv_t)
+        grad[i, j] = e
+        t_sum += e
+        s_sum += vexp((s[i, j] - s_max) * inv_t)
+    return s_sum, t_sum
 
 
-@nb.njit(parallel=True, cache=True)
+@nb.njit(**_JIT)
 def kl_rows(s, t, table, temperature, w, scale, loss, grad, bad):
     n, c = s.shape
-    inv_t = 1.0 / temperature
+    inv_t = like(s, 1.0 / temperature)
+    T = like(s, temperature)
     for i in nb.prange(n):
         if w[i] == 0.0:
             _zero_row(loss, grad, i)
             continue
         s_max, t_max = row_max(s, t, i, table)
-        if not math.isfinite(t_max):
+        if not is_finite(t_max):
             bad[i] = 1
             _zero_row(loss, grad, i)
             continue
-        s_lse, t_lse = _lse_pair(s, t, i, table, inv_t, s_max, t_max)
-        acc = 0.0
-        g = scale * w[i] * temperature
+        s_sum, t_sum = _exp_sums(s, t, i, table, inv_t, s_max, t_max, grad)
+        s_lse, t_lse = vlog(s_sum), vlog(t_sum)
+        r_t = like(s, 1.0) / t_sum
+        g = like(s, scale * w[i]) * T
+        acc = like(s, 0.0)
         for j in range(c):
+            p = grad[i, j] * r_t
             log_p = (tval(t, i, j, table) - t_max) * inv_t - t_lse
             log_q = (s[i, j] - s_max) * inv_t - s_lse
-            p = math.exp(log_p)
             acc += p * (log_p - log_q)
-            grad[i, j] = g * (math.exp(log_q) - p)
-        loss[i] = w[i] * temperature * temperature * acc
+            grad[i, j] = g * (vexp(log_q) - p)
+        loss[i] = w[i] * T * T * acc
 
 
-@nb.njit(parallel=True, cache=True)
+@nb.njit(**_JIT)
 def reverse_kl_rows(s, t, table, temperature, w, scale, loss, grad, bad):
     n, c = s.shape
-    inv_t = 1.0 / temperature
+    inv_t = like(s, 1.0 / temperature)
+    T = like(s, temperature)
     for i in nb.prange(n):
         if w[i] == 0.0:
             _zero_row(loss, grad, i)
             continue
         s_max, t_max = row_max(s, t, i, table)
-        if not math.isfinite(t_max):
+        if not is_finite(t_max):
             bad[i] = 1
             _zero_row(loss, grad, i)
             continue
-        s_lse, t_lse = _lse_pair(s, t, i, table, inv_t, s_max, t_max)
-        acc = 0.0
-        for j in range(c):  # pass 1: d_j = log q_j - log p_j kept in grad; KL_r = sum q d
+        s_sum, t_sum = _exp_sums(s, t, i, table, inv_t, s_max, t_max, grad)
+        s_lse, t_lse = vlog(s_sum), vlog(t_sum)
+        acc = like(s, 0.0)
+        for j in range(c):  # q kept in grad; KL_r = sum q (log q - log p)
             log_p = (tval(t, i, j, table) - t_max) * inv_t - t_lse
             log_q = (s[i, j] - s_max) * inv_t - s_lse
-            d = log_q - log_p
-            grad[i, j] = d
-            acc += math.exp(log_q) * d
-        g = scale * w[i] * temperature
+            q = vexp(log_q)
+            grad[i, j] = q
+            acc += q * (log_q - log_p)
+        g = like(s, scale * w[i]) * T
         for j in range(c):
-            q = math.exp((s[i, j] - s_max) * inv_t - s_lse)
-            grad[i, j] = g * q * (grad[i, j] - acc)
-        loss[i] = w[i] * temperature * temperature * acc
+            log_p = (tval(t, i, j, table) - t_max) * inv_t - t_lse
+            log_q = (s[i, j] - s_max) * inv_t - s_lse
+            grad[i, j] = g * grad[i, j] * (log_q - log_p - acc)
+        loss[i] = w[i] * T * T * acc
 
 
-@nb.njit(parallel=True, cache=True)
+@nb.njit(**_JIT)
 def js_rows(s, t, table, temperature, beta, w, scale, loss, grad, bad):
     n, c = s.shape
-    inv_t = 1.0 / temperature
-    log_b = math.log(beta)
-    log_1b = math.log(1.0 - beta)
+    inv_t = like(s, 1.0 / temperature)
+    T = like(s, temperature)
+    b = like(s, beta)
+    b1 = like(s, 1.0 - beta)
     for i in nb.prange(n):
         if w[i] == 0.0:
             _zero_row(loss, grad, i)
             continue
         s_max, t_max = row_max(s, t, i, table)
-        if not math.isfinite(t_max):
+        if not is_finite(t_max):
             bad[i] = 1
             _zero_row(loss, grad, i)
             continue
-        s_lse, t_lse = _lse_pair(s, t, i, table, inv_t, s_max, t_max)
-        acc = 0.0
-        g_bar = 0.0
-        for j in range(c):  # pass 1: g_j = (1-b)(log q - log m) kept in grad, sum q g
+        s_sum, t_sum = _exp_sums(s, t, i, table, inv_t, s_max, t_max, grad)
+        s_lse, t_lse = vlog(s_sum), vlog(t_sum)
+        r_t = like(s, 1.0) / t_sum
+        acc = like(s, 0.0)
+        g_bar = like(s, 0.0)
+        for j in range(c):  # g_j = (1-b)(log q - log m) kept in grad; sum q g
+            p = grad[i, j] * r_t
             log_p = (tval(t, i, j, table) - t_max) * inv_t - t_lse
             log_q = (s[i, j] - s_max) * inv_t - s_lse
-            a = log_b + log_p
-            b = log_1b + log_q
-            hi = max(a, b)
-            log_m = hi + math.log(math.exp(a - hi) + math.exp(b - hi))
-            p = math.exp(log_p)
-            q = math.exp(log_q)
-            acc += beta * p * (log_p - log_m) + (1.0 - beta) * q * (log_q - log_m)
-            gj = (1.0 - beta) * (log_q - log_m)
+            q = vexp(log_q)
+            hi = max(log_p, log_q)
+            log_m = hi + vlog(b * vexp(log_p - hi) + b1 * vexp(log_q - hi))  # log(b p + (1-b) q), stably
+            acc += b * p * (log_p - log_m) + b1 * q * (log_q - log_m)
+            gj = b1 * (log_q - log_m)
             grad[i, j] = gj
             g_bar += q * gj
-        g = scale * w[i] * temperature
+        g = like(s, scale * w[i]) * T
         for j in range(c):
-            q = math.exp((s[i, j] - s_max) * inv_t - s_lse)
+            q = vexp((s[i, j] - s_max) * inv_t - s_lse)
             grad[i, j] = g * q * (grad[i, j] - g_bar)
-        loss[i] = w[i] * temperature * temperature * acc
+        loss[i] = w[i] * T * T * acc
 
 
-@nb.njit(parallel=True, cache=True)
+@nb.njit(**_JIT)
 def mse_rows(s, t, table, w, scale, loss, grad, bad):
     n, c = s.shape
-    inv_c = 1.0 / c
+    inv_c = like(s, 1.0 / c)
     for i in nb.prange(n):
         if w[i] == 0.0:
             _zero_row(loss, grad, i)
             continue
-        acc = 0.0
-        g = scale * w[i] * 2.0 * inv_c
+        acc = like(s, 0.0)
+        g = like(s, scale * w[i] * 2.0 / c)
         for j in range(c):
             d = s[i, j] - tval(t, i, j, table)
             acc += d * d
             grad[i, j] = g * d
-        if not math.isfinite(acc):
+        if not is_finite(acc):
             bad[i] = 1
         loss[i] = w[i] * acc * inv_c
 
 
-@nb.njit(parallel=True, cache=True)
+@nb.njit(**_JIT)
 def cosine_rows(s, t, table, w, scale, loss, grad, bad):
     n, c = s.shape
     for i in nb.prange(n):
         if w[i] == 0.0:
             _zero_row(loss, grad, i)
             continue
-        dot = 0.0
-        ss = 0.0
-        tt = 0.0
+        dot = like(s, 0.0)
+        ss = like(s, 0.0)
+        tt = like(s, 0.0)
         for j in range(c):
             tj = tval(t, i, j, table)
             dot += s[i, j] * tj
             ss += s[i, j] * s[i, j]
             tt += tj * tj
-        if not math.isfinite(tt):
+        if not is_finite(tt):
             bad[i] = 1
         ns = max(math.sqrt(ss), _EPS)
         nt = max(math.sqrt(tt), _EPS)
         cos = dot / (ns * nt)
-        a = -scale * w[i] / (ns * nt)
-        b = scale * w[i] * cos / (ns * ns) if ss > 0 else 0.0
+        a = like(s, -scale * w[i] / (ns * nt))
+        bb = like(s, scale * w[i] * cos / (ns * ns) if ss > 0 else 0.0)
         for j in range(c):
-            grad[i, j] = a * tval(t, i, j, table) + b * s[i, j]
+            grad[i, j] = a * tval(t, i, j, table) + bb * s[i, j]
         loss[i] = w[i] * (1.0 - cos)
 
 
-@nb.njit(parallel=True, cache=True)
+@nb.njit(**_JIT)
 def euclidean_rows(s, t, table, w, scale, loss, grad, bad):
     n, c = s.shape
     for i in nb.prange(n):
         if w[i] == 0.0:
             _zero_row(loss, grad, i)
             continue
-        acc = 0.0
+        acc = like(s, 0.0)
         for j in range(c):
             d = s[i, j] - tval(t, i, j, table)
             acc += d * d
-        if not math.isfinite(acc):
+        if not is_finite(acc):
             bad[i] = 1
         dist = math.sqrt(acc)
-        g = scale * w[i] / dist if dist > 0 else 0.0
+        g = like(s, scale * w[i] / dist if dist > 0 else 0.0)
         for j in range(c):
             grad[i, j] = g * (s[i, j] - tval(t, i, j, table))
         loss[i] = w[i] * dist

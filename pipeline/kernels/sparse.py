@@ -15,19 +15,21 @@ cached entropy H makes it a KL, not a cross-entropy), and T (q_j - w_j) of its g
 
 from __future__ import annotations
 
-import math
-
 import numba as nb
 import numpy as np
 
+from pipeline.kernels._base import FASTMATH, is_finite, like, vexp, vlog
 
-@nb.njit(parallel=True, cache=True)
+_JIT = {"parallel": True, "cache": True, "fastmath": FASTMATH}
+
+
+@nb.njit(**_JIT)
 def topk_kl_rows(s, idx, val, lse, temperature, w, scale, loss, grad, bad):
     n, c = s.shape
     k = idx.shape[1]
-    inv_t = 1.0 / temperature
+    inv_t = like(s, 1.0 / temperature)
     for i in nb.prange(n):
-        if w[i] == 0.0 or not math.isfinite(lse[i]):
+        if w[i] == 0.0 or not is_finite(lse[i]):
             bad[i] = w[i] != 0.0
             loss[i] = 0.0
             for j in range(c):
@@ -35,68 +37,68 @@ def topk_kl_rows(s, idx, val, lse, temperature, w, scale, loss, grad, bad):
             continue
         for j in range(c):
             grad[i, j] = np.nan  # NaN marks "not one of the teacher's K": filled last
-        s_max = -np.inf
+        s_max = like(s, -np.inf)
         for j in range(c):
             s_max = max(s_max, s[i, j])
         for r in range(k):
             grad[i, idx[i, r]] = 0.0
-        total = 0.0
-        tail = 0.0
+        total = like(s, 0.0)
+        tail = like(s, 0.0)
         for j in range(c):
-            e = math.exp((s[i, j] - s_max) * inv_t)
+            e = vexp((s[i, j] - s_max) * inv_t)
             total += e
-            if math.isnan(grad[i, j]):
+            if not is_finite(grad[i, j]):
                 tail += e
-        s_lse = math.log(total)
+        s_lse = vlog(total)
         q_tail = tail / total
-        p_tail = 1.0
-        acc = 0.0
-        g = scale * w[i] * temperature
+        p_tail = like(s, 1.0)
+        acc = like(s, 0.0)
+        g = like(s, scale * w[i] * temperature)
         for r in range(k):
             log_p = val[i, r] * inv_t - lse[i]
-            p = math.exp(log_p)
-            if not math.isfinite(log_p):
+            p = vexp(log_p)
+            if not is_finite(log_p):
                 bad[i] = 1
             log_q = (s[i, idx[i, r]] - s_max) * inv_t - s_lse
             p_tail -= p
             acc += p * (log_p - log_q)
-            grad[i, idx[i, r]] = g * (math.exp(log_q) - p)
-        ratio = 0.0
+            grad[i, idx[i, r]] = g * (vexp(log_q) - p)
+        ratio = like(s, 0.0)
         if p_tail > 0.0 and q_tail > 0.0:
-            acc += p_tail * (math.log(p_tail) - math.log(q_tail))
+            acc += p_tail * (vlog(p_tail) - vlog(q_tail))
             ratio = p_tail / q_tail
         f = g * (1.0 - ratio)
         for j in range(c):
-            if math.isnan(grad[i, j]):
-                grad[i, j] = f * math.exp((s[i, j] - s_max) * inv_t - s_lse)
+            if not is_finite(grad[i, j]):
+                grad[i, j] = f * vexp((s[i, j] - s_max) * inv_t - s_lse)
         loss[i] = w[i] * temperature * temperature * acc
 
 
-@nb.njit(parallel=True, cache=True)
+@nb.njit(**_JIT)
 def sampled_kl_rows(s, idx, cnt, ent, temperature, w, scale, loss, grad, bad):
     n, c = s.shape
     m = idx.shape[1]
-    inv_t = 1.0 / temperature
+    inv_t = like(s, 1.0 / temperature)
     for i in nb.prange(n):
         if w[i] == 0.0:
             loss[i] = 0.0
             for j in range(c):
                 grad[i, j] = 0.0
             continue
-        s_max = -np.inf
+        s_max = like(s, -np.inf)
         for j in range(c):
             s_max = max(s_max, s[i, j])
-        total = 0.0
+        total = like(s, 0.0)
         for j in range(c):
-            total += math.exp((s[i, j] - s_max) * inv_t)
-        s_lse = math.log(total)
-        g = scale * w[i] * temperature
+            total += vexp((s[i, j] - s_max) * inv_t)
+        s_lse = vlog(total)
+        g = like(s, scale * w[i] * temperature)
         for j in range(c):
-            grad[i, j] = g * math.exp((s[i, j] - s_max) * inv_t - s_lse)
+            grad[i, j] = g * vexp((s[i, j] - s_max) * inv_t - s_lse)
         draws = 0.0
         for r in range(m):
             draws += cnt[i, r]
-        if draws == 0.0 or not math.isfinite(ent[i]):
+        if draws == 0.0 or not is_finite(ent[i]):
             bad[i] = 1
             loss[i] = 0.0
             continue

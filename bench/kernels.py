@@ -1,0 +1,114 @@
+"""Distance kernels: forward + backward of each Numba kernel (through the autograd bridge,
+as stage 3 calls it) against the plain torch implementation of the same loss, side by side
+in one run, 2 threads each, plus the memory-copy bandwidth measured in the same run.
+
+    .venv/bin/python bench/kernels.py [--quick]
+
+The last line is one JSON object: {"speedup": {distance: {"BxC": ratio}}, "bandwidth_fraction":
+{distance: {"BxC": fraction}}, ...}. speedup = torch time / Numba time (higher is better);
+bandwidth_fraction = bytes the kernel must move (read student and teacher, write the
+gradient) / its time / the copy bandwidth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numba
+import numpy as np
+import torch
+
+from pipeline.losses import distance_loss, topk_kl_loss, torch_distance, torch_topk_kl
+
+SIZES = [(4096, 10), (4096, 1000), (512, 32000), (64, 128000)]
+DENSE = ["kl", "reverse_kl", "js", "mse", "cosine", "euclidean"]
+
+
+def best_time(fn, repeats: int, min_seconds: float = 0.2) -> float:
+    fn()  # warm-up (and Numba compilation)
+    best = float("inf")
+    for _ in range(repeats):
+        n, t0 = 0, time.perf_counter()
+        while True:
+            fn()
+            n += 1
+            if time.perf_counter() - t0 > min_seconds:
+                break
+        best = min(best, (time.perf_counter() - t0) / n)
+    return best
+
+
+def copy_bandwidth(repeats: int) -> float:
+    src = np.random.default_rng(0).standard_normal(32 << 20 >> 3)  # 32 MiB
+    dst = np.empty_like(src)
+    return 2 * src.nbytes / best_time(lambda: np.copyto(dst, src), repeats)  # read + write
+
+
+def bench_dense(name: str, b: int, c: int, repeats: int) -> tuple[float, float]:
+    rng = np.random.default_rng(b + c)
+    s = torch.tensor(rng.standard_normal((b, c), dtype=np.float32) * 3, requires_grad=True)
+    t = torch.tensor(rng.standard_normal((b, c), dtype=np.float32) * 3)
+
+    def numba_step():
+        s.grad = None
+        distance_loss(name, s, t, temperature=2.0).backward()
+
+    def torch_step():
+        s.grad = None
+        torch_distance(name, s, t, 2.0).mean().backward()
+
+    return best_time(numba_step, repeats), best_time(torch_step, repeats)
+
+
+def bench_topk(b: int, c: int, repeats: int) -> tuple[float, float]:
+    rng = np.random.default_rng(b + c)
+    k = min(64, c)
+    s = torch.tensor(rng.standard_normal((b, c), dtype=np.float32) * 3, requires_grad=True)
+    full = torch.tensor(rng.standard_normal((b, c), dtype=np.float32) * 3)
+    val, idx = torch.topk(full, k)
+    lse = torch.logsumexp(full / 2.0, -1)
+
+    def numba_step():
+        s.grad = None
+        topk_kl_loss(s, idx, val, lse, temperature=2.0).backward()
+
+    def torch_step():
+        s.grad = None
+        torch_topk_kl(s, idx, val, lse, 2.0).mean().backward()
+
+    return best_time(numba_step, repeats), best_time(torch_step, repeats)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="fewer repeats (noisier)")
+    args = ap.parse_args()
+    repeats = 2 if args.quick else 5
+    torch.set_num_threads(2)
+    numba.set_num_threads(2)
+    bw = copy_bandwidth(repeats)
+    speedup: dict = {}
+    fraction: dict = {}
+    for b, c in SIZES:
+        key = f"{b}x{c}"
+        for name in DENSE:
+            t_nb, t_torch = bench_dense(name, b, c, repeats)
+            speedup.setdefault(name, {})[key] = t_torch / t_nb
+            if name in ("mse", "cosine", "euclidean"):
+                fraction.setdefault(name, {})[key] = 3 * b * c * 4 / t_nb / bw
+            print(f"{name:11s} {key:10s} numba {t_nb * 1e3:8.3f} ms  torch {t_torch * 1e3:8.3f} ms  "
+                  f"x{t_torch / t_nb:5.2f}", flush=True)
+        t_nb, t_torch = bench_topk(b, c, repeats)
+        speedup.setdefault("topk_kl", {})[key] = t_torch / t_nb
+        print(f"{'topk_kl':11s} {key:10s} numba {t_nb * 1e3:8.3f} ms  torch {t_torch * 1e3:8.3f} ms  "
+              f"x{t_torch / t_nb:5.2f}", flush=True)
+    out = {"speedup": {k: {s: round(v, 3) for s, v in d.items()} for k, d in speedup.items()},
+           "bandwidth_fraction": {k: {s: round(v, 3) for s, v in d.items()} for k, d in fraction.items()},
+           "copy_gbps": round(bw / 1e9, 2), "threads": 2}
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
