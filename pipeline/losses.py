@@ -33,7 +33,7 @@ class _Kernel(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
-        (grad,) = ctx.saved_tensors
+        (grad,) = ctx.saved_tensors  # not scaled in place: backward may run again (retain_graph)
         return (g.unsqueeze(1) * grad if ctx.per_row else g * grad), None
 
 

@@ -138,8 +138,7 @@ def js_rows(s, t, table, temperature, beta, w, scale, loss, grad, bad):
             log_p = (tval(t, i, j, table) - t_max) * inv_t - t_lse
             log_q = (s[i, j] - s_max) * inv_t - s_lse
             q = vexp(log_q)
-            hi = max(log_p, log_q)
-            log_m = hi + vlog(b * vexp(log_p - hi) + b1 * vexp(log_q - hi))  # log(b p + (1-b) q), stably
+            log_m = vlog(max(b * p + b1 * q, like(s, 1e-37)))  # m below 1e-37: p and q add nothing
             acc += b * p * (log_p - log_m) + b1 * q * (log_q - log_m)
             gj = b1 * (log_q - log_m)
             grad[i, j] = gj

@@ -3,8 +3,8 @@ full (C logits). Forward and gradient fused, parallel over rows.
 
 ``topk_kl``: the teacher's K largest logits v with ids k and the exact logsumexp of its
 whole row at T give p_k = exp(v/T - lse_T) and the tail's mass p_tail = 1 - sum p_k. The
-student is coarsened the same way: q_k and q_tail = sum of q over the other classes
-(summed directly, no 1 - sum cancellation). The loss is the KL between these K+1-bucket
+student is coarsened the same way: q_k and q_tail = the student's mass outside the K
+(summed directly over the other classes: no 1 - sum cancellation). The loss is the KL between these K+1-bucket
 distributions, T^2 sum_b P_b log(P_b / Q_b), whose gradient is
 T (q_j - p_j) on the K classes and T q_j (1 - p_tail / q_tail) on the others.
 
@@ -35,42 +35,44 @@ def topk_kl_rows(s, idx, val, lse, temperature, w, scale, loss, grad, bad):
             for j in range(c):
                 grad[i, j] = 0.0
             continue
-        for j in range(c):
-            grad[i, j] = np.nan  # NaN marks "not one of the teacher's K": filled last
         s_max = like(s, -np.inf)
         for j in range(c):
             s_max = max(s_max, s[i, j])
-        for r in range(k):
-            grad[i, idx[i, r]] = 0.0
         total = like(s, 0.0)
+        for j in range(c):  # one exp per element: e_j kept in grad
+            e = vexp((s[i, j] - s_max) * inv_t)
+            grad[i, j] = e
+            total += e
+        for r in range(k):  # mark the K classes negative: the tail sum below skips them
+            grad[i, idx[i, r]] = -like(s, 1.0)
         tail = like(s, 0.0)
         for j in range(c):
-            e = vexp((s[i, j] - s_max) * inv_t)
-            total += e
-            if not is_finite(grad[i, j]):
-                tail += e
+            tail += max(grad[i, j], like(s, 0.0))
+        r_total = like(s, 1.0) / total
+        q_tail = tail * r_total  # summed directly: no 1 - sum(q_k) cancellation
         s_lse = vlog(total)
-        q_tail = tail / total
         p_tail = like(s, 1.0)
         acc = like(s, 0.0)
-        g = like(s, scale * w[i] * temperature)
         for r in range(k):
             log_p = val[i, r] * inv_t - lse[i]
-            p = vexp(log_p)
             if not is_finite(log_p):
                 bad[i] = 1
-            log_q = (s[i, idx[i, r]] - s_max) * inv_t - s_lse
-            p_tail -= p
-            acc += p * (log_p - log_q)
-            grad[i, idx[i, r]] = g * (vexp(log_q) - p)
+            p_tail -= vexp(log_p)
         ratio = like(s, 0.0)
         if p_tail > 0.0 and q_tail > 0.0:
             acc += p_tail * (vlog(p_tail) - vlog(q_tail))
             ratio = p_tail / q_tail
-        f = g * (1.0 - ratio)
-        for j in range(c):
-            if not is_finite(grad[i, j]):
-                grad[i, j] = f * vexp((s[i, j] - s_max) * inv_t - s_lse)
+        g = like(s, scale * w[i] * temperature)
+        f = g * (like(s, 1.0) - ratio) * r_total
+        for j in range(c):  # the tail's gradient everywhere, then the K classes overwritten
+            grad[i, j] = f * grad[i, j]
+        for r in range(k):
+            j = idx[i, r]
+            log_p = val[i, r] * inv_t - lse[i]
+            log_q = (s[i, j] - s_max) * inv_t - s_lse
+            p = vexp(log_p)
+            acc += p * (log_p - log_q)
+            grad[i, j] = g * (vexp(log_q) - p)
         loss[i] = w[i] * temperature * temperature * acc
 
 
