@@ -33,8 +33,12 @@ class _Kernel(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
-        (grad,) = ctx.saved_tensors  # not scaled in place: backward may run again (retain_graph)
-        return (g.unsqueeze(1) * grad if ctx.per_row else g * grad), None
+        (grad,) = ctx.saved_tensors  # never scaled in place: backward may run again (retain_graph)
+        if ctx.per_row:
+            return g.unsqueeze(1) * grad, None
+        # g == 1 (the usual case: the loss weight is folded into the kernel via `coef`): hand
+        # the kernel's gradient over as is; autograd copies it if anything else still holds it
+        return (grad if bool(g == 1) else g * grad), None
 
 
 def _np(x) -> np.ndarray | None:
@@ -108,38 +112,39 @@ def _reduce(rows: torch.Tensor, mask, weights, reduction: str) -> torch.Tensor:
 
 
 def distance_loss(name: str, student: torch.Tensor, teacher, *, temperature: float = 1.0, beta: float = 0.5,
-                  mask=None, weights=None, reduction: str = "mean") -> torch.Tensor:
-    """A dense distance between (B, C) student logits and teacher logits."""
+                  mask=None, weights=None, reduction: str = "mean", coef: float = 1.0) -> torch.Tensor:
+    """``coef`` times a dense distance between (B, C) student logits and teacher logits."""
     if student.device.type != "cpu":
         t = torch.as_tensor(teacher, device=student.device)
-        return _reduce(torch_distance(name, student, t, temperature, beta), mask, weights, reduction)
+        return coef * _reduce(torch_distance(name, student, t, temperature, beta), mask, weights, reduction)
     t = _np(teacher)
     return _Kernel.apply(student, lambda s: kernels.distance(
-        name, s, t, temperature=temperature, beta=beta, mask=_np(mask), weights=_np(weights), reduction=reduction))
+        name, s, t, temperature=temperature, beta=beta, mask=_np(mask), weights=_np(weights), reduction=reduction,
+        coef=coef))
 
 
 def topk_kl_loss(student: torch.Tensor, idx, val, lse, *, temperature: float = 1.0, mask=None, weights=None,
-                 reduction: str = "mean") -> torch.Tensor:
+                 reduction: str = "mean", coef: float = 1.0) -> torch.Tensor:
     if student.device.type != "cpu":
         dev = student.device
         rows = torch_topk_kl(student, torch.as_tensor(idx, device=dev), torch.as_tensor(val, device=dev),
                              torch.as_tensor(lse, device=dev), temperature)
-        return _reduce(rows, mask, weights, reduction)
+        return coef * _reduce(rows, mask, weights, reduction)
     i, v, l_ = _np(idx), _np(val), _np(lse)
     return _Kernel.apply(student, lambda s: kernels.topk_kl(
-        s, i, v, l_, temperature=temperature, mask=_np(mask), weights=_np(weights), reduction=reduction))
+        s, i, v, l_, temperature=temperature, mask=_np(mask), weights=_np(weights), reduction=reduction, coef=coef))
 
 
 def sampled_kl_loss(student: torch.Tensor, idx, counts, entropy, *, temperature: float = 1.0, mask=None,
-                    weights=None, reduction: str = "mean") -> torch.Tensor:
+                    weights=None, reduction: str = "mean", coef: float = 1.0) -> torch.Tensor:
     if student.device.type != "cpu":
         dev = student.device
         rows = torch_sampled_kl(student, torch.as_tensor(idx, device=dev), torch.as_tensor(counts, device=dev),
                                 torch.as_tensor(entropy, device=dev), temperature)
-        return _reduce(rows, mask, weights, reduction)
+        return coef * _reduce(rows, mask, weights, reduction)
     i, c, e = _np(idx), _np(counts), _np(entropy)
     return _Kernel.apply(student, lambda s: kernels.sampled_kl(
-        s, i, c, e, temperature=temperature, mask=_np(mask), weights=_np(weights), reduction=reduction))
+        s, i, c, e, temperature=temperature, mask=_np(mask), weights=_np(weights), reduction=reduction, coef=coef))
 
 
 def kl_divergence(student: torch.Tensor, teacher, temperature: float) -> torch.Tensor:
@@ -152,18 +157,20 @@ def kl_torch(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -
 
 
 def teacher_term(student: torch.Tensor, teacher: dict, cfg: LossConfig) -> torch.Tensor:
-    """``mean D(teacher, student)`` for the configured distance, from a batch of cache arrays."""
-    name, T = cfg.distance.value, cfg.temperature
+    """``lam * mean D(teacher, student)`` for the configured distance, from a batch of cache
+    arrays (lam is folded into the kernel: its gradient needs no rescaling pass)."""
+    name, T, lam = cfg.distance.value, cfg.temperature, cfg.lam
     if name == "topk_kl":
-        return topk_kl_loss(student, teacher["topk_idx"], teacher["topk_val"], teacher["lse"], temperature=T)
+        return topk_kl_loss(student, teacher["topk_idx"], teacher["topk_val"], teacher["lse"], temperature=T,
+                            coef=lam)
     if name == "sampled_kl":
         return sampled_kl_loss(student, teacher["sampled_idx"], teacher["sampled_cnt"], teacher["sampled_ent"],
-                               temperature=T)
+                               temperature=T, coef=lam)
     logits = teacher["logits"]
     if tuple(logits.shape) != tuple(student.shape):
         raise ValueError(f"teacher logits {tuple(logits.shape)} and student logits {tuple(student.shape)} differ: "
                          "the student's class count must equal the cache's")
-    return distance_loss(name, student, logits, temperature=T, beta=cfg.beta)
+    return distance_loss(name, student, logits, temperature=T, beta=cfg.beta, coef=lam)
 
 
 def distill_loss(student: torch.Tensor, labels: torch.Tensor, teacher, cfg: LossConfig) -> torch.Tensor:
@@ -181,5 +188,5 @@ def distill_loss(student: torch.Tensor, labels: torch.Tensor, teacher, cfg: Loss
         total = total + cfg.alpha * F.cross_entropy(student[labeled], labels[labeled])
     if teacher is not None and cfg.lam > 0:
         batch = teacher if isinstance(teacher, dict) else {"logits": teacher}
-        total = total + cfg.lam * teacher_term(student, batch, cfg)
+        total = total + teacher_term(student, batch, cfg)
     return total

@@ -29,3 +29,19 @@ def test_all_unlabeled_batch_and_label_only():
                                kl_torch(s, t, 1.0).mean())
     y = torch.tensor([0, 1, 2])
     torch.testing.assert_close(distill_loss(s, y, None, LossConfig()), F.cross_entropy(s, y))
+
+
+def test_coef_scales_loss_and_gradient_like_a_multiplier():
+    from pipeline.losses import distance_loss
+
+    torch.manual_seed(3)
+    t = torch.randn(8, 5, dtype=torch.float64)
+    mask = torch.tensor([1, 1, 0, 1, 1, 1, 0, 1])
+    a = torch.randn(8, 5, dtype=torch.float64, requires_grad=True)
+    b = a.detach().clone().requires_grad_()
+    la = distance_loss("js", a, t, temperature=2.0, mask=mask, coef=0.3)
+    lb = 0.3 * distance_loss("js", b, t, temperature=2.0, mask=mask)
+    torch.testing.assert_close(la, lb)
+    (la + a.sum()).backward()
+    (lb + b.sum()).backward()
+    torch.testing.assert_close(a.grad, b.grad)

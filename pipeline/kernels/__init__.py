@@ -5,7 +5,8 @@ Each entry point returns ``(loss, grad)``: the reduced loss (a float for ``mean`
 per-row losses for ``none``) and its gradient with respect to ``student``. Teachers may be
 float16 (read through a lookup table, never upcast as a whole batch), float32 or float64.
 ``mask`` (B,) marks rows that count (padding tokens: False) and ``weights`` (B,) scales
-rows; ``mean`` divides by the sum of mask * weights.
+rows; ``mean`` divides by the sum of mask * weights. ``coef`` multiplies the loss and its
+gradient (the objective's lambda, folded in so no extra pass rescales the gradient).
 """
 
 from __future__ import annotations
@@ -28,10 +29,10 @@ def _student(student: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(student)
 
 
-def _row_weights(n: int, mask, weights, reduction: str) -> tuple[np.ndarray, float]:
+def _row_weights(n: int, mask, weights, reduction: str, coef: float = 1.0) -> tuple[np.ndarray, float]:
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction={reduction!r}: expected one of {list(REDUCTIONS)}")
-    w = np.ones(n, np.float64)
+    w = np.full(n, float(coef), np.float64)
     if mask is not None:
         mask = np.asarray(mask)
         if mask.shape != (n,):
@@ -42,7 +43,7 @@ def _row_weights(n: int, mask, weights, reduction: str) -> tuple[np.ndarray, flo
         if weights.shape != (n,) or not np.isfinite(weights).all() or (weights < 0).any():
             raise ValueError(f"weights must be ({n},) finite and >= 0; got shape {weights.shape}")
         w *= weights
-    total = w.sum()
+    total = w.sum() / coef if coef else 0.0  # the mean divides by the row weights, not by coef
     scale = 1.0 / total if reduction == "mean" and total > 0 else 1.0
     return w, scale
 
@@ -64,7 +65,7 @@ def _check_temperature(temperature: float) -> float:
 
 
 def distance(name: str, student: np.ndarray, teacher: np.ndarray, *, temperature: float = 1.0,
-             beta: float = 0.5, mask=None, weights=None, reduction: str = "mean"):
+             beta: float = 0.5, mask=None, weights=None, reduction: str = "mean", coef: float = 1.0):
     """One of :data:`DENSE` between (B, C) student and teacher logits."""
     s = _student(student)
     if teacher.shape != s.shape:
@@ -72,7 +73,7 @@ def distance(name: str, student: np.ndarray, teacher: np.ndarray, *, temperature
     if teacher.dtype not in (np.float16, np.float32, np.float64):
         raise ValueError(f"teacher dtype {teacher.dtype}: expected float16, float32 or float64")
     t, table = teacher_view(teacher)
-    w, scale = _row_weights(len(s), mask, weights, reduction)
+    w, scale = _row_weights(len(s), mask, weights, reduction, coef)
     loss = np.empty(len(s), s.dtype)
     grad = np.empty_like(s)
     bad = np.zeros(len(s), np.uint8)
@@ -97,7 +98,7 @@ def distance(name: str, student: np.ndarray, teacher: np.ndarray, *, temperature
 
 
 def topk_kl(student: np.ndarray, idx: np.ndarray, val: np.ndarray, lse: np.ndarray, *, temperature: float = 1.0,
-            mask=None, weights=None, reduction: str = "mean"):
+            mask=None, weights=None, reduction: str = "mean", coef: float = 1.0):
     """KL over the teacher's top-K classes plus one tail bucket; ``lse`` (B,) is the exact
     logsumexp of the teacher's whole row at ``temperature``."""
     s = _student(student)
@@ -109,7 +110,7 @@ def topk_kl(student: np.ndarray, idx: np.ndarray, val: np.ndarray, lse: np.ndarr
         raise ValueError(f"K={idx.shape[1]} is larger than the student's {c} classes")
     if idx.size and (idx.min() < 0 or idx.max() >= c):
         raise ValueError(f"idx holds class ids outside [0, {c}): the student's vocabulary differs from the teacher's")
-    w, scale = _row_weights(n, mask, weights, reduction)
+    w, scale = _row_weights(n, mask, weights, reduction, coef)
     loss, grad, bad = np.empty(n, s.dtype), np.empty_like(s), np.zeros(n, np.uint8)
     sparse.topk_kl_rows(s, np.ascontiguousarray(idx, np.int32), np.ascontiguousarray(val, s.dtype),
                         np.ascontiguousarray(lse, s.dtype), _check_temperature(temperature), w, scale, loss, grad, bad)
@@ -117,7 +118,7 @@ def topk_kl(student: np.ndarray, idx: np.ndarray, val: np.ndarray, lse: np.ndarr
 
 
 def sampled_kl(student: np.ndarray, idx: np.ndarray, counts: np.ndarray, entropy: np.ndarray, *,
-               temperature: float = 1.0, mask=None, weights=None, reduction: str = "mean"):
+               temperature: float = 1.0, mask=None, weights=None, reduction: str = "mean", coef: float = 1.0):
     """Unbiased RS-KD estimate of T^2 KL(p_T || q_T) from sampled ids and their counts."""
     s = _student(student)
     n, c = s.shape
@@ -127,7 +128,7 @@ def sampled_kl(student: np.ndarray, idx: np.ndarray, counts: np.ndarray, entropy
     live = counts > 0
     if live.any() and (idx[live].min() < 0 or idx[live].max() >= c):
         raise ValueError(f"idx holds class ids outside [0, {c}): the student's vocabulary differs from the teacher's")
-    w, scale = _row_weights(n, mask, weights, reduction)
+    w, scale = _row_weights(n, mask, weights, reduction, coef)
     loss, grad, bad = np.empty(n, s.dtype), np.empty_like(s), np.zeros(n, np.uint8)
     sparse.sampled_kl_rows(s, np.ascontiguousarray(idx, np.int32), np.ascontiguousarray(counts, np.int32),
                            np.ascontiguousarray(entropy, s.dtype), _check_temperature(temperature), w, scale, loss,
