@@ -96,6 +96,22 @@ def test_stage1_captures_every_representation_in_one_pass(tmp_path):
     logits = r.logits.compute().astype(np.float32)
     np.testing.assert_array_equal(r.arrays["topk_idx"][:50].compute(), np.argsort(-logits[:50], axis=1)[:, :4])
     assert (r.arrays["sampled_cnt"].compute().sum(1) == 16).all()
+    for loss in ("topk_kl", "sampled_kl"):  # stage 3 trains from the sparse representations too
+        proc = run_cli(tmp_path, "stage=3", "cache=arrow", "cache.modes=[full,topk,sampled]", "cache.k=4",
+                       "cache.samples=16", "student=linear", f"loss={loss}")
+        assert f"| linear | {loss} |" in proc.stdout
+
+
+def test_sparse_loss_on_a_full_only_cache_says_what_to_capture(full_run):
+    root, _ = full_run
+    env = dict(os.environ, OMP_WAIT_POLICY="passive")
+    (cache,) = glob.glob(str(root / "caches" / "*"))
+    proc = subprocess.run([sys.executable, "-m", "pipeline.run", f"paths.root={root}", *SMALL, "stage=3",
+                           "loss=topk_kl", f"cache.path={cache}", "student=linear"], capture_output=True, text=True,
+                          timeout=600, env=env)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1
+    assert "loss.distance=topk_kl trains from the 'topk' representation" in out and "cache.modes=[topk]" in out
 
 
 def test_student_class_count_differing_from_the_cache_is_explained(full_run):
