@@ -1,5 +1,5 @@
 # `make run`   set up .venv, then run all three stages on the built-in MNIST-1D default
-# `make test`  set up .venv, then run the default test suite (no `slow` tests)
+# `make test`  set up .venv, then lint and run the default test suite (no `slow` tests)
 # `make bench` set up .venv, then run the benchmarks under bench/
 PY      := .venv/bin/python
 STAMP   := .venv/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
@@ -25,6 +25,7 @@ run: $(STAMP)
 	$(PY) -m pipeline.run $(ARGS)
 
 test: $(STAMP)
+	$(PY) -m ruff check pipeline stages tests bench
 	$(PY) -m pytest -m "not slow" $(ARGS)
 
 test-all: $(STAMP)

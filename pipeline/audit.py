@@ -64,9 +64,9 @@ def audit_cache(reader: CacheReader, labels: np.ndarray, temperature: float) -> 
         lazy[name] = per_block.sum(axis=0)
     n_tasks = sum(len(v.__dask_graph__()) for v in lazy.values())
     with tqdm(total=n_tasks, desc="stage 2: audit", unit="task", leave=False) as bar, _TqdmCallback(bar):
-        sums = dict(zip(lazy, dask.compute(*lazy.values())))
+        sums = dict(zip(lazy, dask.compute(*lazy.values()), strict=False))
     for name, s in sums.items():
-        out["splits"][name] = _summarize(dict(zip(_FIELDS, s.tolist())))
+        out["splits"][name] = _summarize(dict(zip(_FIELDS, s.tolist(), strict=False)))
     out["nonfinite"] = int(sum(s["nonfinite"] for s in out["splits"].values()))
     return out
 

@@ -17,7 +17,12 @@ import torch
 from tqdm.auto import tqdm
 
 from pipeline.cache import CacheWriter, Manifest, ShardRecord, make_fingerprint, plan_shards
-from pipeline.cache.fingerprint import capture_settings, hash_json, hash_state_dict, teacher_identity
+from pipeline.cache.fingerprint import (
+    capture_settings,
+    hash_json,
+    hash_state_dict,
+    teacher_identity,
+)
 from pipeline.cache.format import FORMAT_VERSION, IDS, array_specs, row_bytes
 from pipeline.cache.storage import Storage
 from pipeline.config import Config, resolve_workers

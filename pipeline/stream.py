@@ -108,7 +108,7 @@ class CacheStream:
                 raise ValueError(f"cache {self.reader.path!r}: reading rows {rows} "
                                  f"({self.reader.describe_rows(b.start + b.lo)}) failed: {e}; "
                                  "run stage 2 with verify=true to check every shard") from e
-            _check_finite(dict(zip(names, parts[-1])), self.reader.path)
+            _check_finite(dict(zip(names, parts[-1], strict=False)), self.reader.path)
         rows = sum(b.rows for b in window)
         perm = np.random.default_rng([self.seed, epoch, k]).permutation(rows)
         return {n: np.concatenate([p[i] for p in parts])[perm] for i, n in enumerate(names)}

@@ -14,8 +14,8 @@ from omegaconf import OmegaConf
 
 from pipeline.cache import CacheWriter, Manifest, Storage, make_fingerprint, plan_shards
 from pipeline.cache.format import array_specs
-from pipeline.representations import represent
 from pipeline.config import Config, register
+from pipeline.representations import represent
 
 register()
 

@@ -8,8 +8,8 @@ import pytest
 import zarr
 
 from pipeline.cache import Storage, open_cache, read_manifest
-from pipeline.cache.format import write_manifest
 from pipeline.cache.fingerprint import check_fingerprint
+from pipeline.cache.format import write_manifest
 from tests.conftest import write_cache
 
 

@@ -28,7 +28,7 @@ def test_sample_counts_are_distinct_ids_with_counts_summing_to_s():
     logits = torch.randn(32, 20)
     ids, counts = sample_counts(logits, 16, 1.0, torch.Generator().manual_seed(0))
     assert (counts.sum(1) == 16).all()
-    for row_ids, row_cnt in zip(ids, counts):
+    for row_ids, row_cnt in zip(ids, counts, strict=False):
         real = row_ids[row_cnt > 0]
         assert len(set(real.tolist())) == len(real) and (row_ids[row_cnt == 0] == -1).all()
 

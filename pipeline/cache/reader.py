@@ -11,7 +11,15 @@ import numpy as np
 
 from pipeline.cache.backends import backend
 from pipeline.cache.fingerprint import check_fingerprint
-from pipeline.cache.format import IDS, LOGITS, Manifest, bf16_arrays, merge_commits, read_commits, read_manifest
+from pipeline.cache.format import (
+    IDS,
+    LOGITS,
+    Manifest,
+    bf16_arrays,
+    merge_commits,
+    read_commits,
+    read_manifest,
+)
 from pipeline.cache.storage import Storage
 from pipeline.cache.writer import shard_checksum
 

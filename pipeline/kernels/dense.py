@@ -25,7 +25,6 @@ from __future__ import annotations
 import math
 
 import numba as nb
-import numpy as np
 
 from pipeline.kernels._base import FASTMATH, is_finite, like, row_max, tval, vexp, vlog
 
@@ -41,8 +40,19 @@ def _zero_row(loss, grad, i):
 
 
 @nb.njit(inline="always", fastmath=FASTMATH)
-def _exp_sums(s, t, i, table, inv_t, s_max, t_max, grad):
-    """Sums of exp((x - max)/T) over the row; the teacher's terms are left in ``grad``."""
+def _softmax_start(s, t, table, inv_t, w, loss, grad, bad, i):
+    """The common start of the softmax kernels for row i: skip a masked row, flag a
+    non-finite teacher row, else return the row maxima and the sums of exp((x - max)/T),
+    with the teacher's terms left in ``grad``. Returns (go, s_max, t_max, s_sum, t_sum)."""
+    zero = like(s, 0.0)
+    if w[i] == 0.0:
+        _zero_row(loss, grad, i)
+        return False, zero, zero, zero, zero
+    s_max, t_max = row_max(s, t, i, table)
+    if not is_finite(t_max):
+        bad[i] = 1
+        _zero_row(loss, grad, i)
+        return False, zero, zero, zero, zero
     s_sum = like(s, 0.0)
     t_sum = like(s, 0.0)
     for j in range(s.shape[1]):
@@ -50,7 +60,7 @@ def _exp_sums(s, t, i, table, inv_t, s_max, t_max, grad):
         grad[i, j] = e
         t_sum += e
         s_sum += vexp((s[i, j] - s_max) * inv_t)
-    return s_sum, t_sum
+    return True, s_max, t_max, s_sum, t_sum
 
 
 @nb.njit(**_JIT)
@@ -59,15 +69,9 @@ def kl_rows(s, t, table, temperature, w, scale, loss, grad, bad):
     inv_t = like(s, 1.0 / temperature)
     T = like(s, temperature)
     for i in nb.prange(n):
-        if w[i] == 0.0:
-            _zero_row(loss, grad, i)
+        go, s_max, t_max, s_sum, t_sum = _softmax_start(s, t, table, inv_t, w, loss, grad, bad, i)
+        if not go:
             continue
-        s_max, t_max = row_max(s, t, i, table)
-        if not is_finite(t_max):
-            bad[i] = 1
-            _zero_row(loss, grad, i)
-            continue
-        s_sum, t_sum = _exp_sums(s, t, i, table, inv_t, s_max, t_max, grad)
         s_lse, t_lse = vlog(s_sum), vlog(t_sum)
         r_t = like(s, 1.0) / t_sum
         g = like(s, scale * w[i]) * T
@@ -87,15 +91,9 @@ def reverse_kl_rows(s, t, table, temperature, w, scale, loss, grad, bad):
     inv_t = like(s, 1.0 / temperature)
     T = like(s, temperature)
     for i in nb.prange(n):
-        if w[i] == 0.0:
-            _zero_row(loss, grad, i)
+        go, s_max, t_max, s_sum, t_sum = _softmax_start(s, t, table, inv_t, w, loss, grad, bad, i)
+        if not go:
             continue
-        s_max, t_max = row_max(s, t, i, table)
-        if not is_finite(t_max):
-            bad[i] = 1
-            _zero_row(loss, grad, i)
-            continue
-        s_sum, t_sum = _exp_sums(s, t, i, table, inv_t, s_max, t_max, grad)
         s_lse, t_lse = vlog(s_sum), vlog(t_sum)
         acc = like(s, 0.0)
         for j in range(c):  # q kept in grad; KL_r = sum q (log q - log p)
@@ -120,15 +118,9 @@ def js_rows(s, t, table, temperature, beta, w, scale, loss, grad, bad):
     b = like(s, beta)
     b1 = like(s, 1.0 - beta)
     for i in nb.prange(n):
-        if w[i] == 0.0:
-            _zero_row(loss, grad, i)
+        go, s_max, t_max, s_sum, t_sum = _softmax_start(s, t, table, inv_t, w, loss, grad, bad, i)
+        if not go:
             continue
-        s_max, t_max = row_max(s, t, i, table)
-        if not is_finite(t_max):
-            bad[i] = 1
-            _zero_row(loss, grad, i)
-            continue
-        s_sum, t_sum = _exp_sums(s, t, i, table, inv_t, s_max, t_max, grad)
         s_lse, t_lse = vlog(s_sum), vlog(t_sum)
         r_t = like(s, 1.0) / t_sum
         acc = like(s, 0.0)
