@@ -11,8 +11,9 @@
   has no float16 on CPU), through a 65,536-entry table: no upcast copy of the batch.
 - ``is_finite``: an integer test of the exponent bits (``math.isfinite`` is folded to
   True under fastmath, seen here).
-- ``row_max``: row maxima, with a guard that turns the teacher's max into NaN when any of
-  its values is NaN or infinite (``max`` alone would skip a NaN).
+- ``row_max``: row maxima. ``max`` skips a NaN, so the softmax kernels flag a bad teacher
+  row from its results instead: any NaN or infinite teacher value makes the row's loss
+  non-finite (inf - inf, 0 * -inf), and that is checked once per row.
 
 Kernels use ``FASTMATH`` (reassociation, so reductions vectorise) but never ``nnan`` or
 ``ninf``: the non-finite guards must survive optimisation.
@@ -74,7 +75,7 @@ def _is_finite(x):
 @nb.njit(inline="always", fastmath=FASTMATH)
 def exp32(x):
     x = min(max(x, np.float32(-87.3)), np.float32(88.7))
-    n = math.floor(x * np.float32(1.4426950408889634) + np.float32(0.5))
+    n = np.float32(math.floor(x * np.float32(1.4426950408889634) + np.float32(0.5)))  # floor gives int64
     r = x - n * np.float32(0.693359375) - n * np.float32(-2.12194440e-4)
     p = np.float32(1.9875691500e-4)
     p = p * r + np.float32(1.3981999507e-3)
@@ -153,13 +154,10 @@ def _tval(t, i, j, table):
 def row_max(s, t, i, table):
     s_max = like(s, -np.inf)
     t_max = like(s, -np.inf)
-    poison = like(s, 0.0)  # NaN if any teacher value is NaN or infinite
     for j in range(s.shape[1]):
-        tv = tval(t, i, j, table)
         s_max = max(s_max, s[i, j])
-        t_max = max(t_max, tv)
-        poison += tv * like(s, 0.0)
-    return s_max, t_max + poison
+        t_max = max(t_max, tval(t, i, j, table))
+    return s_max, t_max
 
 
 def teacher_view(teacher: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -41,18 +41,14 @@ def _zero_row(loss, grad, i):
 
 @nb.njit(inline="always", fastmath=FASTMATH)
 def _softmax_start(s, t, table, inv_t, w, loss, grad, bad, i):
-    """The common start of the softmax kernels for row i: skip a masked row, flag a
-    non-finite teacher row, else return the row maxima and the sums of exp((x - max)/T),
-    with the teacher's terms left in ``grad``. Returns (go, s_max, t_max, s_sum, t_sum)."""
+    """The common start of the softmax kernels for row i: skip a masked row, else return
+    the row maxima and the sums of exp((x - max)/T), with the teacher's terms left in
+    ``grad``. Returns (go, s_max, t_max, s_sum, t_sum)."""
     zero = like(s, 0.0)
     if w[i] == 0.0:
         _zero_row(loss, grad, i)
         return False, zero, zero, zero, zero
     s_max, t_max = row_max(s, t, i, table)
-    if not is_finite(t_max):
-        bad[i] = 1
-        _zero_row(loss, grad, i)
-        return False, zero, zero, zero, zero
     s_sum = like(s, 0.0)
     t_sum = like(s, 0.0)
     for j in range(s.shape[1]):
@@ -82,6 +78,8 @@ def kl_rows(s, t, table, temperature, w, scale, loss, grad, bad):
             log_q = (s[i, j] - s_max) * inv_t - s_lse
             acc += p * (log_p - log_q)
             grad[i, j] = g * (vexp(log_q) - p)
+        if not is_finite(acc):  # a NaN or infinite teacher value ends here
+            bad[i] = 1
         loss[i] = w[i] * T * T * acc
 
 
@@ -107,6 +105,8 @@ def reverse_kl_rows(s, t, table, temperature, w, scale, loss, grad, bad):
             log_p = (tval(t, i, j, table) - t_max) * inv_t - t_lse
             log_q = (s[i, j] - s_max) * inv_t - s_lse
             grad[i, j] = g * grad[i, j] * (log_q - log_p - acc)
+        if not is_finite(acc):  # a NaN or infinite teacher value ends here
+            bad[i] = 1
         loss[i] = w[i] * T * T * acc
 
 
@@ -139,6 +139,8 @@ def js_rows(s, t, table, temperature, beta, w, scale, loss, grad, bad):
         for j in range(c):
             q = vexp((s[i, j] - s_max) * inv_t - s_lse)
             grad[i, j] = g * q * (grad[i, j] - g_bar)
+        if not is_finite(acc):  # a NaN or infinite teacher value ends here
+            bad[i] = 1
         loss[i] = w[i] * T * T * acc
 
 

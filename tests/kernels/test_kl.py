@@ -66,8 +66,9 @@ def test_float16_teacher_matches_float32_teacher():
     t16 = (rng.standard_normal((16, 20)) * 4).astype(np.float16)
     a = kl_forward(s, t16, 2.0)
     b = kl_forward(s, t16.astype(np.float32), 2.0)
-    np.testing.assert_array_equal(a[0], b[0])
-    np.testing.assert_array_equal(a[1], b[1])
+    # same values read; only the summation order may differ (vectorised gathers): float32 rounding
+    np.testing.assert_allclose(a[0], b[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(a[1], b[1], rtol=1e-5, atol=1e-6)
 
 
 def test_autograd_bridge_passes_gradcheck():
