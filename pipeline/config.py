@@ -177,6 +177,14 @@ class TrainConfig:
 
 
 @dataclass
+class DaskConfig:
+    """Where stage 2's Dask jobs (audit, derive) run."""
+
+    scheduler: str = "threads"  # sync | threads | processes | distributed | tcp://host:port
+    workers: int | None = None  # distributed: LocalCluster workers (default: one per core)
+
+
+@dataclass
 class Config:
     stage: str = "all"  # all | 1 | 2 | 3
     verify: bool = False  # stage 2: re-read every shard and check its checksum
@@ -191,6 +199,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    dask: DaskConfig = field(default_factory=DaskConfig)
 
 
 TEACHER_ARCHS = ("cnn",)

@@ -6,8 +6,9 @@ import json
 import logging
 import os
 
-from pipeline.audit import audit_cache, format_audit
+from pipeline.audit import audit_cache, format_audit, plot_audit
 from pipeline.cache import open_for_run
+from pipeline.cluster import scheduler
 from pipeline.config import Config, resolve_root
 from pipeline.datasets import load_splits
 
@@ -22,9 +23,11 @@ def main(cfg: Config, run_dir: str) -> dict:
         reader.verify()
         log.info("verified %d shard checksums", len(reader.manifest.shards))
     _, labels = splits.concat()
-    report = audit_cache(reader, labels, cfg.loss.temperature)
+    with scheduler(cfg.dask.scheduler, cfg.dask.workers) as sched:
+        report = audit_cache(reader, labels, cfg.loss.temperature, scheduler=sched)
     report["cache"] = reader.path
     os.makedirs(run_dir, exist_ok=True)
+    report["plots"] = plot_audit(report, run_dir)
     with open(os.path.join(run_dir, "audit.json"), "w") as f:
         json.dump(report, f, indent=2)
     print("\n" + format_audit(report), flush=True)

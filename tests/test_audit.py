@@ -39,3 +39,53 @@ def test_audit_counts_non_finite_values(tmp_path):
     report = audit_cache(open_cache(str(path)), np.zeros(20, np.int64), temperature=1.0)
     assert report["splits"]["train"]["nonfinite"] == 4
     np.testing.assert_allclose(report["splits"]["train"]["mean_entropy"], np.log(3))
+
+
+def test_ece_coverage_histograms_match_direct_computation(tmp_path):
+    rng = np.random.default_rng(1)
+    logits = (rng.standard_normal((90, 6)) * 2).astype(np.float32)
+    labels = rng.integers(0, 6, 90)
+    path = tmp_path / "c"
+    write_cache(path, logits, dtype="float32", chunk_rows=8, splits={"train": [0, 90]})
+    s = audit_cache(open_cache(str(path)), labels, temperature=1.0)["splits"]["train"]
+
+    p = torch.softmax(torch.from_numpy(logits).double(), dim=1).numpy()
+    conf, pred = p.max(1), logits.argmax(1)
+    bins = np.minimum((conf * 15).astype(int), 14)
+    ece = sum(abs((pred[bins == b] == labels[bins == b]).mean() - conf[bins == b].mean()) * (bins == b).sum()
+              for b in range(15) if (bins == b).any()) / 90
+    np.testing.assert_allclose(s["ece"], ece, rtol=1e-9)
+    cov = np.cumsum(-np.sort(-p, axis=1), axis=1).mean(0)
+    np.testing.assert_allclose(s["coverage"], cov, rtol=1e-9)
+    assert len(s["coverage"]) == 6 and abs(s["coverage"][-1] - 1) < 1e-9
+    assert sum(s["confidence_hist"]) == 90 and sum(s["entropy_hist"]) == 90
+    assert sum(s["reliability"]["count"]) == 90
+
+
+def test_nonfinite_counted_per_shard(tmp_path):
+    logits = np.zeros((40, 3), np.float32)
+    logits[25, 0] = np.nan  # shard 1 (rows 16:32)
+    logits[33, :] = np.inf  # shard 2
+    path = tmp_path / "c"
+    write_cache(path, logits, dtype="float32", chunk_rows=8, shard_chunks=2, splits={"train": [0, 40]})
+    report = audit_cache(open_cache(str(path)), np.zeros(40, np.int64), temperature=1.0)
+    assert report["nonfinite_per_shard"] == {"0": 0, "1": 1, "2": 3}
+    assert report["nonfinite"] == 4
+
+
+def test_audit_on_a_local_cluster_equals_threads(tmp_path):
+    from pipeline.cluster import scheduler
+
+    rng = np.random.default_rng(2)
+    logits = (rng.standard_normal((64, 5)) * 2).astype(np.float32)
+    labels = rng.integers(0, 5, 64)
+    path = tmp_path / "c"
+    write_cache(path, logits, dtype="float32", chunk_rows=8, splits={"train": [0, 64]})
+    reader = open_cache(str(path))
+    local = audit_cache(reader, labels, temperature=2.0)
+    with scheduler("distributed", workers=2) as client:
+        remote = audit_cache(reader, labels, temperature=2.0, scheduler=client)
+    assert remote == local
+    import dask
+
+    assert dask.config.get("scheduler", None) is None  # the client did not become the default

@@ -46,6 +46,9 @@ def test_all_stages_write_cache_audit_and_results(full_run):
     (run_dir,) = glob.glob(str(root / "runs" / "*"))
     audit = json.load(open(os.path.join(run_dir, "audit.json")))
     assert audit["rows"] == 2100 and audit["nonfinite"] == 0
+    for plot in ("confidence", "entropy", "reliability", "coverage"):
+        assert os.path.getsize(os.path.join(run_dir, f"audit_{plot}.png")) > 1000
+    assert 0 <= audit["splits"]["test"]["ece"] <= 1 and len(audit["splits"]["test"]["coverage"]) == 10
     assert 0.3 < audit["splits"]["test"]["teacher_acc"] <= 1.0
     results = json.load(open(os.path.join(run_dir, "results.json")))
     rows = {r["student"]: r for r in results["students"]}
