@@ -28,7 +28,7 @@ from pipeline.cache.storage import Storage
 from pipeline.config import Config, resolve_workers
 from pipeline.datasets import Splits
 from pipeline.device import autocast, choose_device
-from pipeline.representations import represent
+from pipeline.representations import host_arrays, represent, torch_buffer_dtype
 
 log = logging.getLogger(__name__)
 
@@ -88,22 +88,10 @@ def _check_logits(logits: torch.Tensor, first_row: int, cfg: Config) -> None:
 
 
 def _host_buffers(m: Manifest, rows: int, device: torch.device) -> dict[str, torch.Tensor]:
-    torch_dtype = {"int64": torch.int64, "int32": torch.int32, "uint16": torch.int16, "float16": torch.float16,
-                   "float32": torch.float32}
+    """Host buffers for one shard, pinned when the teacher runs on CUDA (non-blocking copies)."""
     pin = device.type == "cuda"
-    return {name: torch.empty((rows, *shape), dtype=torch_dtype[dt] if name not in ("sampled_cnt",) else torch.int32,
-                              pin_memory=pin)
+    return {name: torch.empty((rows, *shape), dtype=torch_buffer_dtype(name, dt), pin_memory=pin)
             for name, (shape, dt) in array_specs(m).items() if name != IDS}
-
-
-def _to_numpy(buffers: dict[str, torch.Tensor], m: Manifest) -> dict[str, np.ndarray]:
-    out = {}
-    for name, (_, dt) in array_specs(m).items():
-        if name == IDS:
-            continue
-        a = buffers[name].numpy()
-        out[name] = a.view(np.uint16) if a.dtype == np.int16 else a.astype(dt, copy=False)
-    return out
 
 
 def capture_shard(teacher, x: np.ndarray, shard: ShardRecord, m: Manifest, cfg: Config,
@@ -120,7 +108,7 @@ def capture_shard(teacher, x: np.ndarray, shard: ShardRecord, m: Manifest, cfg: 
             buffers[name][i:i + len(xb)].copy_(values, non_blocking=True)
     if device.type == "cuda":
         torch.cuda.current_stream(device).synchronize()  # the non-blocking copies have landed
-    arrays = _to_numpy(buffers, m)
+    arrays = host_arrays(buffers, m)
     arrays[IDS] = np.arange(shard.start, shard.stop, dtype=np.int64)
     return arrays
 

@@ -177,6 +177,16 @@ class TrainConfig:
 
 
 @dataclass
+class DeriveConfig:
+    """Stage 2 can turn a full cache into a smaller one: ``stage=2 derive.mode=topk derive.k=32``."""
+
+    mode: str | None = None  # topk | full (full: another dtype)
+    k: int = 32
+    dtype: LogitDtype = LogitDtype.float16
+    path: str | None = None  # default: next to the parent, named after the mode
+
+
+@dataclass
 class DaskConfig:
     """Where stage 2's Dask jobs (audit, derive) run."""
 
@@ -200,6 +210,7 @@ class Config:
     cache: CacheConfig = field(default_factory=CacheConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     dask: DaskConfig = field(default_factory=DaskConfig)
+    derive: DeriveConfig = field(default_factory=DeriveConfig)
 
 
 TEACHER_ARCHS = ("cnn",)
@@ -265,6 +276,9 @@ def validate(cfg: Config) -> Config:
         p.append(f"cache.samples={cfg.cache.samples}: at most 65535 (counts are stored as uint16)")
     if not 1 <= cfg.cache.zstd_level <= 22:
         p.append(f"cache.zstd_level={cfg.cache.zstd_level}: must be in 1..22")
+    if cfg.derive.mode not in (None, "topk", "full"):
+        p.append(f"derive.mode={cfg.derive.mode!r}: expected topk or full (full: the logits in derive.dtype)")
+    _positive(p, "derive.k", cfg.derive.k)
     for name in ("epochs", "batch_size", "lr", "shuffle_window"):
         _positive(p, f"train.{name}", getattr(cfg.train, name))
     if p:

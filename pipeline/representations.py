@@ -16,6 +16,7 @@ sampled targets are not, at the price of variance.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from pipeline.cache.format import (
@@ -27,6 +28,7 @@ from pipeline.cache.format import (
     TOPK_IDX,
     TOPK_VAL,
     Manifest,
+    array_specs,
 )
 
 _TORCH_DTYPE = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -36,6 +38,26 @@ def stored(values: torch.Tensor, dtype: str) -> torch.Tensor:
     """Cast to the cache dtype; bfloat16 as its raw bits (stored as uint16)."""
     out = values.to(_TORCH_DTYPE[dtype])
     return out.view(torch.int16) if dtype == "bfloat16" else out
+
+
+_BUFFER_DTYPE = {"int64": torch.int64, "int32": torch.int32, "uint16": torch.int16, "float16": torch.float16,
+                 "float32": torch.float32}
+
+
+def torch_buffer_dtype(name: str, storage_dtype: str) -> torch.dtype:
+    """The torch dtype that holds an array before it is stored (uint16 is only ever
+    bfloat16 bits; counts are held as int32, up to 65,535 draws)."""
+    return torch.int32 if name == SAMPLED_CNT else _BUFFER_DTYPE[storage_dtype]
+
+
+def host_arrays(tensors: dict[str, torch.Tensor], m: Manifest) -> dict[str, np.ndarray]:
+    """CPU tensors from :func:`represent` as NumPy arrays in their storage dtypes."""
+    out = {}
+    for name, (_, dt) in array_specs(m).items():
+        if name in tensors:
+            a = tensors[name].numpy()
+            out[name] = a.view(np.uint16) if a.dtype == np.int16 else a.astype(dt, copy=False)
+    return out
 
 
 def sample_counts(logits: torch.Tensor, samples: int, temperature: float,

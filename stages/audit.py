@@ -11,6 +11,7 @@ from pipeline.cache import open_for_run
 from pipeline.cluster import scheduler
 from pipeline.config import Config, resolve_root
 from pipeline.datasets import load_splits
+from pipeline.derive import derive_for_run
 
 log = logging.getLogger(__name__)
 
@@ -25,13 +26,21 @@ def main(cfg: Config, run_dir: str) -> dict:
     _, labels = splits.concat()
     with scheduler(cfg.dask.scheduler, cfg.dask.workers) as sched:
         report = audit_cache(reader, labels, cfg.loss.temperature, scheduler=sched)
+        if cfg.derive.mode:
+            report["derive"] = derive_for_run(cfg, reader, sched)
     report["cache"] = reader.path
     os.makedirs(run_dir, exist_ok=True)
     report["plots"] = plot_audit(report, run_dir)
     with open(os.path.join(run_dir, "audit.json"), "w") as f:
         json.dump(report, f, indent=2)
     print("\n" + format_audit(report), flush=True)
+    if "derive" in report:
+        d = report["derive"]
+        print(f"derived {d['modes']} cache (K={d['k']}, {d['dtype']}) at {d['path']}: {d['storage_ratio']:.4f} of "
+              f"the parent's bytes, mean KL(full || derived) {d['fidelity_kl']:.3g} on {d['fidelity_split']} "
+              f"at T={d['fidelity_temperature']}", flush=True)
     if report["nonfinite"]:
         raise ValueError(f"cache {reader.path!r} holds {report['nonfinite']} non-finite teacher values "
                          "(see audit.json per split); re-capture it")
     return report
+

@@ -13,9 +13,8 @@ from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
 from pipeline.cache import CacheWriter, Manifest, Storage, make_fingerprint, plan_shards
-from pipeline.cache.format import array_specs
 from pipeline.config import Config, register
-from pipeline.representations import represent
+from pipeline.representations import host_arrays, represent
 
 register()
 
@@ -37,15 +36,10 @@ def write_cache(path, logits: np.ndarray, *, dtype: str = "float16", chunk_rows:
     with CacheWriter(storage=Storage(str(path)), manifest=m) as w:
         for shard in w.pending():
             gen = torch.Generator().manual_seed(shard.index)
-            arrays = {name: _host(v, name, m) for name, v in represent(t[shard.start:shard.stop], m, gen).items()}
+            arrays = host_arrays(represent(t[shard.start:shard.stop], m, gen), m)
             arrays["ids"] = np.arange(shard.start, shard.stop, dtype=np.int64)
             w.submit(shard, arrays)
     return w.manifest
-
-
-def _host(v: torch.Tensor, name: str, m: Manifest) -> np.ndarray:
-    a = v.numpy()
-    return a.view(np.uint16) if a.dtype == np.int16 else a.astype(array_specs(m)[name][1], copy=False)
 
 
 @pytest.fixture

@@ -1,0 +1,49 @@
+"""Derived caches: top-k equals torch.topk of the parent; the manifest records the parent;
+fidelity and storage ratio are reported; the CLI runs it as part of stage 2."""
+
+import glob
+import json
+import os
+
+import numpy as np
+import torch
+
+from pipeline.cache import open_cache
+from pipeline.derive import child_manifest, completed_topk, derive_cache, derive_report
+from tests.conftest import write_cache
+from tests.test_cli import run_cli
+
+
+def test_derived_topk_equals_torch_topk_of_the_parent(tmp_path, tiny_logits):
+    parent_path = str(tmp_path / "parent")
+    write_cache(parent_path, tiny_logits, dtype="float32", splits={"train": [0, 80], "test": [80, 100]})
+    parent = open_cache(parent_path)
+    child = child_manifest(parent.manifest, "topk", 3, "float32", [1.0, 2.0], parent_path)
+    derive_cache(parent, child, str(tmp_path / "child"))
+    r = open_cache(str(tmp_path / "child"))
+    full = torch.from_numpy(tiny_logits)
+    val, idx = torch.topk(full, 3)
+    np.testing.assert_array_equal(r.arrays["topk_idx"].compute(), idx.numpy())
+    np.testing.assert_array_equal(r.arrays["topk_val"].compute(), val.numpy())
+    np.testing.assert_allclose(r.arrays["lse"].compute()[:, 1], torch.logsumexp(full / 2, -1).numpy(), rtol=1e-6)
+    assert r.manifest.info["parent"] == {"path": parent_path, "fingerprint": parent.manifest.fingerprint["digest"]}
+    assert r.manifest.fingerprint["fields"]["capture"]["derived_from"] == parent.manifest.fingerprint["digest"]
+
+    report = derive_report(parent, str(tmp_path / "child"), 2.0)
+    p = torch.softmax(full[80:].double() / 2, -1).numpy()
+    q = completed_topk(val[80:].numpy(), idx[80:].numpy(), torch.logsumexp(full[80:].double() / 2, -1).numpy(), 7, 2.0)
+    np.testing.assert_allclose(q.sum(1), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(report["fidelity_kl"], (p * np.log(p / q)).sum(1).mean(), rtol=1e-4)
+    assert report["fidelity_split"] == "test" and 0 < report["storage_ratio"]
+
+
+def test_stage2_derives_a_topk_cache(tmp_path):
+    run_cli(tmp_path, "stage=1")
+    proc = run_cli(tmp_path, "stage=2", "derive.mode=topk", "derive.k=3")
+    (parent,) = [p for p in glob.glob(str(tmp_path / "caches" / "*")) if "-topk" not in p]
+    child = parent + "-topk3-float16"
+    assert json.load(open(os.path.join(child, "manifest.json")))["complete"]
+    (audit,) = glob.glob(str(tmp_path / "runs" / "*" / "audit.json"))
+    d = json.load(open(audit))["derive"]
+    assert d["k"] == 3 and d["fidelity_kl"] > 0 and d["storage_ratio"] < 1.0
+    assert "derived ['topk'] cache (K=3" in proc.stdout
