@@ -21,6 +21,7 @@ import numpy as np
 
 from pipeline.cache import CacheReader
 from pipeline.cache.format import IDS
+from pipeline.kernels._base import all_finite
 
 
 @dataclass
@@ -37,7 +38,7 @@ class Block:
 
 def _check_finite(arrays: dict[str, np.ndarray], path: str) -> None:
     for name, a in arrays.items():
-        if a.dtype.kind == "f" and not np.isfinite(a).all():
+        if a.dtype.kind == "f" and not all_finite(a):
             bad = np.nonzero(~np.isfinite(a.reshape(len(a), -1)).all(axis=1))[0]
             raise ValueError(f"cache {path!r}: non-finite {name} at ids {arrays[IDS][bad[:10]].tolist()}"
                              f"{' ...' if len(bad) > 10 else ''} ({len(bad)} rows); never-written rows read as NaN: "
@@ -96,22 +97,27 @@ class CacheStream:
         w = self.shuffle_window
         return [order[i:i + w] for i in range(0, len(order), w)]
 
-    def _read_window(self, epoch: int, k: int, window: list[Block]) -> dict[str, np.ndarray]:
+    def _read_window(self, epoch: int, k: int, window: list[Block]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """The window's rows (concatenated, cache order) and their seeded permutation."""
         names = self.arrays
-        parts = []
-        for b in window:
-            lazy = [self.reader.arrays[n].blocks[b.index][b.lo:b.hi] for n in names]
-            try:
-                parts.append(dask.compute(*lazy, scheduler="synchronous"))
-            except Exception as e:  # name the rows: a checksum or truncation error says nothing of where
-                rows = f"{b.start + b.lo}:{b.start + b.hi}"
-                raise ValueError(f"cache {self.reader.path!r}: reading rows {rows} "
-                                 f"({self.reader.describe_rows(b.start + b.lo)}) failed: {e}; "
-                                 "run stage 2 with verify=true to check every shard") from e
-            _check_finite(dict(zip(names, parts[-1], strict=False)), self.reader.path)
-        rows = sum(b.rows for b in window)
-        perm = np.random.default_rng([self.seed, epoch, k]).permutation(rows)
-        return {n: np.concatenate([p[i] for p in parts])[perm] for i, n in enumerate(names)}
+        lazy = [[self.reader.arrays[n].blocks[b.index][b.lo:b.hi] for n in names] for b in window]
+        try:
+            parts = dask.compute(*lazy, scheduler="synchronous")  # one graph: Dask's overhead once
+        except Exception:
+            parts = [self._read_block(b, lz) for b, lz in zip(window, lazy, strict=True)]  # name the rows
+        arrays = {n: np.concatenate([p[i] for p in parts]) for i, n in enumerate(names)}
+        _check_finite(arrays, self.reader.path)
+        perm = np.random.default_rng([self.seed, epoch, k]).permutation(len(arrays[IDS]))
+        return arrays, perm
+
+    def _read_block(self, b: Block, lazy: list):
+        try:
+            return dask.compute(*lazy, scheduler="synchronous")
+        except Exception as e:  # a checksum or truncation error says nothing of where: say it
+            rows = f"{b.start + b.lo}:{b.start + b.hi}"
+            raise ValueError(f"cache {self.reader.path!r}: reading rows {rows} "
+                             f"({self.reader.describe_rows(b.start + b.lo)}) failed: {e}; "
+                             "run stage 2 with verify=true to check every shard") from e
 
     def _produce(self, epoch: int, skip_rows: int, out: queue.Queue, stop: threading.Event) -> None:
         try:
@@ -121,12 +127,12 @@ class CacheStream:
                 if done + n <= skip_rows:
                     done += n
                     continue  # consumed before the resume point: never read
-                window_arrays = self._read_window(epoch, k, window)
+                arrays, perm = self._read_window(epoch, k, window)
                 cut = max(skip_rows - done, 0)
                 done += n
                 while not stop.is_set():
                     try:
-                        out.put({name: a[cut:] for name, a in window_arrays.items()}, timeout=0.1)
+                        out.put((arrays, perm[cut:]), timeout=0.1)
                         break
                     except queue.Full:
                         continue
@@ -145,18 +151,27 @@ class CacheStream:
         t = threading.Thread(target=self._produce, args=(epoch, self.position * bs, q, stop), daemon=True)
         t.start()
         try:
-            carry: dict[str, np.ndarray] | None = None
+            carry: dict[str, np.ndarray] | None = None  # rows short of a batch at a window's end
             while (item := q.get()) is not None:
                 if isinstance(item, BaseException):
                     raise item
-                if carry is not None:
-                    item = {n: np.concatenate([carry[n], a]) for n, a in item.items()}
-                rows = len(item[IDS])
-                full = rows // bs * bs
-                for i in range(0, full, bs):
+                arrays, perm = item
+                i = 0
+                if carry is not None:  # top the carried rows up from this window's first rows
+                    i = min(bs - len(carry[IDS]), len(perm))
+                    carry = {n: np.concatenate([carry[n], a[perm[:i]]]) for n, a in arrays.items()}
+                    if len(carry[IDS]) < bs:
+                        continue
                     self.position += 1
-                    yield {n: a[i:i + bs] for n, a in item.items()}
-                carry = {n: a[full:] for n, a in item.items()}
+                    yield carry
+                    carry = None
+                while len(perm) - i >= bs:
+                    take = perm[i:i + bs]
+                    i += bs
+                    self.position += 1
+                    yield {n: a[take] for n, a in arrays.items()}
+                if i < len(perm):
+                    carry = {n: a[perm[i:]] for n, a in arrays.items()}
             if carry is not None and len(carry[IDS]):
                 self.position += 1
                 yield carry

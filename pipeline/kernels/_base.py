@@ -165,3 +165,22 @@ def teacher_view(teacher: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if teacher.dtype == np.float16:
         return np.ascontiguousarray(teacher).view(np.uint16), HALF_TABLE
     return np.ascontiguousarray(teacher), NO_TABLE
+
+
+@nb.njit(parallel=False, cache=True)
+def _bits_all_finite(bits, exp_mask):
+    for i in range(bits.size):
+        if bits[i] & exp_mask == exp_mask:
+            return False
+    return True
+
+
+def all_finite(a: np.ndarray) -> bool:
+    """True when no value of a float16/32/64 array is NaN or infinite: an exponent-bits scan,
+    several times faster than ``np.isfinite`` on float16 (which NumPy emulates)."""
+    flat = np.ascontiguousarray(a).reshape(-1)
+    if a.dtype == np.float16:
+        return bool(_bits_all_finite(flat.view(np.uint16), np.uint16(0x7C00)))
+    if a.dtype == np.float32:
+        return bool(_bits_all_finite(flat.view(np.uint32), np.uint32(0x7F800000)))
+    return bool(np.isfinite(flat).all())
