@@ -11,6 +11,7 @@ from pipeline.cache import open_for_run
 from pipeline.config import Config, resolve_root
 from pipeline.datasets import load_splits
 from pipeline.distill import format_results, teacher_test_predictions, train_one
+from pipeline.leaderboard import update_leaderboard
 
 log = logging.getLogger(__name__)
 
@@ -26,5 +27,7 @@ def main(cfg: Config, run_dir: str) -> list[dict]:
     with open(os.path.join(run_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
     print("\n" + format_results(rows), flush=True)
+    board_dir = os.path.join(root, "leaderboards", os.path.basename(reader.path.rstrip("/")))
+    update_leaderboard(board_dir, rows)
     log.info("results: %s", os.path.join(run_dir, "results.json"))
     return rows

@@ -1,0 +1,46 @@
+"""The leaderboard: a sweep of students x losses from one cache, and concurrent updates."""
+
+import glob
+import json
+import multiprocessing as mp
+import os
+import subprocess
+import sys
+
+from pipeline.leaderboard import update_leaderboard
+from tests.test_cli import SMALL, run_cli
+
+
+def test_sweep_of_two_students_by_two_losses_fills_the_leaderboard(tmp_path):
+    run_cli(tmp_path, "stage=1")
+    env = dict(os.environ, OMP_WAIT_POLICY="passive")
+    proc = subprocess.run([sys.executable, "-m", "pipeline.run", "-m", f"paths.root={tmp_path}", *SMALL, "stage=3",
+                           "student=linear,mlp", "loss=kl,mse"], capture_output=True, text=True, timeout=900,
+                          env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (folder,) = glob.glob(str(tmp_path / "leaderboards" / "*"))
+    board = json.load(open(os.path.join(folder, "leaderboard.json")))
+    assert sorted((r["student"], r["loss"]) for r in board) == [("linear", "kl"), ("linear", "mse"), ("mlp", "kl"),
+                                                                  ("mlp", "mse")]
+    runs = glob.glob(str(tmp_path / "multiruns" / "*" / "*" / "results.json"))
+    assert len(runs) == 4
+    for path in runs:
+        (row,) = json.load(open(path))["students"]
+        (same,) = [r for r in board if (r["student"], r["loss"]) == (row["student"], row["loss"])]
+        assert same == row
+    assert os.path.getsize(os.path.join(folder, "leaderboard.png")) > 1000
+    assert "| 1 |" in open(os.path.join(folder, "leaderboard.md")).read()
+
+
+def _add(args):
+    folder, i = args
+    update_leaderboard(folder, [{"student": f"s{i}", "loss": "kl", "test_acc": i / 10, "labels_only_acc": 0.1,
+                                 "teacher_acc": 0.9, "params": 10 * (i + 1)}])
+
+
+def test_concurrent_updates_lose_no_row(tmp_path):
+    with mp.get_context("spawn").Pool(4) as pool:
+        pool.map(_add, [(str(tmp_path), i) for i in range(8)])
+    board = json.load(open(tmp_path / "leaderboard.json"))
+    assert sorted(r["student"] for r in board) == [f"s{i}" for i in range(8)]
+    assert [r["test_acc"] for r in board] == sorted((r["test_acc"] for r in board), reverse=True)
