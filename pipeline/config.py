@@ -174,6 +174,9 @@ class TrainConfig:
     seed: int = 0
     shuffle_window: int = 8  # blocks mixed together by the stream's shuffle
     device: str = "cpu"
+    # checkpoint every epoch under <paths.root>/students/ and resume an interrupted run of the
+    # same student, loss and settings from there (a finished one is not trained again)
+    resume: bool = True
 
 
 @dataclass

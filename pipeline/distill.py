@@ -6,10 +6,13 @@ The teacher is never imported or built here: its test-split logits come from the
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import time
 from collections.abc import Iterator
+from dataclasses import asdict
 
 import numpy as np
 import torch
@@ -21,7 +24,15 @@ from pipeline.device import choose_device
 from pipeline.losses import distill_loss
 from pipeline.models import build_student, count_params, save_checkpoint
 from pipeline.stream import CacheStream
-from pipeline.training import Batch, accuracy, ce_loss, label_batches, predict, train_steps
+from pipeline.training import (
+    Batch,
+    accuracy,
+    ce_loss,
+    label_batches,
+    predict,
+    train_epochs,
+    train_steps,
+)
 
 log = logging.getLogger(__name__)
 
@@ -50,13 +61,24 @@ def teacher_arrays(reader: CacheReader, cfg: Config) -> tuple[tuple[str, ...], d
 
 
 def cached_batches(stream: CacheStream, x_all: np.ndarray, y_all: np.ndarray, lse_column: int = 0) -> Iterator[Batch]:
-    """Endless batches: cached teacher arrays joined with inputs and labels by id."""
-    while True:
-        for batch in stream:
-            ids = batch.pop("ids")
-            if "lse" in batch:
-                batch["lse"] = np.ascontiguousarray(batch["lse"][:, lse_column])
-            yield torch.from_numpy(x_all[ids]), torch.from_numpy(y_all[ids]), batch
+    """The rest of the stream's current epoch: cached teacher arrays joined with inputs and
+    labels by id."""
+    for batch in stream:
+        ids = batch.pop("ids")
+        if "lse" in batch:
+            batch["lse"] = np.ascontiguousarray(batch["lse"][:, lse_column])
+        yield torch.from_numpy(x_all[ids]), torch.from_numpy(y_all[ids]), batch
+
+
+def state_path(cfg: Config, root: str, reader: CacheReader, name: str, spec: StudentConfig) -> str | None:
+    """Where a distilled student's training state lives between runs: keyed by the cache,
+    the student, the loss and the training settings, so only the same run resumes it."""
+    if not cfg.train.resume:
+        return None
+    ident = {"student": asdict(spec), "loss": asdict(cfg.loss), "train": asdict(cfg.train)}
+    key = hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    cache = os.path.basename(reader.path.rstrip("/"))
+    return os.path.join(root, "students", cache, f"{name}-{cfg.loss.distance.value}-{key}", "state.pt")
 
 
 def teacher_test_predictions(reader: CacheReader) -> np.ndarray:
@@ -73,7 +95,7 @@ def teacher_test_predictions(reader: CacheReader) -> np.ndarray:
 
 
 def train_one(name: str, spec: StudentConfig, cfg: Config, splits: Splits, reader: CacheReader,
-              run_dir: str, t_pred: np.ndarray) -> dict:
+              run_dir: str, t_pred: np.ndarray, root: str) -> dict:
     """Distilled and labels-only runs of one student, with equal optimizer steps."""
     width, num_classes = splits["train"].x.shape[1], reader.num_classes
     x_all, y_all = splits.concat()
@@ -90,8 +112,11 @@ def train_one(name: str, spec: StudentConfig, cfg: Config, splits: Splits, reade
     torch.manual_seed(cfg.train.seed)
     student = build_student(spec, width, num_classes).to(device)
     t0 = time.perf_counter()
-    train_steps(student, cached_batches(stream, x_all, y_all, how.get("lse_column", 0)), steps, loss_fn,
-                desc=f"{name}: distill", **opt)
+    done = train_epochs(student, stream, lambda: cached_batches(stream, x_all, y_all, how.get("lse_column", 0)),
+                        cfg.train.epochs, loss_fn, desc=f"{name}: distill",
+                        state_path=state_path(cfg, root, reader, name, spec), **opt)
+    if done != steps:
+        raise RuntimeError(f"{name}: {done} optimizer steps instead of {steps}")
     distill_s = time.perf_counter() - t0
 
     torch.manual_seed(cfg.train.seed)

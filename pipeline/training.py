@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -61,6 +62,56 @@ def train_steps(model: nn.Module, batches: Iterator[Batch], steps: int, loss_fn:
     if not torch.isfinite(loss):
         raise RuntimeError(f"{desc}: training diverged (loss={loss.item()}); lower the learning rate")
     return float(loss.item())
+
+
+def _save_state(path: str, **state) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # a kill mid-save leaves the previous epoch's state whole
+
+
+def train_epochs(model: nn.Module, stream, epoch_batches: Callable[[], Iterator[Batch]], epochs: int,
+                 loss_fn: Callable, *, lr: float, weight_decay: float, desc: str, state_path: str | None) -> int:
+    """Train for ``epochs`` passes of ``stream``, checkpointing model, optimizer, schedule,
+    stream position and RNG at the end of every epoch to ``state_path``; a restart resumes
+    from the last one and ends with the same number of optimizer steps. Returns the steps."""
+    total = epochs * len(stream)
+    opt, sched = make_optimizer(model, lr, weight_decay, total)
+    step = 0
+    if state_path and os.path.exists(state_path):
+        st = torch.load(state_path, weights_only=False)
+        model.load_state_dict(st["model"])
+        opt.load_state_dict(st["optimizer"])
+        sched.load_state_dict(st["scheduler"])
+        stream.load_state_dict(st["stream"])
+        torch.set_rng_state(st["rng"])
+        step = st["step"]
+        log.info("%s: resuming from %s at epoch %d/%d (step %d)", desc, state_path, stream.epoch, epochs, step)
+    model.train()
+    device = next(model.parameters()).device
+    with tqdm(total=total, initial=step, desc=desc, unit="step", leave=False) as bar:
+        while stream.epoch < epochs:
+            for x, y, t in epoch_batches():
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                if device.type != "cpu":
+                    t = {k: torch.as_tensor(v).to(device, non_blocking=True) for k, v in t.items()}
+                loss = loss_fn(model(x), y, t)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                step += 1
+                bar.update()
+                if step % 50 == 0:
+                    if not torch.isfinite(loss):
+                        raise RuntimeError(f"{desc}: training diverged (loss={loss.item()}); lower the learning rate")
+                    bar.set_postfix(loss=f"{loss.item():.4f}")
+            if state_path:
+                _save_state(state_path, model=model.state_dict(), optimizer=opt.state_dict(),
+                            scheduler=sched.state_dict(), stream=stream.state_dict(), rng=torch.get_rng_state(),
+                            step=step)
+    return step
 
 
 def ce_loss(logits: torch.Tensor, y: torch.Tensor, _t=None) -> torch.Tensor:

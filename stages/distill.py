@@ -21,7 +21,7 @@ def main(cfg: Config, run_dir: str) -> list[dict]:
     splits = load_splits(cfg.data, root)
     reader = open_for_run(cfg, root, splits.content_hash())
     t_pred = teacher_test_predictions(reader)
-    rows = [train_one(name, spec, cfg, splits, reader, run_dir, t_pred) for name, spec in cfg.student.items()]
+    rows = [train_one(name, spec, cfg, splits, reader, run_dir, t_pred, root) for name, spec in cfg.student.items()]
     os.makedirs(run_dir, exist_ok=True)
     results = {"cache": reader.path, "loss": {k: str(v) for k, v in vars(cfg.loss).items()}, "students": rows}
     with open(os.path.join(run_dir, "results.json"), "w") as f:

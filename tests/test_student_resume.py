@@ -1,0 +1,47 @@
+"""A student run killed mid-training resumes from its last epoch checkpoint and ends with
+the same optimizer steps and the same student as an uninterrupted run."""
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import torch
+
+from tests.test_cli import SMALL, run_cli
+
+ARGS = ["stage=3", "student=mlp", "train.epochs=60"]
+
+
+def _results(root) -> dict:
+    (path,) = sorted(glob.glob(str(root / "runs" / "*" / "results.json")))[-1:]
+    (row,) = json.load(open(path))["students"]
+    return row
+
+
+def test_interrupted_student_resumes_to_the_same_result(tmp_path):
+    run_cli(tmp_path, "stage=1")
+    env = dict(os.environ, OMP_WAIT_POLICY="passive")
+    p = subprocess.Popen([sys.executable, "-m", "pipeline.run", f"paths.root={tmp_path}", *SMALL, *ARGS],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    pattern = str(tmp_path / "students" / "*" / "*" / "state.pt")
+    deadline = time.monotonic() + 300
+    while not glob.glob(pattern) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.3)
+    p.send_signal(signal.SIGKILL)
+    assert p.wait() == -signal.SIGKILL  # killed, not finished
+    (state,) = glob.glob(pattern)
+    epoch_at_kill = torch.load(state, weights_only=False)["stream"]["epoch"]
+    assert 1 <= epoch_at_kill < 60
+
+    proc = run_cli(tmp_path, *ARGS)
+    assert "resuming from" in proc.stdout + proc.stderr
+    resumed = _results(tmp_path)
+    run_cli(tmp_path, *ARGS, "train.resume=false")  # from scratch, never interrupted
+    fresh = _results(tmp_path)
+    assert resumed["steps"] == fresh["steps"] == 60 * 8
+    assert resumed["test_acc"] == fresh["test_acc"] and resumed["agreement"] == fresh["agreement"]
