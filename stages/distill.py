@@ -23,7 +23,7 @@ def main(cfg: Config, run_dir: str) -> list[dict]:
     t_pred = teacher_test_predictions(reader)
     rows = [train_one(name, spec, cfg, splits, reader, run_dir, t_pred, root) for name, spec in cfg.student.items()]
     os.makedirs(run_dir, exist_ok=True)
-    results = {"cache": reader.path, "loss": {k: str(v) for k, v in vars(cfg.loss).items()}, "students": rows}
+    results = {"cache": reader.path, "loss": {k: getattr(v, "value", v) for k, v in vars(cfg.loss).items()}, "students": rows}
     with open(os.path.join(run_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
     print("\n" + format_results(rows), flush=True)
