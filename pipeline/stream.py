@@ -16,8 +16,8 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import dask
 import numpy as np
+from dask.local import get_sync
 
 from pipeline.cache import CacheReader
 from pipeline.cache.format import IDS
@@ -73,6 +73,12 @@ class CacheStream:
             raise ValueError(f"cache {reader.path!r} has no arrays {unknown}; it has {sorted(reader.arrays)}")
         self.blocks = select_blocks(reader, splits)
         self.rows = sum(b.rows for b in self.blocks)
+        self._graph = {}
+        for name in self.arrays:
+            a = self.reader.arrays[name]
+            if a.chunks[1:] and any(len(c) != 1 for c in a.chunks[1:]):
+                raise ValueError(f"array {name!r} is chunked along its columns; the stream reads whole rows")
+            self._graph.update(dict(a.__dask_graph__()))
         self.batch_size = batch_size
         self.seed = seed
         self.shuffle_window = shuffle_window
@@ -100,19 +106,24 @@ class CacheStream:
     def _read_window(self, epoch: int, k: int, window: list[Block]) -> tuple[dict[str, np.ndarray], np.ndarray]:
         """The window's rows (concatenated, cache order) and their seeded permutation."""
         names = self.arrays
-        lazy = [[self.reader.arrays[n].blocks[b.index][b.lo:b.hi] for n in names] for b in window]
-        try:
-            parts = dask.compute(*lazy, scheduler="synchronous")  # one graph: Dask's overhead once
+        keys = [[self._key(n, b) for n in names] for b in window]
+        try:  # the Dask graph built once per stream, run by the synchronous scheduler: no per-window graph
+            parts = get_sync(self._graph, keys)
         except Exception:
-            parts = [self._read_block(b, lz) for b, lz in zip(window, lazy, strict=True)]  # name the rows
-        arrays = {n: np.concatenate([p[i] for p in parts]) for i, n in enumerate(names)}
+            parts = [self._read_block(b, k) for b, k in zip(window, keys, strict=True)]  # name the rows
+        arrays = {n: np.concatenate([p[i][b.lo:b.hi] for p, b in zip(parts, window, strict=True)])
+                  for i, n in enumerate(names)}
         _check_finite(arrays, self.reader.path)
         perm = np.random.default_rng([self.seed, epoch, k]).permutation(len(arrays[IDS]))
         return arrays, perm
 
-    def _read_block(self, b: Block, lazy: list):
+    def _key(self, name: str, b: Block) -> tuple:
+        a = self.reader.arrays[name]
+        return (a.name, b.index) + (0,) * (a.ndim - 1)
+
+    def _read_block(self, b: Block, keys: list):
         try:
-            return dask.compute(*lazy, scheduler="synchronous")
+            return get_sync(self._graph, keys)
         except Exception as e:  # a checksum or truncation error says nothing of where: say it
             rows = f"{b.start + b.lo}:{b.start + b.hi}"
             raise ValueError(f"cache {self.reader.path!r}: reading rows {rows} "
