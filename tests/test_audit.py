@@ -89,3 +89,19 @@ def test_audit_on_a_local_cluster_equals_threads(tmp_path):
     import dask
 
     assert dask.config.get("scheduler", None) is None  # the client did not become the default
+
+
+def test_stage2_joins_an_existing_cluster_by_address(tmp_path):
+    import glob
+    import json
+
+    from distributed import LocalCluster
+
+    from tests.test_cli import run_cli
+
+    run_cli(tmp_path, "stage=1")
+    with LocalCluster(n_workers=1, threads_per_worker=1, dashboard_address=None) as cluster:
+        proc = run_cli(tmp_path, "stage=2", f"dask.scheduler={cluster.scheduler_address}")
+    assert f"connected to {cluster.scheduler_address}" in proc.stdout + proc.stderr
+    (audit,) = glob.glob(str(tmp_path / "runs" / "*" / "audit.json"))
+    assert json.load(open(audit))["rows"] == 2100
