@@ -115,14 +115,16 @@ def _mnist1d_rows(make_dataset, get_dataset_args, n: int, seed: int):
 
 
 def _to_dataset(x: np.ndarray, y: np.ndarray | None):
+    """An HF dataset straight from Arrow buffers (no Python list of rows: 1M rows in seconds)."""
     import datasets
+    import pyarrow as pa
 
-    cols = {"x": list(x)}
-    feats = {"x": datasets.Sequence(datasets.Value("float32"), length=x.shape[1] if len(x) else -1)}
+    cols = {"x": pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(x).reshape(-1)), x.shape[1])}
+    feats = {"x": datasets.Sequence(datasets.Value("float32"), length=x.shape[1])}
     if y is not None:
-        cols["y"] = y
+        cols["y"] = pa.array(y)
         feats["y"] = datasets.Value("int64")
-    return datasets.Dataset.from_dict(cols, features=datasets.Features(feats))
+    return datasets.Dataset(pa.table(cols), info=datasets.DatasetInfo(features=datasets.Features(feats)))
 
 
 def _save_atomic(dsd, path: str) -> None:
