@@ -44,6 +44,7 @@ def plot(rows: list[dict], path: str) -> None:
     ax.plot(x, [r["test_acc"] for r in rows], "o-", label="MLP distilled through the transfer set")
     ax.plot(x, [r["labels_only_acc"] for r in rows], "x--", c="gray", label="same MLP, 4,000 labels only")
     ax.axhline(rows[0]["teacher_acc"], color="k", ls=":", label="teacher (CNN)")
+    ax.set_ylim(top=rows[0]["teacher_acc"] + 0.03)
     ax.set(xscale="log", xlabel="unlabeled transfer samples (cached teacher logits)", ylabel="test accuracy",
            title="MNIST-1D: what a cached teacher buys")
     ax.legend(fontsize=7)
