@@ -38,6 +38,26 @@ def label_batches(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int) -> I
             yield xt[idx], yt[idx], None
 
 
+def optimizer_step(model: nn.Module, opt, sched, batch: Batch, loss_fn: Callable, device: torch.device) -> torch.Tensor:
+    """One step of ``loss_fn(logits, y, teacher)`` on ``batch``; returns the loss."""
+    x, y, t = batch
+    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    if device.type != "cpu" and t is not None:  # CPU kernels read the NumPy arrays directly
+        t = {k: torch.as_tensor(v).to(device, non_blocking=True) for k, v in t.items()}
+    loss = loss_fn(model(x), y, t)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    sched.step()
+    return loss
+
+
+def _report(bar, loss: torch.Tensor, desc: str) -> None:
+    if not torch.isfinite(loss):
+        raise RuntimeError(f"{desc}: training diverged (loss={loss.item()}); lower the learning rate")
+    bar.set_postfix(loss=f"{loss.item():.4f}")
+
+
 def train_steps(model: nn.Module, batches: Iterator[Batch], steps: int, loss_fn: Callable,
                 *, lr: float, weight_decay: float, desc: str) -> float:
     """Run ``steps`` optimizer steps of ``loss_fn(logits, y, teacher)``; return the last loss."""
@@ -47,20 +67,10 @@ def train_steps(model: nn.Module, batches: Iterator[Batch], steps: int, loss_fn:
     loss = torch.tensor(float("nan"))
     with tqdm(total=steps, desc=desc, unit="step", leave=False) as bar:
         for _ in range(steps):
-            x, y, t = next(batches)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            if device.type != "cpu" and t is not None:  # CPU kernels read the NumPy arrays directly
-                t = {k: torch.as_tensor(v).to(device, non_blocking=True) for k, v in t.items()}
-            loss = loss_fn(model(x), y, t)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+            loss = optimizer_step(model, opt, sched, next(batches), loss_fn, device)
             bar.update()
-            if bar.n % 50 == 0:
-                bar.set_postfix(loss=f"{loss.item():.4f}")
-    if not torch.isfinite(loss):
-        raise RuntimeError(f"{desc}: training diverged (loss={loss.item()}); lower the learning rate")
+            if bar.n % 50 == 0 or bar.n == steps:
+                _report(bar, loss, desc)
     return float(loss.item())
 
 
@@ -92,21 +102,12 @@ def train_epochs(model: nn.Module, stream, epoch_batches: Callable[[], Iterator[
     device = next(model.parameters()).device
     with tqdm(total=total, initial=step, desc=desc, unit="step", leave=False) as bar:
         while stream.epoch < epochs:
-            for x, y, t in epoch_batches():
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                if device.type != "cpu":
-                    t = {k: torch.as_tensor(v).to(device, non_blocking=True) for k, v in t.items()}
-                loss = loss_fn(model(x), y, t)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
+            for batch in epoch_batches():
+                loss = optimizer_step(model, opt, sched, batch, loss_fn, device)
                 step += 1
                 bar.update()
                 if step % 50 == 0:
-                    if not torch.isfinite(loss):
-                        raise RuntimeError(f"{desc}: training diverged (loss={loss.item()}); lower the learning rate")
-                    bar.set_postfix(loss=f"{loss.item():.4f}")
+                    _report(bar, loss, desc)
             if state_path:
                 _save_state(state_path, model=model.state_dict(), optimizer=opt.state_dict(),
                             scheduler=sched.state_dict(), stream=stream.state_dict(), rng=torch.get_rng_state(),
