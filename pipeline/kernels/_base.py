@@ -93,9 +93,9 @@ def log32(x):
     bits = _f32_as_i32(max(x, np.float32(1.1754944e-38)))
     e = ((bits >> np.int32(23)) & np.int32(255)) - np.int32(127)
     m = _i32_as_f32((bits & np.int32(0x007FFFFF)) | np.int32(0x3F800000))  # mantissa in [1, 2)
-    big = m > np.float32(1.41421356)  # fold m into [0.71, 1.41]: plain selects, no arrays
-    m = m * np.float32(0.5) if big else m
-    e = e + np.int32(1) if big else e
+    big = np.int32(m > np.float32(1.41421356))  # fold m into [0.71, 1.41], branch-free
+    m = m * (np.float32(1.0) - np.float32(0.5) * np.float32(big))
+    e = e + big
     z = (m - np.float32(1.0)) / (m + np.float32(1.0))  # log m = 2 atanh z, |z| < 0.172
     z2 = z * z
     s = np.float32(2.0 / 9.0)
