@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from dask.local import get_sync
+from dask.optimization import cull
 
 from pipeline.cache import CacheReader
 from pipeline.cache.format import IDS
@@ -107,8 +108,8 @@ class CacheStream:
         """The window's rows (concatenated, cache order) and their seeded permutation."""
         names = self.arrays
         keys = [[self._key(n, b) for n in names] for b in window]
-        try:  # the Dask graph built once per stream, run by the synchronous scheduler: no per-window graph
-            parts = get_sync(self._graph, keys)
+        try:  # the Dask graph built once per stream, culled to this window, run synchronously
+            parts = self._get(keys)
         except Exception:
             parts = [self._read_block(b, k) for b, k in zip(window, keys, strict=True)]  # name the rows
         arrays = {n: np.concatenate([p[i][b.lo:b.hi] for p, b in zip(parts, window, strict=True)])
@@ -117,13 +118,19 @@ class CacheStream:
         perm = np.random.default_rng([self.seed, epoch, k]).permutation(len(arrays[IDS]))
         return arrays, perm
 
+    def _get(self, keys: list):
+        """Compute ``keys`` (nested lists) on the synchronous scheduler, over only the tasks
+        they need (ordering the whole cache's graph per window cost more than the reads)."""
+        flat = [k for ks in keys for k in (ks if isinstance(ks, list) else [ks])]
+        return get_sync(cull(self._graph, flat)[0], keys)
+
     def _key(self, name: str, b: Block) -> tuple:
         a = self.reader.arrays[name]
         return (a.name, b.index) + (0,) * (a.ndim - 1)
 
     def _read_block(self, b: Block, keys: list):
         try:
-            return get_sync(self._graph, keys)
+            return self._get(keys)
         except Exception as e:  # a checksum or truncation error says nothing of where: say it
             rows = f"{b.start + b.lo}:{b.start + b.hi}"
             raise ValueError(f"cache {self.reader.path!r}: reading rows {rows} "
