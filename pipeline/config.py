@@ -128,6 +128,9 @@ class StudentConfig:
     arch: StudentArch = StudentArch.mlp
     hidden: list[int] = field(default_factory=lambda: [256, 256])
     channels: int = 16
+    # any torch module instead of the zoo: import path of the class and its kwargs
+    _target_: str | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

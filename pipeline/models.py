@@ -47,7 +47,25 @@ def mlp(in_features: int, hidden: list[int], num_classes: int) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+def _import(target: str, what: str):
+    module_name, _, cls_name = target.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), cls_name)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise ValueError(f"{what}._target_={target!r} could not be imported: {e}") from e
+
+
 def build_student(spec: StudentConfig, in_features: int, num_classes: int) -> nn.Module:
+    """A zoo student, or any torch module named by ``_target_``; its output must be
+    (batch, num_classes) for (batch, in_features) inputs."""
+    if spec._target_:
+        model = _import(spec._target_, "student")(**dict(spec.kwargs))
+        with torch.no_grad():
+            out = model(torch.zeros(2, in_features))
+        if tuple(out.shape) != (2, num_classes):
+            raise ValueError(f"student {spec._target_} maps (batch, {in_features}) inputs to {tuple(out.shape[1:])}; "
+                             f"the cache holds {num_classes} classes: make its output width {num_classes}")
+        return model
     arch = spec.arch.value
     if arch == "linear":
         return nn.Linear(in_features, num_classes)
@@ -59,12 +77,7 @@ def build_student(spec: StudentConfig, in_features: int, num_classes: int) -> nn
 def build_teacher(cfg: TeacherConfig, in_features: int, num_classes: int) -> nn.Module:
     if cfg._target_ is None:
         return CNN1d(in_features, num_classes, cfg.channels)
-    module_name, _, cls_name = cfg._target_.rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module_name), cls_name)
-    except (ImportError, AttributeError, ValueError) as e:
-        raise ValueError(f"teacher._target_={cfg._target_!r} could not be imported: {e}") from e
-    return cls(**dict(cfg.kwargs))
+    return _import(cfg._target_, "teacher")(**dict(cfg.kwargs))
 
 
 def count_params(model: nn.Module) -> int:

@@ -51,3 +51,15 @@ def test_explicit_missing_device_is_an_error():
     assert choose_device("auto").type == "cpu"
     with pytest.raises(ValueError, match="fp16 is not supported on CPU"):
         autocast(torch.device("cpu"), "fp16")
+
+
+def test_any_torch_module_as_a_student():
+    from pipeline.models import build_student
+
+    cfg = validate(compose_config("student=mlp", "student.mlp._target_=torch.nn.Linear",
+                                  "+student.mlp.kwargs.in_features=40", "+student.mlp.kwargs.out_features=10"))
+    model = build_student(cfg.student["mlp"], 40, 10)
+    assert isinstance(model, torch.nn.Linear) and model.out_features == 10
+    cfg.student["mlp"].kwargs["out_features"] = 7
+    with pytest.raises(ValueError, match="make its output width 10"):
+        build_student(cfg.student["mlp"], 40, 10)
