@@ -50,8 +50,8 @@ class Stats:
     nonfinite: dict = field(default_factory=dict)  # shard index -> non-finite values
 
     def __add__(self, o: Stats) -> Stats:
-        cov = o.coverage if not len(self.coverage) else (self.coverage + o.coverage if len(o.coverage) else
-                                                          self.coverage)
+        cov = self.coverage + o.coverage if len(self.coverage) and len(o.coverage) else \
+            (self.coverage if len(self.coverage) else o.coverage)  # an empty block has no curve
         nf = dict(self.nonfinite)
         for k, v in o.nonfinite.items():
             nf[k] = nf.get(k, 0) + v

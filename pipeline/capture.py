@@ -82,8 +82,9 @@ def _check_logits(logits: torch.Tensor, first_row: int, cfg: Config) -> None:
     if bad.any():
         rows = (torch.nonzero(bad).flatten()[:10] + first_row).tolist()
         raise ValueError(f"teacher produced non-finite logits at rows {rows}; refusing to cache them")
-    if cfg.cache.dtype.value == "float16" and logits.abs().max() > 65504:
-        raise ValueError(f"teacher logits reach {logits.abs().max().item():.4g}, beyond float16's range; "
+    peak = logits.abs().max().item() if cfg.cache.dtype.value == "float16" else 0.0
+    if peak > 65504:
+        raise ValueError(f"teacher logits reach {peak:.4g}, beyond float16's range; "
                          "use cache.dtype=bfloat16 or float32")
 
 

@@ -9,7 +9,6 @@ Every source ends as a :class:`Splits` of NumPy arrays in a fixed order,
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import shutil
@@ -18,6 +17,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from pipeline.cache.fingerprint import hash_json
 from pipeline.config import DataConfig, DataSource
 
 log = logging.getLogger(__name__)
@@ -83,7 +83,7 @@ def load_splits(cfg: DataConfig, root: str) -> Splits:
 def _config_key(cfg: DataConfig) -> str:
     fields = {k: v for k, v in asdict(cfg).items() if k in
               ("train_size", "transfer_size", "test_size", "seed", "transfer_seed")}
-    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]
+    return hash_json(fields)[:10]
 
 
 def make_mnist1d(cfg: DataConfig):

@@ -6,8 +6,6 @@ The teacher is never imported or built here: its test-split logits come from the
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import time
@@ -18,6 +16,7 @@ import numpy as np
 import torch
 
 from pipeline.cache import CacheReader
+from pipeline.cache.fingerprint import hash_json
 from pipeline.config import Config, StudentConfig
 from pipeline.datasets import Splits
 from pipeline.device import choose_device
@@ -76,7 +75,7 @@ def state_path(cfg: Config, root: str, reader: CacheReader, name: str, spec: Stu
     if not cfg.train.resume:
         return None
     ident = {"student": asdict(spec), "loss": asdict(cfg.loss), "train": asdict(cfg.train)}
-    key = hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    key = hash_json(ident)[:12]
     cache = os.path.basename(reader.path.rstrip("/"))
     return os.path.join(root, "students", cache, f"{name}-{cfg.loss.distance.value}-{key}", "state.pt")
 

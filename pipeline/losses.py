@@ -111,40 +111,40 @@ def _reduce(rows: torch.Tensor, mask, weights, reduction: str) -> torch.Tensor:
 # --- the public losses ----------------------------------------------------------------------
 
 
+def _dispatch(student: torch.Tensor, arrays: tuple, torch_rows: Callable, kernel: Callable, *, mask, weights,
+              reduction: str, coef: float) -> torch.Tensor:
+    """CUDA tensors: the plain torch rows, reduced. CPU tensors: the Numba kernel (loss and
+    gradient in one pass) through the autograd bridge, on zero-copy NumPy views."""
+    if student.device.type != "cpu":
+        rows = torch_rows(student, *(torch.as_tensor(a, device=student.device) for a in arrays))
+        return coef * _reduce(rows, mask, weights, reduction)
+    views = [_np(a) for a in arrays]
+    m, w = _np(mask), _np(weights)
+    return _Kernel.apply(student, lambda s: kernel(s, *views, mask=m, weights=w, reduction=reduction, coef=coef))
+
+
 def distance_loss(name: str, student: torch.Tensor, teacher, *, temperature: float = 1.0, beta: float = 0.5,
                   mask=None, weights=None, reduction: str = "mean", coef: float = 1.0) -> torch.Tensor:
     """``coef`` times a dense distance between (B, C) student logits and teacher logits."""
-    if student.device.type != "cpu":
-        t = torch.as_tensor(teacher, device=student.device)
-        return coef * _reduce(torch_distance(name, student, t, temperature, beta), mask, weights, reduction)
-    t = _np(teacher)
-    return _Kernel.apply(student, lambda s: kernels.distance(
-        name, s, t, temperature=temperature, beta=beta, mask=_np(mask), weights=_np(weights), reduction=reduction,
-        coef=coef))
+    return _dispatch(student, (teacher,), lambda s, t: torch_distance(name, s, t, temperature, beta),
+                     lambda s, t, **kw: kernels.distance(name, s, t, temperature=temperature, beta=beta, **kw),
+                     mask=mask, weights=weights, reduction=reduction, coef=coef)
 
 
 def topk_kl_loss(student: torch.Tensor, idx, val, lse, *, temperature: float = 1.0, mask=None, weights=None,
                  reduction: str = "mean", coef: float = 1.0) -> torch.Tensor:
-    if student.device.type != "cpu":
-        dev = student.device
-        rows = torch_topk_kl(student, torch.as_tensor(idx, device=dev), torch.as_tensor(val, device=dev),
-                             torch.as_tensor(lse, device=dev), temperature)
-        return coef * _reduce(rows, mask, weights, reduction)
-    i, v, l_ = _np(idx), _np(val), _np(lse)
-    return _Kernel.apply(student, lambda s: kernels.topk_kl(
-        s, i, v, l_, temperature=temperature, mask=_np(mask), weights=_np(weights), reduction=reduction, coef=coef))
+    """``coef`` times the top-K + tail KL (:func:`pipeline.kernels.topk_kl`)."""
+    return _dispatch(student, (idx, val, lse), lambda s, *a: torch_topk_kl(s, *a, temperature),
+                     lambda s, *a, **kw: kernels.topk_kl(s, *a, temperature=temperature, **kw),
+                     mask=mask, weights=weights, reduction=reduction, coef=coef)
 
 
 def sampled_kl_loss(student: torch.Tensor, idx, counts, entropy, *, temperature: float = 1.0, mask=None,
                     weights=None, reduction: str = "mean", coef: float = 1.0) -> torch.Tensor:
-    if student.device.type != "cpu":
-        dev = student.device
-        rows = torch_sampled_kl(student, torch.as_tensor(idx, device=dev), torch.as_tensor(counts, device=dev),
-                                torch.as_tensor(entropy, device=dev), temperature)
-        return coef * _reduce(rows, mask, weights, reduction)
-    i, c, e = _np(idx), _np(counts), _np(entropy)
-    return _Kernel.apply(student, lambda s: kernels.sampled_kl(
-        s, i, c, e, temperature=temperature, mask=_np(mask), weights=_np(weights), reduction=reduction, coef=coef))
+    """``coef`` times the unbiased sampled KL estimate (:func:`pipeline.kernels.sampled_kl`)."""
+    return _dispatch(student, (idx, counts, entropy), lambda s, *a: torch_sampled_kl(s, *a, temperature),
+                     lambda s, *a, **kw: kernels.sampled_kl(s, *a, temperature=temperature, **kw),
+                     mask=mask, weights=weights, reduction=reduction, coef=coef)
 
 
 def kl_divergence(student: torch.Tensor, teacher, temperature: float) -> torch.Tensor:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 from dataclasses import asdict
 
 import torch
 
+from pipeline.cache.fingerprint import hash_json
 from pipeline.config import Config
 from pipeline.datasets import Splits
 from pipeline.models import build_teacher, count_params, load_weights, save_checkpoint
@@ -20,7 +19,7 @@ log = logging.getLogger(__name__)
 
 def default_checkpoint_dir(cfg: Config, root: str) -> str:
     ident = {"data": asdict(cfg.data), "fit": asdict(cfg.teacher.fit), "channels": cfg.teacher.channels}
-    key = hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    key = hash_json(ident)[:12]
     return os.path.join(root, "teachers", f"{cfg.teacher.name}-{cfg.data.name}-{key}")
 
 

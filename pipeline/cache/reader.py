@@ -77,12 +77,16 @@ class CacheReader:
 
 
 def open_cache(path: str, *, expected: dict | None = None, allow_partial: bool = False,
-               storage_options: dict | None = None) -> CacheReader:
-    """Open the cache at ``path`` (local or fsspec URL). ``expected`` holds fingerprint
-    fields to check; an incomplete cache is refused (naming the missing shards) unless
-    ``allow_partial``."""
+               storage_options: dict | None = None, num_classes: int | None = None) -> CacheReader:
+    """Open the cache at ``path`` (local or fsspec URL). ``num_classes`` is checked first
+    (the commonest mistake, with its fix), then the fingerprint fields in ``expected``; an
+    incomplete cache is refused (naming the missing shards) unless ``allow_partial``."""
     storage = Storage(path, storage_options)
     m = read_manifest(storage)
+    if num_classes is not None and m.num_classes != num_classes:
+        raise ValueError(f"cache {path!r} holds teacher outputs over {m.num_classes} classes, but this run has "
+                         f"data.num_classes={num_classes} (the students' output width): set "
+                         f"data.num_classes={m.num_classes}, or capture a cache for this data with stage 1")
     if expected is not None:
         check_fingerprint(m.fingerprint, expected, path)
     if not m.complete:
@@ -115,14 +119,9 @@ def _check_shards_present(storage: Storage, m: Manifest) -> None:
 
 
 def open_for_run(cfg, root: str, dataset_hash: str) -> CacheReader:
-    """The cache this run's config points at, checked against it: class count first (the
-    commonest mistake, with the fix), then every fingerprint field it can know."""
+    """The cache this run's config points at, checked against it: class count, then every
+    fingerprint field the config and data can know."""
     from pipeline.cache.fingerprint import cache_location, expected_fields
 
-    path = cache_location(cfg, root)
-    m = read_manifest(Storage(path, cfg.cache.storage_options))
-    if m.num_classes != cfg.data.num_classes:
-        raise ValueError(f"cache {path!r} holds teacher outputs over {m.num_classes} classes, but this run has "
-                         f"data.num_classes={cfg.data.num_classes} (the students' output width): set "
-                         f"data.num_classes={m.num_classes}, or capture a cache for this data with stage 1")
-    return open_cache(path, expected=expected_fields(cfg, dataset_hash), storage_options=cfg.cache.storage_options)
+    return open_cache(cache_location(cfg, root), expected=expected_fields(cfg, dataset_hash),
+                      storage_options=cfg.cache.storage_options, num_classes=cfg.data.num_classes)

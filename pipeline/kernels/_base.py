@@ -150,6 +150,14 @@ def _tval(t, i, j, table):
     return lambda t, i, j, table: t[i, j]
 
 
+@nb.njit(inline="always")
+def zero_row(loss, grad, i):
+    """A skipped row (masked, or refused): zero loss and zero gradient."""
+    loss[i] = 0.0
+    for j in range(grad.shape[1]):
+        grad[i, j] = 0.0
+
+
 @nb.njit(inline="always", fastmath=FASTMATH)
 def row_max(s, t, i, table):
     s_max = like(s, -np.inf)

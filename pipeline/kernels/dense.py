@@ -26,17 +26,10 @@ import math
 
 import numba as nb
 
-from pipeline.kernels._base import FASTMATH, is_finite, like, row_max, tval, vexp, vlog
+from pipeline.kernels._base import FASTMATH, is_finite, like, row_max, tval, vexp, vlog, zero_row
 
 _EPS = 1e-8
 _JIT = {"parallel": True, "cache": True, "fastmath": FASTMATH}
-
-
-@nb.njit(inline="always")
-def _zero_row(loss, grad, i):
-    loss[i] = 0.0
-    for j in range(grad.shape[1]):
-        grad[i, j] = 0.0
 
 
 @nb.njit(inline="always", fastmath=FASTMATH)
@@ -46,7 +39,7 @@ def _softmax_start(s, t, table, inv_t, w, loss, grad, bad, i):
     ``grad``. Returns (go, s_max, t_max, s_sum, t_sum)."""
     zero = like(s, 0.0)
     if w[i] == 0.0:
-        _zero_row(loss, grad, i)
+        zero_row(loss, grad, i)
         return False, zero, zero, zero, zero
     s_max, t_max = row_max(s, t, i, table)
     s_sum = like(s, 0.0)
@@ -150,7 +143,7 @@ def mse_rows(s, t, table, w, scale, loss, grad, bad):
     inv_c = like(s, 1.0 / c)
     for i in nb.prange(n):
         if w[i] == 0.0:
-            _zero_row(loss, grad, i)
+            zero_row(loss, grad, i)
             continue
         acc = like(s, 0.0)
         g = like(s, scale * w[i] * 2.0 / c)
@@ -168,7 +161,7 @@ def cosine_rows(s, t, table, w, scale, loss, grad, bad):
     n, c = s.shape
     for i in nb.prange(n):
         if w[i] == 0.0:
-            _zero_row(loss, grad, i)
+            zero_row(loss, grad, i)
             continue
         dot = like(s, 0.0)
         ss = like(s, 0.0)
@@ -195,7 +188,7 @@ def euclidean_rows(s, t, table, w, scale, loss, grad, bad):
     n, c = s.shape
     for i in nb.prange(n):
         if w[i] == 0.0:
-            _zero_row(loss, grad, i)
+            zero_row(loss, grad, i)
             continue
         acc = like(s, 0.0)
         for j in range(c):

@@ -18,7 +18,7 @@ from __future__ import annotations
 import numba as nb
 import numpy as np
 
-from pipeline.kernels._base import FASTMATH, is_finite, like, vexp, vlog
+from pipeline.kernels._base import FASTMATH, is_finite, like, vexp, vlog, zero_row
 
 _JIT = {"parallel": True, "cache": True, "fastmath": FASTMATH}
 
@@ -31,9 +31,7 @@ def topk_kl_rows(s, idx, val, lse, temperature, w, scale, loss, grad, bad):
     for i in nb.prange(n):
         if w[i] == 0.0 or not is_finite(lse[i]):
             bad[i] = w[i] != 0.0
-            loss[i] = 0.0
-            for j in range(c):
-                grad[i, j] = 0.0
+            zero_row(loss, grad, i)
             continue
         s_max = like(s, -np.inf)
         for j in range(c):
@@ -83,9 +81,7 @@ def sampled_kl_rows(s, idx, cnt, ent, temperature, w, scale, loss, grad, bad):
     inv_t = like(s, 1.0 / temperature)
     for i in nb.prange(n):
         if w[i] == 0.0:
-            loss[i] = 0.0
-            for j in range(c):
-                grad[i, j] = 0.0
+            zero_row(loss, grad, i)
             continue
         s_max = like(s, -np.inf)
         for j in range(c):
