@@ -1,0 +1,124 @@
+"""Stage 1 and the losses on a CUDA device, checked against the CPU path in one run.
+
+    python bench/cuda_check.py [--root DIR] [--rows 20000]
+
+On a machine with CUDA: captures the same rows with the same teacher on the CPU, on CUDA
+in fp32 and on CUDA under bf16 autocast; checks the host buffers are pinned, the caches
+verify, and the CUDA logits match the CPU's (fp32 to float16 rounding, bf16 by argmax
+agreement and max error); then checks every distance's torch path on CUDA against the
+Numba kernels on the CPU (values and gradients). Without CUDA it says so and exits 0.
+The last line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+
+import numpy as np
+import torch
+from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
+
+from pipeline.cache import open_cache
+from pipeline.capture import _host_buffers, capture_logits, plan_manifest
+from pipeline.config import register, validate
+from pipeline.datasets import load_splits
+from pipeline.losses import distance_loss, sampled_kl_loss, topk_kl_loss
+from pipeline.representations import sample_counts
+from pipeline.teacher import obtain_teacher
+
+
+def config(root: str, rows: int, device: str, precision: str):
+    with initialize_config_module(config_module="pipeline.conf", version_base=None):
+        return validate(OmegaConf.to_object(compose(config_name="config", overrides=[
+            f"paths.root={root}", f"data.transfer_size={rows}", f"teacher.device={device}",
+            f"teacher.precision={precision}", "cache.modes=[full,topk,sampled]", "cache.k=4"])))
+
+
+def capture(root: str, rows: int, device: str, precision: str) -> tuple[np.ndarray, dict, float]:
+    cfg = config(root, rows, device, precision)
+    splits = load_splits(cfg.data, root)
+    teacher, _ = obtain_teacher(cfg, splits, root)
+    url = f"{root}/cache-{len(os.listdir(root))}-{device}-{precision}"
+    t0 = time.perf_counter()
+    capture_logits(teacher, splits, cfg, url)
+    took = time.perf_counter() - t0
+    reader = open_cache(url)
+    reader.verify()
+    info = {"pinned": None}
+    if device == "cuda":
+        m = plan_manifest(cfg, splits, teacher.to(device))
+        info["pinned"] = all(b.is_pinned() for b in _host_buffers(m, 8, torch.device(device)).values())
+    return reader.logits.compute().astype(np.float32), info, took
+
+
+def check_losses(device: str) -> dict:
+    """The torch path on CUDA against the Numba kernels on the CPU, values and gradients."""
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(512, 1000, generator=g) * 3
+    t = torch.randn(512, 1000, generator=g) * 3
+    out = {}
+    for name in ("kl", "reverse_kl", "js", "mse", "cosine", "euclidean"):
+        vals, grads = [], []
+        for dev in ("cpu", device):
+            x = s.to(dev).requires_grad_()
+            loss = distance_loss(name, x, t.to(dev), temperature=2.0)
+            loss.backward()
+            vals.append(loss.item())
+            grads.append(x.grad.cpu())
+        out[name] = {"value_rel_err": abs(vals[0] - vals[1]) / max(abs(vals[0]), 1e-12),
+                     "grad_max_err": (grads[0] - grads[1]).abs().max().item()}
+    val, idx = torch.topk(t, 16, dim=1)  # a wide vocabulary: 1000 columns
+    lse = torch.logsumexp(t / 2, 1)
+    counts_idx, counts = sample_counts(t, 16, 2.0, torch.Generator().manual_seed(1))
+    logp = torch.log_softmax(t / 2, 1)
+    ent = -(logp.exp() * logp).sum(1)
+    for name, fn, args in (("topk_kl", topk_kl_loss, (idx.int(), val.half(), lse)),
+                           ("sampled_kl", sampled_kl_loss, (counts_idx, counts, ent))):
+        vals, grads = [], []
+        for dev in ("cpu", device):
+            x = s.to(dev).requires_grad_()
+            a = [v.numpy() if dev == "cpu" else v.to(dev) for v in args]
+            loss = fn(x, *a, temperature=2.0)
+            loss.backward()
+            vals.append(loss.item())
+            grads.append(x.grad.cpu())
+        out[name] = {"value_rel_err": abs(vals[0] - vals[1]) / max(abs(vals[0]), 1e-12),
+                     "grad_max_err": (grads[0] - grads[1]).abs().max().item()}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--root", default=None)
+    ap.add_argument("--rows", type=int, default=20_000)
+    ap.add_argument("--device", default="cuda", help="cpu runs the same checks CPU against CPU (a dry run)")
+    args = ap.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print(json.dumps({"cuda": False, "note": "no CUDA device here; nothing checked"}))
+        return
+    register()
+    root = args.root or tempfile.mkdtemp(prefix="cuda-check-")
+    cpu, _, t_cpu = capture(root, args.rows, "cpu", "fp32")
+    f32, info, t_f32 = capture(root, args.rows, args.device, "fp32")
+    b16, _, t_b16 = capture(root, args.rows, args.device, "bf16")
+    res = {
+        "cuda": True, "gpu": torch.cuda.get_device_name(0) if args.device == "cuda" else None, "torch": torch.__version__, "rows": len(cpu),
+        "pinned_host_buffers": info["pinned"],
+        "capture_s": {"cpu_fp32": t_cpu, "device_fp32": t_f32, "device_bf16": t_b16},
+        "fp32_max_abs_err_vs_cpu": float(np.abs(f32 - cpu).max()),
+        "fp32_argmax_agree": float((f32.argmax(1) == cpu.argmax(1)).mean()),
+        "bf16_max_abs_err_vs_cpu": float(np.abs(b16 - cpu).max()),
+        "bf16_argmax_agree": float((b16.argmax(1) == cpu.argmax(1)).mean()),
+        "losses_cuda_vs_cpu": check_losses(args.device),
+    }
+    print(json.dumps(res, indent=1))
+    print(json.dumps(res))
+
+
+if __name__ == "__main__":
+    main()
