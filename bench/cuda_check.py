@@ -65,7 +65,7 @@ def check_losses(device: str) -> dict:
     for name in ("kl", "reverse_kl", "js", "mse", "cosine", "euclidean"):
         vals, grads = [], []
         for dev in ("cpu", device):
-            x = s.to(dev).requires_grad_()
+            x = s.to(dev, copy=True).requires_grad_()  # a leaf on each device
             loss = distance_loss(name, x, t.to(dev), temperature=2.0)
             loss.backward()
             vals.append(loss.item())
@@ -81,7 +81,7 @@ def check_losses(device: str) -> dict:
                            ("sampled_kl", sampled_kl_loss, (counts_idx, counts, ent))):
         vals, grads = [], []
         for dev in ("cpu", device):
-            x = s.to(dev).requires_grad_()
+            x = s.to(dev, copy=True).requires_grad_()  # a leaf on each device
             a = [v.numpy() if dev == "cpu" else v.to(dev) for v in args]
             loss = fn(x, *a, temperature=2.0)
             loss.backward()

@@ -74,18 +74,26 @@ def check_size(m: Manifest, max_full_gb: float) -> None:
                          f"[sampled], or raise cache.max_full_gb")
 
 
-def _check_logits(logits: torch.Tensor, first_row: int, cfg: Config) -> None:
+def _check_shape(logits: torch.Tensor, cfg: Config) -> None:
     if logits.ndim != 2 or logits.shape[1] != cfg.data.num_classes:
         raise ValueError(f"teacher output has shape {tuple(logits.shape)}; expected (batch, {cfg.data.num_classes}) "
                          "= data.num_classes: set data.num_classes to the teacher's output width")
-    bad = ~torch.isfinite(logits).all(dim=1)
-    if bad.any():
-        rows = (torch.nonzero(bad).flatten()[:10] + first_row).tolist()
+
+
+def _check_values(finite: torch.Tensor, peak: float, first_row: int, cfg: Config) -> None:
+    """Refuse non-finite rows (``finite``: one flag per row) and float16 overflow."""
+    if not finite.all():
+        rows = (torch.nonzero(~finite).flatten()[:10] + first_row).tolist()
         raise ValueError(f"teacher produced non-finite logits at rows {rows}; refusing to cache them")
-    peak = logits.abs().max().item() if cfg.cache.dtype.value == "float16" else 0.0
-    if peak > 65504:
+    if cfg.cache.dtype.value == "float16" and peak > 65504:
         raise ValueError(f"teacher logits reach {peak:.4g}, beyond float16's range; "
                          "use cache.dtype=bfloat16 or float32")
+
+
+def _check_logits(logits: torch.Tensor, first_row: int, cfg: Config) -> None:
+    """Shape, finiteness and range of one batch (capture checks values once per shard)."""
+    _check_shape(logits, cfg)
+    _check_values(torch.isfinite(logits).all(dim=1), logits.abs().max().item(), first_row, cfg)
 
 
 def _host_buffers(m: Manifest, rows: int, device: torch.device) -> dict[str, torch.Tensor]:
@@ -100,13 +108,19 @@ def capture_shard(teacher, x: np.ndarray, shard: ShardRecord, m: Manifest, cfg: 
     """Every array of one shard: teacher forward in batches, representations on the device."""
     buffers = _host_buffers(m, shard.rows, device)
     gen = torch.Generator(device=device).manual_seed(shard.index)  # resumable sampling: seeded per shard
+    finite = torch.empty(shard.rows, dtype=torch.bool, device=device)
+    peak = torch.zeros((), device=device)
     for i in range(0, shard.rows, cfg.teacher.batch_size):
         xb = torch.from_numpy(x[i:i + cfg.teacher.batch_size]).to(device, non_blocking=True)
         with autocast(device, cfg.teacher.precision.value):
             logits = teacher(xb).float()  # (B, C)
-        _check_logits(logits, shard.start + i, cfg)
-        for name, values in represent(logits, m, gen).items():
+        _check_shape(logits, cfg)
+        finite[i:i + len(xb)] = torch.isfinite(logits).all(dim=1)  # checked once per shard: no
+        peak = torch.maximum(peak, logits.abs().amax())  # device sync per batch
+        safe = logits.nan_to_num(0.0, 0.0, 0.0) if "sampled" in m.modes else logits  # no NaN into multinomial:
+        for name, values in represent(safe, m, gen).items():  # such rows are refused below, never written
             buffers[name][i:i + len(xb)].copy_(values, non_blocking=True)
+    _check_values(finite.cpu(), peak.item(), shard.start, cfg)  # before anything is handed to the writer
     if device.type == "cuda":
         torch.cuda.current_stream(device).synchronize()  # the non-blocking copies have landed
     arrays = host_arrays(buffers, m)

@@ -265,3 +265,29 @@ def test_capture_refuses_non_finite_teacher_output():
         _check_logits(logits, 100, cfg)
     with pytest.raises(ValueError, match="expected \\(batch, 10\\)"):
         _check_logits(torch.zeros(4, 7), 0, cfg)
+
+
+def test_capture_refuses_a_non_finite_row_before_writing(tmp_path):
+    """Values are checked once per shard (no device sync per batch): a NaN row in the middle of
+    a shard, with sampling on (multinomial must never see it), is named and nothing is committed."""
+    from pipeline.cache import open_cache
+    from pipeline.capture import capture_logits
+    from pipeline.datasets import Split, Splits
+    from tests.conftest import compose_config
+
+    class Poisoned(torch.nn.Module):
+        def forward(self, x):
+            out = x[:, :10].clone()
+            out[x[:, 0] == 37.0] = float("nan")
+            return out
+
+    x = np.arange(300 * 12, dtype=np.float32).reshape(300, 12) % 40
+    x[:, 0] = np.arange(300)
+    splits = Splits({name: Split(name, x[i * 100:(i + 1) * 100], np.zeros(100, np.int64))
+                     for i, name in enumerate(("transfer", "train", "test"))}, num_classes=10)
+    cfg = compose_config("cache.modes=[full,sampled]", "teacher.batch_size=16", "cache.k=4")
+    url = str(tmp_path / "c")
+    with pytest.raises(ValueError, match=r"non-finite logits at rows \[37\]"):
+        capture_logits(Poisoned(), splits, cfg, url)
+    with pytest.raises(Exception, match="incomplete|not complete|partial|manifest"):
+        open_cache(url)
