@@ -5,6 +5,7 @@ import pytest
 
 from pipeline.cache import open_cache
 from pipeline.stream import CacheStream
+from tests.conftest import write_cache
 
 
 def _ids(stream):
@@ -59,3 +60,33 @@ def test_state_from_another_seed_is_refused(tiny_cache):
     s = CacheStream(open_cache(tiny_cache), splits=("train",), batch_size=8, seed=5)
     with pytest.raises(ValueError, match="seed"):
         s.load_state_dict({"epoch": 0, "position": 1, "seed": 6})
+
+
+@pytest.mark.parametrize("backend,dtype", [("zarr", "bfloat16"), ("arrow", "float16"), ("arrow", "bfloat16"),
+                                           ("zarr", "float32")])
+def test_every_backend_and_dtype_streams_the_cached_values(tmp_path, tiny_logits, backend, dtype):
+    """Rows read into the reused window buffers equal the whole cache read through Dask,
+    across epochs (a stale buffer would show as another row's values)."""
+    path = str(tmp_path / "c")
+    write_cache(path, tiny_logits, dtype=dtype, backend=backend, modes=("full", "topk"))
+    r = open_cache(path)
+    whole = {n: a.compute() for n, a in r.arrays.items()}
+    s = CacheStream(r, splits=("train",), batch_size=9, seed=0, shuffle_window=1, prefetch=1)
+    for _ in range(3):
+        seen = []
+        for b in s:
+            for name, values in b.items():
+                assert values.dtype == whole[name].dtype, name
+                np.testing.assert_array_equal(values, whole[name][b["ids"]], err_msg=name)
+            seen.append(b["ids"])
+        assert sorted(np.concatenate(seen).tolist()) == list(range(100))
+    assert len(s._buffers) <= s.prefetch + 2  # the ring, not one buffer per window
+
+
+def test_non_finite_bfloat16_rows_are_named(tmp_path, tiny_logits):
+    bad = tiny_logits.copy()
+    bad[[5, 70]] = np.inf
+    path = str(tmp_path / "c")
+    write_cache(path, bad, dtype="bfloat16")
+    with pytest.raises(ValueError, match=r"non-finite logits at ids \[(5, 70|70, 5)\] \(2 rows\)"):
+        _ids(CacheStream(open_cache(path), splits=("train",), batch_size=8, seed=0, shuffle_window=16))

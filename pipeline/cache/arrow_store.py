@@ -10,6 +10,7 @@ data_files=...)`` read the shards with no project code.
 from __future__ import annotations
 
 import io
+from collections import OrderedDict
 
 import dask.array as da
 import numpy as np
@@ -80,6 +81,30 @@ def read_shard(storage: Storage, m: Manifest, shard: ShardRecord) -> dict[str, n
 
 def _read_block(storage: Storage, index: int, batch: int, name: str, shape: tuple[int, ...]) -> np.ndarray:
     return _to_numpy(_open(storage, index).get_batch(batch).column(name), shape)
+
+
+def block_reader(storage: Storage, m: Manifest, keep: int = 4):
+    """``read(requests)``: for each ``(name, start, stop, out)``, rows ``[start, stop)`` (inside
+    one record batch) of one array copied into ``out``. The last ``keep`` shard files opened stay open (memory-mapped
+    locally, held in memory from object storage), so memory does not grow with the cache."""
+    specs, files = array_specs(m), OrderedDict()
+
+    def read_one(name: str, start: int, stop: int, out: np.ndarray) -> None:
+        shard = m.shards[start // m.shard_rows]
+        if shard.index not in files:
+            files[shard.index] = _open(storage, shard.index)
+            while len(files) > keep:
+                files.popitem(last=False)
+        files.move_to_end(shard.index)
+        j, offset = divmod(start - shard.start, m.chunk_rows)
+        col = _to_numpy(files[shard.index].get_batch(j).column(name), specs[name][0])
+        out[...] = col[offset:offset + stop - start]
+
+    def read(requests: list[tuple[str, int, int, np.ndarray]]) -> None:
+        for request in requests:
+            read_one(*request)
+
+    return read
 
 
 def dask_arrays(storage: Storage, m: Manifest) -> dict[str, da.Array]:

@@ -11,6 +11,8 @@ import dask.array as da
 import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
+from zarr.core.buffer.cpu import NDBuffer
+from zarr.core.sync import sync
 
 from pipeline.cache.format import IDS, Manifest, ShardRecord, array_specs, bf16_arrays
 from pipeline.cache.storage import Storage, fault_pause
@@ -51,6 +53,24 @@ def remove_shard(storage: Storage, m: Manifest, shard: ShardRecord) -> None:
 def read_shard(storage: Storage, m: Manifest, shard: ShardRecord) -> dict[str, np.ndarray]:
     group = zarr.open_group(storage.zarr_store(read_only=True), mode="r")
     return {name: group[name][shard.start:shard.stop] for name in array_specs(m)}
+
+
+def block_reader(storage: Storage, m: Manifest):
+    """``read(requests)``: for each ``(name, start, stop, out)``, rows ``[start, stop)`` of one
+    array decoded straight into ``out`` (stored dtype). Nothing is allocated and filled first,
+    and one hand-off to Zarr's event loop serves the whole list: zarr-python spends about 1 ms
+    of CPU per call, more than decoding a 2 MB chunk."""
+    group = zarr.open_group(storage.zarr_store(read_only=True), mode="r")
+    handles = {name: group[name].async_array for name in array_specs(m)}
+
+    async def read_all(requests) -> None:
+        for name, start, stop, out in requests:
+            await handles[name].get_orthogonal_selection((slice(start, stop),), out=NDBuffer.from_ndarray_like(out))
+
+    def read(requests: list[tuple[str, int, int, np.ndarray]]) -> None:
+        sync(read_all(requests))
+
+    return read
 
 
 def dask_arrays(storage: Storage, m: Manifest) -> dict[str, da.Array]:

@@ -175,7 +175,7 @@ def teacher_view(teacher: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(teacher), NO_TABLE
 
 
-@nb.njit(parallel=False, cache=True)
+@nb.njit(parallel=False, cache=True, nogil=True)  # the stream checks on its prefetch thread
 def _bits_all_finite(bits, exp_mask):
     for i in range(bits.size):
         if bits[i] & exp_mask == exp_mask:
