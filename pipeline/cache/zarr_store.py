@@ -57,7 +57,7 @@ def read_shard(storage: Storage, m: Manifest, shard: ShardRecord) -> dict[str, n
 
 def block_reader(storage: Storage, m: Manifest):
     """``read(requests)``: for each ``(name, start, stop, out)``, rows ``[start, stop)`` of one
-    array decoded straight into ``out`` (stored dtype). Nothing is allocated and filled first,
+    array decoded straight into ``out`` (stored dtype). No output array is allocated per call,
     and one hand-off to Zarr's event loop serves the whole list: zarr-python spends about 1 ms
     of CPU per call, more than decoding a 2 MB chunk."""
     group = zarr.open_group(storage.zarr_store(read_only=True), mode="r")
