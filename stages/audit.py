@@ -9,7 +9,7 @@ import os
 from pipeline.audit import audit_cache, format_audit, plot_audit
 from pipeline.cache import open_for_run
 from pipeline.cluster import scheduler
-from pipeline.config import Config, resolve_root
+from pipeline.config import Config, Task, resolve_root
 from pipeline.datasets import load_splits
 from pipeline.derive import derive_for_run
 
@@ -18,6 +18,8 @@ log = logging.getLogger(__name__)
 
 def main(cfg: Config, run_dir: str) -> dict:
     root = resolve_root(cfg)
+    if cfg.task is Task.lm:
+        return lm_main(cfg, root, run_dir)
     splits = load_splits(cfg.data, root)
     reader = open_for_run(cfg, root, splits.content_hash())
     if cfg.verify:
@@ -44,3 +46,23 @@ def main(cfg: Config, run_dir: str) -> dict:
                          "(see audit.json per split); re-capture it")
     return report
 
+
+
+def lm_main(cfg: Config, root: str, run_dir: str) -> dict:
+    from pipeline.token_audit import audit_tokens, format_token_audit
+    from pipeline.token_capture import open_token_cache
+
+    reader, _ = open_token_cache(cfg, root)
+    if cfg.verify:
+        reader.verify()
+        log.info("verified %d shard checksums and the offsets", len(reader.manifest.shards))
+    with scheduler(cfg.dask.scheduler, cfg.dask.workers) as sched:
+        report = audit_tokens(reader, scheduler=sched)
+    report["cache"] = reader.path
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "audit.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    print("\n" + format_token_audit(report), flush=True)
+    if report["nonfinite"]:
+        raise ValueError(f"cache {reader.path!r} holds {report['nonfinite']} non-finite values; re-capture it")
+    return report

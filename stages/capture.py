@@ -9,7 +9,7 @@ import torch
 
 from pipeline.cache import cache_location
 from pipeline.capture import capture_logits
-from pipeline.config import Config, resolve_root
+from pipeline.config import Config, Task, resolve_root
 from pipeline.datasets import load_splits
 from pipeline.teacher import obtain_teacher
 
@@ -18,6 +18,8 @@ log = logging.getLogger(__name__)
 
 def main(cfg: Config, run_dir: str) -> str:
     root = resolve_root(cfg)
+    if cfg.task is Task.lm:
+        return lm_main(cfg, root)
     splits = load_splits(cfg.data, root)
     teacher, checkpoint = obtain_teacher(cfg, splits, root)
     cache_dir = cache_location(cfg, root)
@@ -27,4 +29,19 @@ def main(cfg: Config, run_dir: str) -> str:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     log.info("stage 1 done: teacher %s -> cache %s", checkpoint, cache_dir)
+    return cache_dir
+
+
+def lm_main(cfg: Config, root: str) -> str:
+    from pipeline.causal_lm import load_teacher
+    from pipeline.text import load_tokens
+    from pipeline.token_capture import capture_tokens, lm_cache_location
+
+    teacher = load_teacher(cfg.teacher)
+    data = load_tokens(cfg.data, root, teacher.tokenizer)
+    cache_dir = lm_cache_location(cfg, root, data)
+    capture_tokens(teacher, data, cfg, cache_dir)
+    del teacher
+    gc.collect()
+    log.info("stage 1 done: cache %s", cache_dir)
     return cache_dir

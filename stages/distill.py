@@ -8,7 +8,7 @@ import logging
 import os
 
 from pipeline.cache import open_for_run
-from pipeline.config import Config, resolve_root
+from pipeline.config import Config, Task, resolve_root
 from pipeline.datasets import load_splits
 from pipeline.distill import format_results, teacher_test_predictions, train_one
 from pipeline.leaderboard import update_leaderboard
@@ -18,6 +18,8 @@ log = logging.getLogger(__name__)
 
 def main(cfg: Config, run_dir: str) -> list[dict]:
     root = resolve_root(cfg)
+    if cfg.task is Task.lm:
+        return lm_main(cfg, root, run_dir)
     splits = load_splits(cfg.data, root)
     reader = open_for_run(cfg, root, splits.content_hash())
     t_pred = teacher_test_predictions(reader)
@@ -29,5 +31,19 @@ def main(cfg: Config, run_dir: str) -> list[dict]:
     print("\n" + format_results(rows), flush=True)
     board_dir = os.path.join(root, "leaderboards", os.path.basename(reader.path.rstrip("/")))
     update_leaderboard(board_dir, rows)
+    log.info("results: %s", os.path.join(run_dir, "results.json"))
+    return rows
+
+
+def lm_main(cfg: Config, root: str, run_dir: str) -> list[dict]:
+    from pipeline.device import choose_device
+    from pipeline.lm_distill import train_variant, variants, write_lm_results
+    from pipeline.token_capture import open_token_cache
+
+    reader, data = open_token_cache(cfg, root)
+    device = choose_device(cfg.train.device)
+    rows = [train_variant(name, spec, v, cfg, reader, data, device)
+            for name, spec in cfg.student.items() for v in variants(cfg)]
+    write_lm_results(run_dir, reader, rows)
     log.info("results: %s", os.path.join(run_dir, "results.json"))
     return rows

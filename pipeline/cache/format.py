@@ -10,6 +10,7 @@ one or more *representations* of the teacher's output:
 | ``topk``  | ``topk_idx`` (N, K) int32, ``topk_val`` (N, K) cache dtype: the K largest    |
 |           | logits; ``lse`` (N, M) float32: the exact logsumexp of the whole row of      |
 |           | logits/T at each of the M capture temperatures (so the tail mass is known)   |
+| (sequences) | ``offsets.npy`` (S+1,) int64 beside the manifest, its sha256 in it      |
 | ``sampled`` | ``sampled_idx`` (N, S) int32 distinct class ids drawn from softmax(t/Ts),  |
 |           | padded with -1; ``sampled_cnt`` (N, S) uint16 how often each was drawn (0 =  |
 |           | padding); ``sampled_ent`` (N,) float32 the teacher's entropy at Ts           |
@@ -33,6 +34,7 @@ from pipeline.cache.storage import Storage
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+OFFSETS = "offsets.npy"  # sequence tasks: sequence i owns rows offsets[i]:offsets[i + 1]
 COMMITS = "commits"  # one small record per committed shard, written after the shard itself
 IDS, LOGITS = "ids", "logits"
 TOPK_IDX, TOPK_VAL, LSE = "topk_idx", "topk_val", "lse"
@@ -77,6 +79,12 @@ class Manifest:
     compression: str = "ints"  # all | ints | none: which arrays carry zstd
     format_version: int = FORMAT_VERSION
     info: dict = field(default_factory=dict)  # free-form: teacher accuracy, timings
+    # sequence tasks (rows are tokens): the number of sequences, the sha256 of the (S + 1,)
+    # int64 ``offsets`` array stored beside the manifest (OFFSETS), and the vocabulary:
+    # {"logit_width": teacher output width (= num_classes), "tokenizer_size": len(tokenizer)}
+    sequences: int = 0
+    offsets_sha256: str = ""
+    vocab: dict = field(default_factory=dict)
 
     def missing_shards(self) -> list[int]:
         return [s.index for s in self.shards if s.status != "committed"]
@@ -192,3 +200,36 @@ def read_manifest(storage: Storage) -> Manifest:
     except TypeError as e:
         raise ValueError(f"{storage.url}/{MANIFEST} does not match the manifest schema of version "
                          f"{FORMAT_VERSION}: {e}") from e
+
+
+def offsets_bytes(offsets) -> bytes:
+    import io
+
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(offsets, dtype=np.int64), allow_pickle=False)
+    return buf.getvalue()
+
+
+def offsets_digest(offsets) -> str:
+    return hashlib.sha256(offsets_bytes(offsets)).hexdigest()
+
+
+def write_offsets(storage: Storage, offsets) -> None:
+    storage.write_atomic(offsets_bytes(offsets), OFFSETS)
+
+
+def read_offsets(storage: Storage, m: Manifest):
+    """The cache's sequence offsets, checked against the manifest's digest."""
+    import io
+
+    import numpy as np
+
+    if not storage.exists(OFFSETS):
+        raise ValueError(f"cache {storage.url!r} holds {m.sequences} sequences but no {OFFSETS}; re-run stage 1")
+    data = storage.read_bytes(OFFSETS)
+    if hashlib.sha256(data).hexdigest() != m.offsets_sha256:
+        raise ValueError(f"cache {storage.url!r}: {OFFSETS} does not match its digest in the manifest; "
+                         "the cache is damaged, re-run stage 1")
+    return np.load(io.BytesIO(data), allow_pickle=False)

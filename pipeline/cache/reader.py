@@ -19,6 +19,7 @@ from pipeline.cache.format import (
     merge_commits,
     read_commits,
     read_manifest,
+    read_offsets,
 )
 from pipeline.cache.storage import Storage
 from pipeline.cache.writer import shard_checksum
@@ -35,6 +36,7 @@ class CacheReader:
     storage: Storage
     manifest: Manifest
     arrays: dict[str, da.Array]  # lazily read; bfloat16 arrays decoded to float32
+    _offsets: np.ndarray | None = None
 
     @property
     def path(self) -> str:
@@ -55,6 +57,15 @@ class CacheReader:
     def num_classes(self) -> int:
         return self.manifest.num_classes
 
+    @property
+    def offsets(self) -> np.ndarray:
+        """Sequence caches: sequence i owns rows ``offsets[i]:offsets[i + 1]`` (read once, checked)."""
+        if not self.manifest.sequences:
+            raise ValueError(f"cache {self.path!r} holds samples, not token sequences (no offsets)")
+        if self._offsets is None:
+            self._offsets = read_offsets(self.storage, self.manifest)
+        return self._offsets
+
     def split_range(self, name: str) -> tuple[int, int]:
         if name not in self.manifest.splits:
             raise KeyError(f"cache {self.path!r} has no split {name!r}; it has {list(self.manifest.splits)}")
@@ -68,6 +79,8 @@ class CacheReader:
     def verify(self) -> None:
         """Re-read every committed shard and compare its checksum with the manifest's."""
         be = backend(self.manifest.backend)
+        if self.manifest.sequences:
+            read_offsets(self.storage, self.manifest)  # checked against its digest
         for shard in self.manifest.shards:
             if shard.status != "committed":
                 continue

@@ -27,17 +27,19 @@ from pipeline.cache.format import (
     ShardRecord,
     array_specs,
     merge_commits,
+    offsets_digest,
     read_commits,
     read_manifest,
     write_commit,
     write_manifest,
+    write_offsets,
 )
 from pipeline.cache.storage import Storage
 
 log = logging.getLogger(__name__)
 _DONE = object()
 _SAME = ("fingerprint", "rows", "shard_rows", "chunk_rows", "backend", "modes", "dtype", "k", "samples",
-         "temperatures", "sample_temperature", "compression", "splits")
+         "temperatures", "sample_temperature", "compression", "splits", "sequences", "offsets_sha256", "vocab")
 
 
 def shard_checksum(arrays: dict[str, np.ndarray]) -> str:
@@ -57,11 +59,15 @@ class CacheWriter:
     """Create (rank 0) or join and resume the cache at ``storage`` described by ``manifest``."""
 
     def __init__(self, *, storage: Storage, manifest: Manifest, zstd_level: int = 3, queue_size: int = 2,
-                 rank: int = 0, world_size: int = 1, wait_s: float = 600.0):
+                 rank: int = 0, world_size: int = 1, wait_s: float = 600.0, offsets=None):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank={rank} is outside world_size={world_size}")
         self.storage, self.rank, self.world_size = storage, rank, world_size
         self.backend = backend(manifest.backend)
+        if (offsets is not None) != bool(manifest.sequences) or (
+                offsets is not None and offsets_digest(offsets) != manifest.offsets_sha256):
+            raise ValueError("a sequence cache needs its offsets, matching manifest.offsets_sha256")
+        self._offsets = offsets
         self.manifest = self._create(manifest, zstd_level) if rank == 0 else self._join(manifest, wait_s)
         merge_commits(self.manifest, read_commits(storage))
         self._clean_leftovers()
@@ -83,6 +89,8 @@ class CacheWriter:
         self.storage.remove()
         self.storage.makedirs()
         self.backend.create(self.storage, fresh, zstd_level)
+        if self._offsets is not None:
+            write_offsets(self.storage, self._offsets)  # before the manifest that names its digest
         write_manifest(self.storage, fresh)
         return fresh
 
