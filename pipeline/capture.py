@@ -117,8 +117,7 @@ def capture_shard(teacher, x: np.ndarray, shard: ShardRecord, m: Manifest, cfg: 
         _check_shape(logits, cfg)
         finite[i:i + len(xb)] = torch.isfinite(logits).all(dim=1)  # checked once per shard: no
         peak = torch.maximum(peak, logits.abs().amax())  # device sync per batch
-        safe = logits.nan_to_num(0.0, 0.0, 0.0) if "sampled" in m.modes else logits  # no NaN into multinomial:
-        for name, values in represent(safe, m, gen).items():  # such rows are refused below, never written
+        for name, values in represent(logits, m, gen).items():  # non-finite rows are refused below
             buffers[name][i:i + len(xb)].copy_(values, non_blocking=True)
     _check_values(finite.cpu(), peak.item(), shard.start, cfg)  # before anything is handed to the writer
     if device.type == "cuda":

@@ -125,7 +125,7 @@ def map_batch(batch: SequenceBatch, vmap: np.ndarray | None) -> SequenceBatch:
         idx, val, dropped = (np.take_along_axis(a, order, 1) for a in (idx, val, dropped))
         fill = np.where(dropped.all(1), 0, idx[np.arange(len(idx)), dropped.sum(1).clip(max=idx.shape[1] - 1)])
         idx = np.where(dropped, fill[:, None], idx)
-        val[dropped] = np.finfo(val.dtype).min if val.dtype.kind == "f" else val[dropped]
+        val[dropped] = -1e4  # p = exp(-1e4 / T - lse): 0 in torch, below 1e-37 in the kernels' clamped exp
         t[TOPK_IDX], t[TOPK_VAL] = idx.astype(np.int32), val
     if SAMPLED_IDX in t:
         sid = t[SAMPLED_IDX]
@@ -145,12 +145,20 @@ def next_token_nll(logits: torch.Tensor, batch: SequenceBatch, reduction: str = 
                            ignore_index=-100, reduction=reduction)
 
 
+def first_k(batch: SequenceBatch, k: int) -> SequenceBatch:
+    """Only the first k of the cached top-K (sorted, largest first): what a K=k cache holds.
+    Applied before any vocabulary mapping, which reorders entries."""
+    if not k or TOPK_IDX not in batch.teacher or k >= batch.teacher[TOPK_IDX].shape[1]:
+        return batch
+    t = dict(batch.teacher)
+    t[TOPK_IDX], t[TOPK_VAL] = (np.ascontiguousarray(t[n][:, :k]) for n in (TOPK_IDX, TOPK_VAL))
+    return SequenceBatch(batch.input_ids, batch.attention_mask, t, batch.mask, batch.sequences)
+
+
 def teacher_rows(batch: SequenceBatch, v: Variant, lse_col: int) -> tuple:
     t = batch.teacher
     if v.name == "topk_kl":
-        k = v.k or t[TOPK_IDX].shape[1]
-        return (np.ascontiguousarray(t[TOPK_IDX][:, :k]), np.ascontiguousarray(t[TOPK_VAL][:, :k]),
-                np.ascontiguousarray(t[LSE][:, lse_col]))
+        return t[TOPK_IDX], t[TOPK_VAL], np.ascontiguousarray(t[LSE][:, lse_col])
     return t[SAMPLED_IDX], t[SAMPLED_CNT], t[SAMPLED_ENT]
 
 
@@ -220,7 +228,7 @@ def train_variant(name: str, spec, v: Variant, cfg: Config, reader: CacheReader,
     with tqdm(total=cfg.train.steps, desc=f"{name}: {v.label}", unit="step") as bar:
         while step < cfg.train.steps:
             for batch in stream:
-                loss = variant_loss(student, map_batch(batch, vmap), v, cfg, lse_col, device)
+                loss = variant_loss(student, map_batch(first_k(batch, v.k), vmap), v, cfg, lse_col, device)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

@@ -64,7 +64,11 @@ def sample_counts(logits: torch.Tensor, samples: int, temperature: float,
                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw ``samples`` ids per row from softmax(logits/T); return the distinct ids
     (B, S) int32 padded with -1 and their counts (B, S) int32, zeros at the padding."""
-    probs = torch.softmax(logits.float() / temperature, dim=-1)  # (B, C)
+    return counts_from_probs(torch.softmax(logits.float() / temperature, dim=-1), samples, generator)
+
+
+def counts_from_probs(probs: torch.Tensor, samples: int,
+                      generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     draws = torch.multinomial(probs, samples, replacement=True, generator=generator)  # (B, S)
     ids, _ = draws.sort(dim=1)
     first = torch.ones_like(ids, dtype=torch.bool)
@@ -81,20 +85,41 @@ def entropy(logits: torch.Tensor, temperature: float) -> torch.Tensor:
 
 
 def represent(logits: torch.Tensor, m: Manifest, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-    """All arrays of the manifest's modes for a (B, C) batch of logits, on its device."""
+    """All arrays of the manifest's modes for a (B, C) batch of logits, on its device.
+
+    Each logsumexp is computed once and shared: the sampling distribution is
+    ``exp(z - lse)`` and the entropy ``lse - E_p[z]`` (z = logits / T), so a 49,152-wide
+    vocabulary is swept a few times per row, not a dozen. Rows holding NaN or +inf give a
+    non-finite logsumexp, which the caller refuses; they are sampled from a placeholder so
+    that ``multinomial`` never sees them."""
     out: dict[str, torch.Tensor] = {}
+    x = logits.float()
+    lse: dict[float, torch.Tensor] = {}
+
+    def scaled(t: float) -> torch.Tensor:
+        return x if t == 1.0 else x / t
+
+    def lse_at(t: float) -> torch.Tensor:
+        if t not in lse:
+            lse[t] = torch.logsumexp(scaled(t), dim=-1)
+        return lse[t]
+
     if "full" in m.modes:
         out[LOGITS] = stored(logits, m.dtype)
     if "topk" in m.modes:
-        val, idx = torch.topk(logits, m.k, dim=-1)  # (B, K), sorted, largest first
+        val, idx = torch.topk(x, m.k, dim=-1)  # (B, K), sorted, largest first
         out[TOPK_IDX] = idx.int()
         out[TOPK_VAL] = stored(val, m.dtype)
-        out[LSE] = torch.stack([torch.logsumexp(logits.float() / t, dim=-1) for t in m.temperatures], dim=1)
+        out[LSE] = torch.stack([lse_at(t) for t in m.temperatures], dim=1)
     if "sampled" in m.modes:
-        ids, counts = sample_counts(logits, m.samples, m.sample_temperature, generator)
+        z, zl = scaled(m.sample_temperature), lse_at(m.sample_temperature)
+        p = torch.exp(z - zl.unsqueeze(-1))
+        if not bool(torch.isfinite(zl).all()):  # rare: the caller refuses these rows
+            p = p.nan_to_num(1.0, 1.0, 0.0)
+        ids, counts = counts_from_probs(p, m.samples, generator)
         out[SAMPLED_IDX] = ids
         out[SAMPLED_CNT] = counts.to(torch.int32)
-        out[SAMPLED_ENT] = entropy(logits, m.sample_temperature)
+        out[SAMPLED_ENT] = zl - torch.nansum(p * z, -1)  # H(p) = lse(z) - E_p[z]; 0 * -inf terms are 0
     return out
 
 

@@ -94,16 +94,20 @@ def capture_token_shard(model, data: TokenData, shard: ShardRecord, m: Manifest,
         logits = teacher_logits(model, [data.sequence(i) for i in seqs], pad_id, device)  # (B, L, V)
         if logits.shape[-1] != m.num_classes:
             raise ValueError(f"teacher logits are {logits.shape[-1]} wide; the cache expects {m.num_classes}")
-        keep = []  # (batch row, first position, last position) of this shard's rows
-        for j, i in enumerate(seqs):
-            a, z = max(off[i], shard.start), min(off[i + 1], shard.stop)
-            keep.append(j * logits.shape[1] + torch.arange(a - off[i], z - off[i]))
-        rows = logits.reshape(-1, logits.shape[-1])[torch.cat(keep).to(device)]  # (n, V), real tokens only
+        n_real = [min(off[i + 1], shard.stop) - max(off[i], shard.start) for i in seqs]
+        rows = logits.reshape(-1, logits.shape[-1])
+        if sum(n_real) != len(rows):  # padding or a straddling sequence: keep this shard's real tokens
+            keep = [j * logits.shape[1] + torch.arange(max(off[i], shard.start) - off[i],
+                                                       min(off[i + 1], shard.stop) - off[i])
+                    for j, i in enumerate(seqs)]
+            rows = rows[torch.cat(keep).to(device)]  # (n, V)
         d0 = max(off[seqs[0]], shard.start) - shard.start
         d1 = d0 + len(rows)
-        finite[d0:d1] = torch.isfinite(rows).all(dim=1)
-        peak = torch.maximum(peak, rows.abs().amax())
-        for name, values in represent(rows.nan_to_num(0.0, 0.0, 0.0), m, gen).items():
+        reps = represent(rows, m, gen)
+        ok, top = _stored_health(reps)  # NaN / inf in a row make its logsumexp or entropy non-finite
+        finite[d0:d1] = ok
+        peak = torch.maximum(peak, top)
+        for name, values in reps.items():
             buffers[name][d0:d1].copy_(values, non_blocking=True)
         bar.update(d1 - d0)
     _check_values(finite.cpu(), peak.item(), shard.start, cfg)
@@ -112,6 +116,16 @@ def capture_token_shard(model, data: TokenData, shard: ShardRecord, m: Manifest,
     arrays = host_arrays(buffers, m)
     arrays[IDS] = ids.astype(np.int64)
     return arrays
+
+
+def _stored_health(reps: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, whether its float32 outputs are finite (a NaN or +inf logit makes the row's
+    logsumexp or entropy non-finite), and the largest float16 value stored (an overflow
+    shows as inf there and is reported as out of float16's range)."""
+    f32 = [v.reshape(len(v), -1) for v in reps.values() if v.dtype == torch.float32]
+    ok = torch.stack([torch.isfinite(v).all(dim=1) for v in f32]).all(dim=0)
+    f16 = [v.float().abs().amax() for v in reps.values() if v.dtype == torch.float16 and v.numel()]
+    return ok, torch.stack(f16).amax() if f16 else torch.zeros((), device=ok.device)
 
 
 @torch.inference_mode()
@@ -148,13 +162,24 @@ def capture_tokens(teacher: LMTeacher, data: TokenData, cfg: Config, cache_url: 
         with tqdm(total=sum(s.rows for s in todo), desc="stage 1: teacher", unit="tok", unit_scale=True) as bar:
             for shard in todo:
                 writer.submit(shard, capture_token_shard(model, data, shard, m, cfg, device, pad_id, bar))
-    if rank == 0 and not storage.exists(TEACHER_EVAL):
-        ev = teacher_heldout_nll(model, data, cfg, device, pad_id)
-        storage.write_atomic(json.dumps(ev, indent=2).encode(), TEACHER_EVAL)
-        log.info("teacher held-out perplexity %.2f over %d tokens", ev["heldout_perplexity"], ev["heldout_tokens"])
     log.info("rank %d wrote %d token rows in %.1fs to %s", rank, sum(s.rows for s in todo),
              time.perf_counter() - t0, cache_url)
     return writer.manifest
+
+
+@torch.inference_mode()
+def evaluate_teacher(teacher: LMTeacher, data: TokenData, cfg: Config, cache_url: str) -> dict:
+    """The teacher's held-out perplexity, stored beside the cache (``teacher_eval.json``) so
+    stage 3 compares students with it without loading the teacher. Computed once."""
+    storage = Storage(cache_url, cfg.cache.storage_options)
+    if storage.exists(TEACHER_EVAL):
+        return json.loads(storage.read_bytes(TEACHER_EVAL))
+    device = choose_device(cfg.teacher.device)
+    pad_id = teacher.tokenizer.pad_token_id if teacher.tokenizer.pad_token_id is not None else 0
+    ev = teacher_heldout_nll(teacher.model.to(device), data, cfg, device, pad_id)
+    storage.write_atomic(json.dumps(ev, indent=2).encode(), TEACHER_EVAL)
+    log.info("teacher held-out perplexity %.2f over %d tokens", ev["heldout_perplexity"], ev["heldout_tokens"])
+    return ev
 
 
 def lm_cache_location(cfg: Config, root: str, data: TokenData) -> str:

@@ -9,7 +9,7 @@ import torch
 
 from pipeline.cache import cache_location
 from pipeline.capture import capture_logits
-from pipeline.config import Config, Task, resolve_root
+from pipeline.config import Config, Task, resolve_root, resolve_workers
 from pipeline.datasets import load_splits
 from pipeline.teacher import obtain_teacher
 
@@ -35,12 +35,15 @@ def main(cfg: Config, run_dir: str) -> str:
 def lm_main(cfg: Config, root: str) -> str:
     from pipeline.causal_lm import load_teacher
     from pipeline.text import load_tokens
-    from pipeline.token_capture import capture_tokens, lm_cache_location
+    from pipeline.token_capture import capture_tokens, evaluate_teacher, lm_cache_location
 
     teacher = load_teacher(cfg.teacher)
     data = load_tokens(cfg.data, root, teacher.tokenizer)
     cache_dir = lm_cache_location(cfg, root, data)
     capture_tokens(teacher, data, cfg, cache_dir)
+    rank, _ = resolve_workers(cfg)
+    if rank == 0:
+        evaluate_teacher(teacher, data, cfg, cache_dir)
     del teacher
     gc.collect()
     log.info("stage 1 done: cache %s", cache_dir)

