@@ -333,9 +333,6 @@ def _validate_lm(cfg: Config, p: list[str]) -> None:
                  "(config.json + weights, or a .gguf named by teacher.gguf_file)")
     if cfg.data.source is not DataSource.shakespeare:
         p.append(f"data.source={cfg.data.source.value}: task=lm reads data=shakespeare")
-    if CacheMode.full in cfg.cache.modes:
-        p.append("task=lm caches topk and/or sampled rows (a full float16 row of a 49,152-token vocabulary is "
-                 "98 KB per token): set cache.modes=[topk,sampled]")
     bad = [k for k, s in cfg.student.items() if s.arch is not StudentArch.causal_lm]
     if bad:
         p.append(f"students {bad} are not causal LMs: task=lm trains student=causal_lm")

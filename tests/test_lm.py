@@ -172,3 +172,49 @@ def test_the_cli_runs_task_lm(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert "| causal_lm | topk_kl:8 | 52 |" in out.stdout and "| teacher |" in out.stdout
     assert "top-K mass kept" in out.stdout
+
+
+def test_full_rows_are_refused_above_the_size_limit_after_printing_the_projection(teacher, lm_cache, caplog):
+    from pipeline.capture import check_size
+    from pipeline.token_capture import plan_token_manifest
+
+    _, data, _ = lm_cache
+    cfg = compose_config(*SMALL, "cache.modes=[full,topk]", "cache.max_full_gb=0.01")
+    m = plan_token_manifest(cfg, data, teacher)
+    with caplog.at_level("INFO"), pytest.raises(ValueError, match=r"`full` cache of 246 rows x 49152 classes.*"
+                                                                  r"cache.modes=\[topk\]"):
+        check_size(m, cfg.cache.max_full_gb)
+    assert "projected cache size" in caplog.text and "98304 B/row" in caplog.text
+
+
+def test_the_fingerprint_names_a_changed_tokenizer_or_precision(teacher, lm_cache):
+    from pipeline.cache.fingerprint import check_fingerprint
+    from pipeline.token_capture import token_fields
+
+    cfg, data, url = lm_cache
+    found = open_cache(url).manifest.fingerprint
+    other = dataclasses.replace(data, tokenizer_hash="0" * 64)
+    with pytest.raises(ValueError, match="dataset: expected"):
+        check_fingerprint(found, token_fields(cfg, other, teacher.identity), url)
+    with pytest.raises(ValueError, match="teacher: expected"):
+        check_fingerprint(found, token_fields(cfg, data, {**teacher.identity, "precision": "fp32"}), url)
+    check_fingerprint(found, token_fields(cfg, data, teacher.identity), url)  # the same run: accepted
+
+
+def test_any_hugging_face_causal_lm_folder_is_a_teacher(teacher, lm_cache, tmp_path):
+    """teacher=hf_causal_lm teacher.path=<folder>: a small Llama saved with save_pretrained,
+    with the SmolLM2 tokenizer, captured like the built-in one."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    _, data, _ = lm_cache
+    folder = tmp_path / "tiny-llama"
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=2)).save_pretrained(folder)
+    teacher.tokenizer.save_pretrained(folder)
+    cfg = compose_config(*SMALL, "teacher=hf_causal_lm", f"teacher.path={folder}", "teacher.precision=fp32")
+    tiny = load_teacher(cfg.teacher)
+    assert tiny.identity["tokenizer"] == teacher.identity["tokenizer"]
+    assert tiny.identity["weights"] != teacher.identity["weights"]
+    m = capture_tokens(tiny, data, cfg, str(tmp_path / "cache"))
+    assert m.complete and m.rows == sum(LENGTHS)
