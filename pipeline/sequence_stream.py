@@ -10,8 +10,6 @@ compute per batch), one batch ahead on a background thread, and laid out on the 
 
 from __future__ import annotations
 
-import queue
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -21,6 +19,7 @@ import torch
 
 from pipeline.cache import CacheReader
 from pipeline.cache.format import IDS
+from pipeline.stream import Resumable, background
 from pipeline.token_capture import pad_batch
 
 
@@ -33,7 +32,7 @@ class SequenceBatch:
     sequences: np.ndarray  # (B,) sequence indices
 
 
-class SequenceStream:
+class SequenceStream(Resumable):
     def __init__(self, reader: CacheReader, tokens: np.ndarray, *, split: str, batch_size: int, seed: int,
                  arrays: tuple[str, ...], prefetch: int = 2):
         self.reader, self.tokens = reader, tokens
@@ -50,14 +49,6 @@ class SequenceStream:
 
     def __len__(self) -> int:
         return -(-len(self.sequence_ids) // self.batch_size)
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
-
-    def load_state_dict(self, state: dict) -> None:
-        if state["seed"] != self.seed:
-            raise ValueError(f"stream state was saved with seed={state['seed']}, this stream has seed={self.seed}")
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
     def order(self, epoch: int) -> np.ndarray:
         return self.sequence_ids[np.random.default_rng([self.seed, epoch]).permutation(len(self.sequence_ids))]
@@ -83,35 +74,8 @@ class SequenceStream:
     def __iter__(self) -> Iterator[SequenceBatch]:
         """The rest of the current epoch, then advance to the next."""
         order, bs = self.order(self.epoch), self.batch_size
-        starts = range(self.position * bs, len(order), bs)
-        q: queue.Queue = queue.Queue(maxsize=self.prefetch)
-        stop = threading.Event()
-
-        def produce() -> None:
-            try:
-                for a in starts:
-                    item = self.read(order[a:a + bs])
-                    while not stop.is_set():
-                        try:
-                            q.put(item, timeout=0.1)
-                            break
-                        except queue.Full:
-                            continue
-                    if stop.is_set():
-                        return
-                q.put(None)
-            except BaseException as e:  # re-raised in the consumer
-                q.put(e)
-
-        t = threading.Thread(target=produce, daemon=True)
-        t.start()
-        try:
-            while (item := q.get()) is not None:
-                if isinstance(item, BaseException):
-                    raise item
-                self.position += 1
-                yield item
-            self.epoch, self.position = self.epoch + 1, 0
-        finally:
-            stop.set()
-            t.join()
+        batches = (self.read(order[a:a + bs]) for a in range(self.position * bs, len(order), bs))
+        for item in background(batches, self.prefetch):
+            self.position += 1
+            yield item
+        self.epoch, self.position = self.epoch + 1, 0

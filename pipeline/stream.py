@@ -43,6 +43,56 @@ class Block:
         return self.hi - self.lo
 
 
+def background(items: Iterator, size: int) -> Iterator:
+    """Iterate ``items`` on a background thread, up to ``size`` ahead. The consumer gets
+    the producer's exception; closing the consumer stops the producer at its next item."""
+    q: queue.Queue = queue.Queue(maxsize=size)
+    stop, done = threading.Event(), object()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(done)
+        except BaseException as e:  # re-raised in the consumer
+            q.put(e)
+
+    t = threading.Thread(target=produce, daemon=True)
+    t.start()
+    try:
+        while (item := q.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        t.join()
+
+
+class Resumable:
+    """Epoch and position (batches served in it) under a fixed seed: all a stream needs to
+    yield exactly the rest of an epoch after a restart."""
+
+    seed: int
+    epoch: int = 0
+    position: int = 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["seed"] != self.seed:
+            raise ValueError(f"stream state was saved with seed={state['seed']}, this stream has seed={self.seed}")
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+
 def _bad_rows(a: np.ndarray, bf16: bool) -> np.ndarray | None:
     """Indices of rows holding a NaN or infinity (None when all are finite)."""
     if bf16:  # stored as bfloat16 bit patterns: an all-ones exponent is inf or NaN
@@ -79,7 +129,7 @@ def select_blocks(reader: CacheReader, splits: tuple[str, ...]) -> list[Block]:
     return blocks
 
 
-class CacheStream:
+class CacheStream(Resumable):
     """Iterate batches of a cache (dicts of row-aligned arrays), one seeded epoch at a time."""
 
     def __init__(self, reader: CacheReader, *, splits: tuple[str, ...], batch_size: int, seed: int,
@@ -106,14 +156,6 @@ class CacheStream:
 
     def __len__(self) -> int:
         return -(-self.rows // self.batch_size)
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
-
-    def load_state_dict(self, state: dict) -> None:
-        if state["seed"] != self.seed:
-            raise ValueError(f"stream state was saved with seed={state['seed']}, this stream has seed={self.seed}")
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
     def _windows(self, epoch: int) -> list[list[Block]]:
         rng = np.random.default_rng([self.seed, epoch])
@@ -162,64 +204,42 @@ class CacheStream:
             out[n] = bf16_bits_to_float32(out[n])
         return out
 
-    def _produce(self, epoch: int, skip_rows: int, out: queue.Queue, stop: threading.Event) -> None:
-        try:
-            done = 0
-            for k, window in enumerate(self._windows(epoch)):
-                n = sum(b.rows for b in window)
-                if done + n <= skip_rows:
-                    done += n
-                    continue  # consumed before the resume point: never read
-                arrays, perm = self._read_window(epoch, k, window)
-                cut = max(skip_rows - done, 0)
+    def _ahead(self, epoch: int, skip_rows: int) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray]]:
+        """Each window's rows and permutation from the resume point on (run in the background)."""
+        done = 0
+        for k, window in enumerate(self._windows(epoch)):
+            n = sum(b.rows for b in window)
+            if done + n <= skip_rows:
                 done += n
-                while not stop.is_set():
-                    try:
-                        out.put((arrays, perm[cut:]), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-            out.put(None)
-        except BaseException as e:  # re-raised in the consumer
-            out.put(e)
+                continue  # consumed before the resume point: never read
+            arrays, perm = self._read_window(epoch, k, window)
+            yield arrays, perm[max(skip_rows - done, 0):]
+            done += n
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         """Yield the rest of the current epoch as dicts of arrays (``ids`` and the
         selected cache arrays, row-aligned), then advance to the next epoch."""
         epoch, bs = self.epoch, self.batch_size
-        q: queue.Queue = queue.Queue(maxsize=self.prefetch)
-        stop = threading.Event()
-        t = threading.Thread(target=self._produce, args=(epoch, self.position * bs, q, stop), daemon=True)
-        t.start()
-        try:
-            carry: dict[str, np.ndarray] | None = None  # rows short of a batch at a window's end
-            while (item := q.get()) is not None:
-                if isinstance(item, BaseException):
-                    raise item
-                arrays, perm = item
-                i = 0
-                if carry is not None:  # top the carried rows up from this window's first rows
-                    i = min(bs - len(carry[IDS]), len(perm))
-                    top = self._take(arrays, perm[:i])
-                    carry = {n: np.concatenate([carry[n], top[n]]) for n in top}
-                    if len(carry[IDS]) < bs:
-                        continue
-                    self.position += 1
-                    yield carry
-                    carry = None
-                while len(perm) - i >= bs:
-                    take = perm[i:i + bs]
-                    i += bs
-                    self.position += 1
-                    yield self._take(arrays, take)
-                if i < len(perm):
-                    carry = self._take(arrays, perm[i:])
-            if carry is not None and len(carry[IDS]):
+        carry: dict[str, np.ndarray] | None = None  # rows short of a batch at a window's end
+        for arrays, perm in background(self._ahead(epoch, self.position * bs), self.prefetch):
+            i = 0
+            if carry is not None:  # top the carried rows up from this window's first rows
+                i = min(bs - len(carry[IDS]), len(perm))
+                top = self._take(arrays, perm[:i])
+                carry = {n: np.concatenate([carry[n], top[n]]) for n in top}
+                if len(carry[IDS]) < bs:
+                    continue
                 self.position += 1
                 yield carry
-            self.epoch, self.position = epoch + 1, 0
-        finally:
-            stop.set()
-            t.join()
+                carry = None
+            while len(perm) - i >= bs:
+                take = perm[i:i + bs]
+                i += bs
+                self.position += 1
+                yield self._take(arrays, take)
+            if i < len(perm):
+                carry = self._take(arrays, perm[i:])
+        if carry is not None and len(carry[IDS]):
+            self.position += 1
+            yield carry
+        self.epoch, self.position = epoch + 1, 0
