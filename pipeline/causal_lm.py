@@ -19,6 +19,9 @@ from pathlib import Path
 import torch
 
 log = logging.getLogger(__name__)
+# models and tokenizers come from folders on disk: never ask a hub for anything
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
