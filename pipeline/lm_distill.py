@@ -213,7 +213,7 @@ def evaluate(student, reader: CacheReader, data: TokenData, cfg: Config, vmap, d
 
 
 def train_variant(name: str, spec, v: Variant, cfg: Config, reader: CacheReader, data: TokenData,
-                  device: torch.device) -> dict:
+                  device: torch.device, save_dir: str | None = None) -> dict:
     vocab = int(spec.kwargs.get("vocab_size", reader.manifest.num_classes))
     vmap = vocab_map(spec, reader, vocab)
     lse_col = lse_column(reader, cfg.loss.temperature) if v.name == "topk_kl" else 0
@@ -243,6 +243,9 @@ def train_variant(name: str, spec, v: Variant, cfg: Config, reader: CacheReader,
            "params": sum(p.numel() for p in student.parameters()), "train_s": took,
            "tokens_per_s": step * cfg.train.batch_size * cfg.data.seq_len / took, "final_loss": loss.item()}
     row |= evaluate(student, reader, data, cfg, vmap, device)
+    if save_dir:  # a standard HF folder (config.json + model.safetensors)
+        row["checkpoint"] = os.path.join(save_dir, name, v.label.replace(":", "-"))
+        student.save_pretrained(row["checkpoint"])
     log.info("%s %s: held-out perplexity %.2f, KL %.4f", name, v.label, row["heldout_perplexity"],
              row["heldout_kl_topk"] or float("nan"))
     return row

@@ -42,7 +42,7 @@ def lm_main(cfg: Config, root: str, run_dir: str) -> list[dict]:
 
     reader, data = open_token_cache(cfg, root)
     device = choose_device(cfg.train.device)
-    rows = [train_variant(name, spec, v, cfg, reader, data, device)
+    rows = [train_variant(name, spec, v, cfg, reader, data, device, save_dir=os.path.join(run_dir, "students"))
             for name, spec in cfg.student.items() for v in variants(cfg)]
     write_lm_results(run_dir, reader, rows)
     log.info("results: %s", os.path.join(run_dir, "results.json"))

@@ -5,6 +5,7 @@ read-back, the sequence stream, one step with each sparse loss, vocabulary misma
 from __future__ import annotations
 
 import dataclasses
+import glob
 import os
 import subprocess
 import sys
@@ -172,6 +173,10 @@ def test_the_cli_runs_task_lm(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert "| causal_lm | topk_kl:8 | 52 |" in out.stdout and "| teacher |" in out.stdout
     assert "top-K mass kept" in out.stdout
+    from transformers import LlamaForCausalLM
+
+    saved = glob.glob(str(tmp_path / "runs" / "*" / "students" / "causal_lm" / "topk_kl-8"))
+    assert len(saved) == 1 and LlamaForCausalLM.from_pretrained(saved[0]).config.vocab_size == 49152
 
 
 def test_full_rows_are_refused_above_the_size_limit_after_printing_the_projection(teacher, lm_cache, caplog):
