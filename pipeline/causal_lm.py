@@ -49,11 +49,13 @@ def teacher_source(cfg_teacher) -> tuple[Path, str | None]:
 
 
 def weights_hash(folder: Path, gguf_file: str | None) -> str:
-    """sha256 over the weight files (the .gguf, or every safetensors/bin file of the folder)."""
+    """sha256 over the weight files (the .gguf, or every safetensors/bin file of the folder)
+    and the model's config.json / generation_config.json (they change the logits too)."""
     files = [folder / gguf_file] if gguf_file else sorted(
         p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".gguf"))
     if not files:
         raise FileNotFoundError(f"no weight files (.safetensors, .bin, .gguf) in {folder}")
+    files += [folder / n for n in ("config.json", "generation_config.json") if (folder / n).is_file()]
     h = hashlib.sha256()
     for f in files:
         h.update(f.name.encode())

@@ -105,6 +105,10 @@ def vocab_map(spec, reader: CacheReader, student_vocab: int) -> np.ndarray | Non
     if m.shape != (width,) or m.max() >= student_vocab or m.min() < -1:
         raise ValueError(f"vocab_map {spec.vocab_map!r}: expected {width} ids in -1..{student_vocab - 1}, "
                          f"got shape {m.shape}, range {m.min()}..{m.max()}")
+    kept = m[m >= 0]
+    if len(np.unique(kept)) != len(kept):
+        raise ValueError(f"vocab_map {spec.vocab_map!r} maps several teacher ids to one student id; the sparse "
+                         "losses need a one-to-one map (-1 for teacher ids the student lacks)")
     return m
 
 
@@ -132,7 +136,10 @@ def map_batch(batch: SequenceBatch, vmap: np.ndarray | None) -> SequenceBatch:
         mapped = np.where(sid >= 0, vmap[sid.clip(min=0)], -1)
         t[SAMPLED_CNT] = np.where(mapped >= 0, t[SAMPLED_CNT], 0).astype(t[SAMPLED_CNT].dtype)
         t[SAMPLED_IDX] = mapped.astype(np.int32)
-    return SequenceBatch(torch.from_numpy(np.maximum(ids, 0)), batch.attention_mask, t, batch.mask, batch.sequences)
+        mask = batch.mask & (t[SAMPLED_CNT].sum(axis=1) > 0)  # no draw left: nothing to distil there
+    else:
+        mask = batch.mask
+    return SequenceBatch(torch.from_numpy(np.maximum(ids, 0)), batch.attention_mask, t, mask, batch.sequences)
 
 
 # --- losses --------------------------------------------------------------------------------

@@ -92,7 +92,7 @@ def torch_sampled_kl(s: torch.Tensor, idx: torch.Tensor, cnt: torch.Tensor, ent:
                      temperature: float) -> torch.Tensor:
     log_q = F.log_softmax(s / temperature, dim=-1)
     w = cnt.to(s.dtype)
-    w = w / w.sum(-1, keepdim=True)
+    w = w / w.sum(-1, keepdim=True).clamp_min(1)  # rows without draws (padding): 0, not 0/0
     return temperature**2 * (-(w * log_q.gather(1, idx.long().clamp_min(0))).sum(-1) - ent.to(s.dtype))
 
 

@@ -119,7 +119,8 @@ def represent(logits: torch.Tensor, m: Manifest, generator: torch.Generator | No
         ids, counts = counts_from_probs(p, m.samples, generator)
         out[SAMPLED_IDX] = ids
         out[SAMPLED_CNT] = counts.to(torch.int32)
-        out[SAMPLED_ENT] = zl - torch.nansum(p * z, -1)  # H(p) = lse(z) - E_p[z]; 0 * -inf terms are 0
+        # H(p) = lse(z) - E_p[z] (0 * -inf terms are 0); the difference can round a hair below 0
+        out[SAMPLED_ENT] = torch.maximum(zl - torch.nansum(p * z, -1), torch.zeros_like(zl))
     return out
 
 

@@ -49,20 +49,24 @@ def background(items: Iterator, size: int) -> Iterator:
     q: queue.Queue = queue.Queue(maxsize=size)
     stop, done = threading.Event(), object()
 
+    def put(item) -> bool:
+        """Hand ``item`` over unless the consumer has gone (a bare put could block forever)."""
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def produce() -> None:
         try:
             for item in items:
-                while not stop.is_set():
-                    try:
-                        q.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not put(item):
                     return
-            q.put(done)
+            put(done)
         except BaseException as e:  # re-raised in the consumer
-            q.put(e)
+            put(e)
 
     t = threading.Thread(target=produce, daemon=True)
     t.start()
@@ -139,6 +143,8 @@ class CacheStream(Resumable):
         unknown = [a for a in self.arrays if a not in reader.arrays]
         if unknown:
             raise ValueError(f"cache {reader.path!r} has no arrays {unknown}; it has {sorted(reader.arrays)}")
+        if prefetch < 1:
+            raise ValueError(f"prefetch={prefetch}: must be >= 1 (the ring of prefetch + 2 window buffers is sized by it)")
         self.blocks = select_blocks(reader, splits)
         self.rows = sum(b.rows for b in self.blocks)
         m = reader.manifest

@@ -104,7 +104,10 @@ def capture_token_shard(model, data: TokenData, shard: ShardRecord, m: Manifest,
         d0 = max(off[seqs[0]], shard.start) - shard.start
         d1 = d0 + len(rows)
         reps = represent(rows, m, gen)
-        ok, top = _stored_health(reps)  # NaN / inf in a row make its logsumexp or entropy non-finite
+        if "full" in m.modes:  # every logit is stored: check every logit
+            ok, top = torch.isfinite(rows).all(dim=1), rows.abs().amax()
+        else:  # NaN / inf in a row make its logsumexp or entropy non-finite
+            ok, top = _stored_health(reps)
         finite[d0:d1] = ok
         peak = torch.maximum(peak, top)
         for name, values in reps.items():
@@ -125,7 +128,7 @@ def _stored_health(reps: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.T
     f32 = [v.reshape(len(v), -1) for v in reps.values() if v.dtype == torch.float32]
     ok = torch.stack([torch.isfinite(v).all(dim=1) for v in f32]).all(dim=0)
     f16 = [v.float().abs().amax() for v in reps.values() if v.dtype == torch.float16 and v.numel()]
-    return ok, torch.stack(f16).amax() if f16 else torch.zeros((), device=ok.device)
+    return ok, (torch.stack(f16).amax() if f16 else torch.zeros((), device=ok.device)).nan_to_num(float("inf"))
 
 
 @torch.inference_mode()

@@ -223,3 +223,35 @@ def test_any_hugging_face_causal_lm_folder_is_a_teacher(teacher, lm_cache, tmp_p
     assert tiny.identity["weights"] != teacher.identity["weights"]
     m = capture_tokens(tiny, data, cfg, str(tmp_path / "cache"))
     assert m.complete and m.rows == sum(LENGTHS)
+
+
+def test_sampled_kl_torch_path_has_finite_gradients_with_padding_rows():
+    """Padding rows have no draws (all counts 0): the CUDA path (plain torch, run here on the
+    CPU tensors' reference) must not divide 0 by 0 into the gradient."""
+    from pipeline.losses import _reduce, torch_sampled_kl
+
+    s = torch.randn(4, 9, requires_grad=True)
+    idx = torch.tensor([[1, 2, -1], [0, -1, -1], [0, 0, 0], [3, 4, 5]], dtype=torch.int32)
+    cnt = torch.tensor([[2, 1, 0], [3, 0, 0], [0, 0, 0], [1, 1, 1]], dtype=torch.int32)
+    ent = torch.ones(4)
+    mask = np.array([True, True, False, True])
+    _reduce(torch_sampled_kl(s, idx, cnt, ent, 1.0), mask, None, "mean").backward()
+    assert torch.isfinite(s.grad).all() and (s.grad[2] == 0).all()
+
+
+def test_a_many_to_one_vocab_map_is_refused(tmp_path):
+    m = np.arange(40) % 30
+    np.save(tmp_path / "map.npy", m)
+    spec = type("S", (), {"vocab_map": str(tmp_path / "map.npy")})()
+    reader = type("R", (), {"manifest": type("M", (), {"num_classes": 40, "vocab": {}})()})()
+    with pytest.raises(ValueError, match="several teacher ids to one student id"):
+        vocab_map(spec, reader, 30)
+
+
+def test_full_rows_capture_for_a_token_cache(teacher, lm_cache, tmp_path):
+    cfg, data, url = lm_cache
+    full = compose_config(*SMALL, "cache.modes=[full]")
+    capture_tokens(teacher, data, full, str(tmp_path / "full"))
+    logits = open_cache(str(tmp_path / "full")).logits.compute()
+    top = open_cache(url).arrays[TOPK_IDX].compute()[:, 0]
+    assert logits.shape == (sum(LENGTHS), 49152) and (logits.argmax(1) == top).mean() > 0.95

@@ -90,3 +90,33 @@ def test_non_finite_bfloat16_rows_are_named(tmp_path, tiny_logits):
     write_cache(path, bad, dtype="bfloat16")
     with pytest.raises(ValueError, match=r"non-finite logits at ids \[(5, 70|70, 5)\] \(2 rows\)"):
         _ids(CacheStream(open_cache(path), splits=("train",), batch_size=8, seed=0, shuffle_window=16))
+
+
+def test_closing_a_stream_early_never_hangs_its_producer(tiny_cache):
+    """The consumer leaving with the queue full (a training loop that stops mid-epoch)
+    must stop the background producer, whatever it was putting."""
+    import threading
+    import time
+
+    from pipeline.stream import background
+
+    def leave_early():
+        g = background(iter(range(3)), 2)  # the producer ends while the queue is full
+        next(g)
+        time.sleep(0.3)  # let it fill the queue and reach its last put
+        g.close()
+        s = CacheStream(open_cache(tiny_cache), splits=("train",), batch_size=2, seed=0, shuffle_window=1,
+                        prefetch=1)
+        for i, _ in enumerate(s):
+            if i == len(s) - 2:
+                break
+
+    t = threading.Thread(target=leave_early, daemon=True)
+    t.start()
+    t.join(timeout=20)
+    assert not t.is_alive()
+
+
+def test_prefetch_below_one_is_refused(tiny_cache):
+    with pytest.raises(ValueError, match="prefetch=0: must be >= 1"):
+        CacheStream(open_cache(tiny_cache), splits=("train",), batch_size=2, seed=0, prefetch=0)
