@@ -62,13 +62,16 @@ def test_state_from_another_seed_is_refused(tiny_cache):
         s.load_state_dict({"epoch": 0, "position": 1, "seed": 6})
 
 
-@pytest.mark.parametrize("backend,dtype", [("zarr", "bfloat16"), ("arrow", "float16"), ("arrow", "bfloat16"),
-                                           ("zarr", "float32")])
-def test_every_backend_and_dtype_streams_the_cached_values(tmp_path, tiny_logits, backend, dtype):
-    """Rows read into the reused window buffers equal the whole cache read through Dask,
-    across epochs (a stale buffer would show as another row's values)."""
+@pytest.mark.parametrize("backend,dtype,compression", [
+    ("zarr", "bfloat16", "ints"), ("zarr", "float32", "ints"), ("zarr", "float16", "all"),
+    ("zarr", "float16", "none"), ("arrow", "float16", "ints"), ("arrow", "bfloat16", "ints")])
+def test_every_backend_and_dtype_streams_the_cached_values(tmp_path, tiny_logits, backend, dtype, compression):
+    """Rows read into the reused window buffers (Zarr: decoded by pipeline.cache.chunk_reader)
+    equal the whole cache read through Dask and zarr, across epochs (a stale buffer would show
+    as another row's values)."""
     path = str(tmp_path / "c")
-    write_cache(path, tiny_logits, dtype=dtype, backend=backend, modes=("full", "topk"))
+    write_cache(path, tiny_logits, dtype=dtype, backend=backend, modes=("full", "topk", "sampled"),
+                compression=compression)
     r = open_cache(path)
     whole = {n: a.compute() for n, a in r.arrays.items()}
     s = CacheStream(r, splits=("train",), batch_size=9, seed=0, shuffle_window=1, prefetch=1)
@@ -120,3 +123,14 @@ def test_closing_a_stream_early_never_hangs_its_producer(tiny_cache):
 def test_prefetch_below_one_is_refused(tiny_cache):
     with pytest.raises(ValueError, match="prefetch=0: must be >= 1"):
         CacheStream(open_cache(tiny_cache), splits=("train",), batch_size=2, seed=0, prefetch=0)
+
+
+def test_the_direct_chunk_decoder_serves_every_zarr_array_of_a_cache(tiny_cache):
+    """Every array this project writes has the layout the direct decoder reads, so the
+    stream never falls back to zarr's slow path on its own caches."""
+    import zarr
+
+    from pipeline.cache.chunk_reader import plain_layout
+
+    g = zarr.open_group(tiny_cache, mode="r")
+    assert all(plain_layout(g[name]) is not None for name in g.array_keys())
