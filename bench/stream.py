@@ -5,6 +5,8 @@ while streaming a cache 1x and 10x in size, measured in the same run.
 
 Throughput: the best steady-state epoch of a stream object (epochs 2-3, as a training run
 iterates it) and its first epoch, against the best direct pass, alternated over repeats.
+``throughput_vs_own_decoder`` compares the stream with its own chunk decoder reading
+every chunk in order into one buffer: what the shuffle, the thread and the gathers cost.
 Memory is each pass's peak resident size in a fresh subprocess (ru_maxrss), and its growth
 over the process's size just before streaming. The last line is one JSON object with
 ``throughput_vs_direct`` and ``peak_mem_10x_vs_1x``.
@@ -65,6 +67,23 @@ def direct_epoch(path: str) -> tuple[int, float]:
     return n, time.perf_counter() - t0
 
 
+def decoder_epoch(path: str) -> tuple[int, float]:
+    """The stream's own read path without the stream: each chunk of ids and logits, in
+    order, decoded into one reused buffer (no shuffle, no thread, no gathers)."""
+    from pipeline.cache.backends import backend
+
+    r = open_cache(path)
+    read = backend("zarr").block_reader(r.storage, r.manifest)
+    chunk = r.manifest.chunk_rows
+    ids, logits = np.empty(chunk, np.int64), np.empty((chunk, r.manifest.num_classes), np.float16)
+    t0, n = time.perf_counter(), 0
+    for a in range(0, r.manifest.rows, chunk):
+        b = min(a + chunk, r.manifest.rows)
+        read([("ids", a, b, ids[:b - a]), ("logits", a, b, logits[:b - a])])
+        n += b - a
+    return n, time.perf_counter() - t0
+
+
 def child(path: str) -> None:
     """Stream one epoch; print the resident size before and the peak (KiB)."""
     before = int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize() // 1024
@@ -91,13 +110,14 @@ def main() -> None:
         one, ten = f"{tmp}/1x", f"{tmp}/10x"
         write(one, args.rows, args.classes)
         write(ten, 10 * args.rows, args.classes)
-        stream_t, first_t, direct_t = [], [], []
+        stream_t, first_t, direct_t, decoder_t = [], [], [], []
         for _ in range(args.repeats):  # alternated, so drift on this shared machine hits both
             direct_t.append(direct_epoch(one)[1])
+            decoder_t.append(decoder_epoch(one)[1])
             ts = stream_epochs(one, 3)
             first_t.append(ts[0])
             stream_t += ts[1:]
-        stream_t, first_t, direct_t = min(stream_t), min(first_t), min(direct_t)
+        stream_t, first_t, direct_t, decoder_t = min(stream_t), min(first_t), min(direct_t), min(decoder_t)
         m1, m10 = peak(one), peak(ten)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -105,6 +125,7 @@ def main() -> None:
     res = {"rows_1x": args.rows, "classes": args.classes,
            "stream_rows_per_s": args.rows / stream_t, "direct_rows_per_s": args.rows / direct_t,
            "throughput_vs_direct": direct_t / stream_t, "first_epoch_vs_direct": direct_t / first_t,
+           "throughput_vs_own_decoder": decoder_t / stream_t,
            "peak_mib_1x": m1["peak_kib"] / 1024, "peak_mib_10x": m10["peak_kib"] / 1024,
            "growth_mib_1x": grow1 / 1024, "growth_mib_10x": grow10 / 1024,
            "peak_mem_10x_vs_1x": m10["peak_kib"] / m1["peak_kib"]}

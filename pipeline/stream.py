@@ -10,9 +10,11 @@ windows already consumed without reading them.
 A background thread reads ahead up to ``prefetch`` windows, each block decoded straight
 into a reused window buffer (a ring of ``prefetch + 2``), so memory held is about
 ``(prefetch + 2) * shuffle_window`` blocks whatever the cache's size. The stream reads
-through the backends rather than computing Dask blocks: a Dask block is a freshly
-allocated array, which then has to be concatenated into a window, and the two copies cost
-more than the read (bench/stream.py). Whole-cache jobs (audit, derive, verify) run on Dask.
+through the backends (Zarr chunks in this project's own layout by
+:mod:`pipeline.cache.chunk_reader`) rather than computing Dask blocks: a Dask block is a
+freshly allocated array that then has to be copied into its window, and zarr-python's
+per-call cost exceeds the decoding itself (bench/stream.py). Whole-cache jobs (audit,
+derive, verify) run on Dask.
 """
 
 from __future__ import annotations
