@@ -10,6 +10,7 @@ from __future__ import annotations
 import dask.array as da
 import numpy as np
 import zarr
+from dask.base import tokenize
 from zarr.codecs import Crc32cCodec, ZstdCodec
 from zarr.core.buffer.cpu import NDBuffer
 from zarr.core.sync import sync
@@ -79,7 +80,55 @@ def block_reader(storage: Storage, m: Manifest):
     return read
 
 
+class RowSource:
+    """An array-like over one array of a cache for ``dask.array.from_array``: whole-row
+    slices are decoded chunk by chunk by :class:`ChunkReader` (this project's layout), the
+    rest (other selections, other layouts, unwritten chunks) by zarr. Picklable for the
+    distributed scheduler: the decoder is rebuilt in each process."""
+
+    def __init__(self, storage: Storage, name: str, array):
+        self.storage, self.name, self.array = storage, name, array
+        self.shape, self.dtype, self.ndim = array.shape, array.dtype, array.ndim
+        self.layout = plain_layout(array)
+        self._reader: ChunkReader | None = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_reader": None}
+
+    def _whole_rows(self, key) -> tuple[int, int] | None:
+        """(start, stop) when ``key`` selects whole rows with step 1, else None."""
+        key = key if isinstance(key, tuple) else (key,)
+        if self.layout is None or not key or not isinstance(key[0], slice):
+            return None
+        if not all(isinstance(k, slice) and k.indices(n) == (0, n, 1) for k, n in zip(key[1:], self.shape[1:], strict=False)):
+            return None
+        start, stop, step = key[0].indices(self.shape[0])
+        return (start, stop) if step == 1 else None
+
+    def __getitem__(self, key):
+        rows = self._whole_rows(key)
+        if rows is None:
+            return self.array[key]
+        if self._reader is None:
+            self._reader = ChunkReader(self.storage, self.name, self.array, self.layout)
+        start, stop = rows
+        out = np.empty((stop - start, *self.shape[1:]), dtype=self.dtype)
+        size, a = self.layout[0][0], start
+        while a < stop:  # piece by piece, split at chunk boundaries
+            b = min((a // size + 1) * size, stop)
+            if not self._reader.read(a, b, out[a - start:b - start]):
+                out[a - start:b - start] = self.array[a:b]
+            a = b
+        return out
+
+
 def dask_arrays(storage: Storage, m: Manifest) -> dict[str, da.Array]:
+    """One Dask block per Zarr chunk, read by :class:`RowSource`."""
     group = zarr.open_group(storage.zarr_store(read_only=True), mode="r")
-    return {name: da.from_zarr(group[name], chunks=(m.chunk_rows, *shape))
-            for name, (shape, _) in array_specs(m).items()}
+    out = {}
+    for name, (shape, _) in array_specs(m).items():
+        source = RowSource(storage, name, group[name])
+        token = tokenize(storage.url, name, m.fingerprint.get("digest"), [(s.index, s.sha256) for s in m.shards])
+        out[name] = da.from_array(source, chunks=(m.chunk_rows, *shape), asarray=False, lock=False,
+                                  name=f"cache-{name}-{token}", meta=np.empty((0,) * (1 + len(shape)), group[name].dtype))
+    return out
