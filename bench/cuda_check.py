@@ -24,7 +24,7 @@ from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
 from pipeline.cache import open_cache
-from pipeline.capture import _host_buffers, capture_logits, plan_manifest
+from pipeline.capture import capture_logits, host_buffers, plan_manifest
 from pipeline.config import register, validate
 from pipeline.datasets import load_splits
 from pipeline.losses import distance_loss, sampled_kl_loss, topk_kl_loss
@@ -52,7 +52,7 @@ def capture(root: str, rows: int, device: str, precision: str) -> tuple[np.ndarr
     info = {"pinned": None}
     if device == "cuda":
         m = plan_manifest(cfg, splits, teacher.to(device))
-        info["pinned"] = all(b.is_pinned() for b in _host_buffers(m, 8, torch.device(device)).values())
+        info["pinned"] = all(b.is_pinned() for b in host_buffers(m, 8, torch.device(device)).values())
     return reader.logits.compute().astype(np.float32), info, took
 
 
@@ -61,35 +61,29 @@ def check_losses(device: str) -> dict:
     g = torch.Generator().manual_seed(0)
     s = torch.randn(512, 1000, generator=g) * 3
     t = torch.randn(512, 1000, generator=g) * 3
-    out = {}
-    for name in ("kl", "reverse_kl", "js", "mse", "cosine", "euclidean"):
-        vals, grads = [], []
-        for dev in ("cpu", device):
-            x = s.to(dev, copy=True).requires_grad_()  # a leaf on each device
-            loss = distance_loss(name, x, t.to(dev), temperature=2.0)
-            loss.backward()
-            vals.append(loss.item())
-            grads.append(x.grad.cpu())
-        out[name] = {"value_rel_err": abs(vals[0] - vals[1]) / max(abs(vals[0]), 1e-12),
-                     "grad_max_err": (grads[0] - grads[1]).abs().max().item()}
     val, idx = torch.topk(t, 16, dim=1)  # a wide vocabulary: 1000 columns
-    lse = torch.logsumexp(t / 2, 1)
     counts_idx, counts = sample_counts(t, 16, 2.0, torch.Generator().manual_seed(1))
     logp = torch.log_softmax(t / 2, 1)
-    ent = -(logp.exp() * logp).sum(1)
-    for name, fn, args in (("topk_kl", topk_kl_loss, (idx.int(), val.half(), lse)),
-                           ("sampled_kl", sampled_kl_loss, (counts_idx, counts, ent))):
-        vals, grads = [], []
-        for dev in ("cpu", device):
-            x = s.to(dev, copy=True).requires_grad_()  # a leaf on each device
-            a = [v.numpy() if dev == "cpu" else v.to(dev) for v in args]
-            loss = fn(x, *a, temperature=2.0)
-            loss.backward()
-            vals.append(loss.item())
-            grads.append(x.grad.cpu())
-        out[name] = {"value_rel_err": abs(vals[0] - vals[1]) / max(abs(vals[0]), 1e-12),
-                     "grad_max_err": (grads[0] - grads[1]).abs().max().item()}
-    return out
+    cases = {name: (lambda x, tt, name=name: distance_loss(name, x, tt, temperature=2.0), (t,))
+             for name in ("kl", "reverse_kl", "js", "mse", "cosine", "euclidean")}
+    cases["topk_kl"] = (lambda x, *a: topk_kl_loss(x, *a, temperature=2.0),
+                        (idx.int(), val.half(), torch.logsumexp(t / 2, 1)))
+    cases["sampled_kl"] = (lambda x, *a: sampled_kl_loss(x, *a, temperature=2.0),
+                           (counts_idx, counts, -(logp.exp() * logp).sum(1)))
+    return {name: compare(fn, s, args, device) for name, (fn, args) in cases.items()}
+
+
+def compare(fn, s: torch.Tensor, args: tuple, device: str) -> dict:
+    """``fn`` on the CPU (Numba kernels) and on ``device``: loss and gradient differences."""
+    vals, grads = [], []
+    for dev in ("cpu", device):
+        x = s.to(dev, copy=True).requires_grad_()  # a leaf on each device
+        loss = fn(x, *[a.to(dev) for a in args])
+        loss.backward()
+        vals.append(loss.item())
+        grads.append(x.grad.cpu())
+    return {"value_rel_err": abs(vals[0] - vals[1]) / max(abs(vals[0]), 1e-12),
+            "grad_max_err": (grads[0] - grads[1]).abs().max().item()}
 
 
 def main() -> None:

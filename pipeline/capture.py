@@ -80,7 +80,7 @@ def _check_shape(logits: torch.Tensor, cfg: Config) -> None:
                          "= data.num_classes: set data.num_classes to the teacher's output width")
 
 
-def _check_values(finite: torch.Tensor, peak: float, first_row: int, cfg: Config) -> None:
+def check_values(finite: torch.Tensor, peak: float, first_row: int, cfg: Config) -> None:
     """Refuse non-finite rows (``finite``: one flag per row) and float16 overflow."""
     if not finite.all():
         rows = (torch.nonzero(~finite).flatten()[:10] + first_row).tolist()
@@ -93,10 +93,10 @@ def _check_values(finite: torch.Tensor, peak: float, first_row: int, cfg: Config
 def _check_logits(logits: torch.Tensor, first_row: int, cfg: Config) -> None:
     """Shape, finiteness and range of one batch (capture checks values once per shard)."""
     _check_shape(logits, cfg)
-    _check_values(torch.isfinite(logits).all(dim=1), logits.abs().max().item(), first_row, cfg)
+    check_values(torch.isfinite(logits).all(dim=1), logits.abs().max().item(), first_row, cfg)
 
 
-def _host_buffers(m: Manifest, rows: int, device: torch.device) -> dict[str, torch.Tensor]:
+def host_buffers(m: Manifest, rows: int, device: torch.device) -> dict[str, torch.Tensor]:
     """Host buffers for one shard, pinned when the teacher runs on CUDA (non-blocking copies)."""
     pin = device.type == "cuda"
     return {name: torch.empty((rows, *shape), dtype=torch_buffer_dtype(name, dt), pin_memory=pin)
@@ -106,7 +106,7 @@ def _host_buffers(m: Manifest, rows: int, device: torch.device) -> dict[str, tor
 def capture_shard(teacher, x: np.ndarray, shard: ShardRecord, m: Manifest, cfg: Config,
                   device: torch.device) -> dict[str, np.ndarray]:
     """Every array of one shard: teacher forward in batches, representations on the device."""
-    buffers = _host_buffers(m, shard.rows, device)
+    buffers = host_buffers(m, shard.rows, device)
     gen = torch.Generator(device=device).manual_seed(shard.index)  # resumable sampling: seeded per shard
     finite = torch.empty(shard.rows, dtype=torch.bool, device=device)
     peak = torch.zeros((), device=device)
@@ -119,7 +119,7 @@ def capture_shard(teacher, x: np.ndarray, shard: ShardRecord, m: Manifest, cfg: 
         peak = torch.maximum(peak, logits.abs().amax())  # device sync per batch
         for name, values in represent(logits, m, gen).items():  # non-finite rows are refused below
             buffers[name][i:i + len(xb)].copy_(values, non_blocking=True)
-    _check_values(finite.cpu(), peak.item(), shard.start, cfg)  # before anything is handed to the writer
+    check_values(finite.cpu(), peak.item(), shard.start, cfg)  # before anything is handed to the writer
     if device.type == "cuda":
         torch.cuda.current_stream(device).synchronize()  # the non-blocking copies have landed
     arrays = host_arrays(buffers, m)

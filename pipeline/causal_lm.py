@@ -86,6 +86,12 @@ class LMTeacher:
     tokenizer: object
     identity: dict  # what changes its logits: weights, tokenizer, precision
 
+    @property
+    def pad_id(self) -> int:
+        """Fills the padded batch positions (masked out; any id would do)."""
+        pad = self.tokenizer.pad_token_id
+        return 0 if pad is None else pad
+
 
 def load_teacher(cfg_teacher) -> LMTeacher:
     """The teacher model (eval mode, weights in the configured precision) and its tokenizer."""

@@ -75,7 +75,7 @@ def load_splits(cfg: DataConfig, root: str) -> Splits:
     if cfg.source is DataSource.mnist1d:
         path = os.path.join(root, "datasets", f"mnist1d-{_config_key(cfg)}")
         if not os.path.exists(os.path.join(path, "dataset_dict.json")):
-            _save_atomic(make_mnist1d(cfg), path)
+            save_atomic(make_mnist1d(cfg), path)
         return _from_dataset_dict(_load_from_disk(path), cfg)
     return _from_dataset_dict(_load_user_dataset(cfg), cfg)
 
@@ -127,7 +127,7 @@ def _to_dataset(x: np.ndarray, y: np.ndarray | None):
     return datasets.Dataset(pa.table(cols), info=datasets.DatasetInfo(features=datasets.Features(feats)))
 
 
-def _save_atomic(dsd, path: str) -> None:
+def save_atomic(dsd, path: str) -> None:
     """Save under a unique temporary name, then rename: a killed save leaves no folder
     that looks complete, and concurrent workers generating the same data do not collide."""
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"

@@ -10,6 +10,7 @@ teacher-to-student KL over the cached top-K + tail at T=1.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -24,21 +25,20 @@ from tqdm.auto import tqdm
 
 from pipeline.cache import CacheReader
 from pipeline.cache.format import (
-    ITEMSIZE,
     LSE,
     SAMPLED_CNT,
     SAMPLED_ENT,
     SAMPLED_IDX,
-    STORAGE_DTYPE,
     TOPK_IDX,
     TOPK_VAL,
+    row_bytes,
 )
 from pipeline.causal_lm import build_student
 from pipeline.config import Config
 from pipeline.losses import sampled_kl_loss, topk_kl_loss, torch_topk_kl
 from pipeline.sequence_stream import SequenceBatch, SequenceStream
 from pipeline.text import TokenData
-from pipeline.token_capture import TEACHER_EVAL
+from pipeline.token_capture import read_teacher_eval
 from pipeline.training import make_optimizer
 
 log = logging.getLogger(__name__)
@@ -75,12 +75,9 @@ def variants(cfg: Config) -> list[Variant]:
 def bytes_per_token(v: Variant, reader: CacheReader) -> int:
     """What a cache holding only this variant's rows would store per token (ids aside)."""
     m = reader.manifest
-    val = ITEMSIZE[STORAGE_DTYPE[m.dtype]]
     if v.name == "topk_kl":
-        return (v.k or m.k) * (4 + val) + 4 * len(m.temperatures)
-    if v.name == "sampled_kl":
-        return m.samples * (4 + 2) + 4
-    return 0
+        return row_bytes(dataclasses.replace(m, k=v.k or m.k), ("topk",))
+    return row_bytes(m, ("sampled",)) if v.name == "sampled_kl" else 0
 
 
 # --- vocabularies --------------------------------------------------------------------------
@@ -139,10 +136,15 @@ def map_batch(batch: SequenceBatch, vmap: np.ndarray | None) -> SequenceBatch:
         mask = batch.mask & (t[SAMPLED_CNT].sum(axis=1) > 0)  # no draw left: nothing to distil there
     else:
         mask = batch.mask
-    return SequenceBatch(torch.from_numpy(np.maximum(ids, 0)), batch.attention_mask, t, mask, batch.sequences)
+    return dataclasses.replace(batch, input_ids=torch.from_numpy(np.maximum(ids, 0)), teacher=t, mask=mask)
 
 
 # --- losses --------------------------------------------------------------------------------
+
+
+def student_logits(student, batch: SequenceBatch, device) -> torch.Tensor:
+    """(B, L, V) logits of the student over a padded batch."""
+    return student(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device)).logits
 
 
 def next_token_nll(logits: torch.Tensor, batch: SequenceBatch, reduction: str = "mean") -> torch.Tensor:
@@ -159,7 +161,7 @@ def first_k(batch: SequenceBatch, k: int) -> SequenceBatch:
         return batch
     t = dict(batch.teacher)
     t[TOPK_IDX], t[TOPK_VAL] = (np.ascontiguousarray(t[n][:, :k]) for n in (TOPK_IDX, TOPK_VAL))
-    return SequenceBatch(batch.input_ids, batch.attention_mask, t, batch.mask, batch.sequences)
+    return dataclasses.replace(batch, teacher=t)
 
 
 def teacher_rows(batch: SequenceBatch, v: Variant, lse_col: int) -> tuple:
@@ -170,7 +172,7 @@ def teacher_rows(batch: SequenceBatch, v: Variant, lse_col: int) -> tuple:
 
 
 def variant_loss(student, batch: SequenceBatch, v: Variant, cfg: Config, lse_col: int, device) -> torch.Tensor:
-    logits = student(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device)).logits
+    logits = student_logits(student, batch, device)
     ce = next_token_nll(logits, batch)
     if v.name == "labels":
         return ce
@@ -199,12 +201,13 @@ def evaluate(student, reader: CacheReader, data: TokenData, cfg: Config, vmap, d
     """Held-out perplexity, and KL(teacher || student) over the cached top-K + tail at T=1."""
     student.eval()
     arrays = TOPK_ARRAYS if "topk" in reader.manifest.modes and 1.0 in reader.manifest.temperatures else ()
+    col = lse_column(reader, 1.0) if arrays else 0
     stream = SequenceStream(reader, data.tokens, split="heldout", batch_size=cfg.lm.eval_batch_size, seed=0,
                             arrays=arrays)
     nll, count, kl, kl_rows = 0.0, 0, 0.0, 0
     for batch in stream:
         batch = map_batch(batch, vmap)
-        logits = student(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device)).logits
+        logits = student_logits(student, batch, device)
         tokens = int((batch.attention_mask[:, 1:] * batch.attention_mask[:, :-1]).sum())
         nll += next_token_nll(logits, batch, reduction="sum").item()
         count += tokens
@@ -212,7 +215,7 @@ def evaluate(student, reader: CacheReader, data: TokenData, cfg: Config, vmap, d
             keep = torch.from_numpy(batch.mask)
             flat = logits.reshape(-1, logits.shape[-1])[keep.to(device)].float()
             idx, val, lse = (torch.from_numpy(batch.teacher[n][batch.mask]).to(device) for n in TOPK_ARRAYS)
-            kl += torch_topk_kl(flat, idx, val, lse[:, reader.manifest.temperatures.index(1.0)], 1.0).sum().item()
+            kl += torch_topk_kl(flat, idx, val, lse[:, col], 1.0).sum().item()
             kl_rows += len(flat)
     student.train()
     return {"heldout_perplexity": math.exp(nll / count), "heldout_nll": nll / count, "heldout_tokens": count,
@@ -258,12 +261,6 @@ def train_variant(name: str, spec, v: Variant, cfg: Config, reader: CacheReader,
     return row
 
 
-def teacher_eval(reader: CacheReader) -> dict:
-    if not reader.storage.exists(TEACHER_EVAL):
-        return {}
-    return json.loads(reader.storage.read_bytes(TEACHER_EVAL))
-
-
 def format_lm_results(rows: list[dict], teacher: dict, full_bytes: int) -> str:
     lines = ["| student | trained on | bytes/token | held-out perplexity | held-out KL (top-K+tail) | steps | time |",
              "|---|---|---:|---:|---:|---:|---:|"]
@@ -277,11 +274,10 @@ def format_lm_results(rows: list[dict], teacher: dict, full_bytes: int) -> str:
 
 
 def write_lm_results(run_dir: str, reader: CacheReader, rows: list[dict]) -> dict:
-    teacher = teacher_eval(reader)
+    teacher = read_teacher_eval(reader.storage)
     full = reader.manifest.num_classes * 2
     results = {"cache": reader.path, "teacher": teacher, "full_fp16_bytes_per_token": full, "students": rows}
     os.makedirs(run_dir, exist_ok=True)
     with open(os.path.join(run_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
-    print("\n" + format_lm_results(rows, teacher, full), flush=True)
     return results

@@ -79,11 +79,6 @@ def counts_from_probs(probs: torch.Tensor, samples: int,
     return out_ids.int(), counts.int()
 
 
-def entropy(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
-    return -(logp.exp() * logp).sum(-1)
-
-
 def represent(logits: torch.Tensor, m: Manifest, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
     """All arrays of the manifest's modes for a (B, C) batch of logits, on its device.
 

@@ -101,12 +101,12 @@ def load_tokens(cfg: DataConfig, root: str, tokenizer) -> TokenData:
     import datasets
 
     from pipeline.causal_lm import tokenizer_hash
-    from pipeline.datasets import _save_atomic
+    from pipeline.datasets import save_atomic
 
     tok_hash = tokenizer_hash(tokenizer)
     path = os.path.join(root, "datasets", f"{cfg.name}-{_dataset_key(cfg, tok_hash)}")
     if not os.path.exists(os.path.join(path, "dataset_dict.json")):
-        _save_atomic(build_token_dataset(cfg, tokenizer), path)
+        save_atomic(build_token_dataset(cfg, tokenizer), path)
     dsd = datasets.load_from_disk(path)
     pieces, sequences, start = [], {}, 0
     for name in LM_SPLITS:

@@ -13,7 +13,17 @@ import dask.array as da
 import numpy as np
 
 from pipeline.cache import CacheReader
-from pipeline.cache.format import LSE, SAMPLED_CNT, SAMPLED_ENT, TOPK_IDX, TOPK_VAL, array_specs
+from pipeline.cache.format import (
+    IDS,
+    ITEMSIZE,
+    LSE,
+    SAMPLED_CNT,
+    SAMPLED_ENT,
+    TOPK_IDX,
+    TOPK_VAL,
+    array_specs,
+    row_bytes,
+)
 
 
 def _kept_mass(val: np.ndarray, lse: np.ndarray) -> np.ndarray:
@@ -55,13 +65,11 @@ def representation_bytes(reader: CacheReader) -> dict[str, float]:
     """Bytes per token of each representation in the cache's layout, as stored on disk."""
     m, disk = reader.manifest, disk_bytes(reader)
     groups = {"topk": (TOPK_IDX, TOPK_VAL, LSE), "sampled": ("sampled_idx", SAMPLED_CNT, SAMPLED_ENT),
-              "ids": ("ids",)}
+              "ids": (IDS,)}
     out = {"full_float16_computed": m.num_classes * 2}
     for mode, names in groups.items():
-        specs = array_specs(m)
-        if all(n in specs for n in names):
-            out[f"{mode}_computed"] = sum(int(np.prod(specs[n][0], dtype=int)) * np.dtype(specs[n][1]).itemsize
-                                          for n in names)
+        if mode == "ids" or mode in m.modes:
+            out[f"{mode}_computed"] = ITEMSIZE["int64"] if mode == "ids" else row_bytes(m, (mode,))
             if all(n in disk for n in names):
                 out[f"{mode}_on_disk"] = sum(disk[n] for n in names) / m.rows
     out["total_on_disk"] = disk["total"] / m.rows

@@ -13,16 +13,17 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import asdict
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from pipeline.cache import CacheWriter, Manifest, ShardRecord, make_fingerprint, plan_shards
-from pipeline.cache.fingerprint import capture_settings, hash_json
+from pipeline.cache.fingerprint import cache_location, capture_settings, hash_json, key_from
 from pipeline.cache.format import FORMAT_VERSION, IDS, offsets_digest
 from pipeline.cache.storage import Storage
-from pipeline.capture import _check_values, _host_buffers, check_size
+from pipeline.capture import check_size, check_values, host_buffers
 from pipeline.causal_lm import LMTeacher
 from pipeline.config import Config, resolve_workers
 from pipeline.device import choose_device
@@ -83,7 +84,7 @@ def capture_token_shard(model, data: TokenData, shard: ShardRecord, m: Manifest,
     off = data.offsets
     first = int(np.searchsorted(off, shard.start, side="right")) - 1
     last = int(np.searchsorted(off, shard.stop, side="left"))  # sequences [first, last) overlap the shard
-    buffers = _host_buffers(m, shard.rows, device)
+    buffers = host_buffers(m, shard.rows, device)
     ids = np.repeat(np.arange(first, last), np.diff(off[first:last + 1]))[
         shard.start - off[first]:shard.stop - off[first]]
     gen = torch.Generator(device=device).manual_seed(shard.index)
@@ -113,7 +114,7 @@ def capture_token_shard(model, data: TokenData, shard: ShardRecord, m: Manifest,
         for name, values in reps.items():
             buffers[name][d0:d1].copy_(values, non_blocking=True)
         bar.update(d1 - d0)
-    _check_values(finite.cpu(), peak.item(), shard.start, cfg)
+    check_values(finite.cpu(), peak.item(), shard.start, cfg)
     if device.type == "cuda":
         torch.cuda.current_stream(device).synchronize()
     arrays = host_arrays(buffers, m)
@@ -151,7 +152,6 @@ def capture_tokens(teacher: LMTeacher, data: TokenData, cfg: Config, cache_url: 
     """Write the teacher's per-token rows over every sequence to ``cache_url``; resume if started."""
     device = choose_device(cfg.teacher.device)
     model = teacher.model.to(device)
-    pad_id = teacher.tokenizer.pad_token_id if teacher.tokenizer.pad_token_id is not None else 0
     m = plan_token_manifest(cfg, data, teacher)
     check_size(m, cfg.cache.max_full_gb)
     storage = Storage(cache_url, cfg.cache.storage_options)
@@ -164,10 +164,15 @@ def capture_tokens(teacher: LMTeacher, data: TokenData, cfg: Config, cache_url: 
                  m.rows, m.sequences, rank, world, len(todo), cache_url)
         with tqdm(total=sum(s.rows for s in todo), desc="stage 1: teacher", unit="tok", unit_scale=True) as bar:
             for shard in todo:
-                writer.submit(shard, capture_token_shard(model, data, shard, m, cfg, device, pad_id, bar))
+                writer.submit(shard, capture_token_shard(model, data, shard, m, cfg, device, teacher.pad_id, bar))
     log.info("rank %d wrote %d token rows in %.1fs to %s", rank, sum(s.rows for s in todo),
              time.perf_counter() - t0, cache_url)
     return writer.manifest
+
+
+def read_teacher_eval(storage: Storage) -> dict:
+    """The teacher's held-out evaluation stored beside the cache ({} before stage 1 wrote it)."""
+    return json.loads(storage.read_bytes(TEACHER_EVAL)) if storage.exists(TEACHER_EVAL) else {}
 
 
 @torch.inference_mode()
@@ -175,11 +180,10 @@ def evaluate_teacher(teacher: LMTeacher, data: TokenData, cfg: Config, cache_url
     """The teacher's held-out perplexity, stored beside the cache (``teacher_eval.json``) so
     stage 3 compares students with it without loading the teacher. Computed once."""
     storage = Storage(cache_url, cfg.cache.storage_options)
-    if storage.exists(TEACHER_EVAL):
-        return json.loads(storage.read_bytes(TEACHER_EVAL))
+    if ev := read_teacher_eval(storage):
+        return ev
     device = choose_device(cfg.teacher.device)
-    pad_id = teacher.tokenizer.pad_token_id if teacher.tokenizer.pad_token_id is not None else 0
-    ev = teacher_heldout_nll(teacher.model.to(device), data, cfg, device, pad_id)
+    ev = teacher_heldout_nll(teacher.model.to(device), data, cfg, device, teacher.pad_id)
     storage.write_atomic(json.dumps(ev, indent=2).encode(), TEACHER_EVAL)
     log.info("teacher held-out perplexity %.2f over %d tokens", ev["heldout_perplexity"], ev["heldout_tokens"])
     return ev
@@ -188,17 +192,9 @@ def evaluate_teacher(teacher: LMTeacher, data: TokenData, cfg: Config, cache_url
 def lm_cache_location(cfg: Config, root: str, data: TokenData) -> str:
     """``cache.path`` when set, else ``<root>/caches/<data>-<teacher>-<key>``, the key from
     the config and the token data (no model needed)."""
-    import os
-    from dataclasses import asdict
-
-    if cfg.cache.path:
-        return cfg.cache.path
     t = asdict(cfg.teacher)
-    ident = {"teacher": {k: t[k] for k in ("name", "path", "gguf_file", "precision")},
-             "data": data.content_hash(), "capture": capture_settings(cfg, cfg.data.num_classes),
-             "version": FORMAT_VERSION, "layout": {"format": cfg.cache.format.value, "chunk_rows": cfg.cache.chunk_rows,
-                                                   "shard_chunks": cfg.cache.shard_chunks}}
-    return os.path.join(root, "caches", f"{cfg.data.name}-{cfg.teacher.name}-{hash_json(ident)[:12]}")
+    teacher = {k: t[k] for k in ("name", "path", "gguf_file", "precision")}
+    return cache_location(cfg, root, key_from(cfg, {"teacher": teacher, "data": data.content_hash()}))
 
 
 def open_token_cache(cfg: Config, root: str):

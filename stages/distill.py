@@ -37,13 +37,14 @@ def main(cfg: Config, run_dir: str) -> list[dict]:
 
 def lm_main(cfg: Config, root: str, run_dir: str) -> list[dict]:
     from pipeline.device import choose_device
-    from pipeline.lm_distill import train_variant, variants, write_lm_results
+    from pipeline.lm_distill import format_lm_results, train_variant, variants, write_lm_results
     from pipeline.token_capture import open_token_cache
 
     reader, data = open_token_cache(cfg, root)
     device = choose_device(cfg.train.device)
     rows = [train_variant(name, spec, v, cfg, reader, data, device, save_dir=os.path.join(run_dir, "students"))
             for name, spec in cfg.student.items() for v in variants(cfg)]
-    write_lm_results(run_dir, reader, rows)
+    results = write_lm_results(run_dir, reader, rows)
+    print("\n" + format_lm_results(rows, results["teacher"], results["full_fp16_bytes_per_token"]), flush=True)
     log.info("results: %s", os.path.join(run_dir, "results.json"))
     return rows

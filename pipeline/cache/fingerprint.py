@@ -77,13 +77,17 @@ def check_fingerprint(found: dict, expected: dict, where: str) -> None:
 def cache_key(cfg: Config) -> str:
     """Folder name of the cache: computed from the config alone, so stages 2 and 3
     find the cache without loading the teacher."""
-    ident = {"teacher": teacher_identity(cfg), "data": asdict(cfg.data),
-             "capture": capture_settings(cfg, cfg.data.num_classes), "version": FORMAT_VERSION,
+    return key_from(cfg, {"teacher": teacher_identity(cfg), "data": asdict(cfg.data)})
+
+
+def key_from(cfg: Config, ident: dict) -> str:
+    """``<data>-<teacher>-<hash>`` of ``ident`` plus the capture settings and the layout."""
+    ident = {**ident, "capture": capture_settings(cfg, cfg.data.num_classes), "version": FORMAT_VERSION,
              "layout": {"format": cfg.cache.format.value, "chunk_rows": cfg.cache.chunk_rows,
                         "shard_chunks": cfg.cache.shard_chunks, "zstd": cfg.cache.zstd.value}}
     return f"{cfg.data.name}-{cfg.teacher.name}-{hash_json(ident)[:12]}"
 
 
-def cache_location(cfg: Config, root: str) -> str:
-    """``cache.path`` when set, else ``<root>/caches/<cache_key>``."""
-    return cfg.cache.path or os.path.join(root, "caches", cache_key(cfg))
+def cache_location(cfg: Config, root: str, key: str | None = None) -> str:
+    """``cache.path`` when set, else ``<root>/caches/<key>`` (default :func:`cache_key`)."""
+    return cfg.cache.path or os.path.join(root, "caches", key or cache_key(cfg))
