@@ -139,15 +139,15 @@ def capture_logits(teacher: torch.nn.Module, splits: Splits, cfg: Config, cache_
     storage = Storage(cache_url, cfg.cache.storage_options)
     rank, world = resolve_workers(cfg)
     with CacheWriter(storage=storage, manifest=m, zstd_level=cfg.cache.zstd_level, rank=rank,
-                     world_size=world) as writer:
+                     world_size=world, overwrite=cfg.cache.overwrite, verify=cfg.verify) as writer:
         todo = writer.pending()
         log.info("capture: rank %d of %d writes %d shard(s) to %s", rank, world, len(todo), cache_url)
         desc = "stage 1: teacher" if world == 1 else f"stage 1: teacher (rank {rank}/{world})"
         with tqdm(total=sum(s.rows for s in todo), desc=desc, unit="row", unit_scale=True) as bar:
-            for shard in todo:
+            for shard in writer.claim():
                 writer.submit(shard, capture_shard(teacher, x_all[shard.start:shard.stop], shard, m, cfg, device))
                 bar.update(shard.rows)
     state = "complete" if writer.manifest.complete else "waiting for other workers' shards"
-    log.info("rank %d wrote %d shard(s) in %.1fs; cache %s (%d rows, modes %s, %s) is %s", rank, len(todo),
+    log.info("rank %d wrote %d shard(s) in %.1fs; cache %s (%d rows, modes %s, %s) is %s", rank, len(writer.written),
              time.perf_counter() - t0, cache_url, m.rows, m.modes, m.dtype, state)
     return writer.manifest

@@ -180,6 +180,9 @@ class CacheConfig:
     # Float logits barely compress (8% on random-normal fp16) and zstd costs ~half the read speed.
     zstd: Compression = Compression.ints
     zstd_level: int = 3
+    # stage 1 replaces a cache at this path that was captured with other settings (it refuses
+    # otherwise, naming what differs); it never deletes a folder that is not a cache
+    overwrite: bool = False
 
 
 @dataclass
@@ -232,7 +235,9 @@ class LMConfig:
 class Config:
     task: Task = Task.classify
     stage: str = "all"  # all | 1 | 2 | 3
-    verify: bool = False  # stage 2: re-read every shard and check its checksum
+    # stage 1: decode and hash every committed shard before resuming (damaged ones are
+    # captured again); stage 2: the same check, reported
+    verify: bool = False
     # stage 1 workers: shard i is written by rank i % world_size. Unset: taken from torchrun's
     # RANK / WORLD_SIZE environment when present, else a single worker.
     rank: int | None = None

@@ -12,6 +12,7 @@ the other C - K classes; storage ratio: the child's bytes over the parent's.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import replace
 
@@ -62,9 +63,8 @@ def derive_cache(reader: CacheReader, child: Manifest, target: str, *, storage_o
     """Write ``child`` at ``target`` from ``reader``'s full logits, ``in_flight`` shards at a time."""
     ids, logits = reader.ids, reader.logits
     with CacheWriter(storage=Storage(target, storage_options), manifest=child) as writer:
-        todo = writer.pending()
-        for i in range(0, len(todo), in_flight):
-            batch = todo[i:i + in_flight]
+        claimed = writer.claim()
+        while batch := list(itertools.islice(claimed, in_flight)):
             jobs = [dask.delayed(_derive_shard)(ids[s.start:s.stop], logits[s.start:s.stop], child) for s in batch]
             for shard, arrays in zip(batch, dask.compute(*jobs, scheduler=scheduler), strict=True):
                 writer.submit(shard, arrays)

@@ -28,7 +28,7 @@ import numpy as np
 
 from pipeline.cache import CacheReader
 from pipeline.cache.backends import backend
-from pipeline.cache.format import IDS, array_specs, bf16_arrays
+from pipeline.cache.format import IDS, REPAIR, CacheDamaged, array_specs, bf16_arrays
 from pipeline.cache.reader import bf16_bits_to_float32
 from pipeline.kernels._base import all_finite
 
@@ -199,11 +199,12 @@ class CacheStream(Resumable):
     def _read_block(self, b: Block, requests: list) -> None:
         try:
             self._read(requests)
-        except Exception as e:  # a checksum or truncation error says nothing of where: say it
+        except CacheDamaged:
+            raise  # names the array, the object and the rows already
+        except Exception as e:  # anything else says nothing of where: say it
             rows = f"{b.start + b.lo}:{b.start + b.hi}"
             raise ValueError(f"cache {self.reader.path!r}: reading rows {rows} "
-                             f"({self.reader.describe_rows(b.start + b.lo)}) failed: {e}; "
-                             "run stage 2 with verify=true to check every shard") from e
+                             f"({self.reader.describe_rows(b.start + b.lo)}) failed: {e}; {REPAIR}") from e
 
     def _take(self, arrays: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, np.ndarray]:
         """Gather ``rows`` of every array (a copy: the window buffer is reused)."""

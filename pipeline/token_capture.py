@@ -158,14 +158,14 @@ def capture_tokens(teacher: LMTeacher, data: TokenData, cfg: Config, cache_url: 
     rank, world = resolve_workers(cfg)
     t0 = time.perf_counter()
     with CacheWriter(storage=storage, manifest=m, zstd_level=cfg.cache.zstd_level, rank=rank, world_size=world,
-                     offsets=data.offsets) as writer:
+                     offsets=data.offsets, overwrite=cfg.cache.overwrite, verify=cfg.verify) as writer:
         todo = writer.pending()
         log.info("capture: %d tokens in %d sequences; rank %d of %d writes %d shard(s) to %s",
                  m.rows, m.sequences, rank, world, len(todo), cache_url)
         with tqdm(total=sum(s.rows for s in todo), desc="stage 1: teacher", unit="tok", unit_scale=True) as bar:
-            for shard in todo:
+            for shard in writer.claim():
                 writer.submit(shard, capture_token_shard(model, data, shard, m, cfg, device, teacher.pad_id, bar))
-    log.info("rank %d wrote %d token rows in %.1fs to %s", rank, sum(s.rows for s in todo),
+    log.info("rank %d wrote %d token rows in %.1fs to %s", rank, sum(m.shards[i].rows for i in writer.written),
              time.perf_counter() - t0, cache_url)
     return writer.manifest
 

@@ -161,5 +161,10 @@ def test_cut_arrow_shard_is_an_error_not_a_short_read(tmp_path, tiny_logits):
     shard = os.path.join(path, "shards", "shard-00001.arrow")
     data = open(shard, "rb").read()
     open(shard, "wb").write(data[: len(data) // 2])
-    with pytest.raises(ValueError, match=r"shard 1 .* not a whole Arrow IPC file"):
-        open_cache(path).logits.compute()
+    with pytest.raises(ValueError, match=r"shard 1 \(rows 32:64\): object 'shards/shard-00001.arrow' is \d+ bytes"):
+        open_cache(path)  # the size in the commit record: refused on open, before any read
+    from pipeline.cache import arrow_store, read_manifest
+
+    storage = Storage(path)  # past that check, the read itself refuses too
+    with pytest.raises(ValueError, match=r"array 'logits', object 'shards/shard-00001.arrow' \(rows 32:64\): not a whole Arrow IPC"):
+        arrow_store.dask_arrays(storage, read_manifest(storage))["logits"].compute()

@@ -16,12 +16,24 @@ SMALL = ["data.train_size=400", "data.test_size=200", "data.transfer_size=1500",
          "train.epochs=1", "cache.chunk_rows=256", "cache.shard_chunks=2"]
 
 
-def run_cli(root, *args, timeout=600):
+def run_cli(root, *args, timeout=600, code=0):
+    """``python -m pipeline.run paths.root=<root> <SMALL> <args>``; its exit code must be ``code``."""
     env = dict(os.environ, OMP_WAIT_POLICY="passive")
+    env.pop("HYDRA_FULL_ERROR", None)
     proc = subprocess.run([sys.executable, "-m", "pipeline.run", f"paths.root={root}", *SMALL, *args],
                           capture_output=True, text=True, timeout=timeout, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == code, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
+
+
+def error_line(proc) -> str:
+    """The one error a failed run logged: its message (a line, or a line and the list it
+    announces), with no traceback."""
+    out = proc.stdout + proc.stderr
+    assert "Traceback" not in out, out[-3000:]
+    errors = [i for i, ln in enumerate(out.splitlines()) if "[ERROR]" in ln]
+    assert len(errors) == 1, out[-3000:]
+    return "\n".join(out.splitlines()[errors[0]:])
 
 
 @pytest.fixture(scope="module")

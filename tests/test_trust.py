@@ -7,6 +7,8 @@ import glob
 import hashlib
 import os
 import random
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,7 +24,7 @@ from pipeline.cache.fingerprint import hash_state_dict
 from pipeline.cache.format import write_manifest
 from pipeline.stream import CacheStream
 from tests.conftest import write_cache
-from tests.test_cli import SMALL, run_cli
+from tests.test_cli import SMALL, error_line, run_cli
 
 MANY_SHARDS = ["cache.chunk_rows=64", "cache.shard_chunks=2"]  # 2,100 rows -> 17 shards
 
@@ -181,6 +183,104 @@ def test_changed_weight_row_or_k_changes_the_fingerprint_and_is_refused(referenc
         open_cache(ref, expected={**good, "teacher_weights": hash_state_dict(model)})
 
 
+# --- stage 1 heals a damaged cache, owns only what it made ---------------------------------
+
+
+def _flip(path: str) -> None:
+    data = bytearray(open(path, "rb").read())
+    data[100] ^= 0x01
+    open(path, "wb").write(bytes(data))
+
+
+def _cut(path: str) -> None:
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[: len(data) // 2])
+
+
+def _edit_manifest(cache: str) -> None:
+    f = os.path.join(cache, "manifest.json")
+    open(f, "w").write(open(f).read().replace('"complete": true', '"complete": false'))
+
+
+DAMAGE = {  # name: (damage(cache), shards stage 1 must write, verify)
+    "shard deleted": (lambda c: os.remove(os.path.join(c, "logits", "c", "5", "0")), 1, False),
+    "shard truncated": (lambda c: _cut(os.path.join(c, "logits", "c", "5", "0")), 1, False),
+    "ids shard truncated": (lambda c: _cut(os.path.join(c, "ids", "c", "9")), 1, False),
+    "byte flipped": (lambda c: _flip(os.path.join(c, "logits", "c", "5", "0")), 1, True),
+    # the complete manifest records the shard too: nothing to redo
+    "commit record deleted": (lambda c: os.remove(os.path.join(c, "commits", "shard-00005.json")), 0, False),
+    "manifest edited": (_edit_manifest, 0, False),
+    "manifest deleted": (lambda c: os.remove(os.path.join(c, "manifest.json")), 0, False),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_stage1_heals_any_damage_recapturing_only_the_damaged_shard(reference, tmp_path, damage):
+    root, ref = reference
+    cache = str(tmp_path / "c")
+    shutil.copytree(ref, cache)
+    hurt, written, verify = DAMAGE[damage]
+    hurt(cache)
+    proc = run_cli(root, "stage=1", f"cache.path={cache}", *MANY_SHARDS, f"verify={str(verify).lower()}")
+    assert re.search(rf"rank 0 wrote {written} shard\(s\)", proc.stdout + proc.stderr), proc.stdout[-2000:]
+    assert array_hashes(cache) == array_hashes(ref) and shard_sums(cache) == shard_sums(ref)
+    assert read_manifest(Storage(cache)).complete
+    open_cache(cache).verify()
+
+
+def test_a_flipped_byte_found_by_stage3_points_to_the_fix_that_works(reference, tmp_path):
+    root, ref = reference
+    cache = str(tmp_path / "c")
+    shutil.copytree(ref, cache)
+    _flip(os.path.join(cache, "logits", "c", "5", "0"))
+    line = error_line(run_cli(root, "stage=3", f"cache.path={cache}", *MANY_SHARDS, code=1))
+    assert "array 'logits', object 'logits/c/5/0' (rows 640:704)" in line and "stage=1 verify=true" in line
+
+
+@pytest.mark.parametrize("what", ["folder", "file"])
+def test_a_path_that_is_not_a_cache_is_never_touched(reference, tmp_path, what):
+    root, _ = reference
+    target = tmp_path / "mine"
+    if what == "folder":
+        (target / "sub").mkdir(parents=True)
+        (target / "notes.txt").write_text("my notes")
+        (target / "sub" / "y.txt").write_text("y")
+    else:
+        target.write_text("hi")
+    before = {str(p): p.read_bytes() for p in [target, *target.rglob("*")] if p.is_file()}
+    line = error_line(run_cli(root, "stage=1", f"cache.path={target}", *MANY_SHARDS, code=1))
+    assert str(target) in line and ("not a cache" in line or "a file, not a folder" in line)
+    after = {str(p): p.read_bytes() for p in [target, *target.rglob("*")] if p.is_file()}
+    assert after == before
+
+
+def test_a_cache_with_other_settings_is_kept_unless_overwrite(reference, tmp_path):
+    root, ref = reference
+    cache = str(tmp_path / "c")
+    shutil.copytree(ref, cache)
+    line = error_line(run_cli(root, "stage=1", f"cache.path={cache}", *MANY_SHARDS, "cache.dtype=float32", code=1))
+    assert "captured with other settings" in line and "cache.overwrite=true" in line
+    assert array_hashes(cache) == array_hashes(ref)  # untouched
+    out = run_cli(root, "stage=1", f"cache.path={cache}", *MANY_SHARDS, "cache.dtype=float32", "cache.overwrite=true")
+    assert "dtype: cache has 'float16', this run 'float32'" in out.stdout + out.stderr
+    assert zarr.open_group(cache, mode="r")["logits"].dtype == np.float32
+
+
+@pytest.mark.parametrize("backend", ["zarr", "arrow"])
+def test_two_identical_runs_at_once_share_the_work_and_both_succeed(reference, tmp_path, backend):
+    root, _ = reference
+    single = str(tmp_path / "single")
+    run_cli(root, "stage=1", f"cache.path={single}", *MANY_SHARDS, f"cache={backend}")
+    cache = str(tmp_path / "both")
+    procs = [_popen(root, f"cache.path={cache}", f"cache={backend}") for _ in range(2)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    written = [int(re.search(r"rank 0 wrote (\d+) shard\(s\)", o).group(1)) for o in outs]
+    assert sum(written) == 17  # each shard written once, by one of them
+    assert shard_sums(cache) == shard_sums(single)
+    open_cache(cache).verify()
+
+
 # --- the corruption matrix ------------------------------------------------------------------
 
 
@@ -196,26 +296,27 @@ def _stream_all(path, **kw):
     return np.concatenate([b["ids"] for b in s])
 
 
-def test_flipped_byte_raises_naming_the_shard(cache32):
+def test_flipped_byte_raises_naming_array_object_and_rows(cache32):
     f = os.path.join(cache32, "logits", "c", "1", "0")
     data = bytearray(open(f, "rb").read())
     data[100] ^= 0x01
     open(f, "wb").write(bytes(data))
-    with pytest.raises(ValueError, match=r"shard 1, rows 32:64"):
+    with pytest.raises(ValueError, match=r"array 'logits', object 'logits/c/1/0' \(rows 32:48\): chunk 0 does not "
+                                         r"match its crc32c.*stage=1 verify=true"):
         _stream_all(cache32)
+    with pytest.raises(ValueError, match=r"1 damaged shard\(s\):\n  shard 1 \(rows 32:64\): .*'logits', object "
+                                         r"'logits/c/1/0'.*stage=1 verify=true"):
+        open_cache(cache32).verify()  # stage 2's verify names it too, with the same fix
 
 
-def test_truncated_shard_raises_naming_the_shard(cache32):
+def test_truncated_or_deleted_shard_is_named_on_open(cache32):
     f = os.path.join(cache32, "logits", "c", "2", "0")
     data = open(f, "rb").read()
     open(f, "wb").write(data[: len(data) // 3])
-    with pytest.raises(ValueError, match=r"shard 2, rows 64:96"):
-        _stream_all(cache32)
-
-
-def test_deleted_shard_is_named_on_open(cache32):
     os.remove(os.path.join(cache32, "logits", "c", "3", "0"))
-    with pytest.raises(ValueError, match=r"shard 3 \(rows 96:100\) is committed but \['logits/c/3/0'\] are missing"):
+    with pytest.raises(ValueError, match=r"2 damaged shard\(s\):\n  shard 2 \(rows 64:96\): object 'logits/c/2/0' is "
+                                         r"\d+ bytes, \d+ were written\n  shard 3 \(rows 96:100\): object "
+                                         r"'logits/c/3/0' is missing\nrun stage 1 again"):
         open_cache(cache32)
 
 
@@ -223,7 +324,7 @@ def test_edited_or_deleted_manifest(cache32):
     f = os.path.join(cache32, "manifest.json")
     text = open(f).read()
     open(f, "w").write(text.replace('"rows": 100', '"rows": 90'))
-    with pytest.raises(ValueError, match="does not match its own checksum"):
+    with pytest.raises(ValueError, match="does not match its own checksum.*run stage 1 again"):
         open_cache(cache32)
     os.remove(f)
     with pytest.raises(FileNotFoundError, match="manifest.json is missing"):

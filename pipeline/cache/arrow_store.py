@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 from dask import delayed
 
-from pipeline.cache.format import Manifest, ShardRecord, array_specs
+from pipeline.cache.format import CacheDamaged, Manifest, ShardRecord, array_specs
 from pipeline.cache.storage import Storage
 
 _ARROW = {"int64": pa.int64(), "int32": pa.int32(), "uint16": pa.uint16(), "float16": pa.float16(),
@@ -63,24 +63,28 @@ def _to_numpy(col: pa.Array, shape: tuple[int, ...]) -> np.ndarray:
     return col.to_numpy(zero_copy_only=False)
 
 
-def _open(storage: Storage, index: int) -> pa.ipc.RecordBatchFileReader:
+def _open(storage: Storage, index: int, rows: tuple[int, int], array: str = "*") -> pa.ipc.RecordBatchFileReader:
     path = storage.path(shard_file(index))
-    source = pa.memory_map(path) if storage.local else pa.BufferReader(storage.fs.cat_file(path))
     try:
+        source = pa.memory_map(path) if storage.local else pa.BufferReader(storage.fs.cat_file(path))
         return pa.ipc.open_file(source)
-    except pa.ArrowInvalid as e:
-        raise ValueError(f"cache {storage.url!r}: shard {index} ({shard_file(index)}) is not a whole Arrow "
-                         f"IPC file ({e}); the cache is damaged, re-run stage 1") from e
+    except (pa.ArrowInvalid, OSError) as e:
+        raise CacheDamaged(storage.url, array, shard_file(index), rows, f"not a whole Arrow IPC file ({e})") from e
 
 
 def read_shard(storage: Storage, m: Manifest, shard: ShardRecord) -> dict[str, np.ndarray]:
-    table = _open(storage, shard.index).read_all()
+    try:
+        table = _open(storage, shard.index, (shard.start, shard.stop)).read_all()
+    except pa.ArrowInvalid as e:
+        raise CacheDamaged(storage.url, "*", shard_file(shard.index), (shard.start, shard.stop),
+                           f"cannot be decoded ({e})") from e
     return {name: _to_numpy(table.column(name).combine_chunks(), shape)
             for name, (shape, _) in array_specs(m).items()}
 
 
-def _read_block(storage: Storage, index: int, batch: int, name: str, shape: tuple[int, ...]) -> np.ndarray:
-    return _to_numpy(_open(storage, index).get_batch(batch).column(name), shape)
+def _read_block(storage: Storage, index: int, batch: int, name: str, shape: tuple[int, ...],
+                rows: tuple[int, int]) -> np.ndarray:
+    return _to_numpy(_open(storage, index, rows, name).get_batch(batch).column(name), shape)
 
 
 def block_reader(storage: Storage, m: Manifest, keep: int = 4):
@@ -92,7 +96,7 @@ def block_reader(storage: Storage, m: Manifest, keep: int = 4):
     def read_one(name: str, start: int, stop: int, out: np.ndarray) -> None:
         shard = m.shards[start // m.shard_rows]
         if shard.index not in files:
-            files[shard.index] = _open(storage, shard.index)
+            files[shard.index] = _open(storage, shard.index, (shard.start, shard.stop))
             while len(files) > keep:
                 files.popitem(last=False)
         files.move_to_end(shard.index)
@@ -115,7 +119,7 @@ def dask_arrays(storage: Storage, m: Manifest) -> dict[str, da.Array]:
         for shard in m.shards:
             for j, start in enumerate(range(shard.start, shard.stop, m.chunk_rows)):
                 rows = min(m.chunk_rows, shard.stop - start)
-                blocks.append(da.from_delayed(delayed(_read_block)(storage, shard.index, j, name, shape),
+                blocks.append(da.from_delayed(delayed(_read_block)(storage, shard.index, j, name, shape, (shard.start, shard.stop)),
                                               shape=(rows, *shape), dtype=np.dtype(dtype)))
         out[name] = da.concatenate(blocks) if blocks else da.zeros((0, *shape), dtype=dtype)
     return out

@@ -19,6 +19,7 @@ import numpy as np
 from numcodecs import Zstd
 from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec, ZstdCodec
 
+from pipeline.cache.format import CacheDamaged
 from pipeline.cache.storage import Storage
 
 _MISSING = np.uint64(2**64 - 1)
@@ -52,7 +53,7 @@ class ChunkReader:
     """Rows of one array, read chunk by chunk from its shard objects (see the module doc)."""
 
     def __init__(self, storage: Storage, name: str, array, layout: tuple[tuple[int, ...], bool], keep: int = 4096):
-        self.storage, self.name, self.dtype = storage, name, np.dtype(array.dtype)
+        self.storage, self.name, self.dtype, self.rows = storage, name, np.dtype(array.dtype), array.shape[0]
         self.chunk_shape, self.zstd = layout
         self.shard_rows = array.metadata.chunk_grid.chunk_shape[0]
         self.per_shard = self.shard_rows // self.chunk_shape[0]
@@ -61,8 +62,14 @@ class ChunkReader:
         self.keep = keep
         self.codec = Zstd() if self.zstd else None
 
+    def _key(self, shard: int) -> str:
+        return f"{self.name}/c/{shard}{self.suffix}"
+
     def _path(self, shard: int) -> str:
-        return self.storage.path(f"{self.name}/c/{shard}{self.suffix}")
+        return self.storage.path(self._key(shard))
+
+    def _damaged(self, shard: int, rows: tuple[int, int], what: str) -> CacheDamaged:
+        return CacheDamaged(self.storage.url, self.name, self._key(shard), (rows[0], min(rows[1], self.rows)), what)
 
     def _read(self, path: str, start: int, stop: int | None) -> bytes:
         if self.storage.local:
@@ -79,10 +86,14 @@ class ChunkReader:
 
     def _index(self, shard: int) -> np.ndarray:
         if shard not in self.indexes:
-            path = self._path(shard)
-            raw = np.frombuffer(self._read(path, -(self.per_shard * 16 + 4), None), dtype=np.uint8)
-            if not _crc_ok(raw):
-                raise ValueError(f"{path}: the shard index does not match its crc32c checksum")
+            try:
+                raw = np.frombuffer(self._read(self._path(shard), -(self.per_shard * 16 + 4), None), dtype=np.uint8)
+            except (FileNotFoundError, OSError) as e:
+                raise self._damaged(shard, (shard * self.shard_rows, (shard + 1) * self.shard_rows),
+                                    f"the shard object cannot be read ({e})") from e
+            if len(raw) != self.per_shard * 16 + 4 or not _crc_ok(raw):
+                raise self._damaged(shard, (shard * self.shard_rows, (shard + 1) * self.shard_rows),
+                                    "the shard index does not match its crc32c checksum (cut or overwritten)")
             self.indexes[shard] = raw[:-4].view("<u8").reshape(self.per_shard, 2)
             while len(self.indexes) > self.keep:
                 self.indexes.popitem(last=False)
@@ -98,10 +109,10 @@ class ChunkReader:
         offset, nbytes = self._index(shard)[inner]
         if offset == _MISSING:
             return False  # never written: zarr gives the fill value (NaN), which the stream names
-        path = self._path(shard)
-        raw = np.frombuffer(self._read(path, int(offset), int(offset + nbytes)), dtype=np.uint8)
-        if not _crc_ok(raw):
-            raise ValueError(f"{path}: chunk {inner} does not match its crc32c checksum")
+        raw = np.frombuffer(self._read(self._path(shard), int(offset), int(offset + nbytes)), dtype=np.uint8)
+        if len(raw) != nbytes or not _crc_ok(raw):
+            first = (start // rows) * rows
+            raise self._damaged(shard, (first, first + rows), f"chunk {inner} does not match its crc32c checksum")
         payload = np.frombuffer(self.codec.decode(raw[:-4]), dtype=np.uint8) if self.codec else raw[:-4]
         chunk = payload.view(self.dtype.newbyteorder("<")).reshape(self.chunk_shape)
         lo = start - (start // rows) * rows

@@ -13,7 +13,14 @@ one or more *representations* of the teacher's output:
 | (sequences) | ``offsets.npy`` (S+1,) int64 beside the manifest, its sha256 in it      |
 | ``sampled`` | ``sampled_idx`` (N, S) int32 distinct class ids drawn from softmax(t/Ts),  |
 |           | padded with -1; ``sampled_cnt`` (N, S) uint16 how often each was drawn (0 =  |
-|           | padding); ``sampled_ent`` (N,) float32 the teacher's entropy at Ts           |
+|           | padding); ``sampled_ent`` (N,) float32 the teacher's entropy at Ts;          |
+|           | without ``full`` or ``topk`` also ``top1`` (N,) int32: the teacher's argmax, |
+|           | so its accuracy and agreement are exact on a sampled-only cache              |
+
+``kdcache.json`` is written first, into an empty or new folder, and never changed: it marks
+the folder as a cache of this project (stage 1 writes nowhere else) and holds the plan (the
+manifest as created: fingerprint, layout, shard ranges), so a damaged ``manifest.json`` is
+rebuilt from it and the commit records instead of starting over.
 
 The manifest is the index: every shard with its row range, status and checksum, and
 ``complete: true`` only after the last shard is committed, so an interrupted capture is
@@ -32,18 +39,35 @@ from dataclasses import asdict, dataclass, field
 
 from pipeline.cache.storage import Storage
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: kdcache.json, per-object sizes in commit records, top1 on sampled-only caches
 MANIFEST = "manifest.json"
+MARKER = "kdcache.json"  # written first, never changed: "this folder is a cache" + its plan
 OFFSETS = "offsets.npy"  # sequence tasks: sequence i owns rows offsets[i]:offsets[i + 1]
 COMMITS = "commits"  # one small record per committed shard, written after the shard itself
 IDS, LOGITS = "ids", "logits"
 TOPK_IDX, TOPK_VAL, LSE = "topk_idx", "topk_val", "lse"
 SAMPLED_IDX, SAMPLED_CNT, SAMPLED_ENT = "sampled_idx", "sampled_cnt", "sampled_ent"
+TOP1 = "top1"
 MODES = ("full", "topk", "sampled")
 DTYPES = ("float16", "bfloat16", "float32")
 # bfloat16 has no NumPy dtype: it is stored as its raw uint16 bit pattern.
 STORAGE_DTYPE = {"float16": "float16", "bfloat16": "uint16", "float32": "float32"}
 ITEMSIZE = {"int64": 8, "int32": 4, "uint16": 2, "float16": 2, "float32": 4}
+
+
+# What every message about a damaged cache tells the user to do (stage 1 heals: it checks
+# each committed shard, re-captures the damaged ones and keeps the rest).
+REPAIR = ("run stage 1 again with the same config (`python -m pipeline.run stage=1 verify=true ...`): it "
+          "re-captures damaged or missing shards and keeps the healthy ones")
+
+
+class CacheDamaged(ValueError):
+    """A shard whose stored bytes are missing, cut or do not match their checksums."""
+
+    def __init__(self, url: str, array: str, obj: str, rows: tuple[int, int], what: str):
+        super().__init__(f"cache {url!r}: array {array!r}, object {obj!r} (rows {rows[0]}:{rows[1]}): {what}. "
+                         f"The cache is damaged: {REPAIR}")
+        self.array, self.object, self.rows = array, obj, rows
 
 
 @dataclass
@@ -53,6 +77,7 @@ class ShardRecord:
     stop: int
     status: str = "pending"  # pending | committed
     sha256: str | None = None
+    nbytes: dict[str, int] | None = None  # committed: size of each stored object, checked cheaply
 
     @property
     def rows(self) -> int:
@@ -110,6 +135,8 @@ def array_specs(m: Manifest) -> dict[str, tuple[tuple[int, ...], str]]:
     if "sampled" in m.modes:
         specs |= {SAMPLED_IDX: ((m.samples,), "int32"), SAMPLED_CNT: ((m.samples,), "uint16"),
                   SAMPLED_ENT: ((), "float32")}
+        if not {"full", "topk"} & set(m.modes):  # the argmax is not otherwise known exactly
+            specs[TOP1] = ((), "int32")
     return specs
 
 
@@ -137,11 +164,11 @@ def _body_hash(raw: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
-def write_manifest(storage: Storage, manifest: Manifest) -> None:
-    """Replace ``manifest.json`` whole, with a checksum of its own content."""
+def write_manifest(storage: Storage, manifest: Manifest, name: str = MANIFEST) -> None:
+    """Replace ``manifest.json`` (or the plan, ``name=MARKER``) whole, with a checksum of its own content."""
     raw = asdict(manifest)
     raw["checksum"] = _body_hash(raw)
-    storage.write_atomic(json.dumps(raw, indent=2).encode(), MANIFEST)
+    storage.write_atomic(json.dumps(raw, indent=2).encode(), name)
 
 
 def commit_path(index: int) -> str:
@@ -164,32 +191,38 @@ def read_commits(storage: Storage) -> dict[int, ShardRecord]:
     return out
 
 
-def merge_commits(m: Manifest, commits: dict[int, ShardRecord]) -> Manifest:
-    """The manifest with every committed shard marked, after checking each record matches
-    the planned row range."""
+def merge_commits(m: Manifest, commits: dict[int, ShardRecord], strict: bool = True) -> list[int]:
+    """Mark every committed shard of ``m`` (status, sha256, object sizes), after checking
+    each record covers the planned rows. A record that does not: an error, or with
+    ``strict=False`` left out and its index returned (the writer captures it again)."""
+    bad = []
     for shard in m.shards:
         rec = commits.get(shard.index)
         if rec is None:
             continue
         if (rec.start, rec.stop) != (shard.start, shard.stop):
-            raise ValueError(f"commit record of shard {shard.index} covers rows {rec.start}:{rec.stop}, the manifest "
-                             f"plans {shard.start}:{shard.stop}: the cache is damaged, re-run stage 1")
-        shard.status, shard.sha256 = "committed", rec.sha256
-    return m
+            if strict:
+                raise ValueError(f"commit record of shard {shard.index} covers rows {rec.start}:{rec.stop}, the "
+                                 f"manifest plans {shard.start}:{shard.stop}: the cache is damaged: {REPAIR}")
+            bad.append(shard.index)
+            continue
+        shard.status, shard.sha256, shard.nbytes = "committed", rec.sha256, rec.nbytes
+    return bad
 
 
-def read_manifest(storage: Storage) -> Manifest:
-    if not storage.exists(MANIFEST):
-        raise FileNotFoundError(f"no cache at {storage.url!r}: {MANIFEST} is missing "
+def read_manifest(storage: Storage, name: str = MANIFEST) -> Manifest:
+    """The manifest (or the plan, ``name=MARKER``), checked: its own checksum, the version."""
+    if not storage.exists(name):
+        raise FileNotFoundError(f"no cache at {storage.url!r}: {name} is missing "
                                 "(run stage 1 first, or point cache.path at an existing cache)")
     try:
-        raw = json.loads(storage.read_bytes(MANIFEST))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{storage.url}/{MANIFEST} is not valid JSON ({e}); the cache index is damaged: "
-                         "re-run stage 1") from e
-    if "checksum" not in raw or raw["checksum"] != _body_hash(raw):
-        raise ValueError(f"{storage.url}/{MANIFEST} does not match its own checksum: it was edited or damaged. "
-                         "Re-run stage 1 to rebuild the cache (committed shards are kept when the config matches)")
+        raw = json.loads(storage.read_bytes(name))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{storage.url}/{name} is not valid JSON ({e}); the cache index is damaged: "
+                         f"{REPAIR}") from e
+    if not isinstance(raw, dict) or "checksum" not in raw or raw["checksum"] != _body_hash(raw):
+        raise ValueError(f"{storage.url}/{name} does not match its own checksum: it was edited or damaged. "
+                         f"{REPAIR} (it rebuilds the index and keeps every healthy committed shard)")
     raw.pop("checksum")
     version = raw.get("format_version")
     if version != FORMAT_VERSION:
@@ -227,9 +260,9 @@ def read_offsets(storage: Storage, m: Manifest):
     import numpy as np
 
     if not storage.exists(OFFSETS):
-        raise ValueError(f"cache {storage.url!r} holds {m.sequences} sequences but no {OFFSETS}; re-run stage 1")
+        raise ValueError(f"cache {storage.url!r} holds {m.sequences} sequences but no {OFFSETS}; {REPAIR}")
     data = storage.read_bytes(OFFSETS)
     if hashlib.sha256(data).hexdigest() != m.offsets_sha256:
         raise ValueError(f"cache {storage.url!r}: {OFFSETS} does not match its digest in the manifest; "
-                         "the cache is damaged, re-run stage 1")
+                         f"the cache is damaged: {REPAIR}")
     return np.load(io.BytesIO(data), allow_pickle=False)

@@ -14,6 +14,7 @@ from pipeline.cache.fingerprint import check_fingerprint
 from pipeline.cache.format import (
     IDS,
     LOGITS,
+    REPAIR,
     Manifest,
     bf16_arrays,
     merge_commits,
@@ -21,8 +22,8 @@ from pipeline.cache.format import (
     read_manifest,
     read_offsets,
 )
+from pipeline.cache.health import damaged_shards, describe
 from pipeline.cache.storage import Storage
-from pipeline.cache.writer import shard_checksum
 
 log = logging.getLogger(__name__)
 
@@ -77,16 +78,14 @@ class CacheReader:
         return f"shard {shard.index}, rows {shard.start}:{shard.stop}"
 
     def verify(self) -> None:
-        """Re-read every committed shard and compare its checksum with the manifest's."""
-        be = backend(self.manifest.backend)
+        """Re-read every committed shard, decode it (every crc32c checked) and compare its
+        sha256 with the commit record's; raise naming every damaged shard."""
         if self.manifest.sequences:
             read_offsets(self.storage, self.manifest)  # checked against its digest
-        for shard in self.manifest.shards:
-            if shard.status != "committed":
-                continue
-            if shard_checksum(be.read_shard(self.storage, self.manifest, shard)) != shard.sha256:
-                raise ValueError(f"cache {self.path!r}: shard {shard.index} (rows {shard.start}:{shard.stop}) "
-                                 "does not match its checksum in the manifest; the cache is damaged, re-run stage 1")
+        problems = damaged_shards(self.storage, self.manifest, full=True, progress=True)
+        if problems:
+            raise ValueError(f"cache {self.path!r}: {len(problems)} damaged shard(s):"
+                             f"{describe(self.storage, self.manifest, problems)}\n{REPAIR}")
 
 
 def open_cache(path: str, *, expected: dict | None = None, allow_partial: bool = False,
@@ -107,7 +106,7 @@ def open_cache(path: str, *, expected: dict | None = None, allow_partial: bool =
     missing = m.missing_shards()
     if missing and not allow_partial:
         raise ValueError(f"cache {path!r} is incomplete: shards {missing[:20]}{'...' if len(missing) > 20 else ''} "
-                         f"of {len(m.shards)} were never committed; re-run stage 1 with the same config to finish it")
+                         f"of {len(m.shards)} were never committed; run stage 1 again with the same config to finish it")
     if not m.complete and not allow_partial:
         raise ValueError(f"cache {path!r} is not marked complete; re-run stage 1 with the same config to finish it")
     _check_shards_present(storage, m)
@@ -118,17 +117,12 @@ def open_cache(path: str, *, expected: dict | None = None, allow_partial: bool =
 
 
 def _check_shards_present(storage: Storage, m: Manifest) -> None:
-    """Every committed shard's objects exist (one listing), so a deleted shard is an
-    error naming it rather than rows of fill values."""
-    have = storage.listing()
-    be = backend(m.backend)
-    for shard in m.shards:
-        if shard.status != "committed":
-            continue
-        gone = [key for key in be.shard_objects(m, shard) if key not in have]
-        if gone:
-            raise ValueError(f"cache {storage.url!r}: shard {shard.index} (rows {shard.start}:{shard.stop}) is "
-                             f"committed but {gone} are missing; the cache is damaged, re-run stage 1")
+    """Every committed shard's objects exist with the sizes written (one listing), so a
+    deleted or cut shard is an error naming it rather than rows of fill values."""
+    problems = damaged_shards(storage, m)
+    if problems:
+        raise ValueError(f"cache {storage.url!r}: {len(problems)} damaged shard(s):"
+                         f"{describe(storage, m, problems)}\n{REPAIR}")
 
 
 def open_for_run(cfg, root: str, dataset_hash: str) -> CacheReader:

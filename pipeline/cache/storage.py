@@ -4,16 +4,64 @@ Every byte of a cache goes through this module, so the backends never care which
 Small files (the manifest, Arrow shards) are written whole under a temporary name and
 then moved into place: on a local disk that is fsync + rename, atomic; on object
 storage a single PUT is already all-or-nothing, and it is what is done there.
+
+Locks: processes sharing a cache coordinate through named locks under ``locks/``: an
+exclusive ``flock`` on a local disk (released by the kernel when the process dies), a
+lease object on object storage (created only if absent, renewed while held, taken over
+once expired).
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import json
+import logging
 import os
 import posixpath
+import threading
 import time
 import uuid
 
 import fsspec
+
+log = logging.getLogger(__name__)
+
+LOCKS = "locks"
+_PLAIN = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+          errno.EROFS: "read-only file system", errno.EACCES: "permission denied", errno.EPERM: "not permitted"}
+
+
+class StorageError(OSError):
+    """A write that failed for a reason the user can fix (disk full, read-only, no
+    permission): one line naming the path, the reason and the fix."""
+
+
+def explain_os_error(e: BaseException, path: str, fix: str) -> BaseException:
+    """``e`` as a :class:`StorageError` naming ``path`` and ``fix`` when it is one of the
+    errors a person can fix (full disk, read-only, permissions); else ``e`` unchanged."""
+    if isinstance(e, OSError) and e.errno in _PLAIN:
+        return StorageError(e.errno, f"{_PLAIN[e.errno]} writing {path}; {fix}")
+    return e
+
+
+def check_writable(path: str, what: str) -> None:
+    """Fail now, before any work, when the local folder ``path`` (or the nearest folder
+    above it that exists) cannot be written: a probe file is created and removed."""
+    if "://" in path:
+        return  # object storage: its credentials are checked by the first write
+    folder = os.path.abspath(path)
+    while not os.path.isdir(folder):
+        if os.path.exists(folder):
+            return  # a file: the cache's own checks name it
+        folder = os.path.dirname(folder)
+    probe = os.path.join(folder, f".kd-write-probe-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(probe, "wb") as f:
+            f.write(b"x")
+        os.remove(probe)
+    except OSError as e:
+        raise explain_os_error(e, folder, f"{what} must be writable: point it at a writable folder") from e
 
 
 def fault_pause() -> None:
@@ -39,6 +87,9 @@ class Storage:
     def url_of(self, *parts: str) -> str:
         return self.path(*parts) if self.local else f"{self.fs.protocol[0]}://{self.path(*parts)}"
 
+    def isdir(self) -> bool:
+        return self.fs.isdir(self.root)
+
     def exists(self, *parts: str) -> bool:
         return self.fs.exists(self.path(*parts))
 
@@ -59,26 +110,54 @@ class Storage:
         fault_pause()
         os.replace(tmp, target)
 
-    def remove_temporaries(self) -> int:
-        """Delete leftover ``*.tmp-*`` files of an interrupted local write; return how many."""
-        if not self.local or not os.path.isdir(self.root):
-            return 0
+    def remove_temporaries(self, *parts: str) -> int:
+        """Delete leftover ``<part>.tmp-*`` files of an interrupted local write of each of
+        ``parts`` (only those: another process may be writing others); return how many."""
         n = 0
-        for d, _, files in os.walk(self.root):
-            for f in files:
-                if ".tmp-" in f:
-                    os.remove(os.path.join(d, f))
-                    n += 1
+        for part in parts if self.local else ():
+            folder, name = os.path.split(self.path(part))
+            if os.path.isdir(folder):
+                for f in os.listdir(folder):
+                    if f.startswith(name + ".tmp-"):
+                        os.remove(os.path.join(folder, f))
+                        n += 1
         return n
 
-    def listing(self) -> set[str]:
-        """Every object path under the cache (relative), in one listing."""
+    def listing(self) -> dict[str, int]:
+        """Every object under the cache (relative path -> size in bytes), in one listing."""
+        if not self.fs.exists(self.root):
+            return {}
         prefix = self.root.rstrip("/") + "/"
-        return {p[len(prefix):] for p in self.fs.find(self.root)} if self.fs.exists(self.root) else set()
+        return {p[len(prefix):]: int(info.get("size") or 0)
+                for p, info in self.fs.find(self.root, detail=True).items()}
+
+    def size(self, *parts: str) -> int:
+        return int(self.fs.size(self.path(*parts)))
+
+    def lock(self, name: str, *, blocking: bool = True, timeout_s: float = 24 * 3600.0) -> Lock | None:
+        """Hold the lock ``name`` of this cache: a :class:`Lock` (release it, or use it as a
+        context manager), or None when ``blocking`` is False and another process holds it."""
+        lock = FileLock(self, name) if self.local else Lease(self, name)
+        deadline = time.monotonic() + timeout_s
+        while not lock.try_acquire():
+            if not blocking:
+                return None
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"lock {name!r} of {self.url} still held by another process after {timeout_s:.0f}s")
+            time.sleep(0.2)
+        return lock
 
     def remove(self, *parts: str) -> None:
         if self.exists(*parts):
             self.fs.rm(self.path(*parts), recursive=True)
+
+    def clear(self, keep: tuple[str, ...] = ()) -> None:
+        """Delete everything in the folder except the top-level entries named in ``keep``."""
+        if not self.fs.exists(self.root):
+            return
+        for path in self.fs.ls(self.root, detail=False):
+            if posixpath.basename(path.rstrip("/")) not in keep:
+                self.fs.rm(path, recursive=True)
 
     def makedirs(self, *parts: str) -> None:
         if self.local:
@@ -91,3 +170,112 @@ class Storage:
         if self.local:
             return LocalStore(self.root, read_only=read_only)
         return FsspecStore.from_url(self.url, storage_options=self.options or None, read_only=read_only)
+
+
+class Lock:
+    name: str
+
+    def try_acquire(self) -> bool:
+        raise NotImplementedError
+
+    def release(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Lock:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+class FileLock(Lock):
+    """An exclusive ``flock`` on ``locks/<name>.lock``: the kernel drops it if the process dies."""
+
+    def __init__(self, storage: Storage, name: str):
+        self.name, self.path, self.fd = name, storage.path(LOCKS, f"{name}.lock"), None
+
+    def try_acquire(self) -> bool:
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self.fd = fd
+        return True
+
+    def release(self) -> None:
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+
+class Lease(Lock):
+    """A lease object ``locks/<name>.lease`` on object storage: created only when absent
+    (a conditional PUT, ``If-None-Match: *``), renewed every ``ttl_s / 3`` by a thread
+    while held, taken over by another process once ``ttl_s`` passed without renewal (a
+    holder that died). Stores without conditional writes fall back to write-then-read-back
+    after ``settle_s``, which narrows but cannot close the race."""
+
+    ttl_s, settle_s = 60.0, 1.0
+
+    def __init__(self, storage: Storage, name: str):
+        self.storage, self.name = storage, name
+        self.key, self.owner = storage.path(LOCKS, f"{name}.lease"), f"{os.getpid()}-{uuid.uuid4().hex}"
+        self._stop: threading.Event | None = None
+
+    def _body(self) -> bytes:
+        return json.dumps({"owner": self.owner, "expires": time.time() + self.ttl_s}).encode()
+
+    def _read(self) -> dict | None:
+        try:
+            return json.loads(self.storage.fs.cat_file(self.key))
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            return {"owner": "?", "expires": 0.0}  # unreadable: treat as expired
+
+    def _create(self) -> bool:
+        fs = self.storage.fs
+        try:
+            fs.pipe_file(self.key, self._body(), IfNoneMatch="*")
+            return True
+        except TypeError:  # this filesystem takes no conditional writes
+            fs.pipe_file(self.key, self._body())
+            time.sleep(self.settle_s)
+            return (self._read() or {}).get("owner") == self.owner
+        except OSError as e:  # 412 Precondition Failed: someone else created it first
+            if "412" in str(e) or "Precondition" in str(e) or isinstance(e, FileExistsError):
+                return False
+            raise
+
+    def try_acquire(self) -> bool:
+        held = self._read()
+        if held is not None:
+            if held.get("expires", 0.0) > time.time():
+                return False
+            self.storage.fs.rm_file(self.key)  # expired: its holder died
+            self.storage.fs.invalidate_cache()
+        if not self._create():
+            return False
+        self._stop = threading.Event()
+        threading.Thread(target=self._renew, args=(self._stop,), daemon=True, name=f"lease-{self.name}").start()
+        return True
+
+    def _renew(self, stop: threading.Event) -> None:
+        while not stop.wait(self.ttl_s / 3):
+            try:
+                self.storage.fs.pipe_file(self.key, self._body())
+            except Exception as e:  # noqa: BLE001 - a missed renewal only shortens the lease
+                log.warning("could not renew lease %s: %s", self.key, e)
+
+    def release(self) -> None:
+        if self._stop is not None:
+            self._stop.set()
+            self._stop = None
+            try:
+                self.storage.fs.rm_file(self.key)
+            except FileNotFoundError:
+                pass

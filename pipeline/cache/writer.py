@@ -2,17 +2,29 @@
 bounded queue, so the teacher's forward passes never wait on compression or storage and
 host memory stays bounded whatever the dataset size.
 
+Ownership: stage 1 writes only into a path that is absent, empty, or a cache of this
+project (``kdcache.json``); a cache made with other settings is replaced only with
+``overwrite=True``, and what differs is named.
+
 Crash safety: a shard counts only once its commit record (``commits/shard-NNNNN.json``)
 exists, written after the shard itself. A restart with the same settings keeps committed
-shards, deletes whatever an interrupted write left of the others, and writes them again.
-Workers: with ``world_size`` W, worker ``rank`` r writes the shards with index % W == r,
-so no shard is ever written by two processes. Whoever commits the last shard folds the
-commit records into the manifest and marks it ``complete`` (idempotent if two do).
+shards, re-captures the rest, and first checks the committed ones (their objects exist
+with the sizes written; with ``verify`` every chunk is decoded and hashed): a damaged
+shard is uncommitted and captured again, so stage 1 heals a cache. A damaged manifest is
+rebuilt from the plan in ``kdcache.json`` and the commit records.
+
+Concurrency: a process holds a shard's lock (:meth:`Storage.lock`) from the moment it
+claims the shard until its commit record is written, and only then deletes what an
+interrupted write left of it, so two runs on one cache share the shards out and never
+delete each other's work. Creating the cache, rewriting the manifest and healing happen
+under the cache's own lock. Workers: with ``world_size`` W, worker ``rank`` r claims the
+shards with index % W == r. Whoever commits the last shard folds the commit records into
+the manifest and marks it ``complete`` (idempotent if two do).
 """
 
 from __future__ import annotations
 
-import hashlib
+import json
 import logging
 import queue
 import threading
@@ -23,9 +35,11 @@ import numpy as np
 from pipeline.cache.backends import backend
 from pipeline.cache.format import (
     MANIFEST,
+    MARKER,
     Manifest,
     ShardRecord,
     array_specs,
+    commit_path,
     merge_commits,
     offsets_digest,
     read_commits,
@@ -34,65 +48,134 @@ from pipeline.cache.format import (
     write_manifest,
     write_offsets,
 )
-from pipeline.cache.storage import Storage
+from pipeline.cache.health import damaged_shards, describe, object_sizes, shard_checksum
+from pipeline.cache.storage import LOCKS, Lock, Storage, explain_os_error
 
 log = logging.getLogger(__name__)
 _DONE = object()
 _SAME = ("fingerprint", "rows", "shard_rows", "chunk_rows", "backend", "modes", "dtype", "k", "samples",
          "temperatures", "sample_temperature", "compression", "splits", "sequences", "offsets_sha256", "vocab")
-
-
-def shard_checksum(arrays: dict[str, np.ndarray]) -> str:
-    """sha256 over every array of a shard, in name order, as stored."""
-    h = hashlib.sha256()
-    for name in sorted(arrays):
-        h.update(name.encode())
-        h.update(np.ascontiguousarray(arrays[name]).tobytes())
-    return h.hexdigest()
-
+WRITE_FIX = "free space or fix the permissions, then re-run stage 1: committed shards are kept"
 
 def same_plan(a: Manifest, b: Manifest) -> bool:
     return all(getattr(a, k) == getattr(b, k) for k in _SAME)
+
+
+def plan_differences(old: Manifest, new: Manifest) -> list[str]:
+    """What differs between an existing cache's plan and this run's, field by field."""
+    def short(v) -> str:
+        r = repr(v)
+        return r if len(r) <= 80 else r[:77] + "..."
+
+    out = []
+    for k in _SAME:
+        a, b = getattr(old, k), getattr(new, k)
+        if a == b:
+            continue
+        if k == "fingerprint":
+            fa, fb = a.get("fields", {}), b.get("fields", {})
+            out += [f"fingerprint.{f}: cache has {short(fa.get(f))}, this run {short(fb.get(f))}"
+                    for f in sorted(set(fa) | set(fb)) if fa.get(f) != fb.get(f)]
+        else:
+            out.append(f"{k}: cache has {short(a)}, this run {short(b)}")
+    return out
+
+
+def shard_lock_name(index: int) -> str:
+    return f"shard-{index:05d}"
 
 
 class CacheWriter:
     """Create (rank 0) or join and resume the cache at ``storage`` described by ``manifest``."""
 
     def __init__(self, *, storage: Storage, manifest: Manifest, zstd_level: int = 3, queue_size: int = 2,
-                 rank: int = 0, world_size: int = 1, wait_s: float = 600.0, offsets=None):
+                 rank: int = 0, world_size: int = 1, wait_s: float = 600.0, offsets=None,
+                 overwrite: bool = False, verify: bool = False):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank={rank} is outside world_size={world_size}")
-        self.storage, self.rank, self.world_size = storage, rank, world_size
+        self.storage, self.rank, self.world_size, self.wait_s = storage, rank, world_size, wait_s
         self.backend = backend(manifest.backend)
         if (offsets is not None) != bool(manifest.sequences) or (
                 offsets is not None and offsets_digest(offsets) != manifest.offsets_sha256):
             raise ValueError("a sequence cache needs its offsets, matching manifest.offsets_sha256")
         self._offsets = offsets
-        self.manifest = self._create(manifest, zstd_level) if rank == 0 else self._join(manifest, wait_s)
-        merge_commits(self.manifest, read_commits(storage))
-        self._clean_leftovers()
+        if rank == 0:
+            self._refuse_foreign()  # before the lock file is made: nothing is written there
+            with storage.lock("cache"):
+                self.manifest = self._open_or_create(manifest, zstd_level, overwrite)
+        else:
+            self.manifest = self._join(manifest, wait_s)
+        self.written: list[int] = []  # shards this writer wrote (tests count them)
+        self._held: dict[int, Lock] = {}
+        self._heal(verify)
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._drain, name="cache-writer", daemon=True)
 
-    def _create(self, fresh: Manifest, zstd_level: int) -> Manifest:
-        if self.storage.exists(MANIFEST):
+    def _inspect(self) -> tuple[str, Manifest | None, str]:
+        """What is at the cache path: ("new" | "cache" | "foreign", the cache's manifest, or
+        else its plan, when readable, and what could not be read)."""
+        st = self.storage
+        if not st.exists():
+            return "new", None, ""
+        if not st.isdir():
+            return "foreign", None, "a file, not a folder"
+        names = {k for k in st.listing() if not k.startswith(LOCKS + "/")}
+        if not names:
+            return "new", None, ""
+        if MARKER not in names and MANIFEST not in names:
+            shown = ", ".join(sorted(names)[:3]) + (", ..." if len(names) > 3 else "")
+            return "foreign", None, f"{len(names)} file(s) that are not a cache ({shown})"
+        why = ""
+        for name in (MANIFEST, MARKER):  # the manifest (progress) first, else the plan
+            if name not in names:
+                why = why or f"{name} is missing"
+                continue
             try:
-                old = read_manifest(self.storage)
+                return "cache", read_manifest(st, name), why
             except ValueError as e:
-                log.warning("existing cache at %s is unreadable (%s); starting it again", self.storage.url, e)
-                old = None
+                why = why or str(e)
+        return "cache", None, why
+
+    def _refuse_foreign(self) -> None:
+        kind, _, why = self._inspect()
+        if kind == "foreign":
+            raise ValueError(f"cache.path {self.storage.url!r} holds {why}: stage 1 writes only into an empty or new "
+                             f"folder or a cache of this project ({MARKER}), and never deletes anything else. "
+                             "Point cache.path at a new folder")
+
+    def _open_or_create(self, fresh: Manifest, zstd_level: int, overwrite: bool) -> Manifest:
+        self._refuse_foreign()  # again, under the lock
+        kind, old, why = self._inspect()
+        url = self.storage.url
+        if kind == "cache":
             if old is not None and same_plan(old, fresh):
+                if why:  # the manifest was unreadable: rebuilt from the plan, commits merged next
+                    log.warning("cache %s: %s; rebuilding %s from %s and the commit records", url, why,
+                                MANIFEST, MARKER)
+                    old.complete = False
+                    self._write_index(old)
                 return old
-            if old is not None:
-                log.warning("cache %s was started with other settings; starting it again", self.storage.url)
-        self.storage.remove()
+            diffs = plan_differences(old, fresh) if old is not None else [why]
+            if not overwrite:
+                raise ValueError(f"cache {url!r} was captured with other settings than this run, and is kept:\n  "
+                                 + "\n  ".join(diffs) + "\nset cache.overwrite=true to replace it, or point "
+                                 "cache.path elsewhere")
+            log.warning("cache.overwrite=true: replacing the cache at %s (%s)", url, "; ".join(diffs))
+            self.storage.clear(keep=(LOCKS,))
+        return self._create(fresh, zstd_level)
+
+    def _create(self, fresh: Manifest, zstd_level: int) -> Manifest:
         self.storage.makedirs()
+        write_manifest(self.storage, fresh, MARKER)  # first: from here on the folder is a cache
         self.backend.create(self.storage, fresh, zstd_level)
+        self._write_index(fresh)
+        return fresh
+
+    def _write_index(self, m: Manifest) -> None:
         if self._offsets is not None:
             write_offsets(self.storage, self._offsets)  # before the manifest that names its digest
-        write_manifest(self.storage, fresh)
-        return fresh
+        write_manifest(self.storage, m)
 
     def _join(self, fresh: Manifest, wait_s: float) -> Manifest:
         """Workers other than rank 0 wait for rank 0 to create (or keep) the cache."""
@@ -109,24 +192,72 @@ class CacheWriter:
         raise RuntimeError(f"rank {self.rank}: no cache matching this run appeared at {self.storage.url} within "
                            f"{wait_s:.0f}s; is rank 0 running with the same config?")
 
-    def _clean_leftovers(self) -> None:
-        removed = self.storage.remove_temporaries() if self.rank == 0 else 0
-        for shard in self.pending():
-            self.backend.remove_shard(self.storage, self.manifest, shard)
+    def _heal(self, verify: bool) -> None:
+        """Check this worker's committed shards; uncommit the damaged ones (they are
+        captured again like any pending shard)."""
+        bad_records = merge_commits(self.manifest, read_commits(self.storage), strict=False)
+        mine = [s for s in self.manifest.shards if s.status == "committed" and s.index % self.world_size == self.rank]
+        problems = {i: "its commit record names other rows than the plan" for i in bad_records
+                    if i % self.world_size == self.rank}
+        problems |= damaged_shards(self.storage, self.manifest, mine, full=verify, progress=True)
+        if problems:
+            log.warning("cache %s: %d damaged shard(s) will be captured again:%s", self.storage.url, len(problems),
+                        describe(self.storage, self.manifest, problems))
+            with self.storage.lock("cache"):  # readers stop trusting these shards first
+                current = read_manifest(self.storage)
+                for m in (current, self.manifest):
+                    m.complete = False
+                    for i in problems:
+                        m.shards[i].status, m.shards[i].sha256, m.shards[i].nbytes = "pending", None, None
+                write_manifest(self.storage, current)
+            for i in problems:
+                with self.storage.lock(shard_lock_name(i)):
+                    self.storage.remove(commit_path(i))
+                    self.backend.remove_shard(self.storage, self.manifest, self.manifest.shards[i])
         done = sum(s.status == "committed" for s in self.manifest.shards)
-        if done or removed:
-            log.info("resuming cache %s: %d/%d shards already committed; rank %d writes %d more",
-                     self.storage.url, done, len(self.manifest.shards), self.rank, len(self.pending()))
+        if done:
+            log.info("resuming cache %s: %d/%d shards already committed%s; rank %d has %d to write",
+                     self.storage.url, done, len(self.manifest.shards), " and verified" if verify else "",
+                     self.rank, len(self.pending()))
 
     def pending(self) -> list[ShardRecord]:
         """This worker's shards not yet committed."""
         return [s for s in self.manifest.shards
                 if s.status != "committed" and s.index % self.world_size == self.rank]
 
+    def claim(self):
+        """Yield this worker's pending shards, each locked for this process until its commit
+        is written: first those nobody else holds, then (waiting for them) those another
+        process was writing, unless it committed them meanwhile."""
+        busy = []
+        for shard in self.pending():
+            lock = self.storage.lock(shard_lock_name(shard.index), blocking=False)
+            if lock is None:
+                busy.append(shard)
+            elif self._take(shard, lock):
+                yield shard
+        for shard in busy:
+            log.info("shard %d is being written by another process; waiting for it", shard.index)
+            if self._take(shard, self.storage.lock(shard_lock_name(shard.index))):
+                yield shard
+
+    def _take(self, shard: ShardRecord, lock: Lock) -> bool:
+        """With ``shard``'s lock held: False (lock released) if another process committed it
+        meanwhile; else clear what an interrupted write left of it and keep the lock."""
+        if self.storage.exists(commit_path(shard.index)):
+            rec = ShardRecord(**json.loads(self.storage.read_bytes(commit_path(shard.index))))
+            if (rec.start, rec.stop) == (shard.start, shard.stop):
+                lock.release()
+                shard.status, shard.sha256, shard.nbytes = "committed", rec.sha256, rec.nbytes
+                return False
+        self.backend.remove_shard(self.storage, self.manifest, shard)
+        self.storage.remove_temporaries(*self.backend.shard_objects(self.manifest, shard), commit_path(shard.index))
+        self._held[shard.index] = lock
+        return True
+
     def submit(self, shard: ShardRecord, arrays: dict[str, np.ndarray]) -> None:
         """Queue a whole shard; blocks while the queue is full (bounded memory)."""
-        if self._error is not None:
-            raise RuntimeError(f"the cache writer failed: {self._error}") from self._error
+        self._raise_error()
         if shard.index % self.world_size != self.rank:
             raise ValueError(f"shard {shard.index} belongs to rank {shard.index % self.world_size}, not {self.rank}")
         expected = set(array_specs(self.manifest))
@@ -145,34 +276,50 @@ class CacheWriter:
             try:
                 self.backend.write_shard(self.storage, self.manifest, shard, arrays)
                 shard.sha256 = shard_checksum(arrays)
+                shard.nbytes = object_sizes(self.storage, self.manifest, shard)
                 write_commit(self.storage, shard)  # the shard counts from here on
                 shard.status = "committed"
+                self.written.append(shard.index)
             except BaseException as e:  # surfaced to the producer on its next submit / at exit
-                self._error = e
+                self._error = explain_os_error(e, getattr(e, "filename", None) or self.storage.url, WRITE_FIX)
+            finally:
+                if (lock := self._held.pop(shard.index, None)) is not None:
+                    lock.release()
 
     def __enter__(self) -> CacheWriter:
         self._thread.start()
         return self
 
+    def _raise_error(self) -> None:
+        e = self._error
+        if e is None:
+            return
+        if isinstance(e, OSError) and type(e) is not OSError:  # StorageError: already one clear line
+            raise e
+        raise RuntimeError(f"the cache writer failed: {e}") from e
+
     def __exit__(self, exc_type, exc, tb) -> None:
         self._queue.put(_DONE)
         self._thread.join()
+        for lock in self._held.values():  # claimed, never submitted (the producer failed)
+            lock.release()
+        self._held.clear()
         if exc_type is not None:
             log.error("capture interrupted; re-run with the same config to resume from the committed shards")
             return
-        if self._error is not None:
-            raise RuntimeError(f"the cache writer failed: {self._error}") from self._error
+        self._raise_error()
         self.finalize()
 
     def finalize(self) -> bool:
         """Mark the cache complete if every shard of every worker is committed."""
-        merge_commits(self.manifest, read_commits(self.storage))
-        missing = self.manifest.missing_shards()
-        if missing:
-            if self.world_size == 1:
-                raise RuntimeError(f"capture ended with shards {missing} unwritten; re-run stage 1 to finish")
-            log.info("rank %d done; %d shard(s) of other workers still pending", self.rank, len(missing))
-            return False
-        self.manifest.complete = True
-        write_manifest(self.storage, self.manifest)  # the last write: the cache is now complete
+        with self.storage.lock("cache"):
+            merge_commits(self.manifest, read_commits(self.storage))
+            missing = self.manifest.missing_shards()
+            if missing:
+                if self.world_size == 1:
+                    raise RuntimeError(f"capture ended with shards {missing} unwritten; re-run stage 1 to finish")
+                log.info("rank %d done; %d shard(s) of other workers still pending", self.rank, len(missing))
+                return False
+            self.manifest.complete = True
+            write_manifest(self.storage, self.manifest)  # the last write: the cache is now complete
         return True

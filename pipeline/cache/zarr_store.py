@@ -16,7 +16,7 @@ from zarr.core.buffer.cpu import NDBuffer
 from zarr.core.sync import sync
 
 from pipeline.cache.chunk_reader import ChunkReader, plain_layout
-from pipeline.cache.format import IDS, Manifest, ShardRecord, array_specs, bf16_arrays
+from pipeline.cache.format import IDS, CacheDamaged, Manifest, ShardRecord, array_specs, bf16_arrays
 from pipeline.cache.storage import Storage, fault_pause
 
 
@@ -44,7 +44,24 @@ def write_shard(storage: Storage, m: Manifest, shard: ShardRecord, arrays: dict[
 
 def shard_objects(m: Manifest, shard: ShardRecord) -> list[str]:
     """The store keys holding one shard of every array (default chunk key encoding)."""
-    return [f"{name}/c/{shard.index}" + ("/0" if shape else "") for name, (shape, _) in array_specs(m).items()]
+    return [_key(name, shape, shard.index) for name, (shape, _) in array_specs(m).items()]
+
+
+def _key(name: str, shape: tuple[int, ...], index: int) -> str:
+    return f"{name}/c/{index}" + ("/0" if shape else "")
+
+
+def _read_rows(storage: Storage, array, name: str, start: int, stop: int, m: Manifest, out=None):
+    """Rows of one array through zarr, a decoding failure named by array, object and rows."""
+    try:
+        if out is None:
+            return array[start:stop]
+        out[...] = array[start:stop]
+        return out
+    except Exception as e:  # zarr's checksum / decode errors name nothing
+        index = start // m.shard_rows
+        raise CacheDamaged(storage.url, name, _key(name, array.shape[1:], index), (start, stop),
+                           f"cannot be decoded ({type(e).__name__}: {e})") from e
 
 
 def remove_shard(storage: Storage, m: Manifest, shard: ShardRecord) -> None:
@@ -54,7 +71,7 @@ def remove_shard(storage: Storage, m: Manifest, shard: ShardRecord) -> None:
 
 def read_shard(storage: Storage, m: Manifest, shard: ShardRecord) -> dict[str, np.ndarray]:
     group = zarr.open_group(storage.zarr_store(read_only=True), mode="r")
-    return {name: group[name][shard.start:shard.stop] for name in array_specs(m)}
+    return {name: _read_rows(storage, group[name], name, shard.start, shard.stop, m) for name in array_specs(m)}
 
 
 def block_reader(storage: Storage, m: Manifest):
@@ -75,7 +92,11 @@ def block_reader(storage: Storage, m: Manifest):
     def read(requests: list[tuple[str, int, int, np.ndarray]]) -> None:
         rest = [r for r in requests if not (r[0] in direct and direct[r[0]].read(*r[1:]))]
         if rest:
-            sync(read_all(rest))
+            try:
+                sync(read_all(rest))
+            except Exception:  # name the failing piece: read them one at a time through zarr
+                for name, start, stop, out in rest:
+                    _read_rows(storage, arrays[name], name, start, stop, m, out)
 
     return read
 
@@ -86,8 +107,8 @@ class RowSource:
     rest (other selections, other layouts, unwritten chunks) by zarr. Picklable for the
     distributed scheduler: the decoder is rebuilt in each process."""
 
-    def __init__(self, storage: Storage, name: str, array):
-        self.storage, self.name, self.array = storage, name, array
+    def __init__(self, storage: Storage, name: str, array, m: Manifest):
+        self.storage, self.name, self.array, self.manifest = storage, name, array, m
         self.shape, self.dtype, self.ndim = array.shape, array.dtype, array.ndim
         self.layout = plain_layout(array)
         self._reader: ChunkReader | None = None
@@ -108,7 +129,14 @@ class RowSource:
     def __getitem__(self, key):
         rows = self._whole_rows(key)
         if rows is None:
-            return self.array[key]
+            key0 = (key if isinstance(key, tuple) else (key,))[0]
+            start, stop, _ = key0.indices(self.shape[0]) if isinstance(key0, slice) else (0, self.shape[0], 1)
+            try:
+                return self.array[key]
+            except Exception as e:
+                raise CacheDamaged(self.storage.url, self.name, _key(self.name, self.shape[1:],
+                                   start // self.manifest.shard_rows), (start, stop),
+                                   f"cannot be decoded ({type(e).__name__}: {e})") from e
         if self._reader is None:
             self._reader = ChunkReader(self.storage, self.name, self.array, self.layout)
         start, stop = rows
@@ -117,7 +145,7 @@ class RowSource:
         while a < stop:  # piece by piece, split at chunk boundaries
             b = min((a // size + 1) * size, stop)
             if not self._reader.read(a, b, out[a - start:b - start]):
-                out[a - start:b - start] = self.array[a:b]
+                _read_rows(self.storage, self.array, self.name, a, b, self.manifest, out[a - start:b - start])
             a = b
         return out
 
@@ -127,7 +155,7 @@ def dask_arrays(storage: Storage, m: Manifest) -> dict[str, da.Array]:
     group = zarr.open_group(storage.zarr_store(read_only=True), mode="r")
     out = {}
     for name, (shape, _) in array_specs(m).items():
-        source = RowSource(storage, name, group[name])
+        source = RowSource(storage, name, group[name], m)
         token = tokenize(storage.url, name, m.fingerprint.get("digest"), [(s.index, s.sha256) for s in m.shards])
         out[name] = da.from_array(source, chunks=(m.chunk_rows, *shape), asarray=False, lock=False,
                                   name=f"cache-{name}-{token}", meta=np.empty((0,) * (1 + len(shape)), group[name].dtype))
