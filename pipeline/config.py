@@ -260,8 +260,13 @@ STAGES = ("all", "1", "2", "3")
 
 
 def register() -> None:
-    """Register the schema so ``conf/config.yaml`` can extend it."""
+    """Register the schema so ``conf/config.yaml`` can extend it, and ``${pid:}`` (this
+    process's id) so two runs started in the same second get run folders of their own."""
+    from omegaconf import OmegaConf
+
     ConfigStore.instance().store(name="schema", node=Config)
+    if not OmegaConf.has_resolver("pid"):
+        OmegaConf.register_new_resolver("pid", os.getpid)
 
 
 def _positive(problems: list[str], where: str, value: float) -> None:

@@ -9,6 +9,7 @@ Every source ends as a :class:`Splits` of NumPy arrays in a fixed order,
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -18,6 +19,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from pipeline.cache.fingerprint import hash_json
+from pipeline.cache.storage import explain_os_error
 from pipeline.config import DataConfig, DataSource
 
 log = logging.getLogger(__name__)
@@ -131,7 +133,14 @@ def save_atomic(dsd, path: str) -> None:
     """Save under a unique temporary name, then rename: a killed save leaves no folder
     that looks complete, and concurrent workers generating the same data do not collide."""
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    dsd.save_to_disk(tmp)
+    try:
+        dsd.save_to_disk(tmp)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        err = explain_os_error(e, path, "free space or fix the permissions of paths.root, then re-run")
+        if err is e:
+            raise
+        raise err from e
     try:
         os.rename(tmp, path)
         log.info("saved dataset to %s", path)
@@ -142,7 +151,24 @@ def save_atomic(dsd, path: str) -> None:
 def _load_from_disk(path: str):
     import datasets
 
-    return datasets.load_from_disk(path)
+    try:
+        return datasets.load_from_disk(path)
+    except (IndexError, ValueError, KeyError) as e:  # datasets cannot load an empty saved split
+        empty = [name for name in SPLITS if _saved_split_is_empty(os.path.join(path, name))]
+        if empty:
+            raise ValueError(f"data.path={path!r}: split(s) {empty} were saved with no rows, and datasets cannot "
+                             "load an empty saved split; give them rows, or leave the split out (train and test "
+                             "are required, transfer is optional)") from e
+        raise ValueError(f"data.path={path!r} cannot be loaded with datasets.load_from_disk: "
+                         f"{type(e).__name__}: {e}") from e
+
+
+def _saved_split_is_empty(folder: str) -> bool:
+    state = os.path.join(folder, "state.json")
+    if not os.path.exists(state):
+        return False
+    with open(state) as f:
+        return not json.load(f).get("_data_files")
 
 
 def _load_user_dataset(cfg: DataConfig):
@@ -153,17 +179,35 @@ def _load_user_dataset(cfg: DataConfig):
         raise FileNotFoundError(f"data.path={path!r} does not exist; point it at a save_to_disk folder "
                                 "or a folder of {split}.parquet / {split}.arrow files")
     if os.path.exists(os.path.join(path, "dataset_dict.json")):
-        return datasets.load_from_disk(path)
+        return _load_from_disk(path)
     found = {}
     for split in SPLITS:
         for ext, reader in (("parquet", datasets.Dataset.from_parquet), ("arrow", datasets.Dataset.from_file)):
             f = os.path.join(path, f"{split}.{ext}")
             if os.path.exists(f):
-                found[split] = reader(f)
+                if ext == "parquet" and _parquet_rows(f) == 0:  # datasets fails on these, naming nothing
+                    if split == "transfer":
+                        continue  # an empty transfer split is the same as none
+                    raise ValueError(f"split {split!r} of {path} has no rows ({f}): train and test need at "
+                                     "least one each")
+                try:
+                    found[split] = reader(f)
+                except Exception as e:  # datasets' own errors name neither the file nor the split
+                    raise ValueError(f"data.path: {f} (the {split} split) cannot be read as .{ext}: "
+                                     f"{type(e).__name__}: {e}") from e
     if not found:
         raise FileNotFoundError(f"data.path={path!r} holds no dataset_dict.json and no "
                                 "train/test/transfer .parquet or .arrow files")
     return datasets.DatasetDict(found)
+
+
+def _parquet_rows(path: str) -> int | None:
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(path).metadata.num_rows
+    except Exception:  # noqa: BLE001 - unreadable: the reader below says why
+        return None
 
 
 def _from_dataset_dict(dsd, cfg: DataConfig) -> Splits:
@@ -181,12 +225,15 @@ def _from_dataset_dict(dsd, cfg: DataConfig) -> Splits:
 
 
 def _split_arrays(ds, name: str, cfg: DataConfig) -> Split:
+    if len(ds) == 0 and name != "transfer":
+        raise ValueError(f"split {name!r} of {cfg.path or 'the dataset'} has no rows: train and test need at "
+                         "least one each")
     if cfg.input_column not in ds.column_names:
         raise ValueError(f"split {name!r} has no input column {cfg.input_column!r}; columns are "
                          f"{ds.column_names}: set data.input_column")
     x = _column(ds, cfg.input_column).astype(np.float32, copy=False).reshape(len(ds), -1)
     if cfg.label_column in ds.column_names:
-        y = _column(ds, cfg.label_column).astype(np.int64, copy=False)
+        y = _labels(ds, name, cfg.label_column)
         bad = (y < 0) | (y >= cfg.num_classes)
         if bad.any():
             raise ValueError(f"split {name!r}: {int(bad.sum())} label(s) outside [0, {cfg.num_classes}) "
@@ -199,6 +246,20 @@ def _split_arrays(ds, name: str, cfg: DataConfig) -> Split:
     if not np.isfinite(x).all():
         raise ValueError(f"split {name!r}: non-finite values in input column {cfg.input_column!r}")
     return Split(name, x, y)
+
+
+def _labels(ds, split: str, column: str) -> np.ndarray:
+    """Integer class ids (a ClassLabel column arrives as its ids); class names are refused
+    with how to map them, never parsed."""
+    import pyarrow as pa
+
+    kind = ds.data.column(column).type
+    if not (pa.types.is_integer(kind) or pa.types.is_null(kind)):
+        sample = sorted({str(v) for v in ds.data.column(column).slice(0, 1000).to_pylist()})[:4]
+        raise ValueError(f"split {split!r}: label column {column!r} holds {kind} values such as {sample}, not class "
+                         f"ids 0..C-1: cast it to a ClassLabel, e.g. ds = ds.cast_column({column!r}, "
+                         f"datasets.ClassLabel(names=[...])), or map each name to its id before saving")
+    return _column(ds, column).astype(np.int64, copy=False)
 
 
 def _column(ds, name: str) -> np.ndarray:

@@ -17,6 +17,7 @@ import torch
 
 from pipeline.cache import CacheReader
 from pipeline.cache.fingerprint import hash_json
+from pipeline.cache.format import LOGITS, TOP1, TOPK_IDX
 from pipeline.config import Config, StudentConfig
 from pipeline.datasets import Splits
 from pipeline.device import choose_device
@@ -69,28 +70,47 @@ def cached_batches(stream: CacheStream, x_all: np.ndarray, y_all: np.ndarray, ls
         yield torch.from_numpy(x_all[ids]), torch.from_numpy(y_all[ids]), batch
 
 
+def student_identity(cfg: Config, spec: StudentConfig) -> dict:
+    """Everything that defines a trained student: its architecture, the loss and its
+    settings, the training settings (seed included)."""
+    return {"student": asdict(spec), "loss": asdict(cfg.loss), "train": asdict(cfg.train)}
+
+
+def student_key(cfg: Config, spec: StudentConfig) -> str:
+    return hash_json(student_identity(cfg, spec))[:12]
+
+
+def student_settings(cfg: Config, spec: StudentConfig) -> dict:
+    """The identity flattened to ``section.field: value`` (the leaderboard's columns)."""
+    out = {}
+    for section, values in student_identity(cfg, spec).items():
+        for k, v in values.items():
+            v = getattr(v, "value", v)
+            out[f"{section}.{k}"] = [getattr(x, "value", x) for x in v] if isinstance(v, list) else v
+    return out
+
+
 def state_path(cfg: Config, root: str, reader: CacheReader, name: str, spec: StudentConfig) -> str | None:
     """Where a distilled student's training state lives between runs: keyed by the cache,
     the student, the loss and the training settings, so only the same run resumes it."""
     if not cfg.train.resume:
         return None
-    ident = {"student": asdict(spec), "loss": asdict(cfg.loss), "train": asdict(cfg.train)}
-    key = hash_json(ident)[:12]
     cache = os.path.basename(reader.path.rstrip("/"))
-    return os.path.join(root, "students", cache, f"{name}-{cfg.loss.distance.value}-{key}", "state.pt")
+    return os.path.join(root, "students", cache, f"{name}-{cfg.loss.distance.value}-{student_key(cfg, spec)}",
+                        "state.pt")
 
 
 def teacher_test_predictions(reader: CacheReader) -> np.ndarray:
-    """The teacher's predicted class on the test split, from whichever representation the
-    cache holds (sampled-only: the most-drawn class, an estimate)."""
+    """The teacher's predicted class on the test split, exactly, from whichever
+    representation the cache holds (its argmax: the logits', the first top-k id, or the
+    ``top1`` array that sampled-only caches carry)."""
     start, stop = reader.split_range("test")
     a = reader.arrays
-    if "logits" in a:
-        return a["logits"][start:stop].compute().argmax(1)
-    if "topk_idx" in a:
-        return a["topk_idx"][start:stop, 0].compute().astype(np.int64)
-    idx, cnt = a["sampled_idx"][start:stop].compute(), a["sampled_cnt"][start:stop].compute()
-    return idx[np.arange(len(idx)), cnt.argmax(1)].astype(np.int64)
+    if LOGITS in a:
+        return a[LOGITS][start:stop].compute().argmax(1)
+    if TOPK_IDX in a:
+        return a[TOPK_IDX][start:stop, 0].compute().astype(np.int64)
+    return a[TOP1][start:stop].compute().astype(np.int64)
 
 
 def train_one(name: str, spec: StudentConfig, cfg: Config, splits: Splits, reader: CacheReader,
@@ -130,6 +150,8 @@ def train_one(name: str, spec: StudentConfig, cfg: Config, splits: Splits, reade
     save_checkpoint(baseline, os.path.join(run_dir, "students", name, "labels_only"), meta)
     return {
         "student": name,
+        "key": f"{name}-{student_key(cfg, spec)}",  # the leaderboard's row: one per distinct student
+        "settings": student_settings(cfg, spec),
         "arch": spec.arch.value,
         "loss": cfg.loss.distance.value,
         "test_acc": accuracy(s_test, test.y),

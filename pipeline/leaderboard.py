@@ -16,7 +16,13 @@ import os
 
 log = logging.getLogger(__name__)
 
-KEY = ("student", "loss")
+
+
+def row_key(row: dict) -> str:
+    """A row's identity: the student's name and the hash of everything that defines it
+    (architecture, loss and its settings, training settings, seed); rows written before
+    keys existed fall back to (student, loss)."""
+    return row.get("key") or f"{row['student']}|{row['loss']}"
 
 
 @contextlib.contextmanager
@@ -38,12 +44,13 @@ def _write(path: str, text: str) -> None:
 
 
 def update_leaderboard(folder: str, rows: list[dict]) -> list[dict]:
-    """Add (or replace, same student and loss) ``rows``; rewrite every view; return the board."""
+    """Add ``rows``, each replacing the row of the same student (same key: same settings);
+    rewrite every view; return the board."""
     with _locked(folder):
         path = os.path.join(folder, "leaderboard.json")
         board = json.load(open(path)) if os.path.exists(path) else []
-        keys = {tuple(r[k] for k in KEY) for r in rows}
-        board = [r for r in board if tuple(r[k] for k in KEY) not in keys] + rows
+        keys = {row_key(r) for r in rows}
+        board = [r for r in board if row_key(r) not in keys] + rows
         board.sort(key=lambda r: -r["test_acc"])
         _write(path, json.dumps(board, indent=2))
         _write(os.path.join(folder, "leaderboard.md"), format_board(board))
@@ -52,13 +59,23 @@ def update_leaderboard(folder: str, rows: list[dict]) -> list[dict]:
     return board
 
 
+def varying_settings(board: list[dict]) -> list[str]:
+    """The settings whose values differ between rows (shown as columns; the rest are equal)."""
+    names = sorted({k for r in board for k in r.get("settings", {})})
+    return [k for k in names if len({json.dumps(r.get("settings", {}).get(k), sort_keys=True) for r in board}) > 1
+            and k not in ("loss.distance",)]
+
+
 def format_board(board: list[dict]) -> str:
-    lines = ["| # | student | loss | test acc | labels-only acc | gain | teacher acc | params |",
-             "|---:|---|---|---:|---:|---:|---:|---:|"]
+    extra = varying_settings(board)
+    lines = ["| # | student | loss | " + "".join(f"{k} | " for k in extra)
+             + "test acc | labels-only acc | gain | teacher acc | params |",
+             "|---:|---|---|" + "---|" * len(extra) + "---:|---:|---:|---:|---:|"]
     for i, r in enumerate(board, 1):
-        lines.append(f"| {i} | {r['student']} | {r['loss']} | {r['test_acc']:.4f} | {r['labels_only_acc']:.4f} | "
-                     f"{100 * (r['test_acc'] - r['labels_only_acc']):+.1f} pt | {r['teacher_acc']:.4f} | "
-                     f"{r['params']:,} |")
+        cells = "".join(f"{r.get('settings', {}).get(k, '-')} | " for k in extra)
+        lines.append(f"| {i} | {r['student']} | {r['loss']} | {cells}{r['test_acc']:.4f} | "
+                     f"{r['labels_only_acc']:.4f} | {100 * (r['test_acc'] - r['labels_only_acc']):+.1f} pt | "
+                     f"{r['teacher_acc']:.4f} | {r['params']:,} |")
     return "\n".join(lines) + "\n"
 
 

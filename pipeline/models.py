@@ -6,12 +6,12 @@ import importlib
 import json
 import logging
 import os
-import uuid
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
+from pipeline.cache.storage import write_file_atomic
 from pipeline.config import StudentConfig, TeacherConfig
 
 log = logging.getLogger(__name__)
@@ -86,16 +86,10 @@ def count_params(model: nn.Module) -> int:
 
 def save_checkpoint(model: nn.Module, directory: str, meta: dict) -> None:
     """Write ``model.safetensors`` and ``config.json`` atomically (temp name, rename)."""
-    os.makedirs(directory, exist_ok=True)
-    tag = uuid.uuid4().hex[:8]  # unique temporaries: concurrent workers never share one
-    config = os.path.join(directory, "config.json")
-    with open(f"{config}.tmp-{tag}", "w") as f:
-        json.dump(meta, f, indent=2, default=str)
-    os.replace(f"{config}.tmp-{tag}", config)
-    weights = os.path.join(directory, "model.safetensors")
+    write_file_atomic(os.path.join(directory, "config.json"), json.dumps(meta, indent=2, default=str).encode())
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, f"{weights}.tmp-{tag}")
-    os.replace(f"{weights}.tmp-{tag}", weights)  # last: its presence means the checkpoint is whole
+    # last: its presence means the checkpoint is whole
+    write_file_atomic(os.path.join(directory, "model.safetensors"), save(state))
 
 
 def load_weights(model: nn.Module, path: str) -> nn.Module:

@@ -25,6 +25,7 @@ from pipeline.cache.format import (
     SAMPLED_CNT,
     SAMPLED_ENT,
     SAMPLED_IDX,
+    TOP1,
     TOPK_IDX,
     TOPK_VAL,
     Manifest,
@@ -116,6 +117,8 @@ def represent(logits: torch.Tensor, m: Manifest, generator: torch.Generator | No
         out[SAMPLED_CNT] = counts.to(torch.int32)
         # H(p) = lse(z) - E_p[z] (0 * -inf terms are 0); the difference can round a hair below 0
         out[SAMPLED_ENT] = torch.maximum(zl - torch.nansum(p * z, -1), torch.zeros_like(zl))
+    if TOP1 in array_specs(m):  # sampled-only: the argmax, so teacher accuracy is exact, not a guess
+        out[TOP1] = x.argmax(dim=-1).int()
     return out
 
 

@@ -14,6 +14,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from pipeline.cache.storage import StorageError
 from pipeline.config import Config, register, validate
 
 log = logging.getLogger("pipeline.run")
@@ -40,7 +41,7 @@ def main(dcfg: DictConfig) -> None:
     log.info("run folder: %s", run_dir)
     try:
         dispatch(cfg, run_dir)
-    except (ValueError, FileNotFoundError) as e:  # bad input: say what and how to fix, no traceback
+    except (ValueError, FileNotFoundError, StorageError, TimeoutError) as e:  # say what and how to fix, no traceback
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         log.error("%s: %s\n(set HYDRA_FULL_ERROR=1 for the traceback)", type(e).__name__, e)

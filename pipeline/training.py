@@ -3,6 +3,7 @@ stream of cached teacher logits, and evaluation."""
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import os
@@ -13,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
+
+from pipeline.cache.storage import write_file_atomic
 
 log = logging.getLogger(__name__)
 
@@ -75,10 +78,12 @@ def train_steps(model: nn.Module, batches: Iterator[Batch], steps: int, loss_fn:
 
 
 def _save_state(path: str, **state) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # a kill mid-save leaves the previous epoch's state whole
+    """Serialized in memory, then written whole (temporary name, rename): a kill or a full
+    disk mid-save leaves the previous epoch's state whole and no temporary behind."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    write_file_atomic(path, buf.getvalue(), "free space or fix the permissions, then re-run: training resumes "
+                                            "from the last checkpoint written")
 
 
 def train_epochs(model: nn.Module, stream, epoch_batches: Callable[[], Iterator[Batch]], epochs: int,

@@ -8,6 +8,7 @@ import logging
 import torch
 
 from pipeline.cache import cache_location
+from pipeline.cache.storage import check_writable
 from pipeline.capture import capture_logits
 from pipeline.config import Config, Task, resolve_root, resolve_workers
 from pipeline.datasets import load_splits
@@ -18,6 +19,8 @@ log = logging.getLogger(__name__)
 
 def main(cfg: Config, run_dir: str) -> str:
     root = resolve_root(cfg)
+    check_writable(root, "paths.root")  # now, not after the teacher is fitted or loaded
+    check_writable(cfg.cache.path or root, "cache.path")
     if cfg.task is Task.lm:
         return lm_main(cfg, root)
     splits = load_splits(cfg.data, root)

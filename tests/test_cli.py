@@ -145,3 +145,18 @@ def test_student_class_count_differing_from_the_cache_is_explained(full_run):
     assert proc.returncode == 1
     assert "over 10 classes, but this run has data.num_classes=12" in proc.stdout + proc.stderr
     assert "set data.num_classes=10" in proc.stdout + proc.stderr
+
+
+def test_stage3_on_a_sampled_only_cache_reports_the_teacher_accuracy_exactly(tmp_path):
+    """Not the most-drawn class (an estimate): the cached argmax, equal to the top-k
+    cache's first id from the same forward passes."""
+    acc = {}
+    for modes, loss in (("[topk]", "topk_kl"), ("[sampled]", "sampled_kl")):
+        run_cli(tmp_path, "stage=1", f"cache.modes={modes}", "cache.k=3", "cache.samples=2")
+        proc = run_cli(tmp_path, "stage=3", f"cache.modes={modes}", "cache.k=3", "cache.samples=2", f"loss={loss}",
+                       "student=linear")
+        (line,) = [ln for ln in proc.stdout.splitlines() if ln.startswith("teacher test accuracy")]
+        acc[modes] = line
+    assert acc["[sampled]"] == acc["[topk]"]
+    teacher = json.load(open(glob.glob(str(tmp_path / "teachers" / "*" / "config.json"))[0]))
+    assert acc["[sampled]"] == f"teacher test accuracy: {teacher['test_acc']:.4f}"

@@ -57,3 +57,40 @@ def test_mnist1d_is_generated_once_and_reused(tmp_path):
     assert a["train"].x.shape == (50, 40) and a["test"].y.shape == (20,)
     assert (a["transfer"].y == UNLABELED).all() and a["train"].labeled
     assert not list(tmp_path.glob("*.pkl"))  # never mnist1d's get_dataset pickle
+
+
+def test_an_empty_split_is_named_in_one_line(tmp_path):
+    import datasets
+
+    from tests.test_cli import error_line, run_cli
+
+    _write(tmp_path, "train", 30, 5)
+    _write(tmp_path, "test", 0, 5)  # a parquet file with no rows
+    cfg = DataConfig(source=DataSource.disk, path=str(tmp_path), input_column="feat", label_column="label",
+                     num_classes=3)
+    with pytest.raises(ValueError, match=r"split 'test' of .* has no rows"):
+        load_splits(cfg, str(tmp_path))
+    saved = tmp_path / "saved"  # save_to_disk of an empty split: datasets itself cannot load it back
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"feat": [[1.0, 2.0]], "label": [0]}),
+                          "test": datasets.Dataset.from_dict({"feat": [], "label": []})}).save_to_disk(str(saved))
+    line = error_line(run_cli(tmp_path / "root", "stage=1", "data=disk", f"data.path={saved}",
+                              "data.input_column=feat", "data.label_column=label", "data.num_classes=3", code=1))
+    assert "split(s) ['test'] were saved with no rows" in line and "leave the split out" in line
+
+
+def test_class_name_labels_say_how_to_map_them(tmp_path):
+    import datasets
+
+    names = ["zero", "one", "two"]
+    ds = datasets.Dataset.from_dict({"feat": [[0.5, 1.0]] * 6, "label": [names[i % 3] for i in range(6)]})
+    datasets.DatasetDict({"train": ds, "test": ds}).save_to_disk(str(tmp_path / "d"))
+    cfg = DataConfig(source=DataSource.disk, path=str(tmp_path / "d"), input_column="feat", label_column="label",
+                     num_classes=3)
+    with pytest.raises(ValueError, match=r"split 'train': label column 'label' holds string values such as "
+                                         r"\['one', 'two', 'zero'\].*datasets.ClassLabel\(names="):
+        load_splits(cfg, str(tmp_path))
+    # the fix the message gives works: a ClassLabel column arrives as its ids
+    labeled = ds.cast_column("label", datasets.ClassLabel(names=names))
+    datasets.DatasetDict({"train": labeled, "test": labeled}).save_to_disk(str(tmp_path / "e"))
+    cfg.path = str(tmp_path / "e")
+    np.testing.assert_array_equal(load_splits(cfg, str(tmp_path))["train"].y, [0, 1, 2, 0, 1, 2])

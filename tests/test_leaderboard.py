@@ -11,13 +11,16 @@ from pipeline.leaderboard import update_leaderboard
 from tests.test_cli import SMALL, run_cli
 
 
+def _sweep(root, *args):
+    env = dict(os.environ, OMP_WAIT_POLICY="passive")
+    proc = subprocess.run([sys.executable, "-m", "pipeline.run", "-m", f"paths.root={root}", *SMALL, "stage=3",
+                           *args], capture_output=True, text=True, timeout=900, env=env, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 def test_sweep_of_two_students_by_two_losses_fills_the_leaderboard(tmp_path):
     run_cli(tmp_path, "stage=1")
-    env = dict(os.environ, OMP_WAIT_POLICY="passive")
-    proc = subprocess.run([sys.executable, "-m", "pipeline.run", "-m", f"paths.root={tmp_path}", *SMALL, "stage=3",
-                           "student=linear,mlp", "loss=kl,mse"], capture_output=True, text=True, timeout=900,
-                          env=env, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _sweep(tmp_path, "student=linear,mlp", "loss=kl,mse")
     (folder,) = glob.glob(str(tmp_path / "leaderboards" / "*"))
     board = json.load(open(os.path.join(folder, "leaderboard.json")))
     assert sorted((r["student"], r["loss"]) for r in board) == [("linear", "kl"), ("linear", "mse"), ("mlp", "kl"),
@@ -30,6 +33,17 @@ def test_sweep_of_two_students_by_two_losses_fills_the_leaderboard(tmp_path):
         assert same == row
     assert os.path.getsize(os.path.join(folder, "leaderboard.png")) > 1000
     assert "| 1 |" in open(os.path.join(folder, "leaderboard.md")).read()
+
+    # a sweep over the temperature and the epochs: one row per distinct student, whatever it
+    # shares with others; (mlp, kl, T=2, 1 epoch) is the first sweep's run again and replaces it
+    _sweep(tmp_path, "student=mlp", "loss=kl", "loss.temperature=2,4", "train.epochs=1,2")
+    board = json.load(open(os.path.join(folder, "leaderboard.json")))
+    assert len(board) == 4 + 3 and len({r["key"] for r in board}) == 7
+    mlp_kl = sorted((r["settings"]["loss.temperature"], r["settings"]["train.epochs"]) for r in board
+                    if (r["student"], r["loss"]) == ("mlp", "kl"))
+    assert mlp_kl == [(2.0, 1), (2.0, 2), (4.0, 1), (4.0, 2)]
+    header = open(os.path.join(folder, "leaderboard.md")).readline()
+    assert "loss.temperature" in header and "train.epochs" in header and "train.seed" not in header
 
 
 def _add(args):

@@ -48,3 +48,12 @@ def test_sampled_estimator_is_unbiased_for_kl():
     assert ((mean - exact).abs() < 4 * se + 1e-9).all(), (mean, exact, se)
     single = est[0]
     assert not torch.allclose(single, exact)  # one draw is noisy: the test is about the mean
+
+
+def test_a_sampled_only_cache_carries_the_exact_argmax(tmp_path):
+    rng = np.random.default_rng(1)
+    logits = (rng.standard_normal((64, 50)) * 3).astype(np.float32)
+    write_cache(tmp_path / "s", logits, modes=("sampled",), samples=4)
+    write_cache(tmp_path / "st", logits, modes=("sampled", "topk"), samples=4)
+    np.testing.assert_array_equal(open_cache(str(tmp_path / "s")).arrays["top1"].compute(), logits.argmax(1))
+    assert "top1" not in open_cache(str(tmp_path / "st")).arrays  # the first top-k id is the argmax there

@@ -64,3 +64,22 @@ def test_stage1_writes_to_s3_and_stages_2_3_read_it(s3_env, tmp_path):
     proc = run_cli(tmp_path, "stage=3", f"cache.path={url}", "student=linear")
     (results,) = glob.glob(str(tmp_path / "runs" / "*" / "results.json"))
     assert json.load(open(results))["cache"] == url
+
+
+def test_a_lease_on_object_storage_excludes_a_second_holder_and_expires(s3_env, monkeypatch):
+    from pipeline.cache.storage import Lease, Storage
+
+    storage = Storage("s3://kd-bucket/leases")
+    a = storage.lock("shard-00000", blocking=False)
+    assert isinstance(a, Lease)
+    assert storage.lock("shard-00000", blocking=False) is None  # held: a second process gets nothing
+    assert storage.lock("shard-00001", blocking=False) is not None  # other names are independent
+    a.release()
+    b = storage.lock("shard-00000", blocking=False)
+    assert b is not None
+    b._stop.set()  # its holder "dies": no more renewals, the lease runs out
+    monkeypatch.setattr(Lease, "ttl_s", 0.5)
+    storage.fs.pipe_file(b.key, json.dumps({"owner": b.owner, "expires": 0.0}).encode())
+    c = storage.lock("shard-00000", blocking=False)
+    assert c is not None and c.owner != b.owner
+    c.release()

@@ -3,6 +3,7 @@ every way a cache can be damaged raising a clear error (never a silent wrong val
 
 from __future__ import annotations
 
+import errno
 import glob
 import hashlib
 import os
@@ -21,7 +22,8 @@ import zarr
 
 from pipeline.cache import Storage, open_cache, read_manifest
 from pipeline.cache.fingerprint import hash_state_dict
-from pipeline.cache.format import write_manifest
+from pipeline.cache.format import read_commits, write_manifest
+from pipeline.cache.storage import StorageError
 from pipeline.stream import CacheStream
 from tests.conftest import write_cache
 from tests.test_cli import SMALL, error_line, run_cli
@@ -279,6 +281,89 @@ def test_two_identical_runs_at_once_share_the_work_and_both_succeed(reference, t
     assert sum(written) == 17  # each shard written once, by one of them
     assert shard_sums(cache) == shard_sums(single)
     open_cache(cache).verify()
+
+
+# --- full disks, read-only paths -----------------------------------------------------------
+
+
+@pytest.fixture
+def mount_tmpfs(tmp_path):
+    """``mount(name, size, ro=False)``: a real tmpfs of ``size`` bytes (root only; skipped
+    with the reason where mounting is not allowed), unmounted afterwards."""
+    mounted = []
+
+    def mount(name: str, size: str, ro: bool = False) -> str:
+        path = tmp_path / name
+        path.mkdir()
+        opts = f"size={size}" + (",ro" if ro else "")
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here (needs root): {proc.stderr.strip()}")
+        mounted.append(path)
+        return str(path)
+
+    yield mount
+    for path in mounted:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def test_an_injected_enospc_is_one_line_and_keeps_committed_shards(tmp_path, tiny_logits, monkeypatch):
+    from pipeline.cache import zarr_store
+
+    real = zarr_store.write_shard
+
+    def disk_full_at_shard_2(storage, m, shard, arrays):
+        if shard.index == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", storage.path("logits/c/2/0"))
+        return real(storage, m, shard, arrays)
+
+    path, clean = str(tmp_path / "c"), str(tmp_path / "clean")
+    monkeypatch.setattr(zarr_store, "write_shard", disk_full_at_shard_2)
+    with pytest.raises(StorageError) as e:
+        write_cache(path, tiny_logits, dtype="float32")
+    assert str(e.value) == (f"no space left on device writing {path}/logits/c/2/0; free space or fix the "
+                            "permissions, then re-run stage 1: committed shards are kept")
+    m = read_manifest(Storage(path))
+    assert not m.complete and sorted(read_commits(Storage(path)))[:2] == [0, 1]
+    monkeypatch.undo()
+    write_cache(path, tiny_logits, dtype="float32")  # resumes
+    write_cache(clean, tiny_logits, dtype="float32")
+    assert array_hashes(path) == array_hashes(clean)
+
+
+def test_a_failed_checkpoint_write_leaves_no_temporary(tmp_path, monkeypatch):
+    from pipeline.cache import storage
+    from pipeline.training import _save_state
+
+    def disk_full():
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(storage, "fault_pause", disk_full)  # fails after the bytes are written, before the rename
+    target = tmp_path / "students" / "state.pt"
+    with pytest.raises(StorageError, match=r"^no space left on device writing .*state.pt; .*training resumes"):
+        _save_state(str(target), model=torch.zeros(1000))
+    assert list(target.parent.iterdir()) == []
+
+
+def test_a_real_full_disk_during_capture_then_resume(reference, mount_tmpfs):
+    root, ref = reference
+    small = mount_tmpfs("small", "96k")  # the cache needs ~60 pages of 4 KiB here
+    cache = os.path.join(small, "cache")
+    line = error_line(run_cli(root, "stage=1", f"cache.path={cache}", *MANY_SHARDS, code=1))
+    assert f"no space left on device writing {small}" in line and "committed shards are kept" in line
+    assert not read_manifest(Storage(cache)).complete
+    subprocess.run(["mount", "-o", "remount,size=4m", small], check=True)
+    proc = run_cli(root, "stage=1", f"cache.path={cache}", *MANY_SHARDS)
+    assert "already committed" in proc.stdout + proc.stderr
+    assert array_hashes(cache) == array_hashes(ref)
+
+
+def test_a_read_only_cache_path_fails_before_the_teacher_is_fitted(tmp_path, mount_tmpfs):
+    ro = mount_tmpfs("ro", "1m", ro=True)
+    root = tmp_path / "fresh"
+    line = error_line(run_cli(root, "stage=1", f"cache.path={ro}/cache", code=1))
+    assert f"read-only file system writing {ro}; cache.path must be writable" in line
+    assert not (root / "teachers").exists() and not (root / "datasets").exists()
 
 
 # --- the corruption matrix ------------------------------------------------------------------

@@ -36,6 +36,9 @@ class StorageError(OSError):
     """A write that failed for a reason the user can fix (disk full, read-only, no
     permission): one line naming the path, the reason and the fix."""
 
+    def __str__(self) -> str:
+        return str(self.strerror)
+
 
 def explain_os_error(e: BaseException, path: str, fix: str) -> BaseException:
     """``e`` as a :class:`StorageError` naming ``path`` and ``fix`` when it is one of the
@@ -43,6 +46,29 @@ def explain_os_error(e: BaseException, path: str, fix: str) -> BaseException:
     if isinstance(e, OSError) and e.errno in _PLAIN:
         return StorageError(e.errno, f"{_PLAIN[e.errno]} writing {path}; {fix}")
     return e
+
+
+def write_file_atomic(path: str, data: bytes, fix: str = "free space or fix the permissions, then re-run") -> None:
+    """Write a local file whole or not at all: a unique temporary name, fsync, rename. On
+    failure the temporary is removed and a full disk or read-only path is one clear error."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        fault_pause()
+        os.replace(tmp, path)
+    except BaseException as e:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        err = explain_os_error(e, path, fix)
+        if err is e:
+            raise
+        raise err from e
 
 
 def check_writable(path: str, what: str) -> None:
@@ -101,14 +127,8 @@ class Storage:
         if not self.local:
             self.fs.pipe_file(target, data)  # one PUT: visible whole or not at all
             return
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        tmp = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        fault_pause()
-        os.replace(tmp, target)
+        write_file_atomic(target, data, "free space or fix the permissions, then re-run stage 1: committed "
+                                        "shards are kept")
 
     def remove_temporaries(self, *parts: str) -> int:
         """Delete leftover ``<part>.tmp-*`` files of an interrupted local write of each of

@@ -305,7 +305,7 @@ class CacheWriter:
             lock.release()
         self._held.clear()
         if exc_type is not None:
-            log.error("capture interrupted; re-run with the same config to resume from the committed shards")
+            log.warning("capture interrupted; re-run with the same config to resume from the committed shards")
             return
         self._raise_error()
         self.finalize()
