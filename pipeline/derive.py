@@ -59,15 +59,23 @@ def _derive_shard(ids: np.ndarray, logits: np.ndarray, child: Manifest) -> dict[
 
 
 def derive_cache(reader: CacheReader, child: Manifest, target: str, *, storage_options: dict | None = None,
-                 scheduler=None, in_flight: int = 4) -> Manifest:
+                 scheduler=None, in_flight: int = 4, overwrite: bool = False, verify: bool = False) -> Manifest:
     """Write ``child`` at ``target`` from ``reader``'s full logits, ``in_flight`` shards at a time."""
     ids, logits = reader.ids, reader.logits
-    with CacheWriter(storage=Storage(target, storage_options), manifest=child) as writer:
-        claimed = writer.claim()
+    with CacheWriter(storage=Storage(target, storage_options), manifest=child, overwrite=overwrite,
+                     verify=verify) as writer:
+        # batches of shards nobody else holds (claims held while computing: never wait then),
+        # then, one at a time, those another process was writing (waiting holds no claim)
+        claimed = writer.claim(wait=False)
         while batch := list(itertools.islice(claimed, in_flight)):
             jobs = [dask.delayed(_derive_shard)(ids[s.start:s.stop], logits[s.start:s.stop], child) for s in batch]
             for shard, arrays in zip(batch, dask.compute(*jobs, scheduler=scheduler), strict=True):
                 writer.submit(shard, arrays)
+        for shard in writer.claim():
+            (arrays,) = dask.compute(dask.delayed(_derive_shard)(ids[shard.start:shard.stop],
+                                                                 logits[shard.start:shard.stop], child),
+                                     scheduler=scheduler)
+            writer.submit(shard, arrays)
     return writer.manifest
 
 
@@ -125,5 +133,6 @@ def derive_for_run(cfg, reader: CacheReader, scheduler=None) -> dict:
     temps = sorted({*cfg.cache.temperatures, cfg.loss.temperature})
     child = child_manifest(reader.manifest, d.mode, d.k, d.dtype.value, temps, reader.path)
     log.info("deriving %s (K=%d, %s) from %s into %s", d.mode, d.k, d.dtype.value, reader.path, target)
-    derive_cache(reader, child, target, storage_options=cfg.cache.storage_options, scheduler=scheduler)
+    derive_cache(reader, child, target, storage_options=cfg.cache.storage_options, scheduler=scheduler,
+                 overwrite=cfg.cache.overwrite, verify=cfg.verify)
     return derive_report(reader, target, cfg.loss.temperature, cfg.cache.storage_options)

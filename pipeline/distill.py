@@ -72,8 +72,10 @@ def cached_batches(stream: CacheStream, x_all: np.ndarray, y_all: np.ndarray, ls
 
 def student_identity(cfg: Config, spec: StudentConfig) -> dict:
     """Everything that defines a trained student: its architecture, the loss and its
-    settings, the training settings (seed included)."""
-    return {"student": asdict(spec), "loss": asdict(cfg.loss), "train": asdict(cfg.train)}
+    settings, the training settings (seed and device included: numerics differ; not
+    ``resume``, which only says whether to continue)."""
+    train = {k: v for k, v in asdict(cfg.train).items() if k != "resume"}
+    return {"student": asdict(spec), "loss": asdict(cfg.loss), "train": train}
 
 
 def student_key(cfg: Config, spec: StudentConfig) -> str:
@@ -101,16 +103,16 @@ def state_path(cfg: Config, root: str, reader: CacheReader, name: str, spec: Stu
 
 
 def teacher_test_predictions(reader: CacheReader) -> np.ndarray:
-    """The teacher's predicted class on the test split, exactly, from whichever
-    representation the cache holds (its argmax: the logits', the first top-k id, or the
-    ``top1`` array that sampled-only caches carry)."""
+    """The teacher's predicted class on the test split, exactly: the argmax of its float32
+    logits, as the first top-k id or the ``top1`` array of a sampled-only cache hold it
+    (stored float16/bfloat16 logits can tie after rounding: used only when nothing else is)."""
     start, stop = reader.split_range("test")
     a = reader.arrays
-    if LOGITS in a:
-        return a[LOGITS][start:stop].compute().argmax(1)
     if TOPK_IDX in a:
         return a[TOPK_IDX][start:stop, 0].compute().astype(np.int64)
-    return a[TOP1][start:stop].compute().astype(np.int64)
+    if TOP1 in a:
+        return a[TOP1][start:stop].compute().astype(np.int64)
+    return a[LOGITS][start:stop].compute().argmax(1)
 
 
 def train_one(name: str, spec: StudentConfig, cfg: Config, splits: Splits, reader: CacheReader,

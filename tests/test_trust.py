@@ -211,6 +211,10 @@ DAMAGE = {  # name: (damage(cache), shards stage 1 must write, verify)
     "byte flipped": (lambda c: _flip(os.path.join(c, "logits", "c", "5", "0")), 1, True),
     # the complete manifest records the shard too: nothing to redo
     "commit record deleted": (lambda c: os.remove(os.path.join(c, "commits", "shard-00005.json")), 0, False),
+    "commit record garbled": (lambda c: open(os.path.join(c, "commits", "shard-00005.json"), "w").write("{x"), 1,
+                              False),
+    "array metadata deleted": (lambda c: os.remove(os.path.join(c, "logits", "zarr.json")), 0, False),
+    "plan deleted": (lambda c: os.remove(os.path.join(c, "kdcache.json")), 0, False),
     "manifest edited": (_edit_manifest, 0, False),
     "manifest deleted": (lambda c: os.remove(os.path.join(c, "manifest.json")), 0, False),
 }
@@ -239,21 +243,24 @@ def test_a_flipped_byte_found_by_stage3_points_to_the_fix_that_works(reference, 
     assert "array 'logits', object 'logits/c/5/0' (rows 640:704)" in line and "stage=1 verify=true" in line
 
 
-@pytest.mark.parametrize("what", ["folder", "file"])
+@pytest.mark.parametrize("what", ["folder", "file", "folder with its own manifest.json"])
 def test_a_path_that_is_not_a_cache_is_never_touched(reference, tmp_path, what):
     root, _ = reference
     target = tmp_path / "mine"
-    if what == "folder":
+    if what == "file":
+        target.write_text("hi")
+    else:
         (target / "sub").mkdir(parents=True)
         (target / "notes.txt").write_text("my notes")
         (target / "sub" / "y.txt").write_text("y")
-    else:
-        target.write_text("hi")
+        if "manifest" in what:  # a web app's, say: the name alone does not make a folder a cache
+            (target / "manifest.json").write_text('{"name": "my app"}')
     before = {str(p): p.read_bytes() for p in [target, *target.rglob("*")] if p.is_file()}
-    line = error_line(run_cli(root, "stage=1", f"cache.path={target}", *MANY_SHARDS, code=1))
-    assert str(target) in line and ("not a cache" in line or "a file, not a folder" in line)
-    after = {str(p): p.read_bytes() for p in [target, *target.rglob("*")] if p.is_file()}
-    assert after == before
+    for extra in ([], ["cache.overwrite=true"]):  # not even overwrite deletes what is not a cache
+        line = error_line(run_cli(root, "stage=1", f"cache.path={target}", *MANY_SHARDS, *extra, code=1))
+        assert str(target) in line and ("not a cache" in line or "a file, not a folder" in line)
+        after = {str(p): p.read_bytes() for p in [target, *target.rglob("*")] if p.is_file()}
+        assert after == before
 
 
 def test_a_cache_with_other_settings_is_kept_unless_overwrite(reference, tmp_path):

@@ -28,7 +28,7 @@ def shard_file(index: int) -> str:
     return f"shards/shard-{index:05d}.arrow"
 
 
-def create(storage: Storage, m: Manifest, zstd_level: int) -> None:
+def create(storage: Storage, m: Manifest, zstd_level: int, missing_only: bool = False) -> None:
     storage.makedirs("shards")
 
 

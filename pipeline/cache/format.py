@@ -48,6 +48,10 @@ IDS, LOGITS = "ids", "logits"
 TOPK_IDX, TOPK_VAL, LSE = "topk_idx", "topk_val", "lse"
 SAMPLED_IDX, SAMPLED_CNT, SAMPLED_ENT = "sampled_idx", "sampled_cnt", "sampled_ent"
 TOP1 = "top1"
+ARRAYS = (IDS, LOGITS, TOPK_IDX, TOPK_VAL, LSE, SAMPLED_IDX, SAMPLED_CNT, SAMPLED_ENT, TOP1)
+# Every top-level entry a cache folder can hold: what `cache.overwrite=true` may delete
+# (``locks/`` is kept; anything else, a user's file, is never touched).
+CACHE_ENTRIES = {MARKER, MANIFEST, OFFSETS, COMMITS, "zarr.json", "shards", "teacher_eval.json", *ARRAYS}
 MODES = ("full", "topk", "sampled")
 DTYPES = ("float16", "bfloat16", "float32")
 # bfloat16 has no NumPy dtype: it is stored as its raw uint16 bit pattern.
@@ -180,15 +184,41 @@ def write_commit(storage: Storage, shard: ShardRecord) -> None:
     storage.write_atomic(json.dumps(asdict(shard)).encode(), commit_path(shard.index))
 
 
-def read_commits(storage: Storage) -> dict[int, ShardRecord]:
-    """Shard commit records written so far (an unfinished capture's progress)."""
+def read_commits(storage: Storage, bad: list[int] | None = None) -> dict[int, ShardRecord]:
+    """Shard commit records written so far (an unfinished capture's progress). An
+    unreadable record is an error naming it, or with ``bad`` given, its shard index is
+    appended there and the record left out (the writer captures that shard again)."""
     if not storage.exists(COMMITS):
         return {}
     out = {}
     for path in storage.fs.glob(storage.path(COMMITS, "shard-*.json")):
-        rec = ShardRecord(**json.loads(storage.fs.cat_file(path)))
+        try:
+            rec = ShardRecord(**json.loads(storage.fs.cat_file(path)))
+        except (ValueError, TypeError) as e:
+            if bad is None:
+                raise ValueError(f"commit record {path} is damaged ({e}): {REPAIR}") from e
+            bad.append(int(path.rsplit("shard-", 1)[1].split(".")[0]))
+            continue
         out[rec.index] = rec
     return out
+
+
+def identify(storage: Storage, name: str) -> tuple[bool, Manifest | None, str]:
+    """Is ``name`` (the manifest or the plan) one of ours, is it usable, and why not:
+    (written by this project: it matches its own checksum, whatever its version;
+    the manifest when readable with this version; the reason when it is not)."""
+    try:
+        raw = json.loads(storage.read_bytes(name))
+    except FileNotFoundError:
+        return False, None, f"{name} is missing"
+    except (ValueError, UnicodeDecodeError) as e:
+        return False, None, f"{name} is not valid JSON ({e})"
+    if not isinstance(raw, dict) or raw.get("checksum") != _body_hash(raw):
+        return False, None, f"{name} does not match its own checksum"
+    try:
+        return True, read_manifest(storage, name), ""
+    except ValueError as e:
+        return True, None, str(e)
 
 
 def merge_commits(m: Manifest, commits: dict[int, ShardRecord], strict: bool = True) -> list[int]:

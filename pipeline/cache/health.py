@@ -52,9 +52,9 @@ def shard_problem(storage: Storage, m: Manifest, shard: ShardRecord, listing: di
 
 
 def damaged_shards(storage: Storage, m: Manifest, shards: list[ShardRecord] | None = None,
-                   full: bool = False, progress: bool = False) -> dict[int, str]:
+                   full: bool = False, progress: bool = False, listing: dict[str, int] | None = None) -> dict[int, str]:
     """{shard index: problem} over the committed ``shards`` (default: all)."""
-    listing = storage.listing()
+    listing = storage.listing() if listing is None else listing
     todo = [s for s in (m.shards if shards is None else shards) if s.status == "committed"]
     if progress and full:
         from tqdm.auto import tqdm

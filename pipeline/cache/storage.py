@@ -81,13 +81,17 @@ def check_writable(path: str, what: str) -> None:
         if os.path.exists(folder):
             return  # a file: the cache's own checks name it
         folder = os.path.dirname(folder)
-    probe = os.path.join(folder, f".kd-write-probe-{uuid.uuid4().hex[:8]}")
+    if not os.access(folder, os.W_OK):  # access(2) answers EROFS even for root; nothing is written
+        err = errno.EROFS if _read_only(folder) else errno.EACCES
+        raise StorageError(err, f"{_PLAIN[err]} writing {folder}; {what} must be writable: point it at a "
+                                "writable folder")
+
+
+def _read_only(folder: str) -> bool:
     try:
-        with open(probe, "wb") as f:
-            f.write(b"x")
-        os.remove(probe)
-    except OSError as e:
-        raise explain_os_error(e, folder, f"{what} must be writable: point it at a writable folder") from e
+        return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
 
 
 def fault_pause() -> None:
@@ -117,7 +121,14 @@ class Storage:
         return self.fs.isdir(self.root)
 
     def exists(self, *parts: str) -> bool:
+        self._fresh(self.path(*parts))
         return self.fs.exists(self.path(*parts))
+
+    def _fresh(self, path: str) -> None:
+        """Forget what an object store's filesystem cached about ``path``: other writers
+        (zarr's own filesystem instance, other processes) change it behind our back."""
+        if not self.local:
+            self.fs.invalidate_cache(path)
 
     def read_bytes(self, *parts: str) -> bytes:
         return self.fs.cat_file(self.path(*parts))
@@ -130,28 +141,32 @@ class Storage:
         write_file_atomic(target, data, "free space or fix the permissions, then re-run stage 1: committed "
                                         "shards are kept")
 
-    def remove_temporaries(self, *parts: str) -> int:
-        """Delete leftover ``<part>.tmp-*`` files of an interrupted local write of each of
-        ``parts`` (only those: another process may be writing others); return how many."""
-        n = 0
-        for part in parts if self.local else ():
-            folder, name = os.path.split(self.path(part))
-            if os.path.isdir(folder):
-                for f in os.listdir(folder):
-                    if f.startswith(name + ".tmp-"):
-                        os.remove(os.path.join(folder, f))
-                        n += 1
-        return n
+    @staticmethod
+    def temporary_of(key: str) -> str | None:
+        """The object an interrupted local write's leftover belongs to (``<key>.tmp-<id>``
+        here, ``<key>.<uuid>.partial`` from zarr's local store), or None."""
+        if ".tmp-" in key:
+            return key.rsplit(".tmp-", 1)[0]
+        if key.endswith(".partial"):
+            return key[:-len(".partial")].rsplit(".", 1)[0]
+        return None
 
     def listing(self) -> dict[str, int]:
         """Every object under the cache (relative path -> size in bytes), in one listing."""
-        if not self.fs.exists(self.root):
+        if not self.exists():
             return {}
         prefix = self.root.rstrip("/") + "/"
-        return {p[len(prefix):]: int(info.get("size") or 0)
-                for p, info in self.fs.find(self.root, detail=True).items()}
+        found = self.fs.find(self.root, detail=True)
+        self._fresh(self.root)  # the listing must not answer later questions from a cache
+        return {p[len(prefix):]: int(info.get("size") or 0) for p, info in found.items()}
+
+    def top_level(self) -> set[str]:
+        """The names directly in the folder (one shallow listing)."""
+        self._fresh(self.root)
+        return {posixpath.basename(p.rstrip("/")) for p in self.fs.ls(self.root, detail=False)}
 
     def size(self, *parts: str) -> int:
+        self._fresh(self.path(*parts))
         return int(self.fs.size(self.path(*parts)))
 
     def lock(self, name: str, *, blocking: bool = True, timeout_s: float = 24 * 3600.0) -> Lock | None:
@@ -171,13 +186,10 @@ class Storage:
         if self.exists(*parts):
             self.fs.rm(self.path(*parts), recursive=True)
 
-    def clear(self, keep: tuple[str, ...] = ()) -> None:
-        """Delete everything in the folder except the top-level entries named in ``keep``."""
-        if not self.fs.exists(self.root):
-            return
-        for path in self.fs.ls(self.root, detail=False):
-            if posixpath.basename(path.rstrip("/")) not in keep:
-                self.fs.rm(path, recursive=True)
+    def clear(self, names: set[str]) -> None:
+        """Delete the top-level entries ``names`` (and nothing else) from the folder."""
+        for name in sorted(names & self.top_level()):
+            self.fs.rm(self.path(name), recursive=True)
 
     def makedirs(self, *parts: str) -> None:
         if self.local:
@@ -215,13 +227,21 @@ class FileLock(Lock):
         self.name, self.path, self.fd = name, storage.path(LOCKS, f"{name}.lock"), None
 
     def try_acquire(self) -> bool:
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise explain_os_error(e, self.path, "the cache folder must be writable") from e
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
             return False
+        except OSError as e:  # ENOSYS / ENOLCK / EOPNOTSUPP: a file system without flock
+            os.close(fd)
+            raise StorageError(e.errno, f"file locks (flock) are not supported where the cache lives ({self.path}: "
+                                        f"{e.strerror}); mount that file system with locking enabled (e.g. "
+                                        "Lustre: -o flock) or put cache.path on a local disk") from e
         self.fd = fd
         return True
 
@@ -234,68 +254,91 @@ class FileLock(Lock):
 
 class Lease(Lock):
     """A lease object ``locks/<name>.lease`` on object storage: created only when absent
-    (a conditional PUT, ``If-None-Match: *``), renewed every ``ttl_s / 3`` by a thread
-    while held, taken over by another process once ``ttl_s`` passed without renewal (a
-    holder that died). Stores without conditional writes fall back to write-then-read-back
-    after ``settle_s``, which narrows but cannot close the race."""
+    (``mode="create"``: a conditional PUT, ``If-None-Match: *``), renewed every
+    ``ttl_s / 3`` by a thread while held (``If-Match`` on its own last version, so a lease
+    taken over meanwhile is noticed, never overwritten), and taken over by another process
+    once ``ttl_s`` passed without renewal (a holder that died), again by ``If-Match`` on the
+    expired version, so two processes cannot both take it over. Expiry is judged by wall
+    clocks: machines sharing a cache need clocks within a few seconds of each other."""
 
-    ttl_s, settle_s = 60.0, 1.0
+    ttl_s = 60.0
 
     def __init__(self, storage: Storage, name: str):
         self.storage, self.name = storage, name
         self.key, self.owner = storage.path(LOCKS, f"{name}.lease"), f"{os.getpid()}-{uuid.uuid4().hex}"
+        self.etag: str | None = None
+        self.lost = False
         self._stop: threading.Event | None = None
+        self._thread: threading.Thread | None = None
 
     def _body(self) -> bytes:
         return json.dumps({"owner": self.owner, "expires": time.time() + self.ttl_s}).encode()
 
-    def _read(self) -> dict | None:
-        try:
-            return json.loads(self.storage.fs.cat_file(self.key))
-        except FileNotFoundError:
-            return None
-        except ValueError:
-            return {"owner": "?", "expires": 0.0}  # unreadable: treat as expired
+    @staticmethod
+    def _refused(e: Exception) -> bool:
+        text = str(e)
+        return isinstance(e, FileExistsError) or "412" in text or "409" in text or "re-conditions" in text
 
-    def _create(self) -> bool:
-        fs = self.storage.fs
+    def _put(self, **condition) -> bool:
+        """One conditional PUT of a fresh body; False when the condition did not hold."""
         try:
-            fs.pipe_file(self.key, self._body(), IfNoneMatch="*")
-            return True
-        except TypeError:  # this filesystem takes no conditional writes
-            fs.pipe_file(self.key, self._body())
-            time.sleep(self.settle_s)
-            return (self._read() or {}).get("owner") == self.owner
-        except OSError as e:  # 412 Precondition Failed: someone else created it first
-            if "412" in str(e) or "Precondition" in str(e) or isinstance(e, FileExistsError):
+            out = self.storage.fs.pipe_file(self.key, self._body(), **condition)
+        except OSError as e:
+            if self._refused(e):
                 return False
             raise
+        self.storage._fresh(self.key)
+        self.etag = (out or {}).get("ETag") if isinstance(out, dict) else None
+        if self.etag is None:
+            self.etag = self.storage.fs.info(self.key).get("ETag")
+        return True
 
     def try_acquire(self) -> bool:
-        held = self._read()
-        if held is not None:
+        fs = self.storage.fs
+        self.storage._fresh(self.key)
+        try:
+            info = fs.info(self.key)
+        except FileNotFoundError:
+            ok = self._put(mode="create")
+        else:
+            try:
+                held = json.loads(fs.cat_file(self.key))
+            except FileNotFoundError:
+                return False  # released between the two reads: try again later
+            except ValueError:
+                held = {"expires": 0.0}  # unreadable: treat as expired
             if held.get("expires", 0.0) > time.time():
                 return False
-            self.storage.fs.rm_file(self.key)  # expired: its holder died
-            self.storage.fs.invalidate_cache()
-        if not self._create():
-            return False
-        self._stop = threading.Event()
-        threading.Thread(target=self._renew, args=(self._stop,), daemon=True, name=f"lease-{self.name}").start()
-        return True
+            ok = self._put(IfMatch=info.get("ETag"))  # take over exactly the expired version
+        if ok:
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._renew, args=(self._stop,), daemon=True,
+                                            name=f"lease-{self.name}")
+            self._thread.start()
+        return ok
 
     def _renew(self, stop: threading.Event) -> None:
         while not stop.wait(self.ttl_s / 3):
             try:
-                self.storage.fs.pipe_file(self.key, self._body())
+                if not self._put(IfMatch=self.etag):
+                    self.lost = True
+                    log.warning("lease %s was taken over by another process (renewals failed for %.0fs)",
+                                self.key, self.ttl_s)
+                    return
             except Exception as e:  # noqa: BLE001 - a missed renewal only shortens the lease
                 log.warning("could not renew lease %s: %s", self.key, e)
 
     def release(self) -> None:
-        if self._stop is not None:
-            self._stop.set()
-            self._stop = None
-            try:
+        if self._stop is None:
+            return
+        self._stop.set()
+        self._thread.join()  # no renewal in flight can recreate the lease after the delete
+        self._stop = self._thread = None
+        if self.lost:
+            return
+        try:
+            self.storage._fresh(self.key)
+            if self.storage.fs.info(self.key).get("ETag") == self.etag:  # still ours
                 self.storage.fs.rm_file(self.key)
-            except FileNotFoundError:
-                pass
+        except FileNotFoundError:
+            pass

@@ -24,22 +24,27 @@ the manifest and marks it ``complete`` (idempotent if two do).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import queue
 import threading
 import time
+from dataclasses import asdict
 
 import numpy as np
 
 from pipeline.cache.backends import backend
 from pipeline.cache.format import (
+    CACHE_ENTRIES,
     MANIFEST,
     MARKER,
+    OFFSETS,
     Manifest,
     ShardRecord,
     array_specs,
     commit_path,
+    identify,
     merge_commits,
     offsets_digest,
     read_commits,
@@ -49,7 +54,7 @@ from pipeline.cache.format import (
     write_offsets,
 )
 from pipeline.cache.health import damaged_shards, describe, object_sizes, shard_checksum
-from pipeline.cache.storage import LOCKS, Lock, Storage, explain_os_error
+from pipeline.cache.storage import LOCKS, Lock, Storage, StorageError, explain_os_error
 
 log = logging.getLogger(__name__)
 _DONE = object()
@@ -98,44 +103,44 @@ class CacheWriter:
         if (offsets is not None) != bool(manifest.sequences) or (
                 offsets is not None and offsets_digest(offsets) != manifest.offsets_sha256):
             raise ValueError("a sequence cache needs its offsets, matching manifest.offsets_sha256")
-        self._offsets = offsets
+        self._offsets, self._zstd_level = offsets, zstd_level
         if rank == 0:
             self._refuse_foreign()  # before the lock file is made: nothing is written there
             with storage.lock("cache"):
-                self.manifest = self._open_or_create(manifest, zstd_level, overwrite)
+                self.manifest = self._open_or_create(manifest, overwrite)
         else:
             self.manifest = self._join(manifest, wait_s)
         self.written: list[int] = []  # shards this writer wrote (tests count them)
         self._held: dict[int, Lock] = {}
+        self._leftovers: dict[int, list[str]] = {}  # shard -> temporaries an interrupted write left
         self._heal(verify)
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._drain, name="cache-writer", daemon=True)
 
+    # -- what is at the path ------------------------------------------------------------------
+
     def _inspect(self) -> tuple[str, Manifest | None, str]:
         """What is at the cache path: ("new" | "cache" | "foreign", the cache's manifest, or
-        else its plan, when readable, and what could not be read)."""
+        else its plan, when usable, and what is wrong with it). A folder is a cache only if
+        its ``kdcache.json`` or ``manifest.json`` matches its own checksum: a file of that
+        name written by anything else does not make a folder ours."""
         st = self.storage
         if not st.exists():
             return "new", None, ""
         if not st.isdir():
             return "foreign", None, "a file, not a folder"
-        names = {k for k in st.listing() if not k.startswith(LOCKS + "/")}
+        names = {n for n in st.top_level() if n != LOCKS and Storage.temporary_of(n) is None}
         if not names:
-            return "new", None, ""
-        if MARKER not in names and MANIFEST not in names:
+            return "new", None, ""  # empty, or a cache being created by another process right now
+        ours_m, man, why_m = identify(st, MANIFEST) if MANIFEST in names else (False, None, f"{MANIFEST} is missing")
+        ours_p, plan, why_p = identify(st, MARKER) if MARKER in names else (False, None, f"{MARKER} is missing")
+        if not (ours_m or ours_p):
             shown = ", ".join(sorted(names)[:3]) + (", ..." if len(names) > 3 else "")
-            return "foreign", None, f"{len(names)} file(s) that are not a cache ({shown})"
-        why = ""
-        for name in (MANIFEST, MARKER):  # the manifest (progress) first, else the plan
-            if name not in names:
-                why = why or f"{name} is missing"
-                continue
-            try:
-                return "cache", read_manifest(st, name), why
-            except ValueError as e:
-                why = why or str(e)
-        return "cache", None, why
+            return "foreign", None, f"{len(names)} entries that are not a cache of this project ({shown})"
+        if man is not None:
+            return "cache", man, ""
+        return "cache", plan, why_m if plan is not None else f"{why_m}; {why_p}"
 
     def _refuse_foreign(self) -> None:
         kind, _, why = self._inspect()
@@ -144,38 +149,62 @@ class CacheWriter:
                              f"folder or a cache of this project ({MARKER}), and never deletes anything else. "
                              "Point cache.path at a new folder")
 
-    def _open_or_create(self, fresh: Manifest, zstd_level: int, overwrite: bool) -> Manifest:
+    def _open_or_create(self, fresh: Manifest, overwrite: bool) -> Manifest:
         self._refuse_foreign()  # again, under the lock
         kind, old, why = self._inspect()
         url = self.storage.url
         if kind == "cache":
             if old is not None and same_plan(old, fresh):
-                if why:  # the manifest was unreadable: rebuilt from the plan, commits merged next
-                    log.warning("cache %s: %s; rebuilding %s from %s and the commit records", url, why,
-                                MANIFEST, MARKER)
-                    old.complete = False
-                    self._write_index(old)
+                self._repair_index(old, why)
                 return old
             diffs = plan_differences(old, fresh) if old is not None else [why]
             if not overwrite:
                 raise ValueError(f"cache {url!r} was captured with other settings than this run, and is kept:\n  "
                                  + "\n  ".join(diffs) + "\nset cache.overwrite=true to replace it, or point "
                                  "cache.path elsewhere")
+            self._refuse_if_busy(old)
             log.warning("cache.overwrite=true: replacing the cache at %s (%s)", url, "; ".join(diffs))
-            self.storage.clear(keep=(LOCKS,))
-        return self._create(fresh, zstd_level)
+            self.storage.clear(CACHE_ENTRIES)  # the cache's own entries only
+        return self._create(fresh)
 
-    def _create(self, fresh: Manifest, zstd_level: int) -> Manifest:
+    def _refuse_if_busy(self, old: Manifest | None) -> None:
+        """Never replace a cache another process is writing into."""
+        for shard in old.shards if old is not None else []:
+            lock = self.storage.lock(shard_lock_name(shard.index), blocking=False)
+            if lock is None:
+                raise ValueError(f"cache {self.storage.url!r} is being written by another process (shard "
+                                 f"{shard.index} is locked): wait for it to finish before replacing the cache")
+            lock.release()
+
+    def _create(self, fresh: Manifest) -> Manifest:
         self.storage.makedirs()
         write_manifest(self.storage, fresh, MARKER)  # first: from here on the folder is a cache
-        self.backend.create(self.storage, fresh, zstd_level)
-        self._write_index(fresh)
-        return fresh
-
-    def _write_index(self, m: Manifest) -> None:
+        self.backend.create(self.storage, fresh, self._zstd_level)
         if self._offsets is not None:
             write_offsets(self.storage, self._offsets)  # before the manifest that names its digest
-        write_manifest(self.storage, m)
+        write_manifest(self.storage, fresh)
+        return fresh
+
+    def _repair_index(self, m: Manifest, why: str) -> None:
+        """The same plan: put back whatever of the cache's index is missing or damaged
+        (the plan, the array metadata, the offsets, the manifest), never touching shards."""
+        st = self.storage
+        if not identify(st, MARKER)[0]:
+            log.warning("cache %s: %s is missing or damaged; writing it again", st.url, MARKER)
+            plan = Manifest.from_dict(asdict(m))
+            plan.complete = False
+            for shard in plan.shards:
+                shard.status, shard.sha256, shard.nbytes = "pending", None, None
+            write_manifest(st, plan, MARKER)
+        self.backend.create(st, m, self._zstd_level, missing_only=True)
+        if self._offsets is not None and (not st.exists(OFFSETS) or hashlib.sha256(
+                st.read_bytes(OFFSETS)).hexdigest() != m.offsets_sha256):
+            log.warning("cache %s: %s is missing or damaged; writing it again", st.url, OFFSETS)
+            write_offsets(st, self._offsets)
+        if why:  # the manifest was unusable: rebuilt from the plan, the commits are merged next
+            log.warning("cache %s: %s; rebuilding %s from %s and the commit records", st.url, why, MANIFEST, MARKER)
+            m.complete = False
+            write_manifest(st, m)
 
     def _join(self, fresh: Manifest, wait_s: float) -> Manifest:
         """Workers other than rank 0 wait for rank 0 to create (or keep) the cache."""
@@ -192,43 +221,80 @@ class CacheWriter:
         raise RuntimeError(f"rank {self.rank}: no cache matching this run appeared at {self.storage.url} within "
                            f"{wait_s:.0f}s; is rank 0 running with the same config?")
 
+    # -- healing ------------------------------------------------------------------------------
+
     def _heal(self, verify: bool) -> None:
-        """Check this worker's committed shards; uncommit the damaged ones (they are
-        captured again like any pending shard)."""
-        bad_records = merge_commits(self.manifest, read_commits(self.storage), strict=False)
-        mine = [s for s in self.manifest.shards if s.status == "committed" and s.index % self.world_size == self.rank]
-        problems = {i: "its commit record names other rows than the plan" for i in bad_records
+        """Check this worker's committed shards; uncommit the damaged ones (captured again
+        like any pending shard). The commit records are the truth: a shard the manifest
+        calls committed whose record is gone gets its record back if it is healthy."""
+        st, m = self.storage, self.manifest
+        unreadable: list[int] = []
+        commits = read_commits(st, unreadable)
+        bad = set(merge_commits(m, commits, strict=False)) | set(unreadable)
+        listing = st.listing()
+        for key in listing:  # what interrupted writes left, removed when the shard is claimed
+            if (obj := Storage.temporary_of(key)) is not None:
+                self._leftovers.setdefault(self._shard_of(obj), []).append(key)
+        mine = [s for s in m.shards if s.index % self.world_size == self.rank]
+        problems = {i: "its commit record is unreadable or names other rows than the plan" for i in bad
                     if i % self.world_size == self.rank}
-        problems |= damaged_shards(self.storage, self.manifest, mine, full=verify, progress=True)
+        checked = [s for s in mine if s.status == "committed" and s.index not in problems]
+        problems |= damaged_shards(st, m, checked, full=verify, progress=True, listing=listing)
+        for s in checked:
+            if s.index not in problems and s.index not in commits:
+                write_commit(st, s)  # healthy, recorded only in the manifest: its record again
         if problems:
-            log.warning("cache %s: %d damaged shard(s) will be captured again:%s", self.storage.url, len(problems),
-                        describe(self.storage, self.manifest, problems))
-            with self.storage.lock("cache"):  # readers stop trusting these shards first
-                current = read_manifest(self.storage)
-                for m in (current, self.manifest):
-                    m.complete = False
+            log.warning("cache %s: %d damaged shard(s) will be captured again:%s", st.url, len(problems),
+                        describe(st, m, problems))
+            for i in sorted(problems):
+                self._uncommit(m.shards[i], commits.get(i))
+            with st.lock("cache"):  # readers stop trusting these shards
+                current = read_manifest(st)
+                for shard in (current, m):
+                    shard.complete = False
                     for i in problems:
-                        m.shards[i].status, m.shards[i].sha256, m.shards[i].nbytes = "pending", None, None
-                write_manifest(self.storage, current)
-            for i in problems:
-                with self.storage.lock(shard_lock_name(i)):
-                    self.storage.remove(commit_path(i))
-                    self.backend.remove_shard(self.storage, self.manifest, self.manifest.shards[i])
-        done = sum(s.status == "committed" for s in self.manifest.shards)
+                        shard.shards[i].status, shard.shards[i].sha256, shard.shards[i].nbytes = "pending", None, None
+                write_manifest(st, current)
+        done = sum(s.status == "committed" for s in m.shards)
         if done:
             log.info("resuming cache %s: %d/%d shards already committed%s; rank %d has %d to write",
-                     self.storage.url, done, len(self.manifest.shards), " and verified" if verify else "",
-                     self.rank, len(self.pending()))
+                     st.url, done, len(m.shards), " and verified" if verify else "", self.rank, len(self.pending()))
+
+    def _uncommit(self, shard: ShardRecord, judged: ShardRecord | None) -> None:
+        """Delete a damaged shard's record and objects, under its lock, unless another
+        process re-captured it since it was judged (its record changed)."""
+        with self.storage.lock(shard_lock_name(shard.index)):
+            path = commit_path(shard.index)
+            if self.storage.exists(path) and judged is not None:
+                try:
+                    now = ShardRecord(**json.loads(self.storage.read_bytes(path)))
+                except (ValueError, TypeError):
+                    now = None
+                if now is not None and (now.sha256, now.nbytes) != (judged.sha256, judged.nbytes):
+                    return  # someone healed it meanwhile: theirs is the healthy copy
+            self.storage.remove(path)
+            self.backend.remove_shard(self.storage, self.manifest, shard)
+
+    def _shard_of(self, key: str) -> int:
+        """The shard index an object key belongs to (-1 when none)."""
+        if not hasattr(self, "_objects"):
+            self._objects = {k: s.index for s in self.manifest.shards
+                             for k in (*self.backend.shard_objects(self.manifest, s), commit_path(s.index))}
+        return self._objects.get(key, -1)
+
+    # -- claiming and writing shards ----------------------------------------------------------
 
     def pending(self) -> list[ShardRecord]:
         """This worker's shards not yet committed."""
         return [s for s in self.manifest.shards
                 if s.status != "committed" and s.index % self.world_size == self.rank]
 
-    def claim(self):
+    def claim(self, wait: bool = True):
         """Yield this worker's pending shards, each locked for this process until its commit
-        is written: first those nobody else holds, then (waiting for them) those another
-        process was writing, unless it committed them meanwhile."""
+        is written: first those nobody else holds, then (``wait``: waiting for each) those
+        another process was writing, unless it committed them meanwhile. A caller that
+        holds claims it has not submitted must use ``wait=False`` (or it can deadlock with
+        another process doing the same)."""
         busy = []
         for shard in self.pending():
             lock = self.storage.lock(shard_lock_name(shard.index), blocking=False)
@@ -236,7 +302,7 @@ class CacheWriter:
                 busy.append(shard)
             elif self._take(shard, lock):
                 yield shard
-        for shard in busy:
+        for shard in busy if wait else []:
             log.info("shard %d is being written by another process; waiting for it", shard.index)
             if self._take(shard, self.storage.lock(shard_lock_name(shard.index))):
                 yield shard
@@ -244,14 +310,24 @@ class CacheWriter:
     def _take(self, shard: ShardRecord, lock: Lock) -> bool:
         """With ``shard``'s lock held: False (lock released) if another process committed it
         meanwhile; else clear what an interrupted write left of it and keep the lock."""
-        if self.storage.exists(commit_path(shard.index)):
-            rec = ShardRecord(**json.loads(self.storage.read_bytes(commit_path(shard.index))))
-            if (rec.start, rec.stop) == (shard.start, shard.stop):
-                lock.release()
-                shard.status, shard.sha256, shard.nbytes = "committed", rec.sha256, rec.nbytes
-                return False
-        self.backend.remove_shard(self.storage, self.manifest, shard)
-        self.storage.remove_temporaries(*self.backend.shard_objects(self.manifest, shard), commit_path(shard.index))
+        try:
+            path = commit_path(shard.index)
+            if self.storage.exists(path):
+                try:
+                    rec = ShardRecord(**json.loads(self.storage.read_bytes(path)))
+                except (ValueError, TypeError):
+                    rec = None  # a damaged record: captured again below
+                if rec is not None and (rec.start, rec.stop) == (shard.start, shard.stop):
+                    lock.release()
+                    shard.status, shard.sha256, shard.nbytes = "committed", rec.sha256, rec.nbytes
+                    return False
+                self.storage.remove(path)
+            self.backend.remove_shard(self.storage, self.manifest, shard)
+            for key in self._leftovers.pop(shard.index, []):
+                self.storage.remove(key)
+        except BaseException:
+            lock.release()
+            raise
         self._held[shard.index] = lock
         return True
 
@@ -273,36 +349,48 @@ class CacheWriter:
             if self._error is not None:
                 continue
             shard, arrays = item
+            lock = self._held.pop(shard.index, None)
             try:
                 self.backend.write_shard(self.storage, self.manifest, shard, arrays)
                 shard.sha256 = shard_checksum(arrays)
                 shard.nbytes = object_sizes(self.storage, self.manifest, shard)
+                if getattr(lock, "lost", False):
+                    raise RuntimeError(f"the lease of shard {shard.index} was lost (renewals failed) while writing it; "
+                                       "re-run stage 1 with the same config")
                 write_commit(self.storage, shard)  # the shard counts from here on
                 shard.status = "committed"
                 self.written.append(shard.index)
             except BaseException as e:  # surfaced to the producer on its next submit / at exit
                 self._error = explain_os_error(e, getattr(e, "filename", None) or self.storage.url, WRITE_FIX)
             finally:
-                if (lock := self._held.pop(shard.index, None)) is not None:
-                    lock.release()
+                self._release(lock)
 
-    def __enter__(self) -> CacheWriter:
-        self._thread.start()
-        return self
+    @staticmethod
+    def _release(lock: Lock | None) -> None:
+        if lock is None:
+            return
+        try:
+            lock.release()
+        except Exception as e:  # noqa: BLE001 - never let the writer thread die on a release
+            log.warning("could not release lock %s: %s", lock.name, e)
 
     def _raise_error(self) -> None:
         e = self._error
         if e is None:
             return
-        if isinstance(e, OSError) and type(e) is not OSError:  # StorageError: already one clear line
+        if isinstance(e, StorageError):  # already one clear line
             raise e
         raise RuntimeError(f"the cache writer failed: {e}") from e
+
+    def __enter__(self) -> CacheWriter:
+        self._thread.start()
+        return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self._queue.put(_DONE)
         self._thread.join()
         for lock in self._held.values():  # claimed, never submitted (the producer failed)
-            lock.release()
+            self._release(lock)
         self._held.clear()
         if exc_type is not None:
             log.warning("capture interrupted; re-run with the same config to resume from the committed shards")
@@ -311,9 +399,13 @@ class CacheWriter:
         self.finalize()
 
     def finalize(self) -> bool:
-        """Mark the cache complete if every shard of every worker is committed."""
+        """Mark the cache complete if every shard of every worker is committed: judged from
+        the commit records as they are now, not from what this process saw at its start
+        (another process may have uncommitted a damaged shard meanwhile)."""
         with self.storage.lock("cache"):
-            merge_commits(self.manifest, read_commits(self.storage))
+            for shard in self.manifest.shards:
+                shard.status, shard.sha256, shard.nbytes = "pending", None, None
+            merge_commits(self.manifest, read_commits(self.storage, []), strict=False)
             missing = self.manifest.missing_shards()
             if missing:
                 if self.world_size == 1:

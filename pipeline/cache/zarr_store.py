@@ -20,9 +20,14 @@ from pipeline.cache.format import IDS, CacheDamaged, Manifest, ShardRecord, arra
 from pipeline.cache.storage import Storage, fault_pause
 
 
-def create(storage: Storage, m: Manifest, zstd_level: int) -> None:
+def create(storage: Storage, m: Manifest, zstd_level: int, missing_only: bool = False) -> None:
+    """The group and its arrays (``missing_only``: only arrays whose metadata is gone; an
+    existing array is never recreated, which would drop its data)."""
+    have = storage.listing() if missing_only else {}
     group = zarr.open_group(storage.zarr_store(), mode="a")
     for name, (shape, dtype) in array_specs(m).items():
+        if f"{name}/zarr.json" in have:
+            continue
         zstd = m.compression == "all" or (m.compression == "ints" and not dtype.startswith("float"))
         compressors = [ZstdCodec(level=zstd_level), Crc32cCodec()] if zstd else [Crc32cCodec()]
         logical = "bfloat16" if name in bf16_arrays(m) else dtype
@@ -30,7 +35,7 @@ def create(storage: Storage, m: Manifest, zstd_level: int) -> None:
         fill = float("nan") if dtype.startswith("float") else (-1 if name == IDS else 0)
         group.create_array(name, shape=(m.rows, *shape), dtype=dtype, chunks=(m.chunk_rows, *shape),
                            shards=(m.shard_rows, *shape), compressors=compressors, fill_value=fill,
-                           overwrite=True, attributes={"logical_dtype": logical})
+                           overwrite=not missing_only, attributes={"logical_dtype": logical})
 
 
 def write_shard(storage: Storage, m: Manifest, shard: ShardRecord, arrays: dict[str, np.ndarray]) -> None:
@@ -51,7 +56,7 @@ def _key(name: str, shape: tuple[int, ...], index: int) -> str:
     return f"{name}/c/{index}" + ("/0" if shape else "")
 
 
-def _read_rows(storage: Storage, array, name: str, start: int, stop: int, m: Manifest, out=None):
+def _read_rows(storage: Storage, array, name: str, start: int, stop: int, shard_rows: int, out=None):
     """Rows of one array through zarr, a decoding failure named by array, object and rows."""
     try:
         if out is None:
@@ -59,7 +64,7 @@ def _read_rows(storage: Storage, array, name: str, start: int, stop: int, m: Man
         out[...] = array[start:stop]
         return out
     except Exception as e:  # zarr's checksum / decode errors name nothing
-        index = start // m.shard_rows
+        index = start // shard_rows
         raise CacheDamaged(storage.url, name, _key(name, array.shape[1:], index), (start, stop),
                            f"cannot be decoded ({type(e).__name__}: {e})") from e
 
@@ -71,7 +76,8 @@ def remove_shard(storage: Storage, m: Manifest, shard: ShardRecord) -> None:
 
 def read_shard(storage: Storage, m: Manifest, shard: ShardRecord) -> dict[str, np.ndarray]:
     group = zarr.open_group(storage.zarr_store(read_only=True), mode="r")
-    return {name: _read_rows(storage, group[name], name, shard.start, shard.stop, m) for name in array_specs(m)}
+    return {name: _read_rows(storage, group[name], name, shard.start, shard.stop, m.shard_rows)
+            for name in array_specs(m)}
 
 
 def block_reader(storage: Storage, m: Manifest):
@@ -96,7 +102,7 @@ def block_reader(storage: Storage, m: Manifest):
                 sync(read_all(rest))
             except Exception:  # name the failing piece: read them one at a time through zarr
                 for name, start, stop, out in rest:
-                    _read_rows(storage, arrays[name], name, start, stop, m, out)
+                    _read_rows(storage, arrays[name], name, start, stop, m.shard_rows, out)
 
     return read
 
@@ -107,8 +113,8 @@ class RowSource:
     rest (other selections, other layouts, unwritten chunks) by zarr. Picklable for the
     distributed scheduler: the decoder is rebuilt in each process."""
 
-    def __init__(self, storage: Storage, name: str, array, m: Manifest):
-        self.storage, self.name, self.array, self.manifest = storage, name, array, m
+    def __init__(self, storage: Storage, name: str, array, shard_rows: int):
+        self.storage, self.name, self.array, self.shard_rows = storage, name, array, shard_rows
         self.shape, self.dtype, self.ndim = array.shape, array.dtype, array.ndim
         self.layout = plain_layout(array)
         self._reader: ChunkReader | None = None
@@ -135,7 +141,7 @@ class RowSource:
                 return self.array[key]
             except Exception as e:
                 raise CacheDamaged(self.storage.url, self.name, _key(self.name, self.shape[1:],
-                                   start // self.manifest.shard_rows), (start, stop),
+                                   start // self.shard_rows), (start, stop),
                                    f"cannot be decoded ({type(e).__name__}: {e})") from e
         if self._reader is None:
             self._reader = ChunkReader(self.storage, self.name, self.array, self.layout)
@@ -145,7 +151,7 @@ class RowSource:
         while a < stop:  # piece by piece, split at chunk boundaries
             b = min((a // size + 1) * size, stop)
             if not self._reader.read(a, b, out[a - start:b - start]):
-                _read_rows(self.storage, self.array, self.name, a, b, self.manifest, out[a - start:b - start])
+                _read_rows(self.storage, self.array, self.name, a, b, self.shard_rows, out[a - start:b - start])
             a = b
         return out
 
@@ -155,7 +161,7 @@ def dask_arrays(storage: Storage, m: Manifest) -> dict[str, da.Array]:
     group = zarr.open_group(storage.zarr_store(read_only=True), mode="r")
     out = {}
     for name, (shape, _) in array_specs(m).items():
-        source = RowSource(storage, name, group[name], m)
+        source = RowSource(storage, name, group[name], m.shard_rows)
         token = tokenize(storage.url, name, m.fingerprint.get("digest"), [(s.index, s.sha256) for s in m.shards])
         out[name] = da.from_array(source, chunks=(m.chunk_rows, *shape), asarray=False, lock=False,
                                   name=f"cache-{name}-{token}", meta=np.empty((0,) * (1 + len(shape)), group[name].dtype))
