@@ -286,6 +286,8 @@ def test_two_identical_runs_at_once_share_the_work_and_both_succeed(reference, t
     assert all(p.returncode == 0 for p in procs), outs
     written = [int(re.search(r"rank 0 wrote (\d+) shard\(s\)", o).group(1)) for o in outs]
     assert sum(written) == 17  # each shard written once, by one of them
+    folders = [re.search(r"run folder: (\S+)", o).group(1) for o in outs]
+    assert folders[0] != folders[1] and all(os.path.exists(os.path.join(f, "run.log")) for f in folders)
     assert shard_sums(cache) == shard_sums(single)
     open_cache(cache).verify()
 
