@@ -151,6 +151,10 @@ class CacheWriter:
 
     def _open_or_create(self, fresh: Manifest, overwrite: bool) -> Manifest:
         self._refuse_foreign()  # again, under the lock
+        if self.storage.exists():  # the index is written only under this lock: its temporaries are dead
+            for name in self.storage.top_level():
+                if Storage.temporary_of(name) in (MANIFEST, MARKER, OFFSETS):
+                    self.storage.remove(name)
         kind, old, why = self._inspect()
         url = self.storage.url
         if kind == "cache":
