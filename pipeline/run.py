@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.cache.storage import StorageError
+from pipeline.cache.storage import StorageError, check_writable, explain_os_error
 from pipeline.config import Config, register, validate
 
 log = logging.getLogger("pipeline.run")
@@ -48,5 +49,23 @@ def main(dcfg: DictConfig) -> None:
         raise SystemExit(1) from e
 
 
+def check_root(argv: list[str]) -> None:
+    """Hydra makes the run folder under ``paths.root`` before any of our code runs, and an
+    unwritable root would end in its traceback: check it first, in one line."""
+    root = next((a.split("=", 1)[1] for a in argv if a.startswith("paths.root=")), "data")
+    if "," in root or "://" in root or "$" in root:
+        return  # a sweep, a URL or an interpolation: validate() and Hydra say what is wrong
+    path = os.path.abspath(os.path.expanduser(root))
+    try:
+        os.makedirs(path, exist_ok=True)  # Hydra would make it next anyway
+        check_writable(path, "paths.root")
+    except OSError as e:
+        err = explain_os_error(e, path, "paths.root must be a writable folder: point it at one")
+        print(f"[pipeline.run][ERROR] - {err if err is not e else f'cannot create paths.root={path}: {e}'}",
+              file=sys.stderr)
+        raise SystemExit(1) from None
+
+
 if __name__ == "__main__":
+    check_root(sys.argv[1:])
     main()

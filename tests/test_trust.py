@@ -378,6 +378,8 @@ def test_a_read_only_cache_path_fails_before_the_teacher_is_fitted(tmp_path, mou
     line = error_line(run_cli(root, "stage=1", f"cache.path={ro}/cache", code=1))
     assert f"read-only file system writing {ro}; cache.path must be writable" in line
     assert not (root / "teachers").exists() and not (root / "datasets").exists()
+    line = error_line(run_cli(f"{ro}/root", "stage=1", code=1))  # before Hydra makes its run folder there
+    assert f"read-only file system writing {ro}" in line and "paths.root must be a writable folder" in line
 
 
 # --- the corruption matrix ------------------------------------------------------------------
