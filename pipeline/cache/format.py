@@ -61,8 +61,9 @@ ITEMSIZE = {"int64": 8, "int32": 4, "uint16": 2, "float16": 2, "float32": 4}
 
 # What every message about a damaged cache tells the user to do (stage 1 heals: it checks
 # each committed shard, re-captures the damaged ones and keeps the rest).
-REPAIR = ("run stage 1 again with the same config (`python -m pipeline.run stage=1 verify=true ...`): it "
-          "re-captures damaged or missing shards and keeps the healthy ones")
+REPAIR = ("run stage 1 again with the same config and verify=true (`python -m pipeline.run stage=1 verify=true "
+          "...`; for a derived cache, the stage-2 derive command that made it, with verify=true): it re-captures "
+          "damaged or missing shards and keeps the healthy ones")
 
 
 class CacheDamaged(ValueError):

@@ -365,7 +365,8 @@ class CacheWriter:
                 shard.status = "committed"
                 self.written.append(shard.index)
             except BaseException as e:  # surfaced to the producer on its next submit / at exit
-                self._error = explain_os_error(e, getattr(e, "filename", None) or self.storage.url, WRITE_FIX)
+                where = getattr(e, "filename", None) or f"{self.storage.url} (shard {shard.index}, rows {shard.start}:{shard.stop})"
+                self._error = explain_os_error(e, where, WRITE_FIX)
             finally:
                 self._release(lock)
 
