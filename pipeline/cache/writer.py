@@ -142,20 +142,21 @@ class CacheWriter:
             return "cache", man, ""
         return "cache", plan, why_m if plan is not None else f"{why_m}; {why_p}"
 
-    def _refuse_foreign(self) -> None:
-        kind, _, why = self._inspect()
+    def _refuse_foreign(self) -> tuple[str, Manifest | None, str]:
+        """:meth:`_inspect`, refusing a path that holds something other than a cache."""
+        kind, old, why = self._inspect()
         if kind == "foreign":
             raise ValueError(f"cache.path {self.storage.url!r} holds {why}: stage 1 writes only into an empty or new "
                              f"folder or a cache of this project ({MARKER}), and never deletes anything else. "
                              "Point cache.path at a new folder")
+        return kind, old, why
 
     def _open_or_create(self, fresh: Manifest, overwrite: bool) -> Manifest:
-        self._refuse_foreign()  # again, under the lock
-        if self.storage.exists():  # the index is written only under this lock: its temporaries are dead
+        if self.storage.isdir():  # the index is written only under this lock: its temporaries are dead
             for name in self.storage.top_level():
                 if Storage.temporary_of(name) in (MANIFEST, MARKER, OFFSETS):
                     self.storage.remove(name)
-        kind, old, why = self._inspect()
+        kind, old, why = self._refuse_foreign()  # again, under the lock
         url = self.storage.url
         if kind == "cache":
             if old is not None and same_plan(old, fresh):
