@@ -14,6 +14,8 @@ import json
 import logging
 import os
 
+from pipeline.cache.storage import write_file_atomic
+
 log = logging.getLogger(__name__)
 
 
@@ -36,13 +38,6 @@ def _locked(folder: str):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _write(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def update_leaderboard(folder: str, rows: list[dict]) -> list[dict]:
     """Add ``rows``, each replacing the row of the same student (same key: same settings);
     rewrite every view; return the board."""
@@ -52,8 +47,8 @@ def update_leaderboard(folder: str, rows: list[dict]) -> list[dict]:
         keys = {row_key(r) for r in rows}
         board = [r for r in board if row_key(r) not in keys] + rows
         board.sort(key=lambda r: -r["test_acc"])
-        _write(path, json.dumps(board, indent=2))
-        _write(os.path.join(folder, "leaderboard.md"), format_board(board))
+        write_file_atomic(path, json.dumps(board, indent=2).encode())
+        write_file_atomic(os.path.join(folder, "leaderboard.md"), format_board(board).encode())
         plot_board(board, os.path.join(folder, "leaderboard.png"))
     log.info("leaderboard: %s (%d rows)", path, len(board))
     return board

@@ -185,6 +185,22 @@ def write_commit(storage: Storage, shard: ShardRecord) -> None:
     storage.write_atomic(json.dumps(asdict(shard)).encode(), commit_path(shard.index))
 
 
+def parse_commit(data: bytes) -> ShardRecord:
+    """A commit record's bytes as a ShardRecord; ValueError/TypeError when damaged."""
+    return ShardRecord(**json.loads(data))
+
+
+def read_commit(storage: Storage, index: int) -> ShardRecord | None:
+    """Shard ``index``'s commit record as it is now; None when absent or unreadable."""
+    path = commit_path(index)
+    if not storage.exists(path):
+        return None
+    try:
+        return parse_commit(storage.read_bytes(path))
+    except (ValueError, TypeError):
+        return None
+
+
 def read_commits(storage: Storage, bad: list[int] | None = None) -> dict[int, ShardRecord]:
     """Shard commit records written so far (an unfinished capture's progress). An
     unreadable record is an error naming it, or with ``bad`` given, its shard index is
@@ -194,7 +210,7 @@ def read_commits(storage: Storage, bad: list[int] | None = None) -> dict[int, Sh
     out = {}
     for path in storage.fs.glob(storage.path(COMMITS, "shard-*.json")):
         try:
-            rec = ShardRecord(**json.loads(storage.fs.cat_file(path)))
+            rec = parse_commit(storage.fs.cat_file(path))
         except (ValueError, TypeError) as e:
             if bad is None:
                 raise ValueError(f"commit record {path} is damaged ({e}): {REPAIR}") from e

@@ -25,7 +25,6 @@ the manifest and marks it ``complete`` (idempotent if two do).
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import queue
 import threading
@@ -47,6 +46,7 @@ from pipeline.cache.format import (
     identify,
     merge_commits,
     offsets_digest,
+    read_commit,
     read_commits,
     read_manifest,
     write_commit,
@@ -237,9 +237,10 @@ class CacheWriter:
         commits = read_commits(st, unreadable)
         bad = set(merge_commits(m, commits, strict=False)) | set(unreadable)
         listing = st.listing()
+        owner = {k: s.index for s in m.shards for k in (*self.backend.shard_objects(m, s), commit_path(s.index))}
         for key in listing:  # what interrupted writes left, removed when the shard is claimed
             if (obj := Storage.temporary_of(key)) is not None:
-                self._leftovers.setdefault(self._shard_of(obj), []).append(key)
+                self._leftovers.setdefault(owner.get(obj, -1), []).append(key)
         mine = [s for s in m.shards if s.index % self.world_size == self.rank]
         problems = {i: "its commit record is unreadable or names other rows than the plan" for i in bad
                     if i % self.world_size == self.rank}
@@ -269,23 +270,11 @@ class CacheWriter:
         """Delete a damaged shard's record and objects, under its lock, unless another
         process re-captured it since it was judged (its record changed)."""
         with self.storage.lock(shard_lock_name(shard.index)):
-            path = commit_path(shard.index)
-            if self.storage.exists(path) and judged is not None:
-                try:
-                    now = ShardRecord(**json.loads(self.storage.read_bytes(path)))
-                except (ValueError, TypeError):
-                    now = None
-                if now is not None and (now.sha256, now.nbytes) != (judged.sha256, judged.nbytes):
-                    return  # someone healed it meanwhile: theirs is the healthy copy
-            self.storage.remove(path)
+            now = read_commit(self.storage, shard.index) if judged is not None else None
+            if now is not None and (now.sha256, now.nbytes) != (judged.sha256, judged.nbytes):
+                return  # someone healed it meanwhile: theirs is the healthy copy
+            self.storage.remove(commit_path(shard.index))
             self.backend.remove_shard(self.storage, self.manifest, shard)
-
-    def _shard_of(self, key: str) -> int:
-        """The shard index an object key belongs to (-1 when none)."""
-        if not hasattr(self, "_objects"):
-            self._objects = {k: s.index for s in self.manifest.shards
-                             for k in (*self.backend.shard_objects(self.manifest, s), commit_path(s.index))}
-        return self._objects.get(key, -1)
 
     # -- claiming and writing shards ----------------------------------------------------------
 
@@ -316,17 +305,12 @@ class CacheWriter:
         """With ``shard``'s lock held: False (lock released) if another process committed it
         meanwhile; else clear what an interrupted write left of it and keep the lock."""
         try:
-            path = commit_path(shard.index)
-            if self.storage.exists(path):
-                try:
-                    rec = ShardRecord(**json.loads(self.storage.read_bytes(path)))
-                except (ValueError, TypeError):
-                    rec = None  # a damaged record: captured again below
-                if rec is not None and (rec.start, rec.stop) == (shard.start, shard.stop):
-                    lock.release()
-                    shard.status, shard.sha256, shard.nbytes = "committed", rec.sha256, rec.nbytes
-                    return False
-                self.storage.remove(path)
+            rec = read_commit(self.storage, shard.index)  # a damaged record: captured again below
+            if rec is not None and (rec.start, rec.stop) == (shard.start, shard.stop):
+                lock.release()
+                shard.status, shard.sha256, shard.nbytes = "committed", rec.sha256, rec.nbytes
+                return False
+            self.storage.remove(commit_path(shard.index))
             self.backend.remove_shard(self.storage, self.manifest, shard)
             for key in self._leftovers.pop(shard.index, []):
                 self.storage.remove(key)
