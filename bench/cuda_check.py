@@ -26,10 +26,10 @@ from omegaconf import OmegaConf
 from pipeline.cache import open_cache
 from pipeline.capture import capture_logits, host_buffers, plan_manifest
 from pipeline.config import register, validate
-from pipeline.datasets import load_splits
 from pipeline.losses import distance_loss, sampled_kl_loss, topk_kl_loss
 from pipeline.representations import sample_counts
-from pipeline.teacher import obtain_teacher
+from pipeline.tasks.classify import obtain_teacher
+from pipeline.tasks.classify.data import load_splits
 
 
 def config(root: str, rows: int, device: str, precision: str):

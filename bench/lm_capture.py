@@ -18,12 +18,12 @@ import time
 import torch
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
+from pipeline.token_capture import capture_tokens, teacher_logits
 
-from pipeline.causal_lm import load_teacher
 from pipeline.config import register, validate
 from pipeline.device import choose_device
-from pipeline.text import load_tokens
-from pipeline.token_capture import capture_tokens, teacher_logits
+from pipeline.tasks.lm.models import load_teacher
+from pipeline.tasks.lm.text import load_tokens
 
 
 @torch.inference_mode()

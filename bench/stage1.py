@@ -22,9 +22,9 @@ from omegaconf import OmegaConf
 
 from pipeline.capture import capture_logits
 from pipeline.config import register, resolve_root, validate
-from pipeline.datasets import load_splits
 from pipeline.device import autocast, choose_device
-from pipeline.teacher import obtain_teacher
+from pipeline.tasks.classify import obtain_teacher
+from pipeline.tasks.classify.data import load_splits
 
 
 @torch.inference_mode()

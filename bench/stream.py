@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import shutil
 import subprocess
@@ -57,7 +58,7 @@ def stream_epochs(path: str, epochs: int) -> list[float]:
 def direct_epoch(path: str) -> tuple[int, float]:
     import zarr
 
-    g = zarr.open_group(path, mode="r")
+    g = zarr.open_group(os.path.join(path, "zarr"), mode="r")
     ids, logits = g["ids"], g["logits"]
     chunk = logits.chunks[0]
     t0, n = time.perf_counter(), 0

@@ -1,64 +1,72 @@
-"""Stage 1's core: run the teacher over every split once and write its outputs.
+"""Stage 1's engine, for every task: run the teacher over the rows of each shard once and
+write what it outputs.
 
-The loop unit is the shard: shards already committed (an earlier, interrupted run) are
-skipped; each remaining shard is computed in batches under ``torch.inference_mode``, its
-representations (full / top-k / sampled) are computed on the device, copied into host
-buffers (pinned and non-blocking on CUDA) and handed to the background writer, which
-encodes and writes the shard while the next one is computed.
+A task hands the engine a :class:`RowSource`: for a shard, the teacher's logits over its
+rows in pieces (a classifier: a batch of samples; a language model: the real tokens of
+the sequences a batch covers), and the ``ids`` of those rows. Everything else is here,
+once: the shard plan (chunks clamped to 8 MiB), the projected size and its guard, the
+representations (full / top-k / sampled) computed on the device, the health checks
+(finiteness, float16 range; one device sync per shard), host buffers (pinned, non-blocking
+copies on CUDA), the background writer, resume and ranks.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
+from typing import Protocol
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from pipeline.cache import CacheWriter, Manifest, ShardRecord, make_fingerprint, plan_shards
-from pipeline.cache.fingerprint import (
-    capture_settings,
-    hash_json,
-    hash_state_dict,
-    teacher_identity,
-)
-from pipeline.cache.format import FORMAT_VERSION, IDS, array_specs, row_bytes
+from pipeline.cache import CacheWriter, Manifest, ShardRecord, plan_shards
+from pipeline.cache.format import IDS, array_specs, offsets_digest, row_bytes
 from pipeline.cache.storage import Storage
-from pipeline.config import Config, resolve_workers
-from pipeline.datasets import Splits
-from pipeline.device import autocast, choose_device
 from pipeline.representations import host_arrays, represent, torch_buffer_dtype
 
 log = logging.getLogger(__name__)
 
-_MAX_CHUNK_BYTES = 8 << 20
+MAX_CHUNK_BYTES = 8 << 20  # a chunk of the widest representation stays under this
 
 
-def plan_manifest(cfg: Config, splits: Splits, teacher: torch.nn.Module) -> Manifest:
-    c = cfg.cache
-    rows = sum(len(s.y) for s in splits.splits.values())
-    m = Manifest(backend=c.format.value, modes=sorted(x.value for x in c.modes), dtype=c.dtype.value,
-                 num_classes=splits.num_classes, rows=rows, chunk_rows=c.chunk_rows, shard_rows=0,
-                 splits={k: list(v) for k, v in splits.ranges().items()}, fingerprint={},
-                 k=c.k if "topk" in [x.value for x in c.modes] else 0,
-                 samples=c.samples if "sampled" in [x.value for x in c.modes] else 0,
-                 temperatures=list(c.temperatures), sample_temperature=c.sample_temperature,
-                 compression=c.zstd.value)
+class RowSource(Protocol):
+    """What a task gives the engine: the teacher's outputs over a shard's rows."""
+
+    unit: str  # what a row is, for the progress bar: "row", "tok"
+
+    def logits(self, shard: ShardRecord) -> Iterator[tuple[int, torch.Tensor]]:
+        """``(first row, relative to the shard; (n, C) float32 logits on the device)`` pieces
+        that together cover the shard's rows in order."""
+
+    def ids(self, shard: ShardRecord) -> np.ndarray:
+        """(shard.rows,) int64: the sample (or sequence) each row belongs to."""
+
+
+def plan_manifest(cache, *, rows: int, num_classes: int, splits: dict[str, tuple[int, int]], fingerprint: dict,
+                  offsets: np.ndarray | None = None, vocab: dict | None = None) -> Manifest:
+    """The manifest of a new cache from the cache section (``cache.*``): representations,
+    dtype, layout. ``cache.chunk_rows`` is lowered so a chunk of the widest representation
+    stays under 8 MiB (a `full` row of a 49,152-token vocabulary is 96 KiB)."""
+    modes = sorted(getattr(x, "value", x) for x in cache.modes)
+    if "topk" in modes and cache.k > num_classes:
+        raise ValueError(f"cache.k={cache.k} is more than the teacher's {num_classes} outputs: lower cache.k")
+    m = Manifest(backend=getattr(cache.format, "value", cache.format), modes=modes,
+                 dtype=getattr(cache.dtype, "value", cache.dtype), num_classes=num_classes, rows=rows,
+                 chunk_rows=cache.chunk_rows, shard_rows=0, splits={k: list(v) for k, v in splits.items()},
+                 fingerprint=fingerprint, k=cache.k if "topk" in modes else 0,
+                 samples=cache.samples if "sampled" in modes else 0, temperatures=list(cache.temperatures),
+                 sample_temperature=cache.sample_temperature, compression=getattr(cache.zstd, "value", cache.zstd))
+    if offsets is not None:
+        m.sequences, m.offsets_sha256, m.vocab = len(offsets) - 1, offsets_digest(offsets), dict(vocab or {})
     widest = max(row_bytes(m, (mode,)) for mode in m.modes)
-    m.chunk_rows = min(c.chunk_rows, max(1, _MAX_CHUNK_BYTES // max(widest, 1)))
-    if m.chunk_rows < c.chunk_rows:
-        log.info("cache.chunk_rows %d -> %d to keep a chunk under %d MiB", c.chunk_rows, m.chunk_rows,
-                 _MAX_CHUNK_BYTES >> 20)
-    m.shard_rows = m.chunk_rows * c.shard_chunks
+    m.chunk_rows = min(cache.chunk_rows, max(1, MAX_CHUNK_BYTES // max(widest, 1)))
+    if m.chunk_rows < cache.chunk_rows:
+        log.info("cache.chunk_rows %d -> %d to keep a chunk under %d MiB", cache.chunk_rows, m.chunk_rows,
+                 MAX_CHUNK_BYTES >> 20)
+    m.shard_rows = m.chunk_rows * cache.shard_chunks
     m.shards = plan_shards(rows, m.shard_rows)
-    m.fingerprint = make_fingerprint({
-        "format_version": FORMAT_VERSION,
-        "dataset": splits.content_hash(),
-        "teacher_config": hash_json(teacher_identity(cfg)),
-        "teacher_weights": hash_state_dict(teacher),
-        "capture": capture_settings(cfg, splits.num_classes),
-    })
     return m
 
 
@@ -70,30 +78,30 @@ def check_size(m: Manifest, max_full_gb: float) -> None:
     if sizes.get("full", 0.0) > max_full_gb:
         raise ValueError(f"a `full` cache of {m.rows} rows x {m.num_classes} classes in {m.dtype} would take "
                          f"{sizes['full']:.1f} GB, above cache.max_full_gb={max_full_gb}: capture "
-                         f"cache.modes=[topk] (K={m.k}: {m.rows * row_bytes(m, ('topk',)) / 1e9:.2f} GB) or "
-                         f"[sampled], or raise cache.max_full_gb")
+                         f"cache.modes=[topk] (K={m.k or 64}) or [sampled], or raise cache.max_full_gb")
 
 
-def _check_shape(logits: torch.Tensor, cfg: Config) -> None:
-    if logits.ndim != 2 or logits.shape[1] != cfg.data.num_classes:
-        raise ValueError(f"teacher output has shape {tuple(logits.shape)}; expected (batch, {cfg.data.num_classes}) "
-                         "= data.num_classes: set data.num_classes to the teacher's output width")
-
-
-def check_values(finite: torch.Tensor, peak: float, first_row: int, cfg: Config) -> None:
+def check_values(finite: torch.Tensor, peak: float, first_row: int, dtype: str) -> None:
     """Refuse non-finite rows (``finite``: one flag per row) and float16 overflow."""
     if not finite.all():
         rows = (torch.nonzero(~finite).flatten()[:10] + first_row).tolist()
         raise ValueError(f"teacher produced non-finite logits at rows {rows}; refusing to cache them")
-    if cfg.cache.dtype.value == "float16" and peak > 65504:
+    if dtype == "float16" and peak > 65504:
         raise ValueError(f"teacher logits reach {peak:.4g}, beyond float16's range; "
                          "use cache.dtype=bfloat16 or float32")
 
 
-def _check_logits(logits: torch.Tensor, first_row: int, cfg: Config) -> None:
-    """Shape, finiteness and range of one batch (capture checks values once per shard)."""
-    _check_shape(logits, cfg)
-    check_values(torch.isfinite(logits).all(dim=1), logits.abs().max().item(), first_row, cfg)
+def row_health(logits: torch.Tensor, reps: dict[str, torch.Tensor], m: Manifest) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, whether it may be cached, and the largest magnitude it stores. With `full`
+    every logit is stored, so every logit is checked. Otherwise the stored float32 outputs
+    are (a NaN or +inf logit makes a row's logsumexp or entropy non-finite; a 49,152-wide
+    row is not swept again for this), and a float16 overflow shows as inf in the stored values."""
+    if "full" in m.modes:
+        return torch.isfinite(logits).all(dim=1), logits.abs().amax()
+    f32 = [v.reshape(len(v), -1) for v in reps.values() if v.dtype == torch.float32]
+    ok = torch.stack([torch.isfinite(v).all(dim=1) for v in f32]).all(dim=0)
+    f16 = [v.float().abs().amax() for v in reps.values() if v.dtype == torch.float16 and v.numel()]
+    return ok, (torch.stack(f16).amax() if f16 else torch.zeros((), device=ok.device)).nan_to_num(float("inf"))
 
 
 def host_buffers(m: Manifest, rows: int, device: torch.device) -> dict[str, torch.Tensor]:
@@ -103,51 +111,50 @@ def host_buffers(m: Manifest, rows: int, device: torch.device) -> dict[str, torc
             for name, (shape, dt) in array_specs(m).items() if name != IDS}
 
 
-def capture_shard(teacher, x: np.ndarray, shard: ShardRecord, m: Manifest, cfg: Config,
-                  device: torch.device) -> dict[str, np.ndarray]:
-    """Every array of one shard: teacher forward in batches, representations on the device."""
+def capture_shard(source: RowSource, shard: ShardRecord, m: Manifest, device: torch.device,
+                  bar=None) -> dict[str, np.ndarray]:
+    """Every array of one shard, its representations computed on the device."""
     buffers = host_buffers(m, shard.rows, device)
     gen = torch.Generator(device=device).manual_seed(shard.index)  # resumable sampling: seeded per shard
     finite = torch.empty(shard.rows, dtype=torch.bool, device=device)
     peak = torch.zeros((), device=device)
-    for i in range(0, shard.rows, cfg.teacher.batch_size):
-        xb = torch.from_numpy(x[i:i + cfg.teacher.batch_size]).to(device, non_blocking=True)
-        with autocast(device, cfg.teacher.precision.value):
-            logits = teacher(xb).float()  # (B, C)
-        _check_shape(logits, cfg)
-        finite[i:i + len(xb)] = torch.isfinite(logits).all(dim=1)  # checked once per shard: no
-        peak = torch.maximum(peak, logits.abs().amax())  # device sync per batch
-        for name, values in represent(logits, m, gen).items():  # non-finite rows are refused below
-            buffers[name][i:i + len(xb)].copy_(values, non_blocking=True)
-    check_values(finite.cpu(), peak.item(), shard.start, cfg)  # before anything is handed to the writer
+    for d0, logits in source.logits(shard):
+        if logits.ndim != 2 or logits.shape[1] != m.num_classes:
+            raise ValueError(f"teacher output has shape {tuple(logits.shape)}; expected (rows, {m.num_classes}): "
+                             "the cache's width (data.num_classes for a classifier) must be the teacher's")
+        d1 = d0 + len(logits)
+        reps = represent(logits, m, gen)  # non-finite rows are refused below, before the writer sees them
+        ok, top = row_health(logits, reps, m)
+        finite[d0:d1] = ok  # checked once per shard: no device sync per batch
+        peak = torch.maximum(peak, top)
+        for name, values in reps.items():
+            buffers[name][d0:d1].copy_(values, non_blocking=True)
+        if bar is not None:
+            bar.update(d1 - d0)
+    check_values(finite.cpu(), peak.item(), shard.start, m.dtype)
     if device.type == "cuda":
         torch.cuda.current_stream(device).synchronize()  # the non-blocking copies have landed
     arrays = host_arrays(buffers, m)
-    arrays[IDS] = np.arange(shard.start, shard.stop, dtype=np.int64)
+    arrays[IDS] = np.asarray(source.ids(shard), dtype=np.int64)
     return arrays
 
 
 @torch.inference_mode()
-def capture_logits(teacher: torch.nn.Module, splits: Splits, cfg: Config, cache_url: str) -> Manifest:
-    """Write the teacher's outputs over every split to ``cache_url``; resume if started."""
-    device = choose_device(cfg.teacher.device)
-    teacher = teacher.to(device).eval()
-    m = plan_manifest(cfg, splits, teacher)
-    check_size(m, cfg.cache.max_full_gb)
-    x_all, _ = splits.concat()
+def capture(source: RowSource, m: Manifest, storage: Storage, *, device: torch.device, max_full_gb: float,
+            zstd_level: int = 3, rank: int = 0, world_size: int = 1, offsets: np.ndarray | None = None,
+            overwrite: bool = False, verify: bool = False) -> Manifest:
+    """Write the teacher's outputs over every row of ``m`` to ``storage``; resume if started."""
+    check_size(m, max_full_gb)
     t0 = time.perf_counter()
-    storage = Storage(cache_url, cfg.cache.storage_options)
-    rank, world = resolve_workers(cfg)
-    with CacheWriter(storage=storage, manifest=m, zstd_level=cfg.cache.zstd_level, rank=rank,
-                     world_size=world, overwrite=cfg.cache.overwrite, verify=cfg.verify) as writer:
+    with CacheWriter(storage=storage, manifest=m, zstd_level=zstd_level, rank=rank, world_size=world_size,
+                     offsets=offsets, overwrite=overwrite, verify=verify) as writer:
         todo = writer.pending()
-        log.info("capture: rank %d of %d writes %d shard(s) to %s", rank, world, len(todo), cache_url)
-        desc = "stage 1: teacher" if world == 1 else f"stage 1: teacher (rank {rank}/{world})"
-        with tqdm(total=sum(s.rows for s in todo), desc=desc, unit="row", unit_scale=True) as bar:
+        log.info("capture: rank %d of %d writes %d shard(s) to %s", rank, world_size, len(todo), storage.url)
+        desc = "stage 1: teacher" if world_size == 1 else f"stage 1: teacher (rank {rank}/{world_size})"
+        with tqdm(total=sum(s.rows for s in todo), desc=desc, unit=source.unit, unit_scale=True) as bar:
             for shard in writer.claim():
-                writer.submit(shard, capture_shard(teacher, x_all[shard.start:shard.stop], shard, m, cfg, device))
-                bar.update(shard.rows)
+                writer.submit(shard, capture_shard(source, shard, writer.manifest, device, bar))
     state = "complete" if writer.manifest.complete else "waiting for other workers' shards"
     log.info("rank %d wrote %d shard(s) in %.1fs; cache %s (%d rows, modes %s, %s) is %s", rank, len(writer.written),
-             time.perf_counter() - t0, cache_url, m.rows, m.modes, m.dtype, state)
+             time.perf_counter() - t0, storage.url, m.rows, m.modes, m.dtype, state)
     return writer.manifest

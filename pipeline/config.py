@@ -98,7 +98,7 @@ class DataConfig:
     path: str | None = None
     input_column: str = "x"
     label_column: str = "y"
-    num_classes: int = 10  # task=lm: the teacher's logit width (its vocabulary)
+    num_classes: int = 10  # task=classify: classes (labels are 0..num_classes-1); task=lm reads the teacher's width
     seq_len: int = 128  # task=lm: tokens per sequence (train_size / test_size count sequences)
 
 
@@ -189,8 +189,8 @@ class CacheConfig:
 class TrainConfig:
     """Student training, shared by every student of a run."""
 
-    epochs: int = 20
-    steps: int = 0  # task=lm: optimizer steps per student (equal for every cache compared)
+    epochs: int = 20  # passes over the training rows, unless steps is set
+    steps: int = 0  # optimizer steps per student (0: epochs x batches per epoch)
     batch_size: int = 256
     lr: float = 4e-3
     weight_decay: float = 1e-4
@@ -200,6 +200,7 @@ class TrainConfig:
     # checkpoint every epoch under <paths.root>/students/ and resume an interrupted run of the
     # same student, loss and settings from there (a finished one is not trained again)
     resume: bool = True
+    checkpoint_every: int = 0  # also checkpoint every this many steps (0: at epoch ends only)
 
 
 @dataclass
@@ -254,8 +255,6 @@ class Config:
     lm: LMConfig = field(default_factory=LMConfig)
 
 
-TEACHER_ARCHS = ("cnn",)
-LM_TEACHERS = ("smollm2", "hf_causal_lm")
 STAGES = ("all", "1", "2", "3")
 
 
@@ -275,38 +274,28 @@ def _positive(problems: list[str], where: str, value: float) -> None:
 
 
 def validate(cfg: Config) -> Config:
-    """Check ranges and cross-field rules; raise one ValueError listing every problem."""
+    """Check ranges and cross-field rules, shared ones here and the task's in its plug-in;
+    raise one ValueError listing every problem."""
+    from pipeline.tasks import registry
+
     p: list[str] = []
     if "://" in cfg.paths.root:
         p.append(f"paths.root={cfg.paths.root!r}: must be a local folder (run folders, datasets and checkpoints "
                  "live there); put the cache on object storage with cache.path=s3://bucket/prefix")
     if cfg.stage not in STAGES:
         p.append(f"stage={cfg.stage!r}: expected one of {list(STAGES)}")
-    for name in ("train_size", "test_size"):
-        _positive(p, f"data.{name}", getattr(cfg.data, name))
     if cfg.data.transfer_size < 0:
         p.append(f"data.transfer_size={cfg.data.transfer_size}: must be >= 0")
     if cfg.data.source is DataSource.disk and not cfg.data.path:
         p.append("data.path is required with data.source=disk (a save_to_disk folder or parquet/arrow files)")
-    _positive(p, "data.num_classes", cfg.data.num_classes)
-    if cfg.task is Task.lm:
-        _validate_lm(cfg, p)
-    elif cfg.teacher._target_ is None and cfg.teacher.name not in TEACHER_ARCHS:
-        p.append(f"teacher.name={cfg.teacher.name!r}: the built-in teachers are {list(TEACHER_ARCHS)}; "
-                 "for your own module set teacher._target_=<import.path.Class> and teacher.checkpoint")
-    if cfg.teacher._target_ is not None and not cfg.teacher.checkpoint:
-        p.append("teacher._target_ is set but teacher.checkpoint is not: a user teacher needs its weights")
-    for name in ("batch_size", "channels"):
-        _positive(p, f"teacher.{name}", getattr(cfg.teacher, name))
-    for name in ("epochs", "batch_size", "lr"):
-        _positive(p, f"teacher.fit.{name}", getattr(cfg.teacher.fit, name))
+    registry()[cfg.task.value].validate(cfg, p)
     if not cfg.student:
         p.append("no student selected: pick one or more, e.g. student=mlp or student=[linear,mlp]")
     for key, s in cfg.student.items():
         if any(h <= 0 for h in s.hidden):
             p.append(f"student.{key}.hidden={s.hidden}: widths must be > 0")
     _positive(p, "loss.temperature", cfg.loss.temperature)
-    for name in ("alpha", "lam"):
+    for name in ("alpha", "lam", "k"):
         if getattr(cfg.loss, name) < 0:
             p.append(f"loss.{name}={getattr(cfg.loss, name)}: must be >= 0")
     if not 0 <= cfg.loss.beta <= 1:
@@ -317,8 +306,6 @@ def validate(cfg: Config) -> Config:
         _positive(p, f"cache.{name}", getattr(cfg.cache, name))
     if not cfg.cache.modes or len(set(cfg.cache.modes)) != len(cfg.cache.modes):
         p.append(f"cache.modes={[m.value for m in cfg.cache.modes]}: list each of full, topk, sampled at most once")
-    if CacheMode.topk in cfg.cache.modes and cfg.cache.k > cfg.data.num_classes:
-        p.append(f"cache.k={cfg.cache.k} is larger than data.num_classes={cfg.data.num_classes}")
     if any(t <= 0 for t in cfg.cache.temperatures) or not cfg.cache.temperatures:
         p.append(f"cache.temperatures={cfg.cache.temperatures}: need at least one, all > 0")
     if cfg.cache.samples > 65535:
@@ -328,36 +315,16 @@ def validate(cfg: Config) -> Config:
     if cfg.derive.mode not in (None, "topk", "full"):
         p.append(f"derive.mode={cfg.derive.mode!r}: expected topk or full (full: the logits in derive.dtype)")
     _positive(p, "derive.k", cfg.derive.k)
-    for name in ("epochs", "batch_size", "lr", "shuffle_window"):
+    for name in ("batch_size", "lr", "shuffle_window"):
         _positive(p, f"train.{name}", getattr(cfg.train, name))
+    for name in ("steps", "checkpoint_every"):
+        if getattr(cfg.train, name) < 0:
+            p.append(f"train.{name}={getattr(cfg.train, name)}: must be >= 0")
+    if cfg.train.steps == 0 and cfg.train.epochs <= 0:
+        p.append(f"train.epochs={cfg.train.epochs} with train.steps=0: set one of them > 0")
     if p:
         raise ValueError("invalid config (" + str(len(p)) + " problem(s)):\n  - " + "\n  - ".join(p))
     return cfg
-
-
-def _validate_lm(cfg: Config, p: list[str]) -> None:
-    if cfg.teacher.name not in LM_TEACHERS:
-        p.append(f"teacher.name={cfg.teacher.name!r}: task=lm teachers are {list(LM_TEACHERS)}")
-    if cfg.teacher.name == "hf_causal_lm" and not cfg.teacher.path:
-        p.append("teacher=hf_causal_lm needs teacher.path: a folder with a Hugging Face causal LM "
-                 "(config.json + weights, or a .gguf named by teacher.gguf_file)")
-    if cfg.data.source is not DataSource.shakespeare:
-        p.append(f"data.source={cfg.data.source.value}: task=lm reads data=shakespeare")
-    bad = [k for k, s in cfg.student.items() if s.arch is not StudentArch.causal_lm]
-    if bad:
-        p.append(f"students {bad} are not causal LMs: task=lm trains student=causal_lm")
-    if cfg.loss.distance.value not in ("topk_kl", "sampled_kl"):
-        p.append(f"loss.distance={cfg.loss.distance.value}: task=lm trains with topk_kl or sampled_kl")
-    if not 0 <= cfg.loss.k <= cfg.cache.k:
-        p.append(f"loss.k={cfg.loss.k}: must be in 0..cache.k={cfg.cache.k} (0 uses all cached logits)")
-    _positive(p, "data.seq_len", cfg.data.seq_len)
-    _positive(p, "train.steps", cfg.train.steps)
-    for v in cfg.lm.variants:
-        name, _, k = v.partition(":")
-        if name not in ("labels", "topk_kl", "sampled_kl") or (k and (not k.isdigit() or name != "topk_kl")):
-            p.append(f"lm.variants: {v!r} is not one of labels, topk_kl, topk_kl:<K>, sampled_kl")
-        elif k and not 0 < int(k) <= cfg.cache.k:
-            p.append(f"lm.variants: {v!r} asks for more than the cache's K={cfg.cache.k}")
 
 
 def resolve_workers(cfg: Config) -> tuple[int, int]:

@@ -126,13 +126,13 @@ def derive_report(parent: CacheReader, target: str, temperature: float, storage_
             "fidelity_temperature": temperature}
 
 
-def derive_for_run(cfg, reader: CacheReader, scheduler=None) -> dict:
-    """Stage 2's ``derive.*`` settings applied to ``reader``; returns the report."""
-    d = cfg.derive
+def derive_for_run(d, cache, temperature: float, reader: CacheReader, scheduler=None, verify: bool = False) -> dict:
+    """Stage 2's ``derive.*`` settings (``d``) applied to ``reader``, written with the
+    ``cache.*`` section's storage options; returns the report."""
     target = d.path or f"{reader.path.rstrip('/')}-{d.mode}{d.k if d.mode == 'topk' else ''}-{d.dtype.value}"
-    temps = sorted({*cfg.cache.temperatures, cfg.loss.temperature})
+    temps = sorted({*cache.temperatures, temperature})
     child = child_manifest(reader.manifest, d.mode, d.k, d.dtype.value, temps, reader.path)
     log.info("deriving %s (K=%d, %s) from %s into %s", d.mode, d.k, d.dtype.value, reader.path, target)
-    derive_cache(reader, child, target, storage_options=cfg.cache.storage_options, scheduler=scheduler,
-                 overwrite=cfg.cache.overwrite, verify=cfg.verify)
-    return derive_report(reader, target, cfg.loss.temperature, cfg.cache.storage_options)
+    derive_cache(reader, child, target, storage_options=cache.storage_options, scheduler=scheduler,
+                 overwrite=cache.overwrite, verify=verify)
+    return derive_report(reader, target, temperature, cache.storage_options)

@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import kernels
-from pipeline.config import LossConfig
 
 _EPS = 1e-8
 
@@ -147,33 +146,69 @@ def sampled_kl_loss(student: torch.Tensor, idx, counts, entropy, *, temperature:
                      mask=mask, weights=weights, reduction=reduction, coef=coef)
 
 
-def kl_divergence(student: torch.Tensor, teacher, temperature: float) -> torch.Tensor:
-    """Per-row ``T^2 * KL(softmax(teacher/T) || softmax(student/T))``, shape (B,)."""
-    return distance_loss("kl", student, teacher, temperature=temperature, reduction="none")
+# --- the objective: which cache arrays a distance reads, and the loss over them -------------
 
 
-def kl_torch(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
-    return torch_distance("kl", student, teacher, temperature)
+SPARSE_MODE = {"topk_kl": "topk", "sampled_kl": "sampled"}  # the dense distances read `full`
+ARRAYS = {"full": ("logits",), "topk": ("topk_idx", "topk_val", "lse"),
+          "sampled": ("sampled_idx", "sampled_cnt", "sampled_ent")}
 
 
-def teacher_term(student: torch.Tensor, teacher: dict, cfg: LossConfig) -> torch.Tensor:
-    """``lam * mean D(teacher, student)`` for the configured distance, from a batch of cache
-    arrays (lam is folded into the kernel: its gradient needs no rescaling pass)."""
+def teacher_arrays(m, loss) -> tuple[tuple[str, ...], int]:
+    """The cache arrays ``loss`` (a ``loss.*`` section) trains from, and which column of
+    ``lse`` holds its temperature; nothing when ``loss.lam`` is 0 (labels alone). A cache
+    (its manifest ``m``) that lacks them is refused, saying what to capture."""
+    if loss.lam == 0:
+        return (), 0
+    name, T = loss.distance.value, loss.temperature
+    need = SPARSE_MODE.get(name, "full")
+    if need not in m.modes:
+        raise ValueError(f"loss.distance={name} trains from the '{need}' representation; the cache holds {m.modes}: "
+                         f"capture it with cache.modes=[{need}] (or pick a distance for {m.modes})")
+    if need == "topk":
+        if T not in m.temperatures:
+            raise ValueError(f"loss.temperature={T}: the cache holds the top-k tail mass only at temperatures "
+                             f"{m.temperatures}; use one of them, or re-capture with cache.temperatures")
+        if not 0 <= loss.k <= m.k:
+            raise ValueError(f"loss.k={loss.k}: the cache holds the top {m.k} logits per row (0 uses all)")
+        return ARRAYS[need], m.temperatures.index(T)
+    if need == "sampled" and T != m.sample_temperature:
+        raise ValueError(f"loss.temperature={T} but the cache's samples were drawn at T={m.sample_temperature}: "
+                         f"set loss.temperature={m.sample_temperature}")
+    return ARRAYS[need], 0
+
+
+def select_teacher(arrays: dict, lse_column: int, k: int = 0) -> dict:
+    """A batch's cache arrays as the loss reads them: the ``lse`` column of the loss's
+    temperature, and only the first ``k`` of the top-K (sorted, largest first: what a K=k
+    cache holds; 0: all)."""
+    t = dict(arrays)
+    if "lse" in t:
+        t["lse"] = np.ascontiguousarray(t["lse"][:, lse_column])
+    if k and "topk_idx" in t and k < t["topk_idx"].shape[1]:
+        t["topk_idx"], t["topk_val"] = (np.ascontiguousarray(t[n][:, :k]) for n in ("topk_idx", "topk_val"))
+    return t
+
+
+def teacher_term(student: torch.Tensor, teacher: dict, cfg, mask=None) -> torch.Tensor:
+    """``lam * mean D(teacher, student)`` over the rows ``mask`` keeps (all by default), for
+    the configured distance, from a batch of cache arrays as :func:`select_teacher` gives
+    them (lam is folded into the kernel: its gradient needs no rescaling pass)."""
     name, T, lam = cfg.distance.value, cfg.temperature, cfg.lam
     if name == "topk_kl":
         return topk_kl_loss(student, teacher["topk_idx"], teacher["topk_val"], teacher["lse"], temperature=T,
-                            coef=lam)
+                            mask=mask, coef=lam)
     if name == "sampled_kl":
         return sampled_kl_loss(student, teacher["sampled_idx"], teacher["sampled_cnt"], teacher["sampled_ent"],
-                               temperature=T, coef=lam)
+                               temperature=T, mask=mask, coef=lam)
     logits = teacher["logits"]
     if tuple(logits.shape) != tuple(student.shape):
         raise ValueError(f"teacher logits {tuple(logits.shape)} and student logits {tuple(student.shape)} differ: "
                          "the student's class count must equal the cache's")
-    return distance_loss(name, student, logits, temperature=T, beta=cfg.beta, coef=lam)
+    return distance_loss(name, student, logits, temperature=T, beta=cfg.beta, mask=mask, coef=lam)
 
 
-def distill_loss(student: torch.Tensor, labels: torch.Tensor, teacher, cfg: LossConfig) -> torch.Tensor:
+def distill_loss(student: torch.Tensor, labels: torch.Tensor, teacher, cfg) -> torch.Tensor:
     """``alpha * CE`` over the labeled rows (labels >= 0) plus ``lam * mean(D)`` over all rows.
 
     Args:

@@ -127,14 +127,3 @@ def topk_distribution(topk_val: torch.Tensor, lse: torch.Tensor, temperature: fl
     mass, (B,), from top-k logits and the exact logsumexp of the whole row at T."""
     probs = torch.exp(topk_val.float() / temperature - lse.unsqueeze(-1))
     return probs, (1.0 - probs.sum(-1)).clamp_min(0.0)
-
-
-def sampled_kl_estimate(student: torch.Tensor, idx: torch.Tensor, counts: torch.Tensor, teacher_entropy: torch.Tensor,
-                        temperature: float) -> torch.Tensor:
-    """Per-row unbiased estimate of KL(p_T || q_T) from a sampled cache row:
-    ``sum_j (c_j / S) * (-log q_j) - H(p_T)``, with q = softmax(student / T) over all classes."""
-    log_q = torch.log_softmax(student / temperature, dim=-1)  # (B, C)
-    w = counts.to(log_q.dtype)
-    w = w / w.sum(-1, keepdim=True)  # c_j / S
-    picked = log_q.gather(1, idx.clamp_min(0).long())  # padding has weight 0
-    return -(w * picked).sum(-1) - teacher_entropy.to(log_q.dtype)

@@ -18,6 +18,30 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline.cache.storage import StorageError, check_writable, explain_os_error
 from pipeline.config import Config, register, validate
 
+# Set before torch or Numba load (neither is imported above the stages): the entry point
+# owns the process's environment, the library never changes it.
+ENVIRONMENT = {
+    # torch and Numba keep separate OpenMP pools. With busy-waiting (the default) both collapse,
+    # ~25x slower, when the VM gives the process one core instead of two; passive waiting was
+    # stable in both states.
+    "OMP_WAIT_POLICY": "passive",
+    # models and tokenizers come from folders on disk: never ask a hub for anything
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+}
+
+
+def set_environment_defaults() -> None:
+    """Fill in the process environment this project runs under (a value already set wins)."""
+    for key, value in ENVIRONMENT.items():
+        os.environ.setdefault(key, value)
+    late = [m for m in ("torch", "numba") if m in sys.modules]
+    if late:
+        logging.getLogger("pipeline.run").warning("environment defaults set after %s was imported: its "
+                                                  "OpenMP settings may not apply", late)
+
+
+
 log = logging.getLogger("pipeline.run")
 register()
 
@@ -67,5 +91,6 @@ def check_root(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    set_environment_defaults()
     check_root(sys.argv[1:])
     main()

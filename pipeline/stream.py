@@ -1,4 +1,15 @@
-"""Streaming a cache in bounded memory, in a seeded order of the reader's choosing.
+"""Streaming a cache in bounded memory, in a seeded order: one read path for every task.
+
+:class:`CacheRows` is that path: rows of the cache's arrays decoded straight into the
+caller's buffers through the backends (Zarr chunks in this project's own layout by
+:mod:`pipeline.cache.chunk_reader`), every float row checked for NaN and infinity and a
+bad one named. Two streams are built on it:
+
+- :class:`CacheStream` (rows are samples): shuffled windows of blocks, below;
+- :class:`SequenceStream` (rows are tokens, ``offsets`` map sequences to rows): whole
+  sequences in a seeded order, laid out on the padded (B, L) grid a causal student reads.
+
+:class:`CacheStream`:
 
 An epoch's order: the cache's blocks (its Zarr chunks / Arrow record batches, which are
 also the chunks of the reader's Dask arrays) restricted to the selected splits are
@@ -25,6 +36,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from pipeline.cache import CacheReader
 from pipeline.cache.backends import backend
@@ -110,13 +122,28 @@ def _bad_rows(a: np.ndarray, bf16: bool) -> np.ndarray | None:
     return np.nonzero(bad)[0] if bad.any() else None
 
 
-def _check_finite(arrays: dict[str, np.ndarray], path: str, bf16: set[str] = frozenset()) -> None:
+def check_finite(arrays: dict[str, np.ndarray], path: str, bf16: set[str] = frozenset(), rows=None,
+                 what: str = "ids") -> None:
+    """Refuse NaN or infinity in any float array, naming the ``ids`` of the bad rows (and
+    their cache rows, when ``rows`` gives each buffer row's cache row)."""
     for name, a in arrays.items():
         bad = _bad_rows(a, name in bf16)
         if bad is not None:
-            raise ValueError(f"cache {path!r}: non-finite {name} at ids {arrays[IDS][bad[:10]].tolist()}"
-                             f"{' ...' if len(bad) > 10 else ''} ({len(bad)} rows); never-written rows read as NaN: "
-                             "re-run stage 1 to finish or rebuild the cache")
+            where = f" (cache rows {np.asarray(rows)[bad[:10]].tolist()})" if rows is not None else ""
+            raise ValueError(f"cache {path!r}: non-finite {name} at {what} {arrays[IDS][bad[:10]].tolist()}"
+                             f"{' ...' if len(bad) > 10 else ''}{where} ({len(bad)} rows); never-written rows read "
+                             f"as NaN: {REPAIR}")
+
+
+def split_at_chunks(name: str, start: int, stop: int, out: np.ndarray, chunk_rows: int) -> list[tuple]:
+    """Read requests for rows ``[start, stop)`` of one array into ``out``, cut where the
+    cache's chunks (Zarr chunks, Arrow record batches) end: each request lies in one chunk."""
+    requests, a = [], start
+    while a < stop:
+        b = min((a // chunk_rows + 1) * chunk_rows, stop)
+        requests.append((name, a, b, out[a - start:b - start]))
+        a = b
+    return requests
 
 
 def select_blocks(reader: CacheReader, splits: tuple[str, ...]) -> list[Block]:
@@ -135,30 +162,44 @@ def select_blocks(reader: CacheReader, splits: tuple[str, ...]) -> list[Block]:
     return blocks
 
 
-class CacheStream(Resumable):
+class CacheRows(Resumable):
+    """The read path under both streams: the selected arrays (``ids`` always first), the
+    backend's block reader, their stored shapes and dtypes, and which are bfloat16 bits."""
+
+    def __init__(self, reader: CacheReader, arrays: tuple[str, ...] | None, prefetch: int):
+        self.reader = reader
+        self.arrays = (IDS, *[a for a in (reader.arrays if arrays is None else arrays) if a != IDS])
+        unknown = [a for a in self.arrays if a not in reader.arrays]
+        if unknown:
+            raise ValueError(f"cache {reader.path!r} has no arrays {unknown} (modes {reader.manifest.modes}); "
+                             f"it has {sorted(reader.arrays)}")
+        if prefetch < 1:
+            raise ValueError(f"prefetch={prefetch}: must be >= 1 (the ring of prefetch + 2 window buffers is sized by it)")
+        m = reader.manifest
+        self.prefetch = prefetch
+        self._read = backend(m.backend).block_reader(reader.storage, m)
+        self._specs = {n: array_specs(m)[n] for n in self.arrays}  # stored row shape and dtype
+        self._bf16 = bf16_arrays(m) & set(self.arrays)  # decoded to float32 per batch
+
+    def _decode(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        for n in self._bf16:
+            arrays[n] = bf16_bits_to_float32(arrays[n])
+        return arrays
+
+
+class CacheStream(CacheRows):
     """Iterate batches of a cache (dicts of row-aligned arrays), one seeded epoch at a time."""
 
     def __init__(self, reader: CacheReader, *, splits: tuple[str, ...], batch_size: int, seed: int,
                  shuffle_window: int = 8, prefetch: int = 4, arrays: tuple[str, ...] | None = None):
-        self.reader = reader
-        self.arrays = (IDS, *[a for a in (arrays or reader.arrays) if a != IDS])
-        unknown = [a for a in self.arrays if a not in reader.arrays]
-        if unknown:
-            raise ValueError(f"cache {reader.path!r} has no arrays {unknown}; it has {sorted(reader.arrays)}")
-        if prefetch < 1:
-            raise ValueError(f"prefetch={prefetch}: must be >= 1 (the ring of prefetch + 2 window buffers is sized by it)")
+        super().__init__(reader, arrays, prefetch)
         self.blocks = select_blocks(reader, splits)
         self.rows = sum(b.rows for b in self.blocks)
-        m = reader.manifest
-        self._read = backend(m.backend).block_reader(reader.storage, m)
-        self._specs = {n: array_specs(m)[n] for n in self.arrays}  # stored row shape and dtype
-        self._bf16 = bf16_arrays(m) & set(self.arrays)  # decoded to float32 per batch
         self._window_rows = shuffle_window * max(reader.ids.chunks[0], default=0)
         self._buffers: list[dict[str, np.ndarray]] = []  # the ring, allocated on first use
         self.batch_size = batch_size
         self.seed = seed
         self.shuffle_window = shuffle_window
-        self.prefetch = prefetch
         self.epoch = 0
         self.position = 0  # batches served in the current epoch
 
@@ -192,7 +233,7 @@ class CacheStream(Resumable):
             for b in window:  # again block by block, to name the rows that fail
                 self._read_block(b, [r for r in requests if r[1] == b.start + b.lo])
         arrays = {name: a[:n] for name, a in buf.items()}
-        _check_finite(arrays, self.reader.path, self._bf16)
+        check_finite(arrays, self.reader.path, self._bf16)
         perm = np.random.default_rng([self.seed, epoch, k]).permutation(n)
         return arrays, perm
 
@@ -208,10 +249,7 @@ class CacheStream(Resumable):
 
     def _take(self, arrays: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, np.ndarray]:
         """Gather ``rows`` of every array (a copy: the window buffer is reused)."""
-        out = {n: np.take(a, rows, axis=0) for n, a in arrays.items()}  # np.take: 1.5x a[rows] here
-        for n in self._bf16:
-            out[n] = bf16_bits_to_float32(out[n])
-        return out
+        return self._decode({n: np.take(a, rows, axis=0) for n, a in arrays.items()})  # np.take: 1.5x a[rows]
 
     def _ahead(self, epoch: int, skip_rows: int) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray]]:
         """Each window's rows and permutation from the resume point on (run in the background)."""
@@ -252,3 +290,82 @@ class CacheStream(Resumable):
             self.position += 1
             yield carry
         self.epoch, self.position = epoch + 1, 0
+
+
+@dataclass
+class SequenceBatch:
+    input_ids: torch.Tensor  # (B, L) token ids, right-padded
+    attention_mask: torch.Tensor  # (B, L) 1 = real token
+    teacher: dict[str, np.ndarray]  # cache arrays laid out on the grid: (B * L, ...), zeros at padding
+    mask: np.ndarray  # (B * L,) bool: real tokens (the rows every loss reads)
+    sequences: np.ndarray  # (B,) sequence indices
+
+
+def pad_batch(seqs: list[np.ndarray], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded (B, L) token ids and attention mask (1 = real token)."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.from_numpy(s)
+        mask[i, :len(s)] = 1
+    return ids, mask
+
+
+class SequenceStream(CacheRows):
+    """Batches of whole sequences from a cache whose rows are tokens.
+
+    A causal student needs each sequence's tokens in order, so the unit of shuffling is the
+    sequence: every epoch takes a permutation of the split's sequences seeded by ``(seed,
+    epoch)``. A batch's rows are decoded straight onto the padded (B, L) grid (zeros at
+    padding, masked out of every loss) through the same reader as :class:`CacheStream`,
+    checked the same way, ``prefetch`` batches ahead on a background thread."""
+
+    def __init__(self, reader: CacheReader, tokens: np.ndarray, *, split: str, batch_size: int, seed: int,
+                 arrays: tuple[str, ...], prefetch: int = 2):
+        super().__init__(reader, arrays, prefetch)
+        self.tokens = tokens
+        self.offsets = reader.offsets
+        lo, hi = reader.split_range(split)
+        first, last = np.searchsorted(self.offsets, [lo, hi])
+        self.sequence_ids = np.arange(first, last)
+        self.batch_size, self.seed = batch_size, seed
+        self.epoch, self.position = 0, 0
+
+    def __len__(self) -> int:
+        return -(-len(self.sequence_ids) // self.batch_size)
+
+    def order(self, epoch: int) -> np.ndarray:
+        return self.sequence_ids[np.random.default_rng([self.seed, epoch]).permutation(len(self.sequence_ids))]
+
+    def read(self, seqs: np.ndarray) -> SequenceBatch:
+        """One batch: the sequences' tokens and cache rows on the padded grid."""
+        off, m = self.offsets, self.reader.manifest
+        input_ids, attention = pad_batch([self.tokens[off[i]:off[i + 1]] for i in seqs], pad_id=0)
+        width = input_ids.shape[1]
+        grid = {n: np.zeros((len(seqs) * width, *shape), dt) for n, (shape, dt) in self._specs.items()}
+        rows = np.full(len(seqs) * width, -1, np.int64)  # the cache row of each grid row (-1: padding)
+        requests = []
+        for j, i in enumerate(seqs):
+            a, b = int(off[i]), int(off[i + 1])
+            rows[j * width:j * width + b - a] = np.arange(a, b)
+            for n in self.arrays:
+                requests += split_at_chunks(n, a, b, grid[n][j * width:j * width + b - a], m.chunk_rows)
+        self._read(requests)
+        real = rows >= 0
+        if (grid[IDS][real] != np.repeat(seqs, off[seqs + 1] - off[seqs])).any():
+            raise ValueError(f"cache {self.reader.path!r}: the rows of sequences {seqs.tolist()} hold other "
+                             "sequence ids; offsets and rows disagree: re-run stage 1")
+        check_finite({n: a[real] for n, a in grid.items()}, self.reader.path, self._bf16, rows[real],
+                     what="sequences")
+        teacher = self._decode({n: a for n, a in grid.items() if n != IDS})
+        return SequenceBatch(input_ids, attention, teacher, attention.reshape(-1).numpy().astype(bool), seqs)
+
+    def __iter__(self) -> Iterator[SequenceBatch]:
+        """The rest of the current epoch, then advance to the next."""
+        order, bs = self.order(self.epoch), self.batch_size
+        batches = (self.read(order[a:a + bs]) for a in range(self.position * bs, len(order), bs))
+        for item in background(batches, self.prefetch):
+            self.position += 1
+            yield item
+        self.epoch, self.position = self.epoch + 1, 0

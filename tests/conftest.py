@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-import os
+from pipeline.run import set_environment_defaults
 
-os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+set_environment_defaults()  # as the CLI does, before torch and Numba load
 
-import numpy as np
-import pytest
-import torch
-from hydra import compose, initialize_config_module
-from omegaconf import OmegaConf
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hydra import compose, initialize_config_module  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
 
-from pipeline.cache import CacheWriter, Manifest, Storage, make_fingerprint, plan_shards
-from pipeline.config import Config, register
-from pipeline.representations import host_arrays, represent
+from pipeline.cache import CacheWriter, Manifest, Storage, make_fingerprint, plan_shards  # noqa: E402
+from pipeline.config import Config, register  # noqa: E402
+from pipeline.representations import host_arrays, represent  # noqa: E402
 
 register()
 

@@ -26,7 +26,7 @@ def test_round_trip(tmp_path, tiny_logits, dtype, atol):
 
 def test_stock_zarr_reads_it_with_no_project_code(tmp_path, tiny_logits):
     write_cache(tmp_path / "c", tiny_logits, dtype="float16")
-    g = zarr.open_group(str(tmp_path / "c"), mode="r")
+    g = zarr.open_group(str(tmp_path / "c" / "zarr"), mode="r")
     assert g["logits"].shape == (100, 7) and g["logits"].dtype == np.float16
     assert g["logits"].shards == (32, 7) and g["logits"].chunks == (16, 7)
     codecs = json.dumps(g["logits"].metadata.to_dict())
@@ -73,7 +73,7 @@ def test_verify_detects_a_flipped_value(tmp_path, tiny_logits):
     path = str(tmp_path / "c")
     write_cache(path, tiny_logits, dtype="float32")
     open_cache(path).verify()
-    g = zarr.open_group(path, mode="r+")
+    g = zarr.open_group(os.path.join(path, "zarr"), mode="r+")
     g["logits"][40, 3] = 123.0  # a write that bypasses the writer: the manifest checksum is stale
     with pytest.raises(ValueError, match=r"shard 1 \(rows 32:64\)"):
         open_cache(path).verify()
@@ -82,7 +82,7 @@ def test_verify_detects_a_flipped_value(tmp_path, tiny_logits):
 def test_corrupted_shard_bytes_raise_not_read_wrong(tmp_path, tiny_logits):
     path = str(tmp_path / "c")
     write_cache(path, tiny_logits, dtype="float32")
-    shard = os.path.join(path, "logits", "c", "1", "0")
+    shard = os.path.join(path, "zarr", "logits", "c", "1", "0")
     data = bytearray(open(shard, "rb").read())
     data[20] ^= 0xFF
     open(shard, "wb").write(bytes(data))
@@ -123,8 +123,10 @@ def test_every_representation_round_trips(tmp_path, tiny_logits, backend, dtype,
 
 
 STOCK_ZARR = """
-import sys, zarr, numpy as np
-g = zarr.open_group(sys.argv[1], mode="r")
+import sys, warnings, zarr, numpy as np
+warnings.simplefilter("error")  # the index files beside the group raise no ZarrUserWarning
+g = zarr.open_group(sys.argv[1] + "/zarr", mode="r")
+assert not [k for k in g.keys() if k not in g.array_keys()]
 print(sorted(g.array_keys()), g["logits"].shape, g["logits"].dtype, g["topk_idx"][:2, 0].tolist(), g["ids"][-1])
 """
 STOCK_ARROW = """

@@ -46,7 +46,7 @@ def full_run(tmp_path_factory):
 def test_all_stages_write_cache_audit_and_results(full_run):
     root, proc = full_run
     (cache,) = glob.glob(str(root / "caches" / "*"))
-    g = zarr.open_group(cache, mode="r")
+    g = zarr.open_group(os.path.join(cache, "zarr"), mode="r")
     assert g["logits"].shape == (2100, 10) and g["logits"].dtype == np.float16
     np.testing.assert_array_equal(g["ids"][:], np.arange(2100))
     assert np.isfinite(g["logits"][:]).all()
@@ -54,7 +54,7 @@ def test_all_stages_write_cache_audit_and_results(full_run):
     assert manifest["complete"] is True and manifest["rows"] == 2100
     assert manifest["splits"] == {"transfer": [0, 1500], "train": [1500, 1900], "test": [1900, 2100]}
     assert all(s["status"] == "committed" for s in manifest["shards"]) and len(manifest["shards"]) == 5
-    assert set(manifest["fingerprint"]["fields"]) >= {"dataset", "teacher_weights", "teacher_config", "capture"}
+    assert set(manifest["fingerprint"]["fields"]) == {"format_version", "dataset", "teacher", "teacher_weights", "capture"}
 
     (run_dir,) = glob.glob(str(root / "runs" / "*"))
     audit = json.load(open(os.path.join(run_dir, "audit.json")))
@@ -89,9 +89,9 @@ def test_stage3_alone_needs_no_teacher(full_run):
 def test_stage1_again_reuses_the_complete_cache(full_run):
     root, _ = full_run
     (cache,) = glob.glob(str(root / "caches" / "*"))
-    before = os.path.getmtime(os.path.join(cache, "logits", "c", "0", "0"))
+    before = os.path.getmtime(os.path.join(cache, "zarr", "logits", "c", "0", "0"))
     proc = run_cli(root, "stage=1")  # teacher was deleted above: refits deterministically, same weights
-    assert os.path.getmtime(os.path.join(cache, "logits", "c", "0", "0")) == before
+    assert os.path.getmtime(os.path.join(cache, "zarr", "logits", "c", "0", "0")) == before
     assert "5/5 shards already committed" in proc.stdout + proc.stderr
 
 

@@ -4,7 +4,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import DataConfig, DataSource
-from pipeline.datasets import UNLABELED, load_splits
+from pipeline.tasks.classify.data import UNLABELED, load_splits
 
 
 def _write(path, name, n, width, labels=True):

@@ -16,12 +16,18 @@ import torch
 
 from pipeline.cache import open_cache
 from pipeline.cache.format import LSE, SAMPLED_CNT, TOPK_IDX, TOPK_VAL
-from pipeline.causal_lm import load_teacher
-from pipeline.lm_distill import Variant, map_batch, train_variant, variant_loss, vocab_map
 from pipeline.losses import topk_kl_loss
-from pipeline.sequence_stream import SequenceStream
-from pipeline.text import TokenData, load_tokens
-from pipeline.token_capture import capture_tokens, evaluate_teacher, teacher_logits
+from pipeline.stream import SequenceStream
+from pipeline.tasks.lm import (
+    LanguageModel,
+    Variant,
+    map_batch,
+    sequence_loss,
+    teacher_logits,
+    vocab_map,
+)
+from pipeline.tasks.lm.models import load_teacher
+from pipeline.tasks.lm.text import TokenData, load_tokens
 from tests.conftest import compose_config
 
 LENGTHS = [48, 20, 48, 7, 33, 48, 2, 40]  # train: the first 6, held out: the last 2
@@ -39,15 +45,14 @@ def teacher():
 def lm_cache(teacher, tmp_path_factory):
     """Sequences of uneven lengths cut from the real tokenized text (so batches pad), in
     shards of 64 rows (so sequences straddle shard boundaries), captured for real."""
-    cfg = compose_config(*SMALL)
     root = str(tmp_path_factory.mktemp("lm"))
+    cfg = compose_config(*SMALL, f"paths.root={root}")
     full = load_tokens(cfg.data, root, teacher.tokenizer)
     seqs = [full.sequence(i)[:n] for i, n in enumerate(LENGTHS)]
     offsets = np.concatenate([[0], np.cumsum(LENGTHS)]).astype(np.int64)
     data = TokenData(np.concatenate(seqs), offsets, {"train": (0, 6), "heldout": (6, 8)}, full.tokenizer_hash)
     url = os.path.join(root, "cache")
-    capture_tokens(teacher, data, cfg, url)
-    evaluate_teacher(teacher, data, cfg, url)
+    LanguageModel(cfg).capture(teacher, data, url)  # and the teacher's held-out evaluation beside it
     return cfg, data, url
 
 
@@ -131,8 +136,8 @@ def test_the_sequence_stream_serves_each_sequence_once_with_its_rows(lm_cache):
 def test_one_training_step_with_each_loss(lm_cache, variant):
     cfg, data, url = lm_cache
     r = open_cache(url)
-    row = train_variant("causal_lm", cfg.student["causal_lm"], Variant.parse(variant), cfg, r, data,
-                        torch.device("cpu"))
+    row = LanguageModel(cfg).train_variant("causal_lm", cfg.student["causal_lm"], Variant.parse(variant), data, r,
+                                           torch.device("cpu"))
     assert row["steps"] == 1 and np.isfinite(row["final_loss"]) and row["final_loss"] > 0
     assert np.isfinite(row["heldout_perplexity"]) and row["heldout_tokens"] == 40 - 1 + 2 - 1
     assert row["bytes_per_token"] == {"labels": 0, "topk_kl:4": 4 * 6 + 4, "topk_kl": 16 * 6 + 4,
@@ -146,15 +151,15 @@ def test_padding_rows_never_reach_the_loss(lm_cache):
     batch = next(iter(SequenceStream(r, data.tokens, split="train", batch_size=3, seed=1,
                                      arrays=(TOPK_IDX, TOPK_VAL, LSE))))
     assert not batch.mask.all()
-    from pipeline.causal_lm import build_student
+    from pipeline.tasks.lm.models import build_student
 
     student = build_student(cfg.student["causal_lm"], 49152, 48, 0)
-    v = Variant("topk_kl")
-    a = variant_loss(student, batch, v, cfg, 0, torch.device("cpu")).item()
+    loss = Variant("topk_kl").loss(cfg.loss)
+    a = sequence_loss(student, batch, loss, 0, None, torch.device("cpu")).item()
     poisoned = {n: x.copy() for n, x in batch.teacher.items()}
     poisoned[TOPK_VAL][~batch.mask] = 1e4
     poisoned[LSE][~batch.mask] = -1e4
-    b = variant_loss(student, dataclasses.replace(batch, teacher=poisoned), v, cfg, 0, torch.device("cpu")).item()
+    b = sequence_loss(student, dataclasses.replace(batch, teacher=poisoned), loss, 0, None, torch.device("cpu")).item()
     assert a == b
 
 
@@ -162,13 +167,14 @@ def test_a_student_with_another_vocabulary_is_refused_naming_both_sizes(lm_cache
     cfg, data, url = lm_cache
     spec = dataclasses.replace(cfg.student["causal_lm"], kwargs={**cfg.student["causal_lm"].kwargs, "vocab_size": 32000})
     with pytest.raises(ValueError, match=r"32000 ids but the teacher's logits are 49152 wide .*tokenizer has 49152"):
-        train_variant("causal_lm", spec, Variant("topk_kl"), cfg, open_cache(url), data, torch.device("cpu"))
+        LanguageModel(cfg).train_variant("causal_lm", spec, Variant("topk_kl"), data, open_cache(url),
+                                         torch.device("cpu"))
 
 
 def test_truncate_mapping_moves_unmapped_mass_to_the_tail():
     """A padded teacher vocabulary (ids >= the student's are padding): the mapped top-K loss
     equals KL over (kept classes + one tail bucket) computed here by hand."""
-    from pipeline.sequence_stream import SequenceBatch
+    from pipeline.stream import SequenceBatch
 
     rng = np.random.default_rng(0)
     width, vs, n, k = 40, 30, 5, 6
@@ -204,7 +210,7 @@ def test_the_cli_runs_task_lm(tmp_path):
                          capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert out.returncode == 0, out.stderr[-3000:]
     assert "| causal_lm | topk_kl:8 | 52 |" in out.stdout and "| teacher |" in out.stdout
-    assert "top-K mass kept" in out.stdout
+    assert "10% keep less than" in out.stdout
     from transformers import LlamaForCausalLM
 
     saved = glob.glob(str(tmp_path / "runs" / "*" / "students" / "causal_lm" / "topk_kl-8"))
@@ -213,11 +219,10 @@ def test_the_cli_runs_task_lm(tmp_path):
 
 def test_full_rows_are_refused_above_the_size_limit_after_printing_the_projection(teacher, lm_cache, caplog):
     from pipeline.capture import check_size
-    from pipeline.token_capture import plan_token_manifest
 
     _, data, _ = lm_cache
     cfg = compose_config(*SMALL, "cache.modes=[full,topk]", "cache.max_full_gb=0.01")
-    m = plan_token_manifest(cfg, data, teacher)
+    m, _ = LanguageModel(cfg).plan(teacher, data)
     with caplog.at_level("INFO"), pytest.raises(ValueError, match=r"`full` cache of 246 rows x 49152 classes.*"
                                                                   r"cache.modes=\[topk\]"):
         check_size(m, cfg.cache.max_full_gb)
@@ -225,10 +230,14 @@ def test_full_rows_are_refused_above_the_size_limit_after_printing_the_projectio
 
 
 def test_the_fingerprint_names_a_changed_tokenizer_or_precision(teacher, lm_cache):
-    from pipeline.cache.fingerprint import check_fingerprint
-    from pipeline.token_capture import token_fields
+    from pipeline.cache.fingerprint import capture_settings, check_fingerprint, fingerprint_fields
 
     cfg, data, url = lm_cache
+
+    def token_fields(cfg, data, identity):
+        return fingerprint_fields(dataset=data.content_hash(), teacher=identity,
+                                  capture=capture_settings(cfg.cache, cfg.teacher.precision))
+
     found = open_cache(url).manifest.fingerprint
     other = dataclasses.replace(data, tokenizer_hash="0" * 64)
     with pytest.raises(ValueError, match="dataset: expected"):
@@ -253,7 +262,7 @@ def test_any_hugging_face_causal_lm_folder_is_a_teacher(teacher, lm_cache, tmp_p
     tiny = load_teacher(cfg.teacher)
     assert tiny.identity["tokenizer"] == teacher.identity["tokenizer"]
     assert tiny.identity["weights"] != teacher.identity["weights"]
-    m = capture_tokens(tiny, data, cfg, str(tmp_path / "cache"))
+    m = LanguageModel(cfg).capture(tiny, data, str(tmp_path / "cache"))
     assert m.complete and m.rows == sum(LENGTHS)
 
 
@@ -283,7 +292,7 @@ def test_a_many_to_one_vocab_map_is_refused(tmp_path):
 def test_full_rows_capture_for_a_token_cache(teacher, lm_cache, tmp_path):
     cfg, data, url = lm_cache
     full = compose_config(*SMALL, "cache.modes=[full]")
-    capture_tokens(teacher, data, full, str(tmp_path / "full"))
+    LanguageModel(full).capture(teacher, data, str(tmp_path / "full"))
     logits = open_cache(str(tmp_path / "full")).logits.compute()
     topk = open_cache(url)
     idx, val = topk.arrays[TOPK_IDX].compute(), topk.arrays[TOPK_VAL].compute()

@@ -1,10 +1,11 @@
 """Top-k and sampled representations against the full distribution they summarise."""
 
 import numpy as np
+import pytest
 import torch
 
 from pipeline.cache import open_cache
-from pipeline.representations import sample_counts, sampled_kl_estimate, topk_distribution
+from pipeline.representations import sample_counts, topk_distribution
 from tests.conftest import write_cache
 
 
@@ -33,21 +34,34 @@ def test_sample_counts_are_distinct_ids_with_counts_summing_to_s():
         assert len(set(real.tolist())) == len(real) and (row_ids[row_cnt == 0] == -1).all()
 
 
-def test_sampled_estimator_is_unbiased_for_kl():
+@pytest.mark.parametrize("path", ["kernel", "torch"])
+def test_the_sampled_kl_training_uses_is_unbiased(path):
+    """Both estimators training calls (the Numba kernel on CPU, plain torch on CUDA), fed
+    the counts stage 1 draws, average to T^2 KL(p_T || q_T) over many draws."""
+    from pipeline import kernels
+    from pipeline.losses import torch_sampled_kl
+
     torch.manual_seed(0)
     t = torch.randn(8, 30, dtype=torch.float64) * 2
     s = torch.randn(8, 30, dtype=torch.float64)
     T = 2.0
     log_p = torch.log_softmax(t / T, -1)
-    exact = (log_p.exp() * (log_p - torch.log_softmax(s / T, -1))).sum(-1)
+    exact = T**2 * (log_p.exp() * (log_p - torch.log_softmax(s / T, -1))).sum(-1)
     ent = -(log_p.exp() * log_p).sum(-1)
     g = torch.Generator().manual_seed(1)
     draws = 4000
-    est = torch.stack([sampled_kl_estimate(s, *sample_counts(t, 8, T, g), ent, T) for _ in range(draws)])
+
+    def estimate(idx, cnt):
+        if path == "torch":
+            return torch_sampled_kl(s, idx, cnt, ent, T)
+        loss, _ = kernels.sampled_kl(s.numpy(), idx.numpy(), cnt.numpy().astype(np.uint16), ent.numpy(),
+                                     temperature=T, reduction="none")
+        return torch.from_numpy(np.asarray(loss))
+
+    est = torch.stack([estimate(*sample_counts(t, 8, T, g)) for _ in range(draws)])
     mean, se = est.mean(0), est.std(0) / draws**0.5
     assert ((mean - exact).abs() < 4 * se + 1e-9).all(), (mean, exact, se)
-    single = est[0]
-    assert not torch.allclose(single, exact)  # one draw is noisy: the test is about the mean
+    assert not torch.allclose(est[0], exact)  # one draw is noisy: the test is about the mean
 
 
 def test_a_sampled_only_cache_carries_the_exact_argmax(tmp_path):

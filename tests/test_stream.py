@@ -1,5 +1,7 @@
 """The stream: every id once per epoch, seeded order, exact resume."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -132,5 +134,5 @@ def test_the_direct_chunk_decoder_serves_every_zarr_array_of_a_cache(tiny_cache)
 
     from pipeline.cache.chunk_reader import plain_layout
 
-    g = zarr.open_group(tiny_cache, mode="r")
+    g = zarr.open_group(os.path.join(tiny_cache, "zarr"), mode="r")
     assert all(plain_layout(g[name]) is not None for name in g.array_keys())

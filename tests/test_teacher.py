@@ -4,9 +4,9 @@ import torch
 from safetensors.torch import save_file
 
 from pipeline.config import validate
-from pipeline.datasets import Split, Splits
 from pipeline.device import autocast, choose_device
-from pipeline.teacher import obtain_teacher
+from pipeline.tasks.classify import obtain_teacher
+from pipeline.tasks.classify.data import Split, Splits
 from tests.conftest import compose_config
 
 
@@ -54,7 +54,7 @@ def test_explicit_missing_device_is_an_error():
 
 
 def test_any_torch_module_as_a_student():
-    from pipeline.models import build_student
+    from pipeline.tasks.classify.models import build_student
 
     cfg = validate(compose_config("student=mlp", "student.mlp._target_=torch.nn.Linear",
                                   "+student.mlp.kwargs.in_features=40", "+student.mlp.kwargs.out_features=10"))

@@ -21,9 +21,9 @@ import torch
 import zarr
 
 from pipeline.cache import Storage, open_cache, read_manifest
-from pipeline.cache.fingerprint import hash_state_dict
 from pipeline.cache.format import read_commits, write_manifest
 from pipeline.cache.storage import StorageError
+from pipeline.hashing import hash_state_dict
 from pipeline.stream import CacheStream
 from tests.conftest import write_cache
 from tests.test_cli import SMALL, error_line, run_cli
@@ -32,7 +32,7 @@ MANY_SHARDS = ["cache.chunk_rows=64", "cache.shard_chunks=2"]  # 2,100 rows -> 1
 
 
 def array_hashes(path: str) -> dict[str, str]:
-    g = zarr.open_group(path, mode="r")
+    g = zarr.open_group(os.path.join(path, "zarr"), mode="r")
     return {name: hashlib.sha256(np.ascontiguousarray(g[name][:]).tobytes()).hexdigest() for name in g.array_keys()}
 
 
@@ -49,9 +49,12 @@ def reference(tmp_path_factory):
     return root, cache
 
 
-def _popen(root, *args, env_extra=None):
-    env = dict(os.environ, OMP_WAIT_POLICY="passive", **(env_extra or {}))
-    return subprocess.Popen([sys.executable, "-m", "pipeline.run", f"paths.root={root}", *SMALL, *MANY_SHARDS,
+def _popen(root, *args, pause: float = 0.0):
+    """Stage 1 through the CLI; ``pause``: seconds slept after each array of each shard
+    written (tests/slow_writes.py), so a kill lands inside writes."""
+    env = dict(os.environ, OMP_WAIT_POLICY="passive")
+    entry = ["tests.slow_writes", str(pause)] if pause else ["pipeline.run"]
+    return subprocess.Popen([sys.executable, "-m", *entry, f"paths.root={root}", *SMALL, *MANY_SHARDS,
                              "stage=1", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
 
 
@@ -103,9 +106,9 @@ def test_killed_capture_resumes_to_the_identical_cache(reference, tmp_path):
     root = tmp_path / "killed"  # fresh root: its own data and its own teacher fit
     cache = str(root / "cache")
     rng = random.Random(1234)
-    pause = {"KD_TEST_WRITE_PAUSE_S": "0.12"}
+    pause = 0.12
 
-    p = _popen(root, f"cache.path={cache}", env_extra=pause)
+    p = _popen(root, f"cache.path={cache}", pause=pause)
     assert _wait_for(lambda: glob.glob(str(root / "teachers" / "*")))  # the fit has started
     time.sleep(0.2)
     p.send_signal(signal.SIGKILL)
@@ -114,7 +117,7 @@ def test_killed_capture_resumes_to_the_identical_cache(reference, tmp_path):
     mid_write, kills = 0, 0
     while kills < 5 or (mid_write == 0 and kills < 8):  # under load a kill may miss every write: retry
         kills += 1
-        p = _popen(root, f"cache.path={cache}", env_extra=pause)
+        p = _popen(root, f"cache.path={cache}", pause=pause)
         while "capture: rank 0" not in (line := p.stdout.readline()):  # the capture loop has started
             assert line, "stage 1 ended before capturing"
         time.sleep(rng.uniform(0.05, 1.0))
@@ -122,7 +125,7 @@ def test_killed_capture_resumes_to_the_identical_cache(reference, tmp_path):
         p.wait()
         # (what a kill leaves besides: temporaries, ignored here, removed by the next run)
         committed = {int(m[1]) for f in _names(os.path.join(cache, "commits")) if (m := re.fullmatch(r"shard-(\d+)\.json", f))}
-        written = {int(d) for d in _names(os.path.join(cache, "ids", "c")) if d.isdigit()}
+        written = {int(d) for d in _names(os.path.join(cache, "zarr", "ids", "c")) if d.isdigit()}
         mid_write += bool(written - committed)  # a shard object with no commit record: killed inside a write
     assert mid_write >= 1
     assert not read_manifest(Storage(cache)).complete
@@ -142,10 +145,10 @@ def test_killed_capture_resumes_to_the_identical_cache(reference, tmp_path):
 
 FINGERPRINT_SCRIPT = """
 import sys, torch
-from pipeline.cache.fingerprint import hash_state_dict
+from pipeline.hashing import hash_state_dict
 from pipeline.config import DataConfig
-from pipeline.datasets import load_splits
-from pipeline.models import CNN1d
+from pipeline.tasks.classify.data import load_splits
+from pipeline.tasks.classify.models import CNN1d
 torch.manual_seed(0)
 print(hash_state_dict(CNN1d(40, 10, 8)), load_splits(DataConfig(train_size=30, test_size=10, transfer_size=20),
       sys.argv[1]).content_hash())
@@ -160,9 +163,9 @@ def test_fingerprint_is_identical_across_processes(tmp_path):
 
 def test_changed_weight_row_or_k_changes_the_fingerprint_and_is_refused(reference):
     root, ref = reference
-    from pipeline.cache import expected_fields
-    from pipeline.datasets import Split, Splits, load_splits
-    from pipeline.models import CNN1d
+    from pipeline.tasks.classify import Classify
+    from pipeline.tasks.classify.data import Split, Splits, load_splits
+    from pipeline.tasks.classify.models import CNN1d
     from tests.conftest import compose_config
 
     torch.manual_seed(0)
@@ -174,18 +177,19 @@ def test_changed_weight_row_or_k_changes_the_fingerprint_and_is_refused(referenc
 
     cfg = compose_config(f"paths.root={root}", *SMALL, *MANY_SHARDS)
     splits = load_splits(cfg.data, str(root))
-    good = expected_fields(cfg, splits.content_hash())
+    task = Classify(cfg)
+    good = task.expected_fields(splits)
     open_cache(ref, expected=good)  # the matching config reads it
 
     x = splits["train"].x.copy()
     x[3, 5] += 1.0  # one changed row
     changed = Splits({**splits.splits, "train": Split("train", x, splits["train"].y)}, splits.num_classes)
     with pytest.raises(ValueError, match="dataset: expected"):
-        open_cache(ref, expected=expected_fields(cfg, changed.content_hash()))
+        open_cache(ref, expected=task.expected_fields(changed))
 
     cfg_k = compose_config(f"paths.root={root}", *SMALL, *MANY_SHARDS, "cache.modes=[full,topk]", "cache.k=5")
     with pytest.raises(ValueError, match="capture: expected"):
-        open_cache(ref, expected=expected_fields(cfg_k, splits.content_hash()))
+        open_cache(ref, expected=Classify(cfg_k).expected_fields(splits))
     with pytest.raises(ValueError, match="teacher_weights: expected"):
         open_cache(ref, expected={**good, "teacher_weights": hash_state_dict(model)})
 
@@ -210,15 +214,15 @@ def _edit_manifest(cache: str) -> None:
 
 
 DAMAGE = {  # name: (damage(cache), shards stage 1 must write, verify)
-    "shard deleted": (lambda c: os.remove(os.path.join(c, "logits", "c", "5", "0")), 1, False),
-    "shard truncated": (lambda c: _cut(os.path.join(c, "logits", "c", "5", "0")), 1, False),
-    "ids shard truncated": (lambda c: _cut(os.path.join(c, "ids", "c", "9")), 1, False),
-    "byte flipped": (lambda c: _flip(os.path.join(c, "logits", "c", "5", "0")), 1, True),
+    "shard deleted": (lambda c: os.remove(os.path.join(c, "zarr", "logits", "c", "5", "0")), 1, False),
+    "shard truncated": (lambda c: _cut(os.path.join(c, "zarr", "logits", "c", "5", "0")), 1, False),
+    "ids shard truncated": (lambda c: _cut(os.path.join(c, "zarr", "ids", "c", "9")), 1, False),
+    "byte flipped": (lambda c: _flip(os.path.join(c, "zarr", "logits", "c", "5", "0")), 1, True),
     # the complete manifest records the shard too: nothing to redo
     "commit record deleted": (lambda c: os.remove(os.path.join(c, "commits", "shard-00005.json")), 0, False),
     "commit record garbled": (lambda c: open(os.path.join(c, "commits", "shard-00005.json"), "w").write("{x"), 1,
                               False),
-    "array metadata deleted": (lambda c: os.remove(os.path.join(c, "logits", "zarr.json")), 0, False),
+    "array metadata deleted": (lambda c: os.remove(os.path.join(c, "zarr", "logits", "zarr.json")), 0, False),
     "plan deleted": (lambda c: os.remove(os.path.join(c, "kdcache.json")), 0, False),
     "manifest edited": (_edit_manifest, 0, False),
     "manifest deleted": (lambda c: os.remove(os.path.join(c, "manifest.json")), 0, False),
@@ -243,9 +247,9 @@ def test_a_flipped_byte_found_by_stage3_points_to_the_fix_that_works(reference, 
     root, ref = reference
     cache = str(tmp_path / "c")
     shutil.copytree(ref, cache)
-    _flip(os.path.join(cache, "logits", "c", "5", "0"))
+    _flip(os.path.join(cache, "zarr", "logits", "c", "5", "0"))
     line = error_line(run_cli(root, "stage=3", f"cache.path={cache}", *MANY_SHARDS, code=1))
-    assert "array 'logits', object 'logits/c/5/0' (rows 640:704)" in line and "stage=1 verify=true" in line
+    assert "array 'logits', object 'zarr/logits/c/5/0' (rows 640:704)" in line and "stage=1 verify=true" in line
 
 
 @pytest.mark.parametrize("what", ["folder", "file", "folder with its own manifest.json"])
@@ -277,7 +281,7 @@ def test_a_cache_with_other_settings_is_kept_unless_overwrite(reference, tmp_pat
     assert array_hashes(cache) == array_hashes(ref)  # untouched
     out = run_cli(root, "stage=1", f"cache.path={cache}", *MANY_SHARDS, "cache.dtype=float32", "cache.overwrite=true")
     assert "dtype: cache has 'float16', this run 'float32'" in out.stdout + out.stderr
-    assert zarr.open_group(cache, mode="r")["logits"].dtype == np.float32
+    assert zarr.open_group(os.path.join(cache, "zarr"), mode="r")["logits"].dtype == np.float32
 
 
 @pytest.mark.parametrize("backend", ["zarr", "arrow"])
@@ -328,14 +332,14 @@ def test_an_injected_enospc_is_one_line_and_keeps_committed_shards(tmp_path, tin
 
     def disk_full_at_shard_2(storage, m, shard, arrays):
         if shard.index == 2:
-            raise OSError(errno.ENOSPC, "No space left on device", storage.path("logits/c/2/0"))
+            raise OSError(errno.ENOSPC, "No space left on device", storage.path("zarr/logits/c/2/0"))
         return real(storage, m, shard, arrays)
 
     path, clean = str(tmp_path / "c"), str(tmp_path / "clean")
     monkeypatch.setattr(zarr_store, "write_shard", disk_full_at_shard_2)
     with pytest.raises(StorageError) as e:
         write_cache(path, tiny_logits, dtype="float32")
-    assert str(e.value) == (f"no space left on device writing {path}/logits/c/2/0; free space or fix the "
+    assert str(e.value) == (f"no space left on device writing {path}/zarr/logits/c/2/0; free space or fix the "
                             "permissions, then re-run stage 1: committed shards are kept")
     m = read_manifest(Storage(path))
     assert not m.complete and sorted(read_commits(Storage(path)))[:2] == [0, 1]
@@ -347,15 +351,15 @@ def test_an_injected_enospc_is_one_line_and_keeps_committed_shards(tmp_path, tin
 
 def test_a_failed_checkpoint_write_leaves_no_temporary(tmp_path, monkeypatch):
     from pipeline.cache import storage
-    from pipeline.training import _save_state
+    from pipeline.training import save_state
 
-    def disk_full():
+    def disk_full(*args):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(storage, "fault_pause", disk_full)  # fails after the bytes are written, before the rename
+    monkeypatch.setattr(storage.os, "replace", disk_full)  # fails after the bytes are written, before the rename
     target = tmp_path / "students" / "state.pt"
     with pytest.raises(StorageError, match=r"^no space left on device writing .*state.pt; .*training resumes"):
-        _save_state(str(target), model=torch.zeros(1000))
+        save_state(str(target), model=torch.zeros(1000))
     assert list(target.parent.iterdir()) == []
 
 
@@ -398,26 +402,26 @@ def _stream_all(path, **kw):
 
 
 def test_flipped_byte_raises_naming_array_object_and_rows(cache32):
-    f = os.path.join(cache32, "logits", "c", "1", "0")
+    f = os.path.join(cache32, "zarr", "logits", "c", "1", "0")
     data = bytearray(open(f, "rb").read())
     data[100] ^= 0x01
     open(f, "wb").write(bytes(data))
-    with pytest.raises(ValueError, match=r"array 'logits', object 'logits/c/1/0' \(rows 32:48\): chunk 0 does not "
+    with pytest.raises(ValueError, match=r"array 'logits', object 'zarr/logits/c/1/0' \(rows 32:48\): chunk 0 does not "
                                          r"match its crc32c.*stage=1 verify=true"):
         _stream_all(cache32)
     with pytest.raises(ValueError, match=r"1 damaged shard\(s\):\n  shard 1 \(rows 32:64\): .*'logits', object "
-                                         r"'logits/c/1/0'.*stage=1 verify=true"):
+                                         r"'zarr/logits/c/1/0'.*stage=1 verify=true"):
         open_cache(cache32).verify()  # stage 2's verify names it too, with the same fix
 
 
 def test_truncated_or_deleted_shard_is_named_on_open(cache32):
-    f = os.path.join(cache32, "logits", "c", "2", "0")
+    f = os.path.join(cache32, "zarr", "logits", "c", "2", "0")
     data = open(f, "rb").read()
     open(f, "wb").write(data[: len(data) // 3])
-    os.remove(os.path.join(cache32, "logits", "c", "3", "0"))
-    with pytest.raises(ValueError, match=r"2 damaged shard\(s\):\n  shard 2 \(rows 64:96\): object 'logits/c/2/0' is "
+    os.remove(os.path.join(cache32, "zarr", "logits", "c", "3", "0"))
+    with pytest.raises(ValueError, match=r"2 damaged shard\(s\):\n  shard 2 \(rows 64:96\): object 'zarr/logits/c/2/0' is "
                                          r"\d+ bytes, \d+ were written\n  shard 3 \(rows 96:100\): object "
-                                         r"'logits/c/3/0' is missing\nrun stage 1 again"):
+                                         r"'zarr/logits/c/3/0' is missing\nrun stage 1 again"):
         open_cache(cache32)
 
 
@@ -440,7 +444,7 @@ def test_rows_never_written_are_refused_or_skipped_never_filled(cache32):
         s.status, s.sha256 = "pending", None
     write_manifest(storage, m)
     os.remove(os.path.join(cache32, "commits", "shard-00002.json"))
-    for key in ("ids/c/2", "logits/c/2/0"):
+    for key in ("zarr/ids/c/2", "zarr/logits/c/2/0"):
         os.remove(os.path.join(cache32, key))  # the shard was never written
     with pytest.raises(ValueError, match=r"incomplete: shards \[2\]"):
         open_cache(cache32)
@@ -457,25 +461,38 @@ def test_non_finite_teacher_values_are_named(tmp_path, tiny_logits):
         _stream_all(path)
 
 
-def test_capture_refuses_non_finite_teacher_output():
-    from pipeline.capture import _check_logits
-    from tests.conftest import compose_config
+def test_capture_refuses_non_finite_teacher_output_and_the_wrong_width():
+    from pipeline.cache import Manifest, ShardRecord, make_fingerprint
+    from pipeline.capture import capture_shard
 
-    cfg = compose_config()
+    class Rows:
+        unit = "row"
+
+        def __init__(self, logits):
+            self.out = logits
+
+        def logits(self, shard):
+            yield 0, self.out
+
+        def ids(self, shard):
+            return np.arange(shard.start, shard.stop)
+
+    m = Manifest(backend="zarr", modes=["full"], dtype="float16", num_classes=10, rows=104, chunk_rows=4,
+                 shard_rows=4, splits={"train": [0, 104]}, fingerprint=make_fingerprint({}))
     logits = torch.zeros(4, 10)
     logits[2, 3] = float("inf")
     with pytest.raises(ValueError, match=r"non-finite logits at rows \[102\]"):
-        _check_logits(logits, 100, cfg)
-    with pytest.raises(ValueError, match="expected \\(batch, 10\\)"):
-        _check_logits(torch.zeros(4, 7), 0, cfg)
+        capture_shard(Rows(logits), ShardRecord(25, 100, 104), m, torch.device("cpu"))
+    with pytest.raises(ValueError, match="expected \\(rows, 10\\)"):
+        capture_shard(Rows(torch.zeros(4, 7)), ShardRecord(0, 0, 4), m, torch.device("cpu"))
 
 
 def test_capture_refuses_a_non_finite_row_before_writing(tmp_path):
     """Values are checked once per shard (no device sync per batch): a NaN row in the middle of
     a shard, with sampling on (multinomial must never see it), is named and nothing is committed."""
     from pipeline.cache import open_cache
-    from pipeline.capture import capture_logits
-    from pipeline.datasets import Split, Splits
+    from pipeline.tasks.classify import Classify
+    from pipeline.tasks.classify.data import Split, Splits
     from tests.conftest import compose_config
 
     class Poisoned(torch.nn.Module):
@@ -491,6 +508,6 @@ def test_capture_refuses_a_non_finite_row_before_writing(tmp_path):
     cfg = compose_config("cache.modes=[full,sampled]", "teacher.batch_size=16", "cache.k=4")
     url = str(tmp_path / "c")
     with pytest.raises(ValueError, match=r"non-finite logits at rows \[37\]"):
-        capture_logits(Poisoned(), splits, cfg, url)
+        Classify(cfg).capture(Poisoned(), splits, url)
     with pytest.raises(Exception, match="incomplete|not complete|partial|manifest"):
         open_cache(url)

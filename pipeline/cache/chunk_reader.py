@@ -19,7 +19,7 @@ import numpy as np
 from numcodecs import Zstd
 from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec, ZstdCodec
 
-from pipeline.cache.format import CacheDamaged
+from pipeline.cache.format import GROUP, CacheDamaged
 from pipeline.cache.storage import Storage
 
 _MISSING = np.uint64(2**64 - 1)
@@ -63,7 +63,7 @@ class ChunkReader:
         self.codec = Zstd() if self.zstd else None
 
     def _key(self, shard: int) -> str:
-        return f"{self.name}/c/{shard}{self.suffix}"
+        return f"{GROUP}/{self.name}/c/{shard}{self.suffix}"
 
     def _path(self, shard: int) -> str:
         return self.storage.path(self._key(shard))

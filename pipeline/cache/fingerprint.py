@@ -1,63 +1,53 @@
 """Cache fingerprints: what a cache was made from, and the folder it lives in.
 
-The fingerprint hashes the teacher's weights (state_dict, sorted keys, raw bytes), the
-teacher config, the dataset *content* (the rows actually read), the capture settings
-and the format version. Readers compare the fields they can know with what they find
-and refuse a mismatch, naming the field.
+One schema for every task. A fingerprint's ``fields`` are:
+
+- ``format_version``: :data:`pipeline.cache.format.FORMAT_VERSION`;
+- ``dataset``: the hash of the rows actually read (samples, or token sequences);
+- ``teacher``: the hash of what changes the teacher's outputs and can be known without
+  loading it (its config and checkpoint path, or the hash of its weight files and
+  tokenizer), so stages 2 and 3 check it without the model;
+- ``capture``: the representations and their settings (:func:`capture_settings`);
+- ``teacher_weights`` (recorded when the teacher was loaded, never required by a reader):
+  the hash of its state_dict.
+
+Readers compare the fields they can know with what they find and refuse a mismatch,
+naming the field. Nothing here reads the run's config: callers pass the values.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-from dataclasses import asdict
-
-import torch
 
 from pipeline.cache.format import FORMAT_VERSION
-from pipeline.config import Config
+from pipeline.hashing import hash_json
 
 
-def hash_state_dict(model: torch.nn.Module) -> str:
-    h = hashlib.sha256()
-    for key, value in sorted(model.state_dict().items()):
-        t = value.detach().cpu().contiguous()
-        h.update(f"{key}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
+def _value(v):
+    return getattr(v, "value", v)  # an Enum member, or a plain value
 
 
-def hash_json(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def teacher_identity(cfg: Config) -> dict:
-    """Teacher settings that change its logits (not device or batch size)."""
-    t = asdict(cfg.teacher)
-    return {k: t[k] for k in ("name", "_target_", "kwargs", "checkpoint", "channels", "fit")}
-
-
-def capture_settings(cfg: Config, num_classes: int) -> dict:
-    c = cfg.cache
-    modes = sorted(m.value for m in c.modes)
-    out = {"modes": modes, "dtype": c.dtype.value, "num_classes": num_classes,
-           "precision": cfg.teacher.precision.value}
+def capture_settings(cache, precision: str) -> dict:
+    """The capture settings that change a cache's content, from a cache section (anything
+    with ``modes``, ``dtype``, ``k``, ``temperatures``, ``samples``, ``sample_temperature``)."""
+    modes = sorted(_value(m) for m in cache.modes)
+    out = {"modes": modes, "dtype": _value(cache.dtype), "precision": _value(precision)}
     if "topk" in modes:
-        out |= {"k": c.k, "temperatures": list(c.temperatures)}
+        out |= {"k": cache.k, "temperatures": list(cache.temperatures)}
     if "sampled" in modes:
-        out |= {"samples": c.samples, "sample_temperature": c.sample_temperature}
+        out |= {"samples": cache.samples, "sample_temperature": cache.sample_temperature}
     return out
 
 
-def expected_fields(cfg: Config, dataset_hash: str) -> dict:
-    """The fingerprint fields a reader can know from its config and data alone."""
-    return {
-        "format_version": FORMAT_VERSION,
-        "dataset": dataset_hash,
-        "teacher_config": hash_json(teacher_identity(cfg)),
-        "capture": capture_settings(cfg, cfg.data.num_classes),
-    }
+def layout_settings(cache) -> dict:
+    """How a cache is stored (not what it holds): part of its folder's key."""
+    return {"format": _value(cache.format), "chunk_rows": cache.chunk_rows, "shard_chunks": cache.shard_chunks,
+            "zstd": _value(cache.zstd)}
+
+
+def fingerprint_fields(*, dataset: str, teacher: dict, capture: dict) -> dict:
+    """The fields every reader can know from its config and data alone."""
+    return {"format_version": FORMAT_VERSION, "dataset": dataset, "teacher": hash_json(teacher), "capture": capture}
 
 
 def make_fingerprint(fields: dict) -> dict:
@@ -74,20 +64,12 @@ def check_fingerprint(found: dict, expected: dict, where: str) -> None:
                          "at the cache that matches")
 
 
-def cache_key(cfg: Config) -> str:
-    """Folder name of the cache: computed from the config alone, so stages 2 and 3
-    find the cache without loading the teacher."""
-    return key_from(cfg, {"teacher": teacher_identity(cfg), "data": asdict(cfg.data)})
+def cache_key(data_name: str, teacher_name: str, ident: dict) -> str:
+    """``<data>-<teacher>-<hash>``: the folder name of a cache, from ``ident`` (what the
+    fingerprint holds plus the layout), known without loading the teacher."""
+    return f"{data_name}-{teacher_name}-{hash_json({**ident, 'version': FORMAT_VERSION})[:12]}"
 
 
-def key_from(cfg: Config, ident: dict) -> str:
-    """``<data>-<teacher>-<hash>`` of ``ident`` plus the capture settings and the layout."""
-    ident = {**ident, "capture": capture_settings(cfg, cfg.data.num_classes), "version": FORMAT_VERSION,
-             "layout": {"format": cfg.cache.format.value, "chunk_rows": cfg.cache.chunk_rows,
-                        "shard_chunks": cfg.cache.shard_chunks, "zstd": cfg.cache.zstd.value}}
-    return f"{cfg.data.name}-{cfg.teacher.name}-{hash_json(ident)[:12]}"
-
-
-def cache_location(cfg: Config, root: str, key: str | None = None) -> str:
-    """``cache.path`` when set, else ``<root>/caches/<key>`` (default :func:`cache_key`)."""
-    return cfg.cache.path or os.path.join(root, "caches", key or cache_key(cfg))
+def cache_location(path: str | None, root: str, key: str) -> str:
+    """``path`` (``cache.path``) when set, else ``<root>/caches/<key>``."""
+    return path or os.path.join(root, "caches", key)

@@ -1,7 +1,9 @@
 """The on-disk cache format: array names, the manifest schema and its version.
 
 A cache is a folder (local or fsspec URL) holding ``manifest.json`` and the arrays of
-one or more *representations* of the teacher's output:
+one or more *representations* of the teacher's output, stored beside the index: a Zarr v3
+group in ``zarr/`` (``zarr.open_group("<cache>/zarr")`` opens it, no warnings) or Arrow
+IPC files in ``shards/``:
 
 | mode      | arrays (rows are samples or tokens)                                          |
 |-----------|------------------------------------------------------------------------------|
@@ -39,11 +41,13 @@ from dataclasses import asdict, dataclass, field
 
 from pipeline.cache.storage import Storage
 
-FORMAT_VERSION = 2  # 2: kdcache.json, per-object sizes in commit records, top1 on sampled-only caches
+FORMAT_VERSION = 3  # 2: kdcache.json, per-object sizes in commit records, top1 on sampled-only caches;
+# 3: the Zarr group in zarr/ beside the index; one fingerprint schema for every task
 MANIFEST = "manifest.json"
 MARKER = "kdcache.json"  # written first, never changed: "this folder is a cache" + its plan
 OFFSETS = "offsets.npy"  # sequence tasks: sequence i owns rows offsets[i]:offsets[i + 1]
 COMMITS = "commits"  # one small record per committed shard, written after the shard itself
+GROUP = "zarr"  # the Zarr backend's group, beside the index files
 IDS, LOGITS = "ids", "logits"
 TOPK_IDX, TOPK_VAL, LSE = "topk_idx", "topk_val", "lse"
 SAMPLED_IDX, SAMPLED_CNT, SAMPLED_ENT = "sampled_idx", "sampled_cnt", "sampled_ent"
@@ -51,7 +55,8 @@ TOP1 = "top1"
 ARRAYS = (IDS, LOGITS, TOPK_IDX, TOPK_VAL, LSE, SAMPLED_IDX, SAMPLED_CNT, SAMPLED_ENT, TOP1)
 # Every top-level entry a cache folder can hold: what `cache.overwrite=true` may delete
 # (``locks/`` is kept; anything else, a user's file, is never touched).
-CACHE_ENTRIES = {MARKER, MANIFEST, OFFSETS, COMMITS, "zarr.json", "shards", "teacher_eval.json", *ARRAYS}
+CACHE_ENTRIES = {MARKER, MANIFEST, OFFSETS, COMMITS, GROUP, "shards", "teacher_eval.json",
+                 "zarr.json", *ARRAYS}  # (the last two: where version 2 kept its arrays)
 MODES = ("full", "topk", "sampled")
 DTYPES = ("float16", "bfloat16", "float32")
 # bfloat16 has no NumPy dtype: it is stored as its raw uint16 bit pattern.

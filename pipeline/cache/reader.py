@@ -51,7 +51,7 @@ class CacheReader:
     def logits(self) -> da.Array:
         if LOGITS not in self.arrays:
             raise ValueError(f"cache {self.path!r} holds modes {self.manifest.modes}, not 'full' logits, which this "
-                             "step needs (stage 2's audit, stage 3's training): capture with cache.modes=[full,...]")
+                             "step needs (a derive, a dense distance): capture with cache.modes=[full,...]")
         return self.arrays[LOGITS]
 
     @property
@@ -123,12 +123,3 @@ def _check_shards_present(storage: Storage, m: Manifest) -> None:
     if problems:
         raise ValueError(f"cache {storage.url!r}: {len(problems)} damaged shard(s):"
                          f"{describe(storage, m, problems)}\n{REPAIR}")
-
-
-def open_for_run(cfg, root: str, dataset_hash: str) -> CacheReader:
-    """The cache this run's config points at, checked against it: class count, then every
-    fingerprint field the config and data can know."""
-    from pipeline.cache.fingerprint import cache_location, expected_fields
-
-    return open_cache(cache_location(cfg, root), expected=expected_fields(cfg, dataset_hash),
-                      storage_options=cfg.cache.storage_options, num_classes=cfg.data.num_classes)

@@ -58,7 +58,6 @@ def write_file_atomic(path: str, data: bytes, fix: str = "free space or fix the 
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        fault_pause()
         os.replace(tmp, path)
     except BaseException as e:
         try:
@@ -92,14 +91,6 @@ def _read_only(folder: str) -> bool:
         return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
     except OSError:
         return False
-
-
-def fault_pause() -> None:
-    """Test hook for crash tests: sleep ``KD_TEST_WRITE_PAUSE_S`` seconds in the middle of
-    a shard write, so a test can kill the process there. Unset in normal use."""
-    delay = float(os.environ.get("KD_TEST_WRITE_PAUSE_S", "0") or 0)
-    if delay > 0:
-        time.sleep(delay)
 
 
 class Storage:
@@ -195,13 +186,14 @@ class Storage:
         if self.local:
             os.makedirs(self.path(*parts), exist_ok=True)
 
-    def zarr_store(self, read_only: bool = False):
-        """A Zarr store over this folder."""
+    def zarr_store(self, *parts: str, read_only: bool = False):
+        """A Zarr store over this folder (or its subfolder ``parts``)."""
         from zarr.storage import FsspecStore, LocalStore
 
         if self.local:
-            return LocalStore(self.root, read_only=read_only)
-        return FsspecStore.from_url(self.url, storage_options=self.options or None, read_only=read_only)
+            return LocalStore(self.path(*parts), read_only=read_only)
+        url = "/".join([self.url.rstrip("/"), *parts])
+        return FsspecStore.from_url(url, storage_options=self.options or None, read_only=read_only)
 
 
 class Lock:

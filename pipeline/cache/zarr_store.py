@@ -1,7 +1,7 @@
-"""Zarr v3 backend: one group, arrays chunked by rows, the sharding codec (one object
+"""Zarr v3 backend: one group (``zarr/`` inside the cache folder), arrays chunked by rows, the sharding codec (one object
 per shard), crc32c on every chunk and on each shard's index, zstd.
 
-A stock ``zarr.open_group(path)`` reads it; bfloat16 arrays are stored as their uint16
+A stock ``zarr.open_group("<cache>/zarr")`` reads it; bfloat16 arrays are stored as their uint16
 bit pattern (NumPy has no bfloat16) with ``logical_dtype: bfloat16`` in their attributes.
 """
 
@@ -16,17 +16,25 @@ from zarr.core.buffer.cpu import NDBuffer
 from zarr.core.sync import sync
 
 from pipeline.cache.chunk_reader import ChunkReader, plain_layout
-from pipeline.cache.format import IDS, CacheDamaged, Manifest, ShardRecord, array_specs, bf16_arrays
-from pipeline.cache.storage import Storage, fault_pause
+from pipeline.cache.format import (
+    GROUP,
+    IDS,
+    CacheDamaged,
+    Manifest,
+    ShardRecord,
+    array_specs,
+    bf16_arrays,
+)
+from pipeline.cache.storage import Storage
 
 
 def create(storage: Storage, m: Manifest, zstd_level: int, missing_only: bool = False) -> None:
     """The group and its arrays (``missing_only``: only arrays whose metadata is gone; an
     existing array is never recreated, which would drop its data)."""
     have = storage.listing() if missing_only else {}
-    group = zarr.open_group(storage.zarr_store(), mode="a")
+    group = zarr.open_group(storage.zarr_store(GROUP), mode="a")
     for name, (shape, dtype) in array_specs(m).items():
-        if f"{name}/zarr.json" in have:
+        if f"{GROUP}/{name}/zarr.json" in have:
             continue
         zstd = m.compression == "all" or (m.compression == "ints" and not dtype.startswith("float"))
         compressors = [ZstdCodec(level=zstd_level), Crc32cCodec()] if zstd else [Crc32cCodec()]
@@ -41,10 +49,9 @@ def create(storage: Storage, m: Manifest, zstd_level: int, missing_only: bool = 
 def write_shard(storage: Storage, m: Manifest, shard: ShardRecord, arrays: dict[str, np.ndarray]) -> None:
     """Write one whole shard of every array: a shard-aligned slice, so each shard object
     is written once, by one writer (partial writes of one shard from two processes lose data)."""
-    group = zarr.open_group(storage.zarr_store(), mode="r+")
+    group = zarr.open_group(storage.zarr_store(GROUP), mode="r+")
     for name, values in arrays.items():
         group[name][shard.start:shard.stop] = values
-        fault_pause()
 
 
 def shard_objects(m: Manifest, shard: ShardRecord) -> list[str]:
@@ -53,7 +60,7 @@ def shard_objects(m: Manifest, shard: ShardRecord) -> list[str]:
 
 
 def _key(name: str, shape: tuple[int, ...], index: int) -> str:
-    return f"{name}/c/{index}" + ("/0" if shape else "")
+    return f"{GROUP}/{name}/c/{index}" + ("/0" if shape else "")
 
 
 def _read_rows(storage: Storage, array, name: str, start: int, stop: int, shard_rows: int, out=None):
@@ -75,7 +82,7 @@ def remove_shard(storage: Storage, m: Manifest, shard: ShardRecord) -> None:
 
 
 def read_shard(storage: Storage, m: Manifest, shard: ShardRecord) -> dict[str, np.ndarray]:
-    group = zarr.open_group(storage.zarr_store(read_only=True), mode="r")
+    group = zarr.open_group(storage.zarr_store(GROUP, read_only=True), mode="r")
     return {name: _read_rows(storage, group[name], name, shard.start, shard.stop, m.shard_rows)
             for name in array_specs(m)}
 
@@ -85,7 +92,7 @@ def block_reader(storage: Storage, m: Manifest):
     array decoded straight into ``out`` (stored dtype). Arrays in this project's own layout
     are decoded chunk by chunk without zarr's per-call machinery (:mod:`chunk_reader`); the
     rest go through zarr, into ``out`` too, in one hand-off to its event loop per call."""
-    group = zarr.open_group(storage.zarr_store(read_only=True), mode="r")
+    group = zarr.open_group(storage.zarr_store(GROUP, read_only=True), mode="r")
     arrays = {name: group[name] for name in array_specs(m)}
     handles = {name: a.async_array for name, a in arrays.items()}
     direct = {name: ChunkReader(storage, name, a, layout) for name, a in arrays.items()
@@ -158,7 +165,7 @@ class RowSource:
 
 def dask_arrays(storage: Storage, m: Manifest) -> dict[str, da.Array]:
     """One Dask block per Zarr chunk, read by :class:`RowSource`."""
-    group = zarr.open_group(storage.zarr_store(read_only=True), mode="r")
+    group = zarr.open_group(storage.zarr_store(GROUP, read_only=True), mode="r")
     out = {}
     for name, (shape, _) in array_specs(m).items():
         source = RowSource(storage, name, group[name], m.shard_rows)

@@ -136,9 +136,5 @@ def sampled_kl(student: np.ndarray, idx: np.ndarray, counts: np.ndarray, entropy
     return _finish(loss, grad, bad, reduction, scale, "teacher samples")
 
 
-def kl_forward(student: np.ndarray, teacher: np.ndarray, temperature: float):
-    """Per-row ``T^2 KL(softmax(teacher/T) || softmax(student/T))`` and its gradient."""
-    return distance("kl", student, teacher, temperature=temperature, reduction="none")
 
-
-__all__ = ["DENSE", "SPARSE", "distance", "kl_forward", "sampled_kl", "topk_kl"]
+__all__ = ["DENSE", "SPARSE", "distance", "sampled_kl", "topk_kl"]

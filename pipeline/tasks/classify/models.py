@@ -1,4 +1,5 @@
-"""Teacher and student zoo, user modules by import path, safetensors checkpoints."""
+"""The classifier zoo (the built-in CNN teacher; linear, MLP and CNN students), user modules
+by import path, safetensors checkpoints."""
 
 from __future__ import annotations
 

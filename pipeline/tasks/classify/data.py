@@ -12,15 +12,13 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import uuid
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from pipeline.cache.fingerprint import hash_json
-from pipeline.cache.storage import explain_os_error
 from pipeline.config import DataConfig, DataSource
+from pipeline.hashing import hash_json
+from pipeline.tasks.base import save_dataset_atomic
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +75,7 @@ def load_splits(cfg: DataConfig, root: str) -> Splits:
     if cfg.source is DataSource.mnist1d:
         path = os.path.join(root, "datasets", f"mnist1d-{_config_key(cfg)}")
         if not os.path.exists(os.path.join(path, "dataset_dict.json")):
-            save_atomic(make_mnist1d(cfg), path)
+            save_dataset_atomic(make_mnist1d(cfg), path)
         return _from_dataset_dict(_load_from_disk(path), cfg)
     return _from_dataset_dict(_load_user_dataset(cfg), cfg)
 
@@ -127,25 +125,6 @@ def _to_dataset(x: np.ndarray, y: np.ndarray | None):
         cols["y"] = pa.array(y)
         feats["y"] = datasets.Value("int64")
     return datasets.Dataset(pa.table(cols), info=datasets.DatasetInfo(features=datasets.Features(feats)))
-
-
-def save_atomic(dsd, path: str) -> None:
-    """Save under a unique temporary name, then rename: a killed save leaves no folder
-    that looks complete, and concurrent workers generating the same data do not collide."""
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        dsd.save_to_disk(tmp)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        err = explain_os_error(e, path, "free space or fix the permissions of paths.root, then re-run")
-        if err is e:
-            raise
-        raise err from e
-    try:
-        os.rename(tmp, path)
-        log.info("saved dataset to %s", path)
-    except OSError:  # another worker got there first with the same content
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _load_from_disk(path: str):

@@ -18,10 +18,9 @@ from pathlib import Path
 
 import torch
 
+from pipeline.hashing import hash_files
+
 log = logging.getLogger(__name__)
-# models and tokenizers come from folders on disk: never ask a hub for anything
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -56,13 +55,7 @@ def weights_hash(folder: Path, gguf_file: str | None) -> str:
     if not files:
         raise FileNotFoundError(f"no weight files (.safetensors, .bin, .gguf) in {folder}")
     files += [folder / n for n in ("config.json", "generation_config.json") if (folder / n).is_file()]
-    h = hashlib.sha256()
-    for f in files:
-        h.update(f.name.encode())
-        with open(f, "rb") as fh:
-            while chunk := fh.read(1 << 24):
-                h.update(chunk)
-    return h.hexdigest()
+    return hash_files(files)
 
 
 def tokenizer_hash(tokenizer) -> str:

@@ -1,0 +1,31 @@
+"""Task plug-ins: what differs between a classifier and a language model, and nothing else.
+
+A task (:class:`pipeline.tasks.base.Task`) says how its data is loaded, how its teacher
+is obtained and turns into cache rows (a :class:`pipeline.capture.RowSource`), what a
+cache row's label is, which students it trains and how it evaluates them. The capture
+engine, the streams, the training loop, the audit and the objective are shared; the
+stage recipes ask the registry for the task and never branch on it.
+"""
+
+from __future__ import annotations
+
+from pipeline.tasks.base import Task
+
+
+def registry() -> dict[str, type[Task]]:
+    from pipeline.tasks.classify import Classify
+    from pipeline.tasks.lm import LanguageModel
+
+    return {"classify": Classify, "lm": LanguageModel}
+
+
+def task_for(cfg) -> Task:
+    """The plug-in of ``cfg.task``, bound to the run's config."""
+    name = getattr(cfg.task, "value", cfg.task)
+    tasks = registry()
+    if name not in tasks:
+        raise ValueError(f"task={name!r}: expected one of {sorted(tasks)}")
+    return tasks[name](cfg)
+
+
+__all__ = ["Task", "registry", "task_for"]

@@ -1,0 +1,153 @@
+"""The task plug-in interface, and what every task shares: the cache's location and
+checked opening, and training a student against the cache with resume."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+import uuid
+from dataclasses import asdict
+
+import numpy as np
+
+from pipeline.cache import CacheReader, Storage, cache_location, open_cache
+from pipeline.cache.format import Manifest
+from pipeline.cache.storage import explain_os_error
+from pipeline.capture import RowSource, capture
+from pipeline.config import Config, resolve_root, resolve_workers
+from pipeline.device import choose_device
+from pipeline.hashing import hash_json
+from pipeline.training import train
+
+log = logging.getLogger(__name__)
+
+
+class Task:
+    """What differs between tasks. Bound to the run's config (``self.cfg``): plug-ins are
+    where the whole config is read; the library below them takes sections and values."""
+
+    name = ""
+    unit = "row"  # what a cache row is, for progress bars
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.root = resolve_root(cfg)
+
+    # -- config ---------------------------------------------------------------------------
+    @staticmethod
+    def validate(cfg: Config, problems: list[str]) -> None:
+        """Append this task's config problems to ``problems``."""
+
+    # -- data and teacher (stage 1) -------------------------------------------------------
+    def load_data(self):
+        raise NotImplementedError
+
+    def load_teacher(self, data):
+        raise NotImplementedError
+
+    def plan(self, teacher, data) -> tuple[Manifest, np.ndarray | None]:
+        """The new cache's manifest (and its sequence offsets, for token rows)."""
+        raise NotImplementedError
+
+    def rows(self, teacher, data, device) -> RowSource:
+        raise NotImplementedError
+
+    def after_capture(self, teacher, data, cache_url: str) -> None:
+        """Anything the task keeps beside the cache while it still has the teacher."""
+
+    def capture(self, teacher, data, url: str | None = None) -> Manifest:
+        """Stage 1: the teacher over every row of ``data`` into the cache at ``url`` (default:
+        this run's), through the one capture engine; resumes a started cache."""
+        cfg = self.cfg
+        url = url or self.cache_url(data)
+        device = choose_device(cfg.teacher.device)
+        rank, world = resolve_workers(cfg)
+        manifest, offsets = self.plan(teacher, data)
+        m = capture(self.rows(teacher, data, device), manifest, Storage(url, cfg.cache.storage_options),
+                    device=device, max_full_gb=cfg.cache.max_full_gb, zstd_level=cfg.cache.zstd_level, rank=rank,
+                    world_size=world, offsets=offsets, overwrite=cfg.cache.overwrite, verify=cfg.verify)
+        self.after_capture(teacher, data, url)
+        return m
+
+    # -- the cache (stages 2 and 3) -------------------------------------------------------
+    def cache_key(self, data) -> str:
+        raise NotImplementedError
+
+    def expected_fields(self, data) -> dict:
+        """The fingerprint fields a reader checks, known without the teacher model."""
+        raise NotImplementedError
+
+    def cache_url(self, data) -> str:
+        return cache_location(self.cfg.cache.path, self.root, self.cache_key(data))
+
+    def open_cache(self, data, num_classes: int | None = None) -> CacheReader:
+        """The cache this run points at, checked: its width, then every fingerprint field."""
+        return open_cache(self.cache_url(data), expected=self.expected_fields(data),
+                          storage_options=self.cfg.cache.storage_options, num_classes=num_classes)
+
+    def row_labels(self, data, reader: CacheReader) -> np.ndarray:
+        """(rows,) int64: each cache row's label (-1: none), for the audit's accuracy."""
+        raise NotImplementedError
+
+    # -- students (stage 3) ---------------------------------------------------------------
+    def train_students(self, data, reader: CacheReader, run_dir: str) -> list[dict]:
+        raise NotImplementedError
+
+    def results(self, rows: list[dict], reader: CacheReader) -> tuple[dict, str]:
+        """What ``results.json`` holds besides the rows, and the table printed."""
+        raise NotImplementedError
+
+    def publish(self, rows: list[dict], reader: CacheReader) -> None:
+        """Anything shared across runs of this cache (a leaderboard)."""
+
+    # -- shared -----------------------------------------------------------------------------
+    def student_identity(self, spec, loss) -> dict:
+        """Everything that defines a trained student: its architecture, the loss and its
+        settings, the training settings (seed and device included: numerics differ; not
+        ``resume``, which only says whether to continue)."""
+        train_cfg = {k: v for k, v in asdict(self.cfg.train).items() if k != "resume"}
+        return {"student": asdict(spec), "loss": asdict(loss), "train": train_cfg}
+
+    def state_path(self, reader: CacheReader, name: str, identity: dict) -> str | None:
+        """Where a student's training state lives between runs: keyed by the cache and the
+        student's identity, so only the same run resumes it."""
+        if not self.cfg.train.resume:
+            return None
+        cache = os.path.basename(reader.path.rstrip("/"))
+        return os.path.join(self.root, "students", cache, f"{name}-{hash_json(identity)[:12]}", "state.pt")
+
+    def fit(self, model, stream, steps: int, loss_fn, *, desc: str, batches=None, state_path: str | None = None
+            ) -> tuple[int, float, float]:
+        """Train ``model`` with the run's optimizer settings; (steps, last loss, seconds)."""
+        t = self.cfg.train
+        t0 = time.perf_counter()
+        done, loss = train(model, stream, steps, loss_fn, lr=t.lr, weight_decay=t.weight_decay, desc=desc,
+                           batches=batches, state_path=state_path, checkpoint_every=t.checkpoint_every)
+        if done != steps:
+            raise RuntimeError(f"{desc}: {done} optimizer steps instead of {steps}")
+        return done, loss, time.perf_counter() - t0
+
+    def steps(self, stream) -> int:
+        """``train.steps`` when set, else ``train.epochs`` passes of ``stream``."""
+        return self.cfg.train.steps or self.cfg.train.epochs * len(stream)
+
+
+def save_dataset_atomic(dsd, path: str) -> None:
+    """Save an HF DatasetDict under a unique temporary name, then rename: a killed save
+    leaves no folder that looks complete, and workers preparing the same data do not collide."""
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        dsd.save_to_disk(tmp)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        err = explain_os_error(e, path, "free space or fix the permissions of paths.root, then re-run")
+        if err is e:
+            raise
+        raise err from e
+    try:
+        os.rename(tmp, path)
+        log.info("saved dataset to %s", path)
+    except OSError:  # another worker got there first with the same content
+        shutil.rmtree(tmp, ignore_errors=True)

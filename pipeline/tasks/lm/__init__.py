@@ -1,0 +1,418 @@
+"""The language-model task: a causal LM teacher over token sequences, one cache row per
+real token (padding is never cached, ``offsets`` map sequences to rows), causal LM
+students trained from the cache without the teacher.
+
+Capture: shards are fixed ranges of token rows, so a sequence can straddle two shards;
+each shard runs the teacher over every sequence it overlaps and keeps its own rows (at
+most one sequence per shard boundary is computed twice).
+
+Students: each variant (``lm.variants``) trains the same student from the same
+initialisation for the same steps on the same sequence order: ``labels`` on next-token
+labels alone, ``topk_kl:K`` on the first K cached logits + a tail bucket, ``sampled_kl``
+from the cached draws, each ``alpha * CE + lam * D`` under the padding mask. Evaluation
+on the held-out sequences: perplexity, and KL(teacher || student) over the cached
+top-K + tail at T=1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline.cache import CacheReader, Storage, cache_key, fingerprint_fields, make_fingerprint
+from pipeline.cache.fingerprint import capture_settings, layout_settings
+from pipeline.cache.format import LSE, SAMPLED_CNT, SAMPLED_IDX, TOPK_IDX, TOPK_VAL, row_bytes
+from pipeline.capture import plan_manifest
+from pipeline.config import DataSource, Distance, StudentArch, resolve_workers
+from pipeline.device import choose_device
+from pipeline.losses import select_teacher, teacher_arrays, teacher_term, torch_topk_kl
+from pipeline.stream import SequenceBatch, SequenceStream, pad_batch
+from pipeline.tasks.base import Task
+from pipeline.tasks.lm.models import (
+    LMTeacher,
+    build_student,
+    load_teacher,
+    load_tokenizer,
+    teacher_identity,
+)
+from pipeline.tasks.lm.text import TokenData, load_tokens
+
+log = logging.getLogger(__name__)
+
+LM_TEACHERS = ("smollm2", "hf_causal_lm")
+TEACHER_EVAL = "teacher_eval.json"  # the teacher's held-out perplexity, beside the cache
+
+
+# --- capture -------------------------------------------------------------------------------
+
+
+def teacher_logits(model, seqs: list[np.ndarray], pad_id: int, device: torch.device) -> torch.Tensor:
+    """(B, L, V) float32 logits of right-padded sequences."""
+    ids, mask = pad_batch(seqs, pad_id)
+    out = model(input_ids=ids.to(device, non_blocking=True), attention_mask=mask.to(device, non_blocking=True))
+    return out.logits.float()
+
+
+class TokenRows:
+    """The capture engine's rows for a language model: the teacher over the sequences a
+    shard overlaps, batch by batch, each sequence's real tokens inside the shard kept."""
+
+    unit = "tok"
+
+    def __init__(self, model, data: TokenData, batch_size: int, pad_id: int, device: torch.device):
+        self.model, self.data, self.batch_size, self.pad_id, self.device = model, data, batch_size, pad_id, device
+
+    def _span(self, shard) -> tuple[int, int]:
+        off = self.data.offsets
+        first = int(np.searchsorted(off, shard.start, side="right")) - 1
+        return first, int(np.searchsorted(off, shard.stop, side="left"))  # sequences [first, last) overlap it
+
+    def logits(self, shard):
+        off = self.data.offsets
+        first, last = self._span(shard)
+        for b in range(first, last, self.batch_size):
+            seqs = list(range(b, min(b + self.batch_size, last)))
+            logits = teacher_logits(self.model, [self.data.sequence(i) for i in seqs], self.pad_id, self.device)
+            n_real = [min(off[i + 1], shard.stop) - max(off[i], shard.start) for i in seqs]
+            rows = logits.reshape(-1, logits.shape[-1])  # (B * L, V)
+            if sum(n_real) != len(rows):  # padding or a straddling sequence: keep this shard's real tokens
+                keep = [j * logits.shape[1] + torch.arange(max(off[i], shard.start) - off[i],
+                                                           min(off[i + 1], shard.stop) - off[i])
+                        for j, i in enumerate(seqs)]
+                rows = rows[torch.cat(keep).to(self.device)]  # (n, V)
+            yield int(max(off[seqs[0]], shard.start) - shard.start), rows
+
+    def ids(self, shard) -> np.ndarray:
+        off = self.data.offsets
+        first, last = self._span(shard)
+        ids = np.repeat(np.arange(first, last), np.diff(off[first:last + 1]))
+        return ids[shard.start - off[first]:shard.stop - off[first]]  # a token row's id is its sequence's
+
+
+@torch.inference_mode()
+def teacher_heldout_nll(model, data: TokenData, batch_size: int, device: torch.device, pad_id: int) -> dict:
+    """The teacher's next-token loss on the held-out sequences (its perplexity)."""
+    a, z = data.sequences["heldout"]
+    total, count = 0.0, 0
+    for b in range(a, z, batch_size):
+        seqs = [data.sequence(i) for i in range(b, min(b + batch_size, z))]
+        logp = torch.log_softmax(teacher_logits(model, seqs, pad_id, device), dim=-1)
+        for j, s in enumerate(seqs):
+            target = torch.from_numpy(s[1:]).to(device)
+            total -= logp[j, :len(s) - 1].gather(1, target[:, None]).sum().item()
+            count += len(s) - 1
+    return {"heldout_tokens": count, "heldout_nll": total / count, "heldout_perplexity": float(np.exp(total / count))}
+
+
+def read_teacher_eval(storage: Storage) -> dict:
+    """The teacher's held-out evaluation stored beside the cache ({} before stage 1 wrote it)."""
+    return json.loads(storage.read_bytes(TEACHER_EVAL)) if storage.exists(TEACHER_EVAL) else {}
+
+
+# --- students ------------------------------------------------------------------------------
+
+
+@dataclass
+class Variant:
+    """One student run of a cache: ``labels``, ``topk_kl[:K]`` or ``sampled_kl``."""
+
+    name: str
+    k: int = 0  # topk_kl: the first k cached logits (0: all)
+
+    @classmethod
+    def parse(cls, text: str) -> Variant:
+        name, _, k = text.partition(":")
+        return cls(name, int(k) if k else 0)
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}:{self.k}" if self.k else self.name
+
+    def loss(self, base):
+        """The ``loss.*`` section this variant trains with."""
+        if self.name == "labels":
+            return dataclasses.replace(base, alpha=1.0, lam=0.0)
+        return dataclasses.replace(base, distance=Distance(self.name), k=self.k)
+
+
+def bytes_per_token(v: Variant, reader: CacheReader) -> int:
+    """What a cache holding only this variant's rows would store per token (ids aside)."""
+    m = reader.manifest
+    if v.name == "topk_kl":
+        return row_bytes(dataclasses.replace(m, k=v.k or m.k), ("topk",))
+    return row_bytes(m, ("sampled",)) if v.name == "sampled_kl" else 0
+
+
+def vocab_map(spec, reader: CacheReader, student_vocab: int) -> np.ndarray | None:
+    """None when the student's vocabulary is the teacher's; else teacher id -> student id (-1: none)."""
+    width = reader.manifest.num_classes
+    tok = reader.manifest.vocab.get("tokenizer_size", width)
+    if student_vocab == width and not spec.vocab_map:
+        return None
+    if not spec.vocab_map:
+        raise ValueError(f"the student's vocabulary has {student_vocab} ids but the teacher's logits are {width} wide "
+                         f"(its tokenizer has {tok} tokens): set the student's vocab_map=truncate (student ids are the "
+                         f"teacher's first {student_vocab}, e.g. a padded teacher vocabulary) or vocab_map=<file.npy> "
+                         f"mapping each of the {width} teacher ids to a student id (-1: none)")
+    if spec.vocab_map == "truncate":
+        m = np.arange(width, dtype=np.int64)
+        m[m >= student_vocab] = -1
+        return m
+    m = np.load(spec.vocab_map).astype(np.int64)
+    if m.shape != (width,) or m.max() >= student_vocab or m.min() < -1:
+        raise ValueError(f"vocab_map {spec.vocab_map!r}: expected {width} ids in -1..{student_vocab - 1}, "
+                         f"got shape {m.shape}, range {m.min()}..{m.max()}")
+    kept = m[m >= 0]
+    if len(np.unique(kept)) != len(kept):
+        raise ValueError(f"vocab_map {spec.vocab_map!r} maps several teacher ids to one student id; the sparse "
+                         "losses need a one-to-one map (-1 for teacher ids the student lacks)")
+    return m
+
+
+def map_batch(batch: SequenceBatch, vmap: np.ndarray | None) -> SequenceBatch:
+    """Inputs and teacher rows in the student's ids. A cached top-K entry with no student id
+    gets probability 0 (its mass joins the tail) and points at a kept id of the same row,
+    placed first so the kept entry's gradient wins; a sampled draw with none is dropped."""
+    if vmap is None:
+        return batch
+    ids = vmap[batch.input_ids.numpy()]
+    if (ids[batch.attention_mask.numpy() == 1] < 0).any():
+        raise ValueError("the batch holds input tokens the vocab_map leaves unmapped; the student cannot read them")
+    t = dict(batch.teacher)
+    if TOPK_IDX in t:
+        idx, val = vmap[t[TOPK_IDX]], t[TOPK_VAL].copy()
+        dropped = idx < 0
+        order = np.argsort(~dropped, axis=1, kind="stable")  # dropped entries first
+        idx, val, dropped = (np.take_along_axis(a, order, 1) for a in (idx, val, dropped))
+        fill = np.where(dropped.all(1), 0, idx[np.arange(len(idx)), dropped.sum(1).clip(max=idx.shape[1] - 1)])
+        idx = np.where(dropped, fill[:, None], idx)
+        val[dropped] = -1e4  # p = exp(-1e4 / T - lse): 0 in torch, below 1e-37 in the kernels' clamped exp
+        t[TOPK_IDX], t[TOPK_VAL] = idx.astype(np.int32), val
+    if SAMPLED_IDX in t:
+        sid = t[SAMPLED_IDX]
+        mapped = np.where(sid >= 0, vmap[sid.clip(min=0)], -1)
+        t[SAMPLED_CNT] = np.where(mapped >= 0, t[SAMPLED_CNT], 0).astype(t[SAMPLED_CNT].dtype)
+        t[SAMPLED_IDX] = mapped.astype(np.int32)
+        mask = batch.mask & (t[SAMPLED_CNT].sum(axis=1) > 0)  # no draw left: nothing to distil there
+    else:
+        mask = batch.mask
+    return dataclasses.replace(batch, input_ids=torch.from_numpy(np.maximum(ids, 0)), teacher=t, mask=mask)
+
+
+def student_logits(student, batch: SequenceBatch, device) -> torch.Tensor:
+    """(B, L, V) logits of the student over a padded batch."""
+    return student(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device)).logits
+
+
+def next_token_nll(logits: torch.Tensor, batch: SequenceBatch, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of each real position against the next real token."""
+    labels = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)[:, 1:]
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1).to(logits.device),
+                           ignore_index=-100, reduction=reduction)
+
+
+def sequence_loss(student, batch: SequenceBatch, loss, lse_column: int, vmap, device) -> torch.Tensor:
+    """``alpha * CE(next token) + lam * D(teacher, student)`` over the real tokens of a batch."""
+    with_teacher = loss.lam > 0
+    if with_teacher:
+        batch = dataclasses.replace(batch, teacher=select_teacher(batch.teacher, lse_column, loss.k))
+    batch = map_batch(batch, vmap)
+    logits = student_logits(student, batch, device)
+    ce = next_token_nll(logits, batch)
+    if not with_teacher:
+        return loss.alpha * ce
+    flat = logits.reshape(-1, logits.shape[-1])  # (B * L, V): the kernels' rows, padding masked out
+    t = batch.teacher if device.type == "cpu" else {k: torch.as_tensor(v).to(device) for k, v in batch.teacher.items()}
+    return loss.alpha * ce + teacher_term(flat, t, loss, mask=batch.mask)
+
+
+@torch.no_grad()
+def evaluate(student, reader: CacheReader, data: TokenData, batch_size: int, vmap, device) -> dict:
+    """Held-out perplexity, and KL(teacher || student) over the cached top-K + tail at T=1."""
+    student.eval()
+    m = reader.manifest
+    arrays = (TOPK_IDX, TOPK_VAL, LSE) if "topk" in m.modes and 1.0 in m.temperatures else ()
+    col = m.temperatures.index(1.0) if arrays else 0
+    stream = SequenceStream(reader, data.tokens, split="heldout", batch_size=batch_size, seed=0, arrays=arrays)
+    nll, count, kl, kl_rows = 0.0, 0, 0.0, 0
+    for batch in stream:
+        batch = map_batch(batch, vmap)
+        logits = student_logits(student, batch, device)
+        tokens = int((batch.attention_mask[:, 1:] * batch.attention_mask[:, :-1]).sum())
+        nll += next_token_nll(logits, batch, reduction="sum").item()
+        count += tokens
+        if arrays:
+            keep = torch.from_numpy(batch.mask)
+            flat = logits.reshape(-1, logits.shape[-1])[keep.to(device)].float()
+            idx, val, lse = (torch.from_numpy(batch.teacher[n][batch.mask]).to(device) for n in arrays)
+            kl += torch_topk_kl(flat, idx, val, lse[:, col], 1.0).sum().item()
+            kl_rows += len(flat)
+    student.train()
+    return {"heldout_perplexity": math.exp(nll / count), "heldout_nll": nll / count, "heldout_tokens": count,
+            "heldout_kl_topk": kl / kl_rows if kl_rows else None}
+
+
+class LanguageModel(Task):
+    name = "lm"
+    unit = "tok"
+
+    @staticmethod
+    def validate(cfg, p: list[str]) -> None:
+        if cfg.teacher.name not in LM_TEACHERS:
+            p.append(f"teacher.name={cfg.teacher.name!r}: task=lm teachers are {list(LM_TEACHERS)}")
+        if cfg.teacher.name == "hf_causal_lm" and not cfg.teacher.path:
+            p.append("teacher=hf_causal_lm needs teacher.path: a folder with a Hugging Face causal LM "
+                     "(config.json + weights, or a .gguf named by teacher.gguf_file)")
+        if cfg.data.source is not DataSource.shakespeare:
+            p.append(f"data.source={cfg.data.source.value}: task=lm reads data=shakespeare")
+        bad = [k for k, s in cfg.student.items() if s.arch is not StudentArch.causal_lm]
+        if bad:
+            p.append(f"students {bad} are not causal LMs: task=lm trains student=causal_lm")
+        if cfg.loss.distance.value not in ("topk_kl", "sampled_kl"):
+            p.append(f"loss.distance={cfg.loss.distance.value}: task=lm trains with topk_kl or sampled_kl")
+        if not 0 <= cfg.loss.k <= cfg.cache.k:
+            p.append(f"loss.k={cfg.loss.k}: must be in 0..cache.k={cfg.cache.k} (0 uses all cached logits)")
+        if cfg.teacher.batch_size <= 0:
+            p.append(f"teacher.batch_size={cfg.teacher.batch_size}: must be > 0 (sequences per forward)")
+        if cfg.data.seq_len < 2:
+            p.append(f"data.seq_len={cfg.data.seq_len}: must be >= 2 (a sequence predicts its next tokens)")
+        if cfg.data.train_size < 0:
+            p.append(f"data.train_size={cfg.data.train_size}: must be >= 0 (0: every sequence not held out)")
+        if cfg.data.test_size <= 0:
+            p.append(f"data.test_size={cfg.data.test_size}: must be > 0 (held-out sequences)")
+        if cfg.lm.eval_batch_size <= 0:
+            p.append(f"lm.eval_batch_size={cfg.lm.eval_batch_size}: must be > 0")
+        for v in cfg.lm.variants:
+            name, _, k = v.partition(":")
+            if name not in ("labels", "topk_kl", "sampled_kl") or (k and (not k.isdigit() or name != "topk_kl")):
+                p.append(f"lm.variants: {v!r} is not one of labels, topk_kl, topk_kl:<K>, sampled_kl")
+            elif k and not 0 < int(k) <= cfg.cache.k:
+                p.append(f"lm.variants: {v!r} asks for more than the cache's K={cfg.cache.k}")
+
+    # -- data, teacher, cache -----------------------------------------------------------------
+    def load_data(self) -> TokenData:
+        """The token data, with the teacher's tokenizer (the model itself is not loaded)."""
+        self._tokenizer = load_tokenizer(self.cfg.teacher)
+        return load_tokens(self.cfg.data, self.root, self._tokenizer)
+
+    def capture_settings(self) -> dict:
+        return capture_settings(self.cfg.cache, self.cfg.teacher.precision)
+
+    def cache_key(self, data: TokenData) -> str:
+        t = dataclasses.asdict(self.cfg.teacher)
+        ident = {"teacher": {k: t[k] for k in ("name", "path", "gguf_file", "precision")},
+                 "data": data.content_hash(), "capture": self.capture_settings(),
+                 "layout": layout_settings(self.cfg.cache)}
+        return cache_key(self.cfg.data.name, self.cfg.teacher.name, ident)
+
+    def expected_fields(self, data: TokenData) -> dict:
+        """From the tokenizer and the weight files' hash: the model is never loaded."""
+        return fingerprint_fields(dataset=data.content_hash(), teacher=teacher_identity(self.cfg.teacher,
+                                                                                         self._tokenizer),
+                                  capture=self.capture_settings())
+
+    def open_cache(self, data: TokenData, num_classes: int | None = None) -> CacheReader:
+        reader = super().open_cache(data)
+        if not np.array_equal(reader.offsets, data.offsets):
+            raise ValueError(f"cache {reader.path!r}: its offsets differ from the token data's; re-run stage 1")
+        return reader
+
+    def load_teacher(self, data: TokenData) -> LMTeacher:
+        return load_teacher(self.cfg.teacher)
+
+    def plan(self, teacher: LMTeacher, data: TokenData):
+        width = teacher.model.get_output_embeddings().weight.shape[0]
+        fields = fingerprint_fields(dataset=data.content_hash(), teacher=teacher.identity,
+                                    capture=self.capture_settings())
+        m = plan_manifest(self.cfg.cache, rows=int(data.offsets[-1]), num_classes=width,
+                          splits={name: data.rows(name) for name in data.sequences},
+                          fingerprint=make_fingerprint(fields), offsets=data.offsets,
+                          vocab={"logit_width": width, "tokenizer_size": len(teacher.tokenizer)})
+        log.info("capture plan: %d tokens in %d sequences, logit width %d", m.rows, m.sequences, width)
+        return m, data.offsets
+
+    def rows(self, teacher: LMTeacher, data: TokenData, device) -> TokenRows:
+        return TokenRows(teacher.model.to(device), data, self.cfg.teacher.batch_size, teacher.pad_id, device)
+
+    @torch.inference_mode()
+    def after_capture(self, teacher: LMTeacher, data: TokenData, cache_url: str) -> None:
+        """The teacher's held-out perplexity, stored beside the cache (``teacher_eval.json``)
+        so stage 3 compares students with it without loading the teacher. Computed once, by rank 0."""
+        storage = Storage(cache_url, self.cfg.cache.storage_options)
+        if resolve_workers(self.cfg)[0] != 0 or read_teacher_eval(storage):
+            return
+        device = choose_device(self.cfg.teacher.device)
+        ev = teacher_heldout_nll(teacher.model.to(device), data, self.cfg.teacher.batch_size, device, teacher.pad_id)
+        storage.write_atomic(json.dumps(ev, indent=2).encode(), TEACHER_EVAL)
+        log.info("teacher held-out perplexity %.2f over %d tokens", ev["heldout_perplexity"], ev["heldout_tokens"])
+
+    def row_labels(self, data: TokenData, reader: CacheReader) -> np.ndarray:
+        """A token row's label is the next token of its sequence (none after the last)."""
+        labels = np.full(len(data.tokens), -1, np.int64)
+        labels[:-1] = data.tokens[1:]
+        labels[data.offsets[1:] - 1] = -1
+        return labels
+
+    # -- students -------------------------------------------------------------------------------
+    def variants(self) -> list[Variant]:
+        if self.cfg.lm.variants:
+            return [Variant.parse(v) for v in self.cfg.lm.variants]
+        return [Variant("labels"), Variant(self.cfg.loss.distance.value, self.cfg.loss.k)]
+
+    def train_students(self, data: TokenData, reader: CacheReader, run_dir: str) -> list[dict]:
+        device = choose_device(self.cfg.train.device)
+        return [self.train_variant(name, spec, v, data, reader, device, os.path.join(run_dir, "students"))
+                for name, spec in self.cfg.student.items() for v in self.variants()]
+
+    def train_variant(self, name: str, spec, v: Variant, data: TokenData, reader: CacheReader,
+                      device: torch.device, save_dir: str | None = None) -> dict:
+        cfg = self.cfg
+        vocab = int(spec.kwargs.get("vocab_size", reader.manifest.num_classes))
+        vmap = vocab_map(spec, reader, vocab)
+        loss = v.loss(cfg.loss)
+        arrays, lse_column = teacher_arrays(reader.manifest, loss)
+        student = build_student(spec, vocab, cfg.data.seq_len, cfg.train.seed).to(device)
+        stream = SequenceStream(reader, data.tokens, split="train", batch_size=cfg.train.batch_size,
+                                seed=cfg.train.seed, arrays=arrays)
+        steps = self.steps(stream)
+        identity = self.student_identity(spec, loss)
+        state = self.state_path(reader, f"{name}-{v.label.replace(':', '-')}", identity)
+        done, final, seconds = self.fit(
+            student, stream, steps, lambda model, batch: sequence_loss(model, batch, loss, lse_column, vmap, device),
+            desc=f"{name}: {v.label}", state_path=state)
+        row = {"student": name, "variant": v.label, "bytes_per_token": bytes_per_token(v, reader), "steps": done,
+               "params": sum(p.numel() for p in student.parameters()), "train_s": seconds,
+               "tokens_per_s": done * cfg.train.batch_size * cfg.data.seq_len / seconds, "final_loss": final}
+        row |= evaluate(student, reader, data, cfg.lm.eval_batch_size, vmap, device)
+        if save_dir:  # a standard HF folder (config.json + model.safetensors)
+            row["checkpoint"] = os.path.join(save_dir, name, v.label.replace(":", "-"))
+            student.save_pretrained(row["checkpoint"])
+        log.info("%s %s: held-out perplexity %.2f, KL %.4f", name, v.label, row["heldout_perplexity"],
+                 row["heldout_kl_topk"] or float("nan"))
+        return row
+
+    def results(self, rows: list[dict], reader: CacheReader) -> tuple[dict, str]:
+        teacher = read_teacher_eval(reader.storage)
+        full = reader.manifest.num_classes * 2
+        return ({"teacher": teacher, "full_fp16_bytes_per_token": full},
+                format_lm_results(rows, teacher, full))
+
+
+def format_lm_results(rows: list[dict], teacher: dict, full_bytes: int) -> str:
+    lines = ["| student | trained on | bytes/token | held-out perplexity | held-out KL (top-K+tail) | steps | time |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    if teacher:
+        lines.append(f"| teacher | - | {full_bytes:,} (full fp16) | {teacher['heldout_perplexity']:.2f} | 0 | - | - |")
+    for r in rows:
+        kl = f"{r['heldout_kl_topk']:.4f}" if r["heldout_kl_topk"] is not None else "-"
+        lines.append(f"| {r['student']} | {r['variant']} | {r['bytes_per_token']} | {r['heldout_perplexity']:.2f} | "
+                     f"{kl} | {r['steps']} | {r['train_s']:.0f}s |")
+    return "\n".join(lines)
