@@ -105,3 +105,62 @@ def test_stage2_joins_an_existing_cluster_by_address(tmp_path):
     assert f"connected to {cluster.scheduler_address}" in proc.stdout + proc.stderr
     (audit,) = glob.glob(str(tmp_path / "runs" / "*" / "audit.json"))
     assert json.load(open(audit))["rows"] == 2100
+
+
+def test_a_topk_only_cache_is_audited_exactly_where_it_can_be(tmp_path):
+    """No full logits: accuracy from the first top-k id, confidence from the top logit and
+    the row's logsumexp (exact), coverage of the first k cached logits, the kept mass's p10."""
+    rng = np.random.default_rng(3)
+    logits = (rng.standard_normal((60, 20)) * 2).astype(np.float32)
+    labels = rng.integers(0, 20, 60)
+    path = tmp_path / "c"
+    write_cache(path, logits, dtype="float32", modes=("topk",), k=5, temperatures=(1.0, 2.0), chunk_rows=8,
+                splits={"train": [0, 60]})
+    s = audit_cache(open_cache(str(path)), labels, temperature=2.0)["splits"]["train"]
+    p = torch.softmax(torch.from_numpy(logits).double() / 2.0, dim=1).numpy()
+    top = -np.sort(-p, axis=1)[:, :5]
+    assert s["teacher_acc"] == (logits.argmax(1) == labels).mean()
+    np.testing.assert_allclose(s["mean_confidence"], p.max(1).mean(), rtol=1e-6)
+    np.testing.assert_allclose(s["coverage"], np.cumsum(top, axis=1).mean(0), rtol=1e-6)
+    kept = top.sum(1)
+    assert abs(s["topk_mass_p10"] - np.percentile(kept, 10)) <= 2e-3  # a 1000-bin histogram
+    assert "mean_entropy" not in s  # the tail's shape is unknown: no entropy is claimed
+
+
+def test_a_sampled_only_cache_is_audited(tmp_path):
+    rng = np.random.default_rng(4)
+    logits = (rng.standard_normal((40, 9)) * 2).astype(np.float32)
+    labels = rng.integers(0, 9, 40)
+    path = tmp_path / "c"
+    write_cache(path, logits, dtype="float32", modes=("sampled",), samples=6, sample_temperature=2.0,
+                chunk_rows=8, splits={"train": [0, 40]})
+    reader = open_cache(str(path))
+    s = audit_cache(reader, labels, temperature=2.0)["splits"]["train"]
+    p = torch.softmax(torch.from_numpy(logits).double() / 2.0, dim=1)
+    assert s["teacher_acc"] == (logits.argmax(1) == labels).mean()  # from the exact top1 array
+    np.testing.assert_allclose(s["mean_sample_entropy"], (-(p * p.log()).sum(1)).mean().item(), rtol=1e-5)
+    cnt = reader.arrays["sampled_cnt"].compute()
+    assert s["distinct_sampled_mean"] == (cnt > 0).sum(1).mean()
+
+
+def test_the_audit_progress_moves_on_a_cluster(tmp_path, monkeypatch):
+    """A distributed scheduler's tasks are invisible to local callbacks: the bar follows
+    the futures instead, one step per block."""
+    import pipeline.audit as audit
+    from pipeline.cluster import scheduler
+
+    seen = []
+
+    class Bar(audit.tqdm):
+        def close(self):
+            seen.append((self.n, self.total))  # (tqdm may close a bar twice: at exit and when deleted)
+            super().close()
+
+    monkeypatch.setattr(audit, "tqdm", Bar)
+    logits = np.random.default_rng(5).standard_normal((64, 5)).astype(np.float32)
+    path = tmp_path / "c"
+    write_cache(path, logits, dtype="float32", chunk_rows=8, splits={"train": [0, 64]})
+    with scheduler("distributed", workers=1) as client:
+        audit_cache(open_cache(str(path)), np.zeros(64, np.int64), temperature=1.0, scheduler=client)
+    audit_cache(open_cache(str(path)), np.zeros(64, np.int64), temperature=1.0)
+    assert len(seen) >= 2 and set(seen) == {(8, 8)}  # both bars end at every block

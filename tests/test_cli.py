@@ -16,9 +16,9 @@ SMALL = ["data.train_size=400", "data.test_size=200", "data.transfer_size=1500",
          "train.epochs=1", "cache.chunk_rows=256", "cache.shard_chunks=2"]
 
 
-def run_cli(root, *args, timeout=600, code=0):
+def run_cli(root, *args, timeout=600, code=0, env_extra: dict | None = None):
     """``python -m pipeline.run paths.root=<root> <SMALL> <args>``; its exit code must be ``code``."""
-    env = dict(os.environ, OMP_WAIT_POLICY="passive")
+    env = dict(os.environ, OMP_WAIT_POLICY="passive", **(env_extra or {}))
     env.pop("HYDRA_FULL_ERROR", None)
     proc = subprocess.run([sys.executable, "-m", "pipeline.run", f"paths.root={root}", *SMALL, *args],
                           capture_output=True, text=True, timeout=timeout, env=env)
@@ -147,16 +147,24 @@ def test_student_class_count_differing_from_the_cache_is_explained(full_run):
     assert "set data.num_classes=10" in proc.stdout + proc.stderr
 
 
-def test_stage3_on_a_sampled_only_cache_reports_the_teacher_accuracy_exactly(tmp_path):
-    """Not the most-drawn class (an estimate): the cached argmax, equal to the top-k
-    cache's first id from the same forward passes."""
-    acc = {}
+def test_a_topk_only_and_a_sampled_only_cache_go_through_all_three_stages(tmp_path):
+    """What stage 1's size guard recommends must work end to end: capture, the audit (its
+    teacher accuracy exact: the cached argmax, from the top-k cache's first id or the
+    sampled cache's top1, not the most-drawn class), training and the results."""
+    acc, audits = {}, {}
     for modes, loss in (("[topk]", "topk_kl"), ("[sampled]", "sampled_kl")):
-        run_cli(tmp_path, "stage=1", f"cache.modes={modes}", "cache.k=3", "cache.samples=2")
-        proc = run_cli(tmp_path, "stage=3", f"cache.modes={modes}", "cache.k=3", "cache.samples=2", f"loss={loss}",
+        root = tmp_path / modes.strip("[]")
+        proc = run_cli(root, f"cache.modes={modes}", "cache.k=3", "cache.samples=2", f"loss={loss}",
                        "student=linear")
         (line,) = [ln for ln in proc.stdout.splitlines() if ln.startswith("teacher test accuracy")]
         acc[modes] = line
+        (path,) = glob.glob(str(root / "runs" / "*" / "audit.json"))
+        audits[modes] = json.load(open(path))
+        (results,) = glob.glob(str(root / "runs" / "*" / "results.json"))
+        assert audits[modes]["splits"]["test"]["teacher_acc"] == json.load(open(results))["students"][0]["teacher_acc"]
     assert acc["[sampled]"] == acc["[topk]"]
-    teacher = json.load(open(glob.glob(str(tmp_path / "teachers" / "*" / "config.json"))[0]))
+    teacher = json.load(open(glob.glob(str(tmp_path / "topk" / "teachers" / "*" / "config.json"))[0]))
     assert acc["[sampled]"] == f"teacher test accuracy: {teacher['test_acc']:.4f}"
+    topk, sampled = audits["[topk]"]["splits"]["test"], audits["[sampled]"]["splits"]["test"]
+    assert len(topk["coverage"]) == 3 and 0 < topk["coverage"][-1] <= 1 and topk["ece"] is not None
+    assert sampled["mean_sample_entropy"] > 0 and 1 <= sampled["distinct_sampled_mean"] <= 2

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import json
 import os
 import subprocess
 import sys
@@ -34,6 +35,12 @@ LENGTHS = [48, 20, 48, 7, 33, 48, 2, 40]  # train: the first 6, held out: the la
 SMALL = ["task=lm", "data.train_size=6", "data.test_size=4", "data.seq_len=48", "cache.chunk_rows=32",
          "cache.shard_chunks=2", "cache.k=16", "cache.samples=8", "train.steps=1", "train.batch_size=3",
          "lm.eval_batch_size=2"]
+
+
+def small(*overrides: str) -> list[str]:
+    """SMALL with ``overrides`` replacing its values of the same keys."""
+    keys = {o.split("=", 1)[0] for o in overrides}
+    return [a for a in SMALL if a.split("=", 1)[0] not in keys] + list(overrides)
 
 
 @pytest.fixture(scope="module")
@@ -289,6 +296,20 @@ def test_a_many_to_one_vocab_map_is_refused(tmp_path):
         vocab_map(spec, reader, 30)
 
 
+def test_a_full_token_capture_keeps_its_chunks_under_the_clamp(teacher, lm_cache, tmp_path):
+    """A `full` row of a 49,152-token vocabulary is 96 KiB: cache.chunk_rows=4096 would make
+    384 MiB chunks, so the one capture engine lowers it to keep a chunk under 8 MiB."""
+    import zarr
+
+    from pipeline.capture import MAX_CHUNK_BYTES
+
+    _, data, _ = lm_cache
+    full = compose_config(*small("cache.modes=[full]", "cache.chunk_rows=4096"))
+    m = LanguageModel(full).capture(teacher, data, str(tmp_path / "full"))
+    assert m.complete and m.chunk_rows == MAX_CHUNK_BYTES // (49152 * 2) == 85
+    assert zarr.open_group(str(tmp_path / "full" / "zarr"), mode="r")["logits"].chunks == (85, 49152)
+
+
 def test_full_rows_capture_for_a_token_cache(teacher, lm_cache, tmp_path):
     cfg, data, url = lm_cache
     full = compose_config(*SMALL, "cache.modes=[full]")
@@ -301,3 +322,45 @@ def test_full_rows_capture_for_a_token_cache(teacher, lm_cache, tmp_path):
     assert logits.shape == (sum(LENGTHS), 49152)
     np.testing.assert_array_equal(-np.sort(-logits, axis=1)[:, :16], val)
     np.testing.assert_array_equal(np.take_along_axis(logits, idx.astype(np.int64), 1), val)
+
+
+def test_an_lm_student_killed_mid_training_resumes_to_the_same_steps_and_weights(tmp_path):
+    """The one training loop gives LM students what classifier students had: a kill after
+    a checkpoint (every 5 steps here) resumes to the uninterrupted run's steps and weights."""
+    import signal
+    import time
+
+    from safetensors.torch import load_file
+
+    args = [*small("train.steps=150", "train.checkpoint_every=5"), f"paths.root={tmp_path}", "lm.variants=[topk_kl]"]
+    # one thread each: bit-equal weights across processes need the same reduction order
+    env = dict(os.environ, OMP_WAIT_POLICY="passive", OMP_NUM_THREADS="1", NUMBA_NUM_THREADS="1")
+
+    def cli(*extra, check=True):
+        proc = subprocess.run([sys.executable, "-m", "pipeline.run", *args, *extra], capture_output=True, text=True,
+                              timeout=600, env=env)
+        assert not check or proc.returncode == 0, proc.stderr[-3000:]
+        return proc
+
+    cli("stage=1")
+    p = subprocess.Popen([sys.executable, "-m", "pipeline.run", *args, "stage=3"], stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, env=env)
+    pattern = str(tmp_path / "students" / "*" / "*" / "state.pt")
+    deadline = time.monotonic() + 300
+    while not glob.glob(pattern) and time.monotonic() < deadline and p.poll() is None:
+        time.sleep(0.01)
+    p.send_signal(signal.SIGKILL)
+    assert p.wait() == -signal.SIGKILL  # killed, not finished
+    (state,) = glob.glob(pattern)
+    assert 0 < torch.load(state, weights_only=False)["step"] < 150
+
+    resumed = cli("stage=3")
+    assert "resuming from" in resumed.stdout + resumed.stderr
+    cli("stage=3", "train.resume=false")  # from scratch, never interrupted
+    saved = sorted(glob.glob(str(tmp_path / "runs" / "*" / "students" / "causal_lm" / "topk_kl" / "model.safetensors")))
+    assert len(saved) == 2
+    a, b = (load_file(f) for f in saved)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    steps = [json.load(open(os.path.join(os.path.dirname(f), "..", "..", "..", "results.json")))["students"][0]["steps"]
+             for f in saved]
+    assert steps == [150, 150]

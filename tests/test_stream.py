@@ -136,3 +136,25 @@ def test_the_direct_chunk_decoder_serves_every_zarr_array_of_a_cache(tiny_cache)
 
     g = zarr.open_group(os.path.join(tiny_cache, "zarr"), mode="r")
     assert all(plain_layout(g[name]) is not None for name in g.array_keys())
+
+
+def test_the_sequence_stream_names_a_non_finite_token_row(tmp_path):
+    """Token caches go through the same read path and the same check as sample caches: a
+    NaN in one token's row is named by its sequence and its cache row, never trained on."""
+    from pipeline.stream import SequenceStream
+
+    rng = np.random.default_rng(0)
+    lengths = [5, 9, 3, 7]
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    logits = rng.standard_normal((offsets[-1], 12)).astype(np.float32)
+    logits[11, 4] = np.nan  # sequence 1 (rows 5:14)
+    path = tmp_path / "tokens"
+    write_cache(path, logits, modes=("topk",), k=4, chunk_rows=4, shard_chunks=2, offsets=offsets,
+                splits={"train": [0, int(offsets[-1])]})
+    reader = open_cache(str(path))
+    tokens = np.arange(offsets[-1]) % 12
+    stream = SequenceStream(reader, tokens, split="train", batch_size=2, seed=0, arrays=("topk_idx", "topk_val", "lse"))
+    with pytest.raises(ValueError, match=r"non-finite (topk_val|lse) at sequences \[1\] \(cache rows \[11\]\)"):
+        list(stream)
+    ok = SequenceStream(reader, tokens, split="train", batch_size=2, seed=0, arrays=("topk_idx",))
+    assert sorted(i for b in ok for i in b.sequences.tolist()) == [0, 1, 2, 3]  # ids hold no float: nothing to refuse

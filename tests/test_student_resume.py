@@ -14,6 +14,10 @@ import torch
 from tests.test_cli import SMALL, run_cli
 
 ARGS = ["stage=3", "student=mlp", "train.epochs=60"]
+# One thread each for torch and Numba: bit-equal results across processes need the same
+# reduction order, and the VM sometimes gives a process one core instead of two (torch
+# sizes its pool from the cores it sees at start). Without this the test flaked 2 of 6.
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1"}
 
 
 def _results(root) -> dict:
@@ -24,7 +28,7 @@ def _results(root) -> dict:
 
 def test_interrupted_student_resumes_to_the_same_result(tmp_path):
     run_cli(tmp_path, "stage=1")
-    env = dict(os.environ, OMP_WAIT_POLICY="passive")
+    env = dict(os.environ, OMP_WAIT_POLICY="passive", **ONE_THREAD)
     p = subprocess.Popen([sys.executable, "-m", "pipeline.run", f"paths.root={tmp_path}", *SMALL, *ARGS],
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     pattern = str(tmp_path / "students" / "*" / "*" / "state.pt")
@@ -38,10 +42,10 @@ def test_interrupted_student_resumes_to_the_same_result(tmp_path):
     epoch_at_kill = torch.load(state, weights_only=False)["stream"]["epoch"]
     assert 1 <= epoch_at_kill < 60
 
-    proc = run_cli(tmp_path, *ARGS)
+    proc = run_cli(tmp_path, *ARGS, env_extra=ONE_THREAD)
     assert "resuming from" in proc.stdout + proc.stderr
     resumed = _results(tmp_path)
-    run_cli(tmp_path, *ARGS, "train.resume=false")  # from scratch, never interrupted
+    run_cli(tmp_path, *ARGS, "train.resume=false", env_extra=ONE_THREAD)  # from scratch, never interrupted
     fresh = _results(tmp_path)
     assert resumed["steps"] == fresh["steps"] == 60 * 8
     assert resumed["test_acc"] == fresh["test_acc"] and resumed["agreement"] == fresh["agreement"]
