@@ -24,11 +24,11 @@ from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
 from pipeline.cache import open_cache
-from pipeline.capture import capture_logits, host_buffers, plan_manifest
+from pipeline.capture import host_buffers
 from pipeline.config import register, validate
 from pipeline.losses import distance_loss, sampled_kl_loss, topk_kl_loss
 from pipeline.representations import sample_counts
-from pipeline.tasks.classify import obtain_teacher
+from pipeline.tasks.classify import Classify, obtain_teacher
 from pipeline.tasks.classify.data import load_splits
 
 
@@ -45,13 +45,13 @@ def capture(root: str, rows: int, device: str, precision: str) -> tuple[np.ndarr
     teacher, _ = obtain_teacher(cfg, splits, root)
     url = f"{root}/cache-{len(os.listdir(root))}-{device}-{precision}"
     t0 = time.perf_counter()
-    capture_logits(teacher, splits, cfg, url)
+    Classify(cfg).capture(teacher, splits, url)
     took = time.perf_counter() - t0
     reader = open_cache(url)
     reader.verify()
     info = {"pinned": None}
     if device == "cuda":
-        m = plan_manifest(cfg, splits, teacher.to(device))
+        m, _ = Classify(cfg).plan(teacher.to(device), splits)
         info["pinned"] = all(b.is_pinned() for b in host_buffers(m, 8, torch.device(device)).values())
     return reader.logits.compute().astype(np.float32), info, took
 

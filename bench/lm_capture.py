@@ -18,10 +18,10 @@ import time
 import torch
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
-from pipeline.token_capture import capture_tokens, teacher_logits
 
 from pipeline.config import register, validate
 from pipeline.device import choose_device
+from pipeline.tasks.lm import LanguageModel, teacher_logits
 from pipeline.tasks.lm.models import load_teacher
 from pipeline.tasks.lm.text import load_tokens
 
@@ -52,7 +52,7 @@ def main(overrides: list[str], repeats: int = 2) -> dict:
             bare_forward(model, data, cfg.teacher.batch_size, device)
             bare.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
-            capture_tokens(teacher, data, cfg, f"{tmp}/cache-{r}")
+            LanguageModel(cfg).capture(teacher, data, f"{tmp}/cache-{r}")
             full.append(time.perf_counter() - t0)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

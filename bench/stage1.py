@@ -20,10 +20,9 @@ import torch
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
-from pipeline.capture import capture_logits
 from pipeline.config import register, resolve_root, validate
 from pipeline.device import autocast, choose_device
-from pipeline.tasks.classify import obtain_teacher
+from pipeline.tasks.classify import Classify, obtain_teacher
 from pipeline.tasks.classify.data import load_splits
 
 
@@ -57,7 +56,7 @@ def main(overrides: list[str], repeats: int = 3) -> dict:
             bare.append(time.perf_counter() - t0)
             cache = f"{tmp}/cache-{r}"
             t0 = time.perf_counter()
-            capture_logits(teacher, splits, cfg, cache)
+            Classify(cfg).capture(teacher, splits, cache)
             full.append(time.perf_counter() - t0)
             shutil.rmtree(cache, ignore_errors=True)
     finally:

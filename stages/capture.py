@@ -22,6 +22,7 @@ def main(cfg: Config, run_dir: str) -> str:
     teacher = task.load_teacher(data)
     url = task.cache_url(data)
     task.capture(teacher, data, url)
+    task.after_capture(teacher, data, url)
     del teacher  # stages 2 and 3 never need it: free it before anything else runs
     gc.collect()
     if torch.cuda.is_available():

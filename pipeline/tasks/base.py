@@ -58,8 +58,9 @@ class Task:
         """Anything the task keeps beside the cache while it still has the teacher."""
 
     def capture(self, teacher, data, url: str | None = None) -> Manifest:
-        """Stage 1: the teacher over every row of ``data`` into the cache at ``url`` (default:
-        this run's), through the one capture engine; resumes a started cache."""
+        """The teacher over every row of ``data`` into the cache at ``url`` (default: this
+        run's), through the one capture engine; resumes a started cache. Stage 1 then calls
+        :meth:`after_capture`."""
         cfg = self.cfg
         url = url or self.cache_url(data)
         device = choose_device(cfg.teacher.device)
@@ -68,7 +69,6 @@ class Task:
         m = capture(self.rows(teacher, data, device), manifest, Storage(url, cfg.cache.storage_options),
                     device=device, max_full_gb=cfg.cache.max_full_gb, zstd_level=cfg.cache.zstd_level, rank=rank,
                     world_size=world, offsets=offsets, overwrite=cfg.cache.overwrite, verify=cfg.verify)
-        self.after_capture(teacher, data, url)
         return m
 
     # -- the cache (stages 2 and 3) -------------------------------------------------------

@@ -59,7 +59,9 @@ def lm_cache(teacher, tmp_path_factory):
     offsets = np.concatenate([[0], np.cumsum(LENGTHS)]).astype(np.int64)
     data = TokenData(np.concatenate(seqs), offsets, {"train": (0, 6), "heldout": (6, 8)}, full.tokenizer_hash)
     url = os.path.join(root, "cache")
-    LanguageModel(cfg).capture(teacher, data, url)  # and the teacher's held-out evaluation beside it
+    task = LanguageModel(cfg)
+    task.capture(teacher, data, url)
+    task.after_capture(teacher, data, url)  # the teacher's held-out evaluation beside the cache
     return cfg, data, url
 
 
