@@ -61,3 +61,18 @@ def test_cli_unknown_group_option_exits_nonzero(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert "Could not find 'loss/nope'" in proc.stderr and "kl" in proc.stderr
+
+
+def test_each_task_validates_its_own_settings():
+    """task=lm accepts what its data config documents (train_size 0: every sequence not held
+    out) and never reads the classifier's num_classes; each task refuses the other's parts."""
+    from pipeline.config import validate
+    from tests.conftest import compose_config
+
+    validate(compose_config("task=lm", "data.train_size=0", "data.num_classes=-1"))
+    with pytest.raises(ValueError, match="data.train_size=0: must be > 0"):
+        validate(compose_config("data.train_size=0"))
+    with pytest.raises(ValueError, match=r"students \['causal_lm'\] are causal LMs"):
+        validate(compose_config("student=causal_lm"))
+    with pytest.raises(ValueError, match="task=lm trains with topk_kl or sampled_kl"):
+        validate(compose_config("task=lm", "loss=kl"))
