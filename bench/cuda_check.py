@@ -25,9 +25,10 @@ from omegaconf import OmegaConf
 
 from pipeline.cache import open_cache
 from pipeline.capture import host_buffers
-from pipeline.config import register, validate
+from pipeline.config import register
 from pipeline.losses import distance_loss, sampled_kl_loss, topk_kl_loss
 from pipeline.representations import sample_counts
+from pipeline.tasks import validate
 from pipeline.tasks.classify import Classify, obtain_teacher
 from pipeline.tasks.classify.data import load_splits
 

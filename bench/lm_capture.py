@@ -19,8 +19,9 @@ import torch
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
-from pipeline.config import register, validate
+from pipeline.config import register
 from pipeline.device import choose_device
+from pipeline.tasks import validate
 from pipeline.tasks.lm import LanguageModel, teacher_logits
 from pipeline.tasks.lm.models import load_teacher
 from pipeline.tasks.lm.text import load_tokens

@@ -20,8 +20,9 @@ import torch
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
-from pipeline.config import register, resolve_root, validate
+from pipeline.config import register, resolve_root
 from pipeline.device import autocast, choose_device
+from pipeline.tasks import validate
 from pipeline.tasks.classify import Classify, obtain_teacher
 from pipeline.tasks.classify.data import load_splits
 

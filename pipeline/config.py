@@ -2,8 +2,9 @@
 
 The YAML files under ``pipeline/conf/`` are merged on top of these schemas, so an
 unknown key or a value of the wrong type fails while Hydra composes the config,
-before any work starts. :func:`validate` then checks ranges and cross-field rules
-and reports every problem at once.
+before any work starts. :func:`pipeline.tasks.validate` then checks ranges and
+cross-field rules (the shared ones here, each task's in its plug-in) and reports every
+problem at once.
 """
 
 from __future__ import annotations
@@ -273,11 +274,9 @@ def _positive(problems: list[str], where: str, value: float) -> None:
         problems.append(f"{where}={value}: must be > 0")
 
 
-def validate(cfg: Config) -> Config:
-    """Check ranges and cross-field rules, shared ones here and the task's in its plug-in;
-    raise one ValueError listing every problem."""
-    from pipeline.tasks import registry
-
+def shared_problems(cfg: Config) -> list[str]:
+    """Range and cross-field problems of the settings every task shares (each task checks
+    its own: :func:`pipeline.tasks.validate` reports both at once)."""
     p: list[str] = []
     if "://" in cfg.paths.root:
         p.append(f"paths.root={cfg.paths.root!r}: must be a local folder (run folders, datasets and checkpoints "
@@ -288,7 +287,6 @@ def validate(cfg: Config) -> Config:
         p.append(f"data.transfer_size={cfg.data.transfer_size}: must be >= 0")
     if cfg.data.source is DataSource.disk and not cfg.data.path:
         p.append("data.path is required with data.source=disk (a save_to_disk folder or parquet/arrow files)")
-    registry()[cfg.task.value].validate(cfg, p)
     if not cfg.student:
         p.append("no student selected: pick one or more, e.g. student=mlp or student=[linear,mlp]")
     for key, s in cfg.student.items():
@@ -322,9 +320,7 @@ def validate(cfg: Config) -> Config:
             p.append(f"train.{name}={getattr(cfg.train, name)}: must be >= 0")
     if cfg.train.steps == 0 and cfg.train.epochs <= 0:
         p.append(f"train.epochs={cfg.train.epochs} with train.steps=0: set one of them > 0")
-    if p:
-        raise ValueError("invalid config (" + str(len(p)) + " problem(s)):\n  - " + "\n  - ".join(p))
-    return cfg
+    return p
 
 
 def resolve_workers(cfg: Config) -> tuple[int, int]:

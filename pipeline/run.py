@@ -1,7 +1,7 @@
 """Command line entry point: ``python -m pipeline.run [stage=1|2|3] [overrides]``.
 
 The one module that imports ``stages/``. Hydra composes ``conf/config.yaml`` over the
-typed schema in :mod:`pipeline.config`; :func:`pipeline.config.validate` rejects
+typed schema in :mod:`pipeline.config`; :func:`pipeline.tasks.validate` rejects
 out-of-range values before any stage starts.
 """
 
@@ -16,7 +16,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.cache.storage import StorageError, check_writable, explain_os_error
-from pipeline.config import Config, register, validate
+from pipeline.config import Config, register
+from pipeline.tasks import validate
 
 # Set before torch or Numba load (neither is imported above the stages): the entry point
 # owns the process's environment, the library never changes it.

@@ -4,7 +4,8 @@ import sys
 import pytest
 from hydra.errors import ConfigCompositionException, MissingConfigException
 
-from pipeline.config import StudentArch, validate
+from pipeline.config import StudentArch
+from pipeline.tasks import validate
 from tests.conftest import compose_config
 
 
@@ -66,7 +67,7 @@ def test_cli_unknown_group_option_exits_nonzero(tmp_path):
 def test_each_task_validates_its_own_settings():
     """task=lm accepts what its data config documents (train_size 0: every sequence not held
     out) and never reads the classifier's num_classes; each task refuses the other's parts."""
-    from pipeline.config import validate
+    from pipeline.tasks import validate
     from tests.conftest import compose_config
 
     validate(compose_config("task=lm", "data.train_size=0", "data.num_classes=-1"))

@@ -9,7 +9,11 @@ stage recipes ask the registry for the task and never branch on it.
 
 from __future__ import annotations
 
-from pipeline.tasks.base import Task
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the plug-ins load torch: imported when a task is asked for, not before
+    from pipeline.config import Config
+    from pipeline.tasks.base import Task
 
 
 def registry() -> dict[str, type[Task]]:
@@ -28,4 +32,16 @@ def task_for(cfg) -> Task:
     return tasks[name](cfg)
 
 
-__all__ = ["Task", "registry", "task_for"]
+def validate(cfg: Config) -> Config:
+    """Check ranges and cross-field rules: the shared ones and the task's own; raise one
+    ValueError listing every problem."""
+    from pipeline.config import shared_problems
+
+    p = shared_problems(cfg)
+    registry()[getattr(cfg.task, "value", cfg.task)].validate(cfg, p)
+    if p:
+        raise ValueError("invalid config (" + str(len(p)) + " problem(s)):\n  - " + "\n  - ".join(p))
+    return cfg
+
+
+__all__ = ["registry", "task_for", "validate"]

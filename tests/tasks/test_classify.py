@@ -3,8 +3,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from pipeline.config import validate
 from pipeline.device import autocast, choose_device
+from pipeline.tasks import validate
 from pipeline.tasks.classify import obtain_teacher
 from pipeline.tasks.classify.data import Split, Splits
 from tests.conftest import compose_config
