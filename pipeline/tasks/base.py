@@ -106,8 +106,8 @@ class Task:
     def student_identity(self, spec, loss) -> dict:
         """Everything that defines a trained student: its architecture, the loss and its
         settings, the training settings (seed and device included: numerics differ; not
-        ``resume``, which only says whether to continue)."""
-        train_cfg = {k: v for k, v in asdict(self.cfg.train).items() if k != "resume"}
+        ``resume`` or ``checkpoint_every``, which only say whether and how often to save)."""
+        train_cfg = {k: v for k, v in asdict(self.cfg.train).items() if k not in ("resume", "checkpoint_every")}
         return {"student": asdict(spec), "loss": asdict(loss), "train": train_cfg}
 
     def state_path(self, reader: CacheReader, name: str, identity: dict) -> str | None:
