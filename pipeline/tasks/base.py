@@ -29,7 +29,6 @@ class Task:
     where the whole config is read; the library below them takes sections and values."""
 
     name = ""
-    unit = "row"  # what a cache row is, for progress bars
 
     def __init__(self, cfg: Config):
         self.cfg = cfg

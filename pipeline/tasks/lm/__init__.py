@@ -262,7 +262,6 @@ def evaluate(student, reader: CacheReader, data: TokenData, batch_size: int, vma
 
 class LanguageModel(Task):
     name = "lm"
-    unit = "tok"
 
     @staticmethod
     def validate(cfg, p: list[str]) -> None:
@@ -315,8 +314,8 @@ class LanguageModel(Task):
 
     def expected_fields(self, data: TokenData) -> dict:
         """From the tokenizer and the weight files' hash: the model is never loaded."""
-        return fingerprint_fields(dataset=data.content_hash(), teacher=teacher_identity(self.cfg.teacher,
-                                                                                         self._tokenizer),
+        tokenizer = getattr(self, "_tokenizer", None) or load_tokenizer(self.cfg.teacher)
+        return fingerprint_fields(dataset=data.content_hash(), teacher=teacher_identity(self.cfg.teacher, tokenizer),
                                   capture=self.capture_settings())
 
     def open_cache(self, data: TokenData, num_classes: int | None = None) -> CacheReader:
