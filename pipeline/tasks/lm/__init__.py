@@ -270,8 +270,9 @@ class LanguageModel(Task):
         if cfg.teacher.name == "hf_causal_lm" and not cfg.teacher.path:
             p.append("teacher=hf_causal_lm needs teacher.path: a folder with a Hugging Face causal LM "
                      "(config.json + weights, or a .gguf named by teacher.gguf_file)")
-        if cfg.data.source is not DataSource.shakespeare:
-            p.append(f"data.source={cfg.data.source.value}: task=lm reads data=shakespeare")
+        if cfg.data.source not in (DataSource.shakespeare, DataSource.corpus):
+            p.append(f"data.source={cfg.data.source.value}: task=lm reads text: data=shakespeare (built in) or "
+                     "data=corpus data.path=<your corpus>")
         bad = [k for k, s in cfg.student.items() if s.arch is not StudentArch.causal_lm]
         if bad:
             p.append(f"students {bad} are not causal LMs: task=lm trains student=causal_lm")

