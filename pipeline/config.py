@@ -149,6 +149,8 @@ class StudentConfig:
     # task=lm, a student vocabulary other than the teacher's: a .npy int array mapping each
     # teacher token id to a student id (-1: none; its probability mass joins the tail)
     vocab_map: str | None = None
+    # task=lm: start from a pretrained Hugging Face causal LM in this folder (kwargs unused)
+    path: str | None = None
 
 
 @dataclass

@@ -369,3 +369,31 @@ def test_an_lm_student_killed_mid_training_resumes_to_the_same_steps_and_weights
     steps = [json.load(open(os.path.join(os.path.dirname(f), "..", "..", "..", "results.json")))["students"][0]["steps"]
              for f in saved]
     assert steps == [40, 40]
+
+
+def test_a_pretrained_student_starts_from_its_weights_and_saves_a_loadable_folder(lm_cache, tmp_path):
+    """student=hf_causal_lm: a model folder (here a tiny Llama saved by save_pretrained) is
+    the starting point: with lr=0 the trained student equals it, and what stage 3 saves is a
+    folder from_pretrained loads."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    cfg, data, url = lm_cache
+    folder = tmp_path / "pretrained"
+    torch.manual_seed(7)
+    LlamaForCausalLM(LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=2)).save_pretrained(folder)
+    student_cfg = compose_config(*SMALL, f"paths.root={tmp_path}", "student=hf_causal_lm",
+                                 f"student.hf_causal_lm.path={folder}", "train.lr=0.0")
+    spec = student_cfg.student["hf_causal_lm"]
+    row = LanguageModel(student_cfg).train_variant("hf_causal_lm", spec, Variant("topk_kl"), data, open_cache(url),
+                                                  torch.device("cpu"), save_dir=str(tmp_path / "out"))
+    assert row["steps"] == 1 and row["params"] == sum(p.numel() for p in LlamaForCausalLM.from_pretrained(folder)
+                                                      .parameters())
+    saved = AutoModelForCausalLM.from_pretrained(row["checkpoint"])
+    original = AutoModelForCausalLM.from_pretrained(folder)
+    for (k, a), b in zip(saved.state_dict().items(), original.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+    with pytest.raises(FileNotFoundError, match="holds no config.json"):
+        bad = dataclasses.replace(spec, path=str(tmp_path))
+        LanguageModel(student_cfg).train_variant("x", bad, Variant("labels"), data, open_cache(url),
+                                                 torch.device("cpu"))

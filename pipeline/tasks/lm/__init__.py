@@ -41,6 +41,7 @@ from pipeline.tasks.lm.models import (
     build_student,
     load_teacher,
     load_tokenizer,
+    student_weights,
     teacher_identity,
 )
 from pipeline.tasks.lm.text import TokenData, load_tokens
@@ -375,15 +376,16 @@ class LanguageModel(Task):
     def train_variant(self, name: str, spec, v: Variant, data: TokenData, reader: CacheReader,
                       device: torch.device, save_dir: str | None = None) -> dict:
         cfg = self.cfg
-        vocab = int(spec.kwargs.get("vocab_size", reader.manifest.num_classes))
+        student = build_student(spec, int(spec.kwargs.get("vocab_size", reader.manifest.num_classes)),
+                                cfg.data.seq_len, cfg.train.seed).to(device)
+        vocab = student.get_output_embeddings().weight.shape[0]
         vmap = vocab_map(spec, reader, vocab)
         loss = v.loss(cfg.loss)
         arrays, lse_column = teacher_arrays(reader.manifest, loss)
-        student = build_student(spec, vocab, cfg.data.seq_len, cfg.train.seed).to(device)
         stream = SequenceStream(reader, data.tokens, split="train", batch_size=cfg.train.batch_size,
                                 seed=cfg.train.seed, arrays=arrays)
         steps = self.steps(stream)
-        identity = self.student_identity(spec, loss)
+        identity = self.student_identity(spec, loss) | {"weights": student_weights(spec)}
         state = self.state_path(reader, f"{name}-{v.label.replace(':', '-')}", identity)
         done, final, seconds = self.fit(
             student, stream, steps, lambda model, batch: sequence_loss(model, batch, loss, lse_column, vmap, device),

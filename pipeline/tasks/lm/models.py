@@ -112,9 +112,24 @@ def teacher_identity(cfg_teacher, tokenizer) -> dict:
 
 
 def build_student(spec, vocab_size: int, seq_len: int, seed: int) -> torch.nn.Module:
-    """A small Llama-style causal LM; ``spec.kwargs`` are LlamaConfig fields."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """The student: a pretrained Hugging Face causal LM from ``spec.path`` (float32, offline),
+    or a new small Llama-style one (``spec.kwargs`` are LlamaConfig fields) seeded by ``seed``."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-    kwargs = {"vocab_size": vocab_size, "max_position_embeddings": max(seq_len, 128), **spec.kwargs}
     torch.manual_seed(seed)
+    if spec.path:
+        folder = Path(os.path.expanduser(spec.path))
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"student path {spec.path!r} holds no config.json: point it at a folder saved with "
+                                    "save_pretrained (config.json + weights)")
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, local_files_only=True)
+        log.info("student from %s: %d parameters, vocabulary %d", folder, sum(p.numel() for p in model.parameters()),
+                 model.get_output_embeddings().weight.shape[0])
+        return model
+    kwargs = {"vocab_size": vocab_size, "max_position_embeddings": max(seq_len, 128), **spec.kwargs}
     return LlamaForCausalLM(LlamaConfig(**kwargs))
+
+
+def student_weights(spec) -> str | None:
+    """The hash of a pretrained student's weight files (part of its identity), or None."""
+    return weights_hash(Path(os.path.expanduser(spec.path)), None) if spec.path else None
