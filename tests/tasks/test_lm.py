@@ -397,3 +397,37 @@ def test_a_pretrained_student_starts_from_its_weights_and_saves_a_loadable_folde
         bad = dataclasses.replace(spec, path=str(tmp_path))
         LanguageModel(student_cfg).train_variant("x", bad, Variant("labels"), data, open_cache(url),
                                                  torch.device("cpu"))
+
+
+def test_the_cache_trains_a_student_inside_transformers_trainer(lm_cache, tmp_path):
+    """CachedSequences + its collator + its loss in a stock Trainer: the same batches and the
+    same objective as stage 3 (checked on one batch), and the loss goes down."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+
+    from pipeline.tasks.lm.dataset import CachedSequences
+
+    cfg, data, url = lm_cache
+    reader = open_cache(url)
+    kd = CachedSequences(reader, data.tokens, split="train", loss=cfg.loss)
+    assert len(kd) == 6 and sorted(kd[i] for i in range(6)) == list(range(6))
+    torch.manual_seed(0)
+    student = LlamaForCausalLM(LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                           num_attention_heads=2, num_key_value_heads=2))
+    inputs = kd.collate([0, 3, 5])
+    logits = student(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+    stream = SequenceStream(reader, data.tokens, split="train", batch_size=3, seed=0, arrays=(TOPK_IDX, TOPK_VAL, LSE))
+    same = sequence_loss(student, stream.read(np.array([0, 3, 5])), cfg.loss, 0, None, torch.device("cpu"))
+    assert kd.loss(logits, inputs).item() == same.item()
+
+    class DistillTrainer(Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+            return kd.loss(out.logits, inputs)
+
+    args = TrainingArguments(output_dir=str(tmp_path / "trainer"), per_device_train_batch_size=3, max_steps=16,
+                             learning_rate=1e-2, logging_steps=1, report_to=[], use_cpu=True, save_strategy="no",
+                             remove_unused_columns=False, dataloader_num_workers=0, seed=0)
+    trainer = DistillTrainer(model=student, args=args, train_dataset=kd, data_collator=kd.collate)
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 16 and np.mean(losses[-4:]) < 0.9 * np.mean(losses[:4]), losses

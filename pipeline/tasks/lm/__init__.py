@@ -220,19 +220,31 @@ def next_token_nll(logits: torch.Tensor, batch: SequenceBatch, reduction: str = 
                            ignore_index=-100, reduction=reduction)
 
 
-def sequence_loss(student, batch: SequenceBatch, loss, lse_column: int, vmap, device) -> torch.Tensor:
-    """``alpha * CE(next token) + lam * D(teacher, student)`` over the real tokens of a batch."""
-    with_teacher = loss.lam > 0
-    if with_teacher:
+def prepare_batch(batch: SequenceBatch, loss, lse_column: int, vmap) -> SequenceBatch:
+    """A batch as the loss reads it: the teacher's arrays selected (the lse column of the
+    loss's temperature, the first ``loss.k`` of the top-K) and, with a vocabulary map, in
+    the student's ids."""
+    if loss.lam > 0:
         batch = dataclasses.replace(batch, teacher=select_teacher(batch.teacher, lse_column, loss.k))
-    batch = map_batch(batch, vmap)
-    logits = student_logits(student, batch, device)
+    return map_batch(batch, vmap)
+
+
+def sequence_objective(logits: torch.Tensor, batch: SequenceBatch, loss) -> torch.Tensor:
+    """``alpha * CE(next token) + lam * D(teacher, student)`` over the real tokens of a
+    prepared batch, from the student's (B, L, V) logits."""
     ce = next_token_nll(logits, batch)
-    if not with_teacher:
+    if loss.lam <= 0:
         return loss.alpha * ce
     flat = logits.reshape(-1, logits.shape[-1])  # (B * L, V): the kernels' rows, padding masked out
+    device = logits.device
     t = batch.teacher if device.type == "cpu" else {k: torch.as_tensor(v).to(device) for k, v in batch.teacher.items()}
     return loss.alpha * ce + teacher_term(flat, t, loss, mask=batch.mask)
+
+
+def sequence_loss(student, batch: SequenceBatch, loss, lse_column: int, vmap, device) -> torch.Tensor:
+    """The objective of one batch for ``student`` (what stage 3 trains with)."""
+    batch = prepare_batch(batch, loss, lse_column, vmap)
+    return sequence_objective(student_logits(student, batch, device), batch, loss)
 
 
 @torch.no_grad()
