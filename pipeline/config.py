@@ -206,6 +206,10 @@ class TrainConfig:
     # same student, loss and settings from there (a finished one is not trained again)
     resume: bool = True
     checkpoint_every: int = 0  # also checkpoint every this many steps (0: at epoch ends only)
+    grad_accum: int = 1  # batches whose gradients each optimizer step sums
+    clip_norm: float = 0.0  # clip the gradients' global norm to this before each step (0: off)
+    warmup_steps: int = 0  # linear warmup before the cosine decay
+    precision: Precision = Precision.fp32  # bf16 | fp16: the loss under autocast (fp16 needs CUDA)
 
 
 @dataclass
@@ -320,9 +324,9 @@ def shared_problems(cfg: Config) -> list[str]:
     if cfg.derive.mode not in (None, "topk", "full"):
         p.append(f"derive.mode={cfg.derive.mode!r}: expected topk or full (full: the logits in derive.dtype)")
     _positive(p, "derive.k", cfg.derive.k)
-    for name in ("batch_size", "lr", "shuffle_window"):
+    for name in ("batch_size", "lr", "shuffle_window", "grad_accum"):
         _positive(p, f"train.{name}", getattr(cfg.train, name))
-    for name in ("steps", "checkpoint_every"):
+    for name in ("steps", "checkpoint_every", "clip_norm", "warmup_steps"):
         if getattr(cfg.train, name) < 0:
             p.append(f"train.{name}={getattr(cfg.train, name)}: must be >= 0")
     if cfg.train.steps == 0 and cfg.train.epochs <= 0:

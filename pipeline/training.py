@@ -7,8 +7,9 @@ the epochs of a resumable stream (anything with ``state_dict`` / ``load_state_di
 an ``__iter__`` that yields the rest of its current epoch). With a ``state_path`` it saves
 model, optimizer, schedule, stream position, torch's RNG and the step at the end of every
 epoch (and every ``checkpoint_every`` steps), so a killed run resumes to the same steps and
-weights; a finished one is not trained again. The loss is checked every 50 steps: a
-non-finite one stops the run with advice.
+weights; a finished one is not trained again. Gradient accumulation, norm clipping, a
+linear warmup before the cosine decay and bf16 autocast are options. The loss is checked
+every 50 steps: a non-finite one stops the run with advice.
 """
 
 from __future__ import annotations
@@ -24,18 +25,25 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from pipeline.cache.storage import write_file_atomic
+from pipeline.device import autocast
 
 log = logging.getLogger(__name__)
 
 CHECK_EVERY = 50  # steps between divergence checks (each costs a device sync)
 
 
-def make_optimizer(model: nn.Module, lr: float, weight_decay: float, total_steps: int):
-    """AdamW with a cosine decay to zero over ``total_steps``."""
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float, total_steps: int, warmup_steps: int = 0):
+    """AdamW; the learning rate rises linearly over ``warmup_steps``, then decays to zero
+    along a cosine over the rest of ``total_steps``."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / max(total_steps, 1))))
-    return opt, sched
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        return 0.5 * (1 + math.cos(math.pi * (min(step, total_steps) - warmup_steps)
+                                   / max(total_steps - warmup_steps, 1)))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
 def check_loss(loss: torch.Tensor, desc: str) -> float:
@@ -58,11 +66,15 @@ def save_state(path: str, **state) -> None:
 
 def train(model: nn.Module, stream, steps: int, loss_fn: Callable[[nn.Module, object], torch.Tensor], *,
           lr: float, weight_decay: float, desc: str, batches: Callable[[], Iterable] | None = None,
-          state_path: str | None = None, checkpoint_every: int = 0) -> tuple[int, float]:
+          state_path: str | None = None, checkpoint_every: int = 0, accumulate: int = 1, clip_norm: float = 0.0,
+          warmup_steps: int = 0, precision: str = "fp32") -> tuple[int, float]:
     """Run ``steps`` optimizer steps of ``loss_fn(model, batch)`` over ``stream``'s epochs
     (``batches()``: the rest of the current epoch, as the loss takes it; default: the
-    stream itself). Returns the steps taken and the last loss."""
-    opt, sched = make_optimizer(model, lr, weight_decay, steps)
+    stream itself). Each step sums the gradients of ``accumulate`` batches (each loss
+    divided by ``accumulate``), clips their global norm to ``clip_norm`` (0: no clipping)
+    and steps; the loss runs under autocast for ``precision`` bf16/fp16. Returns the steps
+    taken and the last loss."""
+    opt, sched = make_optimizer(model, lr, weight_decay, steps, warmup_steps)
     step, loss = 0, float("nan")
     if state_path and os.path.exists(state_path):
         st = torch.load(state_path, weights_only=False)
@@ -80,17 +92,27 @@ def train(model: nn.Module, stream, steps: int, loss_fn: Callable[[nn.Module, ob
                        stream=stream.state_dict(), rng=torch.get_rng_state(), step=step, loss=loss)
 
     batches = batches or (lambda: stream)
+    device = next(model.parameters()).device
     model.train()
+    opt.zero_grad(set_to_none=True)
+    micro = 0  # batches whose gradients wait for the next step
     with tqdm(total=steps, initial=step, desc=desc, unit="step", leave=False) as bar:
         while step < steps:
             served, fresh = 0, getattr(stream, "position", 0) == 0
             for batch in batches():
-                out = loss_fn(model, batch)
-                opt.zero_grad(set_to_none=True)
-                out.backward()
+                with autocast(device, precision):
+                    out = loss_fn(model, batch)
+                (out / accumulate if accumulate > 1 else out).backward()
+                micro, served = micro + 1, served + 1
+                if micro < accumulate:
+                    continue
+                micro = 0
+                if clip_norm:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
                 opt.step()
                 sched.step()
-                step, served = step + 1, served + 1
+                opt.zero_grad(set_to_none=True)
+                step += 1
                 bar.update()
                 if step % CHECK_EVERY == 0 or step == steps:
                     loss = check_loss(out, desc)
@@ -102,6 +124,7 @@ def train(model: nn.Module, stream, steps: int, loss_fn: Callable[[nn.Module, ob
             else:
                 if not served and fresh:
                     raise ValueError(f"{desc}: an epoch of the stream yielded no batch; it holds no rows to train on")
-                save()  # the epoch's end
+                if not micro:
+                    save()  # the epoch's end (with a step's batches pending across it, the next step's)
     save()
     return step, loss

@@ -82,3 +82,79 @@ def test_an_empty_stream_is_an_error_not_a_hang():
 
     with pytest.raises(ValueError, match="yielded no batch"):
         train(_model(), Empty(), 5, ce_loss, lr=1e-2, weight_decay=0.0, desc="empty")
+
+
+def test_accumulating_two_half_batches_is_one_whole_batch():
+    """A step over 2 x 10 rows with accumulate=2 moves the weights as one step over the same
+    20 rows (mean losses of equal halves: equal gradients, up to float rounding)."""
+    x, y = _data(80)
+
+    class Halves(LabelStream):  # the same rows as a batch-20 stream, served in halves
+        def __iter__(self):
+            for xb, yb, t in LabelStream.__iter__(self):
+                yield xb[:10], yb[:10], t
+                yield xb[10:], yb[10:], t
+
+    whole, halves = _model(), _model()
+    train(whole, LabelStream(x, y, 20, seed=1), 8, ce_loss, lr=1e-2, weight_decay=0.0, desc="whole")
+    train(halves, Halves(x, y, 20, seed=1), 8, ce_loss, lr=1e-2, weight_decay=0.0, desc="halves", accumulate=2)
+    for a, b in zip(whole.state_dict().values(), halves.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_warmup_then_cosine_schedule():
+    from pipeline.training import make_optimizer
+
+    opt, sched = make_optimizer(_model(), lr=1.0, weight_decay=0.0, total_steps=10, warmup_steps=4)
+    lrs = []
+    for _ in range(11):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    np.testing.assert_allclose(lrs[:4], [0.25, 0.5, 0.75, 1.0])
+    np.testing.assert_allclose(lrs[4:], 0.5 * (1 + np.cos(np.pi * np.arange(7) / 6)), atol=1e-12)
+    assert lrs[-1] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_clipping_bounds_the_gradient_norm_at_every_step(monkeypatch):
+    x, y = _data()
+    norms = []
+    real = torch.nn.utils.clip_grad_norm_
+
+    def recording(params, max_norm):
+        params = list(params)
+        real(params, max_norm)
+        norms.append(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])).item())
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", recording)
+    train(_model(), LabelStream(x, y, 10, seed=0), 6, ce_loss, lr=1e-2, weight_decay=0.0, desc="clip", clip_norm=0.05)
+    assert len(norms) == 6 and max(norms) <= 0.05 + 1e-6
+
+
+def test_a_resumed_run_with_accumulation_ends_where_an_uninterrupted_one_does(tmp_path):
+    x, y = _data()
+    fresh = _model()
+    train(fresh, LabelStream(x, y, 10, seed=3), 9, ce_loss, lr=1e-2, weight_decay=0.0, desc="fresh", accumulate=2)
+    state, calls = str(tmp_path / "state.pt"), {"n": 0}
+
+    def dying(model, batch):
+        calls["n"] += 1
+        if calls["n"] == 13:  # mid-step, after the checkpoint at step 4 (8 batches)
+            raise Interrupt
+        return ce_loss(model, batch)
+
+    with pytest.raises(Interrupt):
+        train(_model(), LabelStream(x, y, 10, seed=3), 9, dying, lr=1e-2, weight_decay=0.0, desc="killed",
+              state_path=state, checkpoint_every=2, accumulate=2)
+    resumed = _model()
+    train(resumed, LabelStream(x, y, 10, seed=3), 9, ce_loss, lr=1e-2, weight_decay=0.0, desc="resumed",
+          state_path=state, checkpoint_every=2, accumulate=2)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), resumed.state_dict().values(),
+                                                 strict=True))
+
+
+def test_bf16_autocast_trains_on_cpu():
+    x, y = _data()
+    _, loss = train(_model(), LabelStream(x, y, 10, seed=0), 50, ce_loss, lr=1e-2, weight_decay=0.0, desc="bf16",
+                    precision="bf16")
+    assert np.isfinite(loss)

@@ -123,14 +123,18 @@ class Task:
         t = self.cfg.train
         t0 = time.perf_counter()
         done, loss = train(model, stream, steps, loss_fn, lr=t.lr, weight_decay=t.weight_decay, desc=desc,
-                           batches=batches, state_path=state_path, checkpoint_every=t.checkpoint_every)
+                           batches=batches, state_path=state_path, checkpoint_every=t.checkpoint_every,
+                           accumulate=t.grad_accum, clip_norm=t.clip_norm, warmup_steps=t.warmup_steps,
+                           precision=t.precision.value)
         if done != steps:
             raise RuntimeError(f"{desc}: {done} optimizer steps instead of {steps}")
         return done, loss, time.perf_counter() - t0
 
     def steps(self, stream) -> int:
-        """``train.steps`` when set, else ``train.epochs`` passes of ``stream``."""
-        return self.cfg.train.steps or self.cfg.train.epochs * len(stream)
+        """``train.steps`` when set, else ``train.epochs`` passes of ``stream`` (in optimizer
+        steps of ``train.grad_accum`` batches)."""
+        t = self.cfg.train
+        return t.steps or max(t.epochs * len(stream) // t.grad_accum, 1)
 
 
 def save_dataset_atomic(dsd, path: str) -> None:

@@ -261,7 +261,8 @@ class Classify(Task):
             t = select_teacher(t, lse_column, cfg.loss.k)
             if device.type != "cpu":  # CPU kernels read the NumPy arrays directly
                 t = {k: torch.as_tensor(v).to(device, non_blocking=True) for k, v in t.items()}
-            return distill_loss(model(x.to(device, non_blocking=True)), y.to(device, non_blocking=True), t, cfg.loss)
+            logits = model(x.to(device, non_blocking=True)).float()  # (B, C); a no-op unless under bf16 autocast
+            return distill_loss(logits, y.to(device, non_blocking=True), t, cfg.loss)
 
         torch.manual_seed(cfg.train.seed)
         student = build_student(spec, width, num_classes).to(device)

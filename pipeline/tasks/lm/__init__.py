@@ -231,7 +231,9 @@ def prepare_batch(batch: SequenceBatch, loss, lse_column: int, vmap) -> Sequence
 
 def sequence_objective(logits: torch.Tensor, batch: SequenceBatch, loss) -> torch.Tensor:
     """``alpha * CE(next token) + lam * D(teacher, student)`` over the real tokens of a
-    prepared batch, from the student's (B, L, V) logits."""
+    prepared batch, from the student's (B, L, V) logits (float32 for the loss: a no-op unless
+    they come from bf16 autocast)."""
+    logits = logits.float()
     ce = next_token_nll(logits, batch)
     if loss.lam <= 0:
         return loss.alpha * ce
