@@ -322,7 +322,7 @@ class SequenceStream(CacheRows):
     checked the same way, ``prefetch`` batches ahead on a background thread."""
 
     def __init__(self, reader: CacheReader, tokens: np.ndarray, *, split: str, batch_size: int, seed: int,
-                 arrays: tuple[str, ...], prefetch: int = 2):
+                 arrays: tuple[str, ...], prefetch: int = 2, rank: int = 0, world_size: int = 1):
         super().__init__(reader, arrays, prefetch)
         self.tokens = tokens
         self.offsets = reader.offsets
@@ -330,10 +330,28 @@ class SequenceStream(CacheRows):
         first, last = np.searchsorted(self.offsets, [lo, hi])
         self.sequence_ids = np.arange(first, last)
         self.batch_size, self.seed = batch_size, seed
+        self.rank, self.world_size = rank, world_size
         self.epoch, self.position = 0, 0
+        if world_size > 1 and len(self) == 0:
+            raise ValueError(f"split {split!r} has {len(self.sequence_ids)} sequences, fewer than one batch of "
+                             f"{batch_size} for each of {world_size} processes: lower train.batch_size")
 
     def __len__(self) -> int:
+        """Batches per epoch. Across processes, each batch of each process is its own slice of
+        one global batch of ``batch_size * world_size`` sequences, and an epoch's last global
+        batch is served only if it is whole (every process must take the same steps)."""
+        if self.world_size > 1:
+            return len(self.sequence_ids) // (self.batch_size * self.world_size)
         return -(-len(self.sequence_ids) // self.batch_size)
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "world_size": self.world_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("world_size", 1) != self.world_size:
+            raise ValueError(f"training state was saved by {state.get('world_size', 1)} processes; this run has "
+                             f"{self.world_size}: resume with the same number (its batches are split by it)")
+        super().load_state_dict(state)
 
     def order(self, epoch: int) -> np.ndarray:
         return self.sequence_ids[np.random.default_rng([self.seed, epoch]).permutation(len(self.sequence_ids))]
@@ -363,8 +381,9 @@ class SequenceStream(CacheRows):
 
     def __iter__(self) -> Iterator[SequenceBatch]:
         """The rest of the current epoch, then advance to the next."""
-        order, bs = self.order(self.epoch), self.batch_size
-        batches = (self.read(order[a:a + bs]) for a in range(self.position * bs, len(order), bs))
+        order, bs, step = self.order(self.epoch), self.batch_size, self.batch_size * self.world_size
+        starts = range(self.position * step, len(self) * step, step)
+        batches = (self.read(order[a + self.rank * bs:a + (self.rank + 1) * bs]) for a in starts)
         for item in background(batches, self.prefetch):
             self.position += 1
             yield item

@@ -9,7 +9,9 @@ model, optimizer, schedule, stream position, torch's RNG and the step at the end
 epoch (and every ``checkpoint_every`` steps), so a killed run resumes to the same steps and
 weights; a finished one is not trained again. Gradient accumulation, norm clipping, a
 linear warmup before the cosine decay and bf16 autocast are options. The loss is checked
-every 50 steps: a non-finite one stops the run with advice.
+every 50 steps: a non-finite one stops the run with advice. Under ``torchrun`` the model is
+wrapped in DistributedDataParallel (each process reads its own slice of every batch; the
+stream does the slicing) and only rank 0 writes checkpoints.
 """
 
 from __future__ import annotations
@@ -64,6 +66,43 @@ def save_state(path: str, **state) -> None:
                                             "from the last checkpoint written")
 
 
+def process_group(device: torch.device) -> tuple[int, int]:
+    """(rank, world size) of this process. Under ``torchrun`` (``WORLD_SIZE`` > 1) the
+    process group is joined first: gloo on CPU, nccl on CUDA."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        log.info("process %d of %d (%s)", dist.get_rank(), dist.get_world_size(), dist.get_backend())
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def is_main_process() -> bool:
+    """True unless this is a process other than rank 0 of a process group."""
+    import torch.distributed as dist
+
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _mean_over_processes(loss: torch.Tensor, world: int) -> torch.Tensor:
+    """The loss averaged over the processes (what DistributedDataParallel's averaged gradient
+    descends), for reporting; the local loss in one process."""
+    if world == 1:
+        return loss
+    import torch.distributed as dist
+
+    loss = loss.clone()
+    dist.all_reduce(loss)
+    return loss / world
+
+
+def leave_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def train(model: nn.Module, stream, steps: int, loss_fn: Callable[[nn.Module, object], torch.Tensor], *,
           lr: float, weight_decay: float, desc: str, batches: Callable[[], Iterable] | None = None,
           state_path: str | None = None, checkpoint_every: int = 0, accumulate: int = 1, clip_norm: float = 0.0,
@@ -87,12 +126,17 @@ def train(model: nn.Module, stream, steps: int, loss_fn: Callable[[nn.Module, ob
         log.info("%s: resuming from %s at step %d/%d (epoch %d)", desc, state_path, step, steps, stream.epoch)
 
     def save() -> None:
-        if state_path:
+        if state_path and rank == 0:
             save_state(state_path, model=model.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(),
                        stream=stream.state_dict(), rng=torch.get_rng_state(), step=step, loss=loss)
 
     batches = batches or (lambda: stream)
     device = next(model.parameters()).device
+    rank, world = process_group(device) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else (0, 1)
+    net = model  # what the loss calls: across processes, a DistributedDataParallel that averages gradients
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                                        else None)
     model.train()
     opt.zero_grad(set_to_none=True)
     micro = 0  # batches whose gradients wait for the next step
@@ -101,7 +145,7 @@ def train(model: nn.Module, stream, steps: int, loss_fn: Callable[[nn.Module, ob
             served, fresh = 0, getattr(stream, "position", 0) == 0
             for batch in batches():
                 with autocast(device, precision):
-                    out = loss_fn(model, batch)
+                    out = loss_fn(net, batch)
                 (out / accumulate if accumulate > 1 else out).backward()
                 micro, served = micro + 1, served + 1
                 if micro < accumulate:
@@ -115,7 +159,7 @@ def train(model: nn.Module, stream, steps: int, loss_fn: Callable[[nn.Module, ob
                 step += 1
                 bar.update()
                 if step % CHECK_EVERY == 0 or step == steps:
-                    loss = check_loss(out, desc)
+                    loss = check_loss(_mean_over_processes(out.detach(), world), desc)
                     bar.set_postfix(loss=f"{loss:.4f}")
                 if step >= steps:
                     break

@@ -9,6 +9,7 @@ import os
 
 from pipeline.config import Config
 from pipeline.tasks import task_for
+from pipeline.training import is_main_process, leave_process_group
 
 log = logging.getLogger(__name__)
 
@@ -18,6 +19,9 @@ def main(cfg: Config, run_dir: str) -> list[dict]:
     data = task.load_data()
     reader = task.open_cache(data)
     rows = task.train_students(data, reader, run_dir)
+    if not is_main_process():  # under torchrun, rank 0 reports
+        leave_process_group()
+        return rows
     extra, table = task.results(rows, reader)
     os.makedirs(run_dir, exist_ok=True)
     with open(os.path.join(run_dir, "results.json"), "w") as f:
@@ -25,4 +29,5 @@ def main(cfg: Config, run_dir: str) -> list[dict]:
     print("\n" + table, flush=True)
     task.publish(rows, reader)
     log.info("results: %s", os.path.join(run_dir, "results.json"))
+    leave_process_group()
     return rows

@@ -326,7 +326,29 @@ def test_full_rows_capture_for_a_token_cache(teacher, lm_cache, tmp_path):
     np.testing.assert_array_equal(np.take_along_axis(logits, idx.astype(np.int64), 1), val)
 
 
-def test_an_lm_student_killed_mid_training_resumes_to_the_same_steps_and_weights(tmp_path):
+TINY = ["student.causal_lm.kwargs.hidden_size=32", "student.causal_lm.kwargs.intermediate_size=64",
+        "student.causal_lm.kwargs.num_hidden_layers=1"]
+# one thread each: bit-equal weights across processes need the same reduction order
+ONE_THREAD = dict(OMP_WAIT_POLICY="passive", OMP_NUM_THREADS="1", NUMBA_NUM_THREADS="1")
+
+
+@pytest.fixture(scope="module")
+def cli_root(tmp_path_factory):
+    """A paths.root whose token cache stage 1 wrote once, through the CLI, for the CLI
+    training tests (each writes its run folders under its own tmp_path)."""
+    root = tmp_path_factory.mktemp("cli")
+    proc = subprocess.run([sys.executable, "-m", "pipeline.run", *SMALL, f"paths.root={root}", "stage=1",
+                           "lm.variants=[topk_kl]"],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, **ONE_THREAD})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return root
+
+
+def runs_in(tmp_path) -> str:
+    return "hydra.run.dir=" + str(tmp_path / "runs") + "/${now:%H-%M-%S}-${pid:}"
+
+
+def test_an_lm_student_killed_mid_training_resumes_to_the_same_steps_and_weights(cli_root, tmp_path):
     """The one training loop gives LM students what classifier students had: a kill after
     a checkpoint (every 2 steps here) resumes to the uninterrupted run's steps and weights."""
     import signal
@@ -334,12 +356,9 @@ def test_an_lm_student_killed_mid_training_resumes_to_the_same_steps_and_weights
 
     from safetensors.torch import load_file
 
-    tiny = ["student.causal_lm.kwargs.hidden_size=32", "student.causal_lm.kwargs.intermediate_size=64",
-            "student.causal_lm.kwargs.num_hidden_layers=1"]
-    args = [*small("train.steps=40", "train.checkpoint_every=2"), *tiny, f"paths.root={tmp_path}",
-            "lm.variants=[topk_kl]"]
-    # one thread each: bit-equal weights across processes need the same reduction order
-    env = dict(os.environ, OMP_WAIT_POLICY="passive", OMP_NUM_THREADS="1", NUMBA_NUM_THREADS="1")
+    args = [*small("train.steps=40", "train.checkpoint_every=2"), *TINY, f"paths.root={cli_root}",
+            "lm.variants=[topk_kl]", runs_in(tmp_path)]
+    env = {**os.environ, **ONE_THREAD}
 
     def cli(*extra, check=True):
         proc = subprocess.run([sys.executable, "-m", "pipeline.run", *args, *extra], capture_output=True, text=True,
@@ -347,10 +366,9 @@ def test_an_lm_student_killed_mid_training_resumes_to_the_same_steps_and_weights
         assert not check or proc.returncode == 0, proc.stderr[-3000:]
         return proc
 
-    cli("stage=1")
     p = subprocess.Popen([sys.executable, "-m", "pipeline.run", *args, "stage=3"], stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL, env=env)
-    pattern = str(tmp_path / "students" / "*" / "*" / "state.pt")
+    pattern = str(cli_root / "students" / "*" / "*" / "state.pt")
     deadline = time.monotonic() + 300
     while not glob.glob(pattern) and time.monotonic() < deadline and p.poll() is None:
         time.sleep(0.01)
@@ -431,3 +449,36 @@ def test_the_cache_trains_a_student_inside_transformers_trainer(lm_cache, tmp_pa
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(losses) == 16 and np.mean(losses[-4:]) < 0.9 * np.mean(losses[:4]), losses
+
+
+def test_two_processes_train_like_one_process_with_twice_the_batch(cli_root, tmp_path):
+    """torchrun --nproc_per_node=2 stage=3 (gloo on CPU): each process reads its own half of
+    every batch of 6 sequences and DistributedDataParallel averages the gradients, so it
+    ends where one process with the whole batch of 6 does. Equal up to float rounding when
+    the halves hold as many tokens (here every training sequence is 48 long): tolerance 1e-3
+    relative on the last loss and the held-out perplexity."""
+    import socket
+
+    args = [*small("train.steps=8"), *TINY, f"paths.root={cli_root}", "lm.variants=[topk_kl]", "train.resume=false",
+            runs_in(tmp_path)]
+    env = {**os.environ, **ONE_THREAD}
+
+    def run(*cmd):
+        proc = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, timeout=600, env=env)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+        return proc
+
+    run("-m", "pipeline.run", *args, "stage=3", "train.batch_size=6")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run("-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={port}",
+        "-m", "pipeline.run", *args, "stage=3", "train.batch_size=3")
+    rows = {}
+    for path in glob.glob(str(tmp_path / "runs" / "*" / "results.json")):
+        (row,) = json.load(open(path))["students"]
+        rows[row["processes"]] = row
+    one, two = rows[1], rows[2]
+    assert one["steps"] == two["steps"] == 8
+    assert two["final_loss"] == pytest.approx(one["final_loss"], rel=1e-3)
+    assert two["heldout_perplexity"] == pytest.approx(one["heldout_perplexity"], rel=1e-3)

@@ -236,6 +236,9 @@ class Classify(Task):
 
     # -- students -------------------------------------------------------------------------------
     def train_students(self, splits: Splits, reader: CacheReader, run_dir: str) -> list[dict]:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ValueError("multi-process student training (torchrun) is built for task=lm; train classifier "
+                             "students in one process (they take minutes), or one sweep job per process (-m)")
         t_pred = teacher_test_predictions(reader)
         return [self.train_student(name, spec, splits, reader, run_dir, t_pred) for name, spec in self.cfg.student.items()]
 

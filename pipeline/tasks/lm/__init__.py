@@ -45,6 +45,7 @@ from pipeline.tasks.lm.models import (
     teacher_identity,
 )
 from pipeline.tasks.lm.text import TokenData, load_tokens
+from pipeline.training import process_group
 
 log = logging.getLogger(__name__)
 
@@ -396,8 +397,9 @@ class LanguageModel(Task):
         vmap = vocab_map(spec, reader, vocab)
         loss = v.loss(cfg.loss)
         arrays, lse_column = teacher_arrays(reader.manifest, loss)
+        rank, world = process_group(device)
         stream = SequenceStream(reader, data.tokens, split="train", batch_size=cfg.train.batch_size,
-                                seed=cfg.train.seed, arrays=arrays)
+                                seed=cfg.train.seed, arrays=arrays, rank=rank, world_size=world)
         steps = self.steps(stream)
         identity = self.student_identity(spec, loss) | {"weights": student_weights(spec)}
         state = self.state_path(reader, f"{name}-{v.label.replace(':', '-')}", identity)
@@ -405,8 +407,10 @@ class LanguageModel(Task):
             student, stream, steps, lambda model, batch: sequence_loss(model, batch, loss, lse_column, vmap, device),
             desc=f"{name}: {v.label}", state_path=state)
         row = {"student": name, "variant": v.label, "bytes_per_token": bytes_per_token(v, reader), "steps": done,
-               "params": sum(p.numel() for p in student.parameters()), "train_s": seconds,
-               "tokens_per_s": done * cfg.train.batch_size * cfg.data.seq_len / seconds, "final_loss": final}
+               "params": sum(p.numel() for p in student.parameters()), "train_s": seconds, "processes": world,
+               "tokens_per_s": done * cfg.train.batch_size * world * cfg.data.seq_len / seconds, "final_loss": final}
+        if rank != 0:
+            return row  # rank 0 evaluates and saves the student
         row |= evaluate(student, reader, data, cfg.lm.eval_batch_size, vmap, device)
         if save_dir:  # a standard HF folder (config.json + model.safetensors)
             row["checkpoint"] = os.path.join(save_dir, name, v.label.replace(":", "-"))
