@@ -44,7 +44,7 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m ruff check pipeline stages tests bench
-	$(PY) -m pytest -m "not slow" $(ARGS)
+	$(PY) -m pytest -m "not slow" --durations=15 $(ARGS)
 
 test-all: $(STAMP)
 	$(PY) -m pytest $(ARGS)
