@@ -77,6 +77,12 @@ def process_group(device: torch.device) -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
+def _joined_group() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
 def is_main_process() -> bool:
     """True unless this is a process other than rank 0 of a process group."""
     import torch.distributed as dist
@@ -132,7 +138,7 @@ def train(model: nn.Module, stream, steps: int, loss_fn: Callable[[nn.Module, ob
 
     batches = batches or (lambda: stream)
     device = next(model.parameters()).device
-    rank, world = process_group(device) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else (0, 1)
+    rank, world = _joined_group()  # a task joins the group (process_group) when its students train across processes
     net = model  # what the loss calls: across processes, a DistributedDataParallel that averages gradients
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
