@@ -74,7 +74,7 @@ def process_group(device: torch.device) -> tuple[int, int]:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         log.info("process %d of %d (%s)", dist.get_rank(), dist.get_world_size(), dist.get_backend())
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    return _joined_group()
 
 
 def _joined_group() -> tuple[int, int]:

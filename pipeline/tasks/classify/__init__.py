@@ -240,14 +240,15 @@ class Classify(Task):
             raise ValueError("multi-process student training (torchrun) is built for task=lm; train classifier "
                              "students in one process (they take minutes), or one sweep job per process (-m)")
         t_pred = teacher_test_predictions(reader)
-        return [self.train_student(name, spec, splits, reader, run_dir, t_pred) for name, spec in self.cfg.student.items()]
+        x_all, y_all = splits.concat()  # once: every student joins the cache's ids to these
+        return [self.train_student(name, spec, splits, x_all, y_all, reader, run_dir, t_pred)
+                for name, spec in self.cfg.student.items()]
 
-    def train_student(self, name: str, spec, splits: Splits, reader: CacheReader, run_dir: str,
-                      t_pred: np.ndarray) -> dict:
+    def train_student(self, name: str, spec, splits: Splits, x_all: np.ndarray, y_all: np.ndarray,
+                      reader: CacheReader, run_dir: str, t_pred: np.ndarray) -> dict:
         """Distilled and labels-only runs of one student, with equal optimizer steps."""
         cfg = self.cfg
         width, num_classes = splits["train"].x.shape[1], reader.num_classes
-        x_all, y_all = splits.concat()
         arrays, lse_column = teacher_arrays(reader.manifest, cfg.loss)
         stream = CacheStream(reader, splits=TRAIN_SPLITS, batch_size=cfg.train.batch_size, seed=cfg.train.seed,
                              shuffle_window=cfg.train.shuffle_window, arrays=arrays)
