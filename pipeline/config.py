@@ -50,6 +50,11 @@ class StudentArch(str, Enum):
     causal_lm = "causal_lm"  # task=lm: a small Llama-style transformer (sizes in kwargs)
 
 
+class StudentInit(str, Enum):
+    scratch = "scratch"  # new weights (or, with `path`, a pretrained model's)
+    teacher_layers = "teacher_layers"  # task=lm: the teacher's embeddings, head and chosen layers
+
+
 class Task(str, Enum):
     classify = "classify"  # a label per sample (MNIST-1D, disk datasets)
     lm = "lm"  # next-token prediction: rows are tokens, sequences mapped by offsets
@@ -151,6 +156,11 @@ class StudentConfig:
     vocab_map: str | None = None
     # task=lm: start from a pretrained Hugging Face causal LM in this folder (kwargs unused)
     path: str | None = None
+    # task=lm: init=teacher_layers builds the student from the teacher's own embeddings, final
+    # norm, head and the decoder layers listed in `layers` (DistilBERT / Minitron style): only
+    # those tensors are read from the teacher's weight files (kwargs unused)
+    init: StudentInit = StudentInit.scratch
+    layers: list[int] = field(default_factory=list)
 
 
 @dataclass

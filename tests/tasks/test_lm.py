@@ -417,6 +417,63 @@ def test_a_pretrained_student_starts_from_its_weights_and_saves_a_loadable_folde
                                                  torch.device("cpu"))
 
 
+def test_a_teacher_layer_student_is_the_teachers_tensors_for_the_chosen_layers(tmp_path):
+    """student.init=teacher_layers from a safetensors teacher (a tiny Llama of 4 layers): the
+    student's tensors are the teacher's (layers in the order listed); with every layer it
+    computes the teacher's logits; a bad layer list names the teacher's range."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pipeline.tasks.lm.models import teacher_layer_student
+
+    folder = tmp_path / "teacher"
+    torch.manual_seed(3)
+    tiny = LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False))
+    tiny.save_pretrained(folder)
+    cfg = compose_config(*SMALL, "teacher=hf_causal_lm", f"teacher.path={folder}").teacher
+    student = teacher_layer_student(cfg, [3, 1])
+    assert student.config.num_hidden_layers == 2
+    full = tiny.state_dict()
+    for name, value in student.state_dict().items():
+        assert torch.equal(value, full[name.replace("layers.0.", "layers.3.")]), name  # layers.1 stays layers.1
+    ids = torch.randint(0, 300, (2, 9))
+    assert torch.equal(teacher_layer_student(cfg, [0, 1, 2, 3])(input_ids=ids).logits, tiny(input_ids=ids).logits)
+    with pytest.raises(ValueError, match=r"distinct indices of the teacher's 4 layers \(0..3\)"):
+        teacher_layer_student(cfg, [0, 4])
+
+
+def test_a_teacher_layer_student_of_the_gguf_teacher_trains_and_reloads(teacher, lm_cache, tmp_path):
+    """student=teacher_layers from SmolLM2's GGUF file: the chosen layers' tensors are the
+    dequantized teacher's (compared with transformers' own full load), it trains from the
+    cache, and what stage 3 saves is a folder from_pretrained loads, equal to the trained student."""
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.tasks.lm.models import build_student
+
+    cfg, data, url = lm_cache
+    student_cfg = compose_config(*SMALL, f"paths.root={tmp_path}", "student=teacher_layers",
+                                 "student.teacher_layers.layers=[0,29]", "teacher.precision=fp32")
+    spec = student_cfg.student["teacher_layers"]
+    start = build_student(spec, 0, 48, 0, student_cfg.teacher)
+    reference = load_teacher(student_cfg.teacher).model.state_dict()
+    for name, value in start.state_dict().items():
+        assert torch.equal(value, reference[name.replace("layers.1.", "layers.29.")]), name
+    row = LanguageModel(student_cfg).train_variant("teacher_layers", spec, Variant("sampled_kl"), data,
+                                                  open_cache(url), torch.device("cpu"), save_dir=str(tmp_path / "out"))
+    saved = AutoModelForCausalLM.from_pretrained(row["checkpoint"])
+    assert saved.config.num_hidden_layers == 2 and row["steps"] == 1
+    moved = [k for k, v in saved.state_dict().items() if not torch.equal(v, start.state_dict()[k])]
+    assert moved  # one step changed the weights it started from
+    assert np.isfinite(row["heldout_perplexity"]) and row["heldout_bits_per_byte"] > 0
+
+
+def test_teacher_layers_without_layers_is_refused():
+    from pipeline.tasks import validate
+
+    with pytest.raises(ValueError, match=r"init=teacher_layers takes the teacher's layers"):
+        validate(compose_config(*SMALL, "student=teacher_layers", "student.teacher_layers.layers=[]"))
+
+
 def test_the_cache_trains_a_student_inside_transformers_trainer(lm_cache, tmp_path):
     """CachedSequences + its collator + its loss in a stock Trainer: the same batches and the
     same objective as stage 3 (checked on one batch), and the loss goes down."""

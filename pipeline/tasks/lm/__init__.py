@@ -276,6 +276,19 @@ def evaluate(student, reader: CacheReader, data: TokenData, batch_size: int, vma
             "heldout_kl_topk": kl / kl_rows if kl_rows else None}
 
 
+def heldout_bytes(data: TokenData, tokenizer) -> int:
+    """UTF-8 bytes of the held-out tokens that are predicted (each sequence's after its
+    first): bits per byte = total NLL / ln 2 / this, comparable across tokenizers."""
+    a, z = data.sequences["heldout"]
+    return sum(len(tokenizer.decode(data.sequence(i)[1:].tolist(), clean_up_tokenization_spaces=False).encode())
+               for i in range(a, z))
+
+
+def bits_per_byte(nll: float, tokens: int, n_bytes: int) -> float:
+    """Mean NLL (nats) over ``tokens`` predictions, as bits per byte of their text."""
+    return nll * tokens / math.log(2) / n_bytes
+
+
 class LanguageModel(Task):
     name = "lm"
 
@@ -292,6 +305,10 @@ class LanguageModel(Task):
         bad = [k for k, s in cfg.student.items() if s.arch is not StudentArch.causal_lm]
         if bad:
             p.append(f"students {bad} are not causal LMs: task=lm trains student=causal_lm")
+        for k, s in cfg.student.items():
+            if s.init.value == "teacher_layers" and (s.path or not s.layers):
+                p.append(f"student.{k}: init=teacher_layers takes the teacher's layers, listed in "
+                         f"student.{k}.layers=[...] (got {list(s.layers)}), and no path (got {s.path!r})")
         if cfg.loss.distance.value not in ("topk_kl", "sampled_kl"):
             p.append(f"loss.distance={cfg.loss.distance.value}: task=lm trains with topk_kl or sampled_kl")
         if not 0 <= cfg.loss.k <= cfg.cache.k:
@@ -367,6 +384,7 @@ class LanguageModel(Task):
             return
         device = choose_device(self.cfg.teacher.device)
         ev = teacher_heldout_nll(teacher.model.to(device), data, self.cfg.teacher.batch_size, device, teacher.pad_id)
+        ev["heldout_bytes"] = heldout_bytes(data, teacher.tokenizer)
         storage.write_atomic(json.dumps(ev, indent=2).encode(), TEACHER_EVAL)
         log.info("teacher held-out perplexity %.2f over %d tokens", ev["heldout_perplexity"], ev["heldout_tokens"])
 
@@ -392,7 +410,7 @@ class LanguageModel(Task):
                       device: torch.device, save_dir: str | None = None) -> dict:
         cfg = self.cfg
         student = build_student(spec, int(spec.kwargs.get("vocab_size", reader.manifest.num_classes)),
-                                cfg.data.seq_len, cfg.train.seed).to(device)
+                                cfg.data.seq_len, cfg.train.seed, cfg.teacher).to(device)
         vocab = student.get_output_embeddings().weight.shape[0]
         vmap = vocab_map(spec, reader, vocab)
         loss = v.loss(cfg.loss)
@@ -401,7 +419,7 @@ class LanguageModel(Task):
         stream = SequenceStream(reader, data.tokens, split="train", batch_size=cfg.train.batch_size,
                                 seed=cfg.train.seed, arrays=arrays, rank=rank, world_size=world)
         steps = self.steps(stream)
-        identity = self.student_identity(spec, loss) | {"weights": student_weights(spec)}
+        identity = self.student_identity(spec, loss) | {"weights": student_weights(spec, cfg.teacher)}
         state = self.state_path(reader, f"{name}-{v.label.replace(':', '-')}", identity)
         done, final, seconds = self.fit(
             student, stream, steps, lambda model, batch: sequence_loss(model, batch, loss, lse_column, vmap, device),
@@ -412,6 +430,8 @@ class LanguageModel(Task):
         if rank != 0:
             return row  # rank 0 evaluates and saves the student
         row |= evaluate(student, reader, data, cfg.lm.eval_batch_size, vmap, device)
+        row["heldout_bits_per_byte"] = bits_per_byte(row["heldout_nll"], row["heldout_tokens"],
+                                                     self.heldout_bytes(data))
         if save_dir:  # a standard HF folder (config.json + model.safetensors)
             row["checkpoint"] = os.path.join(save_dir, name, v.label.replace(":", "-"))
             student.save_pretrained(row["checkpoint"])
@@ -419,20 +439,32 @@ class LanguageModel(Task):
                  row["heldout_kl_topk"] or float("nan"))
         return row
 
+    def heldout_bytes(self, data: TokenData) -> int:
+        if getattr(self, "_heldout_bytes", None) is None:
+            tokenizer = getattr(self, "_tokenizer", None) or load_tokenizer(self.cfg.teacher)
+            self._heldout_bytes = heldout_bytes(data, tokenizer)
+        return self._heldout_bytes
+
     def results(self, rows: list[dict], reader: CacheReader) -> tuple[dict, str]:
         teacher = read_teacher_eval(reader.storage)
+        if teacher and "heldout_bytes" in teacher:
+            teacher["heldout_bits_per_byte"] = bits_per_byte(teacher["heldout_nll"], teacher["heldout_tokens"],
+                                                             teacher["heldout_bytes"])
         full = reader.manifest.num_classes * 2
         return ({"teacher": teacher, "full_fp16_bytes_per_token": full},
                 format_lm_results(rows, teacher, full))
 
 
 def format_lm_results(rows: list[dict], teacher: dict, full_bytes: int) -> str:
-    lines = ["| student | trained on | bytes/token | held-out perplexity | held-out KL (top-K+tail) | steps | time |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+    lines = ["| student | trained on | bytes/token | held-out perplexity | bits/byte | held-out KL (top-K+tail) "
+             "| steps | time |", "|---|---|---:|---:|---:|---:|---:|---:|"]
     if teacher:
-        lines.append(f"| teacher | - | {full_bytes:,} (full fp16) | {teacher['heldout_perplexity']:.2f} | 0 | - | - |")
+        bpb = f"{teacher['heldout_bits_per_byte']:.4f}" if "heldout_bits_per_byte" in teacher else "-"
+        lines.append(f"| teacher | - | {full_bytes:,} (full fp16) | {teacher['heldout_perplexity']:.2f} | {bpb} | 0 "
+                     "| - | - |")
     for r in rows:
         kl = f"{r['heldout_kl_topk']:.4f}" if r["heldout_kl_topk"] is not None else "-"
+        bpb = f"{r['heldout_bits_per_byte']:.4f}" if r.get("heldout_bits_per_byte") else "-"
         lines.append(f"| {r['student']} | {r['variant']} | {r['bytes_per_token']} | {r['heldout_perplexity']:.2f} | "
-                     f"{kl} | {r['steps']} | {r['train_s']:.0f}s |")
+                     f"{bpb} | {kl} | {r['steps']} | {r['train_s']:.0f}s |")
     return "\n".join(lines)

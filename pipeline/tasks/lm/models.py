@@ -12,6 +12,7 @@ import hashlib
 import importlib.util
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,12 +112,16 @@ def teacher_identity(cfg_teacher, tokenizer) -> dict:
             "precision": cfg_teacher.precision.value}
 
 
-def build_student(spec, vocab_size: int, seq_len: int, seed: int) -> torch.nn.Module:
-    """The student: a pretrained Hugging Face causal LM from ``spec.path`` (float32, offline),
-    or a new small Llama-style one (``spec.kwargs`` are LlamaConfig fields) seeded by ``seed``."""
+def build_student(spec, vocab_size: int, seq_len: int, seed: int, cfg_teacher=None) -> torch.nn.Module:
+    """The student, in float32: a pretrained Hugging Face causal LM from ``spec.path``
+    (offline); with ``spec.init=teacher_layers``, the teacher's own embeddings, head and the
+    layers ``spec.layers`` (:func:`teacher_layer_student`); else a new small Llama-style
+    one (``spec.kwargs`` are LlamaConfig fields) seeded by ``seed``."""
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
+    if spec.init.value == "teacher_layers":
+        return teacher_layer_student(cfg_teacher, spec.layers)
     if spec.path:
         folder = Path(os.path.expanduser(spec.path))
         if not (folder / "config.json").is_file():
@@ -130,6 +135,108 @@ def build_student(spec, vocab_size: int, seq_len: int, seed: int) -> torch.nn.Mo
     return LlamaForCausalLM(LlamaConfig(**kwargs))
 
 
-def student_weights(spec) -> str | None:
-    """The hash of a pretrained student's weight files (part of its identity), or None."""
+LAYER = re.compile(r"^(.*\.layers\.)(\d+)(\..*)$")
+
+
+def teacher_layer_student(cfg_teacher, layers: list[int]) -> torch.nn.Module:
+    """A student made of the teacher's embeddings, final norm and output head and its
+    decoder layers ``layers`` (in that order), the DistilBERT / Minitron initialisation.
+
+    Only those tensors are read from the teacher's files (safetensors by name, GGUF tensors
+    dequantized one by one), into a model built from the teacher's config with
+    ``len(layers)`` layers; the teacher model itself is never built. Per-layer config lists
+    (e.g. ``layer_types``) keep the chosen layers' entries."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder, gguf = teacher_source(cfg_teacher)
+    config = AutoConfig.from_pretrained(str(folder), local_files_only=True, **({"gguf_file": gguf} if gguf else {}))
+    n = config.num_hidden_layers
+    if not layers or len(set(layers)) != len(layers) or not all(0 <= i < n for i in layers):
+        raise ValueError(f"student layers={list(layers)}: expected distinct indices of the teacher's {n} layers "
+                         f"(0..{n - 1}), e.g. layers=[0,6,12,18,24,{n - 1}]")
+    teacher_config = config.__class__.from_dict(config.to_dict())
+    for key, value in config.to_dict().items():  # per-layer settings follow their layers
+        if isinstance(value, list) and len(value) == n and key != "architectures":
+            setattr(config, key, [value[i] for i in layers])
+    config.num_hidden_layers = len(layers)
+    student = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    wanted = {}  # teacher tensor name -> student tensor name
+    for name in student.state_dict():
+        m = LAYER.match(name)
+        wanted[f"{m[1]}{layers[int(m[2])]}{m[3]}" if m else name] = name
+    t0 = time.perf_counter()
+    if gguf:
+        tensors = read_gguf_tensors(folder / gguf, teacher_config, wanted)
+    else:
+        tensors = read_checkpoint_tensors(folder, wanted)
+    result = student.load_state_dict(tensors, strict=False)
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    missing = set(result.missing_keys) - tied
+    if missing or result.unexpected_keys:
+        raise ValueError(f"teacher {folder}: the files lack {sorted(missing)[:5]} for a teacher-layer student "
+                         f"(unexpected: {result.unexpected_keys[:5]}); its layers may not be named *.layers.N.*")
+    student.tie_weights()
+    log.info("student from the teacher's layers %s of %d: %d parameters, %d tensors read in %.1fs", list(layers), n,
+             sum(p.numel() for p in student.parameters()), len(tensors), time.perf_counter() - t0)
+    return student
+
+
+def read_checkpoint_tensors(folder: Path, wanted: dict[str, str]) -> dict[str, torch.Tensor]:
+    """The tensors named in ``wanted`` (teacher name -> new name) from a folder's safetensors
+    (read by name) or .bin files, in float32."""
+    from safetensors import safe_open
+
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as st:
+            for key in st.keys():
+                if key in wanted:
+                    out[wanted[key]] = st.get_tensor(key).float()
+    for f in sorted(folder.glob("*.bin")):
+        state = torch.load(f, map_location="cpu", mmap=True, weights_only=True)
+        out.update({wanted[k]: v.float() for k, v in state.items() if k in wanted})
+    return out
+
+
+def read_gguf_tensors(path: Path, teacher_config, wanted: dict[str, str]) -> dict[str, torch.Tensor]:
+    """The tensors named in ``wanted`` (Hugging Face teacher name -> new name) from a GGUF
+    file, each dequantized on its own, with gguf's name map and transformers' tensor fix-ups
+    (e.g. Llama's q/k permutation), in float32."""
+    import numpy as np
+    from gguf import MODEL_ARCH_NAMES, GGUFReader, dequantize, get_tensor_name_map
+    from transformers.modeling_gguf_pytorch_utils import (
+        TENSOR_PROCESSORS,
+        TensorProcessor,
+        read_field,
+    )
+
+    reader = GGUFReader(str(path))
+    arch_name = read_field(reader, "general.architecture")[0]
+    arch = next((k for k, v in MODEL_ARCH_NAMES.items() if v == arch_name), None)
+    if arch is None:
+        raise ValueError(f"{path}: GGUF architecture {arch_name!r} is unknown to the installed gguf package")
+    name_map = get_tensor_name_map(arch, teacher_config.num_hidden_layers)
+    gguf_names = {}  # GGUF tensor name -> HF name, for the wanted tensors
+    for hf in wanted:
+        stem, dot, suffix = hf.rpartition(".")
+        g = name_map.get_name(stem)
+        if g is not None:
+            gguf_names[f"{g}.{suffix}"] = hf
+    settings = teacher_config.to_dict()
+    processor = TENSOR_PROCESSORS.get(arch_name, TensorProcessor)(config=settings)
+    out = {}
+    for t in reader.tensors:
+        if t.name in gguf_names:
+            w = processor.process(weights=dequantize(t.data, t.tensor_type), name=t.name,
+                                  tensor_key_mapping=gguf_names, parsed_parameters={"config": settings}).weights
+            out[wanted[gguf_names[t.name]]] = torch.from_numpy(np.array(w, dtype=np.float32))
+    return out
+
+
+def student_weights(spec, cfg_teacher=None) -> str | None:
+    """What a student starts from, beyond its config (part of its identity): a pretrained
+    student's weight files' hash, or the teacher's and the layers taken; None when new."""
+    if spec.init.value == "teacher_layers":
+        folder, gguf = teacher_source(cfg_teacher)
+        return f"{weights_hash(folder, gguf)}:layers={list(spec.layers)}"
     return weights_hash(Path(os.path.expanduser(spec.path)), None) if spec.path else None
