@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pipeline.cache import CacheWriter, Manifest, ShardRecord, plan_shards
-from pipeline.cache.format import IDS, array_specs, offsets_digest, row_bytes
+from pipeline.cache.format import IDS, SequenceIndex, array_specs, row_bytes
 from pipeline.cache.storage import Storage
 from pipeline.representations import host_arrays, represent, torch_buffer_dtype
 
@@ -45,7 +45,7 @@ class RowSource(Protocol):
 
 
 def plan_manifest(cache, *, rows: int, num_classes: int, splits: dict[str, tuple[int, int]], fingerprint: dict,
-                  offsets: np.ndarray | None = None, vocab: dict | None = None) -> Manifest:
+                  index: SequenceIndex | None = None, vocab: dict | None = None) -> Manifest:
     """The manifest of a new cache from the cache section (``cache.*``): representations,
     dtype, layout. ``cache.chunk_rows`` is lowered so a chunk of the widest representation
     stays under 8 MiB (a `full` row of a 49,152-token vocabulary is 96 KiB)."""
@@ -58,8 +58,9 @@ def plan_manifest(cache, *, rows: int, num_classes: int, splits: dict[str, tuple
                  fingerprint=fingerprint, k=cache.k if "topk" in modes else 0,
                  samples=cache.samples if "sampled" in modes else 0, temperatures=list(cache.temperatures),
                  sample_temperature=cache.sample_temperature, compression=getattr(cache.zstd, "value", cache.zstd))
-    if offsets is not None:
-        m.sequences, m.offsets_sha256, m.vocab = len(offsets) - 1, offsets_digest(offsets), dict(vocab or {})
+    if index is not None:
+        index.describe(m)
+        m.vocab = dict(vocab or {})
     widest = max(row_bytes(m, (mode,)) for mode in m.modes)
     m.chunk_rows = min(cache.chunk_rows, max(1, MAX_CHUNK_BYTES // max(widest, 1)))
     if m.chunk_rows < cache.chunk_rows:
@@ -141,13 +142,13 @@ def capture_shard(source: RowSource, shard: ShardRecord, m: Manifest, device: to
 
 @torch.inference_mode()
 def capture(source: RowSource, m: Manifest, storage: Storage, *, device: torch.device, max_full_gb: float,
-            zstd_level: int = 3, rank: int = 0, world_size: int = 1, offsets: np.ndarray | None = None,
+            zstd_level: int = 3, rank: int = 0, world_size: int = 1, index: SequenceIndex | None = None,
             overwrite: bool = False, verify: bool = False) -> Manifest:
     """Write the teacher's outputs over every row of ``m`` to ``storage``; resume if started."""
     check_size(m, max_full_gb)
     t0 = time.perf_counter()
     with CacheWriter(storage=storage, manifest=m, zstd_level=zstd_level, rank=rank, world_size=world_size,
-                     offsets=offsets, overwrite=overwrite, verify=verify) as writer:
+                     index=index, overwrite=overwrite, verify=verify) as writer:
         todo = writer.pending()
         log.info("capture: rank %d of %d writes %d shard(s) to %s", rank, world_size, len(todo), storage.url)
         desc = "stage 1: teacher" if world_size == 1 else f"stage 1: teacher (rank {rank}/{world_size})"

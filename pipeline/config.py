@@ -108,6 +108,10 @@ class DataConfig:
     num_classes: int = 10  # task=classify: classes (labels are 0..num_classes-1); task=lm reads the teacher's width
     seq_len: int = 128  # task=lm: tokens per sequence (train_size / test_size count sequences)
     text_column: str = "text"  # task=lm, source=corpus: the column holding each document's text
+    # task=lm, source=corpus: or the column holding each conversation, a list of {role, content}
+    # messages rendered with the teacher tokenizer's chat template; only the positions that
+    # predict an assistant token are cached and trained on
+    chat_column: str | None = None
 
 
 @dataclass

@@ -297,8 +297,15 @@ class SequenceBatch:
     input_ids: torch.Tensor  # (B, L) token ids, right-padded
     attention_mask: torch.Tensor  # (B, L) 1 = real token
     teacher: dict[str, np.ndarray]  # cache arrays laid out on the grid: (B * L, ...), zeros at padding
-    mask: np.ndarray  # (B * L,) bool: real tokens (the rows every loss reads)
+    mask: np.ndarray  # (B * L,) bool: the positions with a cache row (the rows every loss reads)
     sequences: np.ndarray  # (B,) sequence indices
+
+    def label_mask(self) -> torch.Tensor:
+        """(B, L - 1) bool: the positions whose next-token prediction is trained and scored (a
+        cache row there, and a next token): every real token but the last of a document; in a
+        chat, the positions that predict the assistant's tokens."""
+        rows = torch.from_numpy(self.mask).view(self.input_ids.shape)
+        return rows[:, :-1] & (self.attention_mask[:, 1:] == 1)
 
 
 def pad_batch(seqs: list[np.ndarray], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -317,15 +324,27 @@ class SequenceStream(CacheRows):
 
     A causal student needs each sequence's tokens in order, so the unit of shuffling is the
     sequence: every epoch takes a permutation of the split's sequences seeded by ``(seed,
-    epoch)``. A batch's rows are decoded straight onto the padded (B, L) grid (zeros at
-    padding, masked out of every loss) through the same reader as :class:`CacheStream`,
-    checked the same way, ``prefetch`` batches ahead on a background thread."""
+    epoch)``. A batch's rows are decoded onto the padded (B, L) grid, each at its token's
+    position (zeros where there is no row: padding, and in a chat cache the positions that
+    do not predict the assistant; masked out of every loss), through the same reader as
+    :class:`CacheStream`, checked the same way, ``prefetch`` batches ahead on a background
+    thread. ``tokens`` are the token ids the cache was captured from, sequence i at
+    ``tokens[token_offsets[i]:token_offsets[i + 1]]`` (default: the cache's row offsets, when
+    every token has a row)."""
 
     def __init__(self, reader: CacheReader, tokens: np.ndarray, *, split: str, batch_size: int, seed: int,
-                 arrays: tuple[str, ...], prefetch: int = 2, rank: int = 0, world_size: int = 1):
+                 arrays: tuple[str, ...], prefetch: int = 2, rank: int = 0, world_size: int = 1,
+                 token_offsets: np.ndarray | None = None):
         super().__init__(reader, arrays, prefetch)
         self.tokens = tokens
-        self.offsets = reader.offsets
+        self.offsets, self.positions = reader.offsets, reader.positions
+        if token_offsets is None and self.positions is not None:
+            raise ValueError(f"cache {reader.path!r} holds rows for some tokens only (a chat cache): pass the "
+                             "token data's offsets (token_offsets=data.offsets)")
+        self.token_offsets = self.offsets if token_offsets is None else token_offsets
+        if len(self.token_offsets) != len(self.offsets):
+            raise ValueError(f"cache {reader.path!r} holds {len(self.offsets) - 1} sequences, the token data "
+                             f"{len(self.token_offsets) - 1}: the cache was captured from other data; re-run stage 1")
         lo, hi = reader.split_range(split)
         first, last = np.searchsorted(self.offsets, [lo, hi])
         self.sequence_ids = np.arange(first, last)
@@ -357,27 +376,34 @@ class SequenceStream(CacheRows):
         return self.sequence_ids[np.random.default_rng([self.seed, epoch]).permutation(len(self.sequence_ids))]
 
     def read(self, seqs: np.ndarray) -> SequenceBatch:
-        """One batch: the sequences' tokens and cache rows on the padded grid."""
-        off, m = self.offsets, self.reader.manifest
-        input_ids, attention = pad_batch([self.tokens[off[i]:off[i + 1]] for i in seqs], pad_id=0)
+        """One batch: the sequences' tokens, and their cache rows on the padded grid."""
+        off, tok, m = self.offsets, self.token_offsets, self.reader.manifest
+        input_ids, attention = pad_batch([self.tokens[tok[i]:tok[i + 1]] for i in seqs], pad_id=0)
         width = input_ids.shape[1]
-        grid = {n: np.zeros((len(seqs) * width, *shape), dt) for n, (shape, dt) in self._specs.items()}
-        rows = np.full(len(seqs) * width, -1, np.int64)  # the cache row of each grid row (-1: padding)
-        requests = []
+        counts = off[seqs + 1] - off[seqs]
+        flat = {n: np.zeros((int(counts.sum()), *shape), dt) for n, (shape, dt) in self._specs.items()}
+        rows, where, requests, at = [], [], [], 0
         for j, i in enumerate(seqs):
             a, b = int(off[i]), int(off[i + 1])
-            rows[j * width:j * width + b - a] = np.arange(a, b)
+            rows.append(np.arange(a, b))
+            where.append(j * width + (np.arange(b - a) if self.positions is None else self.positions[a:b]))
             for n in self.arrays:
-                requests += split_at_chunks(n, a, b, grid[n][j * width:j * width + b - a], m.chunk_rows)
+                requests += split_at_chunks(n, a, b, flat[n][at:at + b - a], m.chunk_rows)
+            at += b - a
         self._read(requests)
-        real = rows >= 0
-        if (grid[IDS][real] != np.repeat(seqs, off[seqs + 1] - off[seqs])).any():
+        rows, where = np.concatenate(rows), np.concatenate(where)
+        if (flat[IDS] != np.repeat(seqs, counts)).any():
             raise ValueError(f"cache {self.reader.path!r}: the rows of sequences {seqs.tolist()} hold other "
                              "sequence ids; offsets and rows disagree: re-run stage 1")
-        check_finite({n: a[real] for n, a in grid.items()}, self.reader.path, self._bf16, rows[real],
-                     what="sequences")
-        teacher = self._decode({n: a for n, a in grid.items() if n != IDS})
-        return SequenceBatch(input_ids, attention, teacher, attention.reshape(-1).numpy().astype(bool), seqs)
+        check_finite(flat, self.reader.path, self._bf16, rows, what="sequences")
+        grid = {}
+        for n, (shape, dt) in self._specs.items():
+            if n != IDS:
+                grid[n] = np.zeros((len(seqs) * width, *shape), dt)
+                grid[n][where] = flat[n]
+        mask = np.zeros(len(seqs) * width, bool)
+        mask[where] = True
+        return SequenceBatch(input_ids, attention, self._decode(grid), mask, seqs)
 
     def __iter__(self) -> Iterator[SequenceBatch]:
         """The rest of the current epoch, then advance to the next."""

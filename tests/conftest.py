@@ -13,7 +13,7 @@ from hydra import compose, initialize_config_module  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from pipeline.cache import CacheWriter, Manifest, Storage, make_fingerprint, plan_shards  # noqa: E402
-from pipeline.cache.format import offsets_digest  # noqa: E402
+from pipeline.cache.format import SequenceIndex  # noqa: E402
 from pipeline.config import Config, register  # noqa: E402
 from pipeline.representations import host_arrays, represent  # noqa: E402
 
@@ -24,10 +24,10 @@ def write_cache(path, logits: np.ndarray, *, dtype: str = "float16", chunk_rows:
                 shard_chunks: int = 2, splits: dict | None = None, fields: dict | None = None,
                 backend: str = "zarr", modes=("full",), k: int = 3, samples: int = 8,
                 temperatures=(1.0, 2.0), sample_temperature: float = 1.0, compression: str = "ints",
-                offsets: np.ndarray | None = None) -> Manifest:
+                offsets: np.ndarray | None = None, positions: np.ndarray | None = None) -> Manifest:
     """Write ``logits`` (N, C) as a complete cache through the real writer and the real
     representations code (top-k, sampling) on CPU; with ``offsets``, rows are the tokens of
-    sequences (a row's id is its sequence's index)."""
+    sequences (a row's id is its sequence's index), at ``positions`` when given."""
     n, c = logits.shape
     shard_rows = chunk_rows * shard_chunks
     m = Manifest(backend=backend, modes=sorted(modes), dtype=dtype, num_classes=c, rows=n, chunk_rows=chunk_rows,
@@ -36,11 +36,13 @@ def write_cache(path, logits: np.ndarray, *, dtype: str = "float16", chunk_rows:
                  k=k if "topk" in modes else 0, samples=samples if "sampled" in modes else 0,
                  temperatures=list(temperatures), sample_temperature=sample_temperature, compression=compression)
     ids = np.arange(n, dtype=np.int64)
+    index = None
     if offsets is not None:
-        m.sequences, m.offsets_sha256 = len(offsets) - 1, offsets_digest(offsets)
+        index = SequenceIndex(offsets, positions)
+        index.describe(m)
         ids = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
     t = torch.from_numpy(logits.astype(np.float32))
-    with CacheWriter(storage=Storage(str(path)), manifest=m, offsets=offsets) as w:
+    with CacheWriter(storage=Storage(str(path)), manifest=m, index=index) as w:
         for shard in w.pending():
             gen = torch.Generator().manual_seed(shard.index)
             arrays = host_arrays(represent(t[shard.start:shard.stop], m, gen), m)

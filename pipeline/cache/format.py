@@ -12,7 +12,10 @@ IPC files in ``shards/``:
 | ``topk``  | ``topk_idx`` (N, K) int32, ``topk_val`` (N, K) cache dtype: the K largest    |
 |           | logits; ``lse`` (N, M) float32: the exact logsumexp of the whole row of      |
 |           | logits/T at each of the M capture temperatures (so the tail mass is known)   |
-| (sequences) | ``offsets.npy`` (S+1,) int64 beside the manifest, its sha256 in it      |
+| (sequences) | ``offsets.npy`` (S+1,) int64 beside the manifest, its sha256 in it:      |
+|           | sequence i owns rows offsets[i]:offsets[i+1]; ``positions.npy`` (N,) int32  |
+|           | when the rows are some of the sequence's tokens (chat: assistant tokens),   |
+|           | row r is at token positions[r] of its sequence (absent: every token, in order)|
 | ``sampled`` | ``sampled_idx`` (N, S) int32 distinct class ids drawn from softmax(t/Ts),  |
 |           | padded with -1; ``sampled_cnt`` (N, S) uint16 how often each was drawn (0 =  |
 |           | padding); ``sampled_ent`` (N,) float32 the teacher's entropy at Ts;          |
@@ -41,11 +44,13 @@ from dataclasses import asdict, dataclass, field
 
 from pipeline.cache.storage import Storage
 
-FORMAT_VERSION = 3  # 2: kdcache.json, per-object sizes in commit records, top1 on sampled-only caches;
-# 3: the Zarr group in zarr/ beside the index; one fingerprint schema for every task
+FORMAT_VERSION = 4  # 2: kdcache.json, per-object sizes in commit records, top1 on sampled-only caches;
+# 3: the Zarr group in zarr/ beside the index; one fingerprint schema for every task;
+# 4: positions.npy, sequence caches with rows at some of their tokens only
 MANIFEST = "manifest.json"
 MARKER = "kdcache.json"  # written first, never changed: "this folder is a cache" + its plan
 OFFSETS = "offsets.npy"  # sequence tasks: sequence i owns rows offsets[i]:offsets[i + 1]
+POSITIONS = "positions.npy"  # sequence rows at some tokens only: row r is at token positions[r] of its sequence
 COMMITS = "commits"  # one small record per committed shard, written after the shard itself
 GROUP = "zarr"  # the Zarr backend's group, beside the index files
 IDS, LOGITS = "ids", "logits"
@@ -55,7 +60,7 @@ TOP1 = "top1"
 ARRAYS = (IDS, LOGITS, TOPK_IDX, TOPK_VAL, LSE, SAMPLED_IDX, SAMPLED_CNT, SAMPLED_ENT, TOP1)
 # Every top-level entry a cache folder can hold: what `cache.overwrite=true` may delete
 # (``locks/`` is kept; anything else, a user's file, is never touched).
-CACHE_ENTRIES = {MARKER, MANIFEST, OFFSETS, COMMITS, GROUP, "shards", "teacher_eval.json",
+CACHE_ENTRIES = {MARKER, MANIFEST, OFFSETS, POSITIONS, COMMITS, GROUP, "shards", "teacher_eval.json",
                  "zarr.json", *ARRAYS}  # (the last two: where version 2 kept its arrays)
 MODES = ("full", "topk", "sampled")
 DTYPES = ("float16", "bfloat16", "float32")
@@ -115,10 +120,13 @@ class Manifest:
     format_version: int = FORMAT_VERSION
     info: dict = field(default_factory=dict)  # free-form: teacher accuracy, timings
     # sequence tasks (rows are tokens): the number of sequences, the sha256 of the (S + 1,)
-    # int64 ``offsets`` array stored beside the manifest (OFFSETS), and the vocabulary:
+    # int64 ``offsets`` array stored beside the manifest (OFFSETS), of the (N,) int32
+    # ``positions`` when rows are some tokens only (POSITIONS; "" when every token has a row),
+    # and the vocabulary:
     # {"logit_width": teacher output width (= num_classes), "tokenizer_size": len(tokenizer)}
     sequences: int = 0
     offsets_sha256: str = ""
+    positions_sha256: str = ""
     vocab: dict = field(default_factory=dict)
 
     def missing_shards(self) -> list[int]:
@@ -287,34 +295,67 @@ def read_manifest(storage: Storage, name: str = MANIFEST) -> Manifest:
                          f"{FORMAT_VERSION}: {e}") from e
 
 
-def offsets_bytes(offsets) -> bytes:
+@dataclass
+class SequenceIndex:
+    """Where a sequence cache's rows are: sequence i owns rows ``offsets[i]:offsets[i + 1]``;
+    with ``positions``, row r is at token ``positions[r]`` of its sequence (a chat cache
+    holds assistant tokens only), without, the rows are every token of the sequence in order."""
+
+    offsets: object  # (S + 1,) int64
+    positions: object = None  # (N,) int32, or None
+
+    def files(self) -> dict[str, tuple[bytes, str]]:
+        """file name -> (its bytes, the manifest field that holds its sha256)."""
+        out = {OFFSETS: (_npy_bytes(self.offsets, "int64"), "offsets_sha256")}
+        if self.positions is not None:
+            out[POSITIONS] = (_npy_bytes(self.positions, "int32"), "positions_sha256")
+        return out
+
+    def describe(self, m: Manifest) -> None:
+        """Record the index in a new manifest (its size and digests)."""
+        m.sequences = len(self.offsets) - 1
+        for data, field_name in self.files().values():
+            setattr(m, field_name, hashlib.sha256(data).hexdigest())
+
+    def matches(self, m: Manifest) -> bool:
+        files = self.files()
+        return (m.sequences == len(self.offsets) - 1 and bool(m.positions_sha256) == (POSITIONS in files)
+                and all(hashlib.sha256(d).hexdigest() == getattr(m, f) for d, f in files.values()))
+
+
+def _npy_bytes(a, dtype: str) -> bytes:
     import io
 
     import numpy as np
 
     buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(offsets, dtype=np.int64), allow_pickle=False)
+    np.save(buf, np.ascontiguousarray(a, dtype=dtype), allow_pickle=False)
     return buf.getvalue()
 
 
-def offsets_digest(offsets) -> str:
-    return hashlib.sha256(offsets_bytes(offsets)).hexdigest()
+def write_index(storage: Storage, index: SequenceIndex, only_damaged: bool = False) -> list[str]:
+    """Write the index files (before the manifest that names their digests); with
+    ``only_damaged``, just those missing or not matching their bytes. Returns the files written."""
+    written = []
+    for name, (data, _) in index.files().items():
+        if only_damaged and storage.exists(name) and storage.read_bytes(name) == data:
+            continue
+        storage.write_atomic(data, name)
+        written.append(name)
+    return written
 
 
-def write_offsets(storage: Storage, offsets) -> None:
-    storage.write_atomic(offsets_bytes(offsets), OFFSETS)
-
-
-def read_offsets(storage: Storage, m: Manifest):
-    """The cache's sequence offsets, checked against the manifest's digest."""
+def read_index_file(storage: Storage, m: Manifest, name: str):
+    """One index file of a sequence cache, checked against its digest in the manifest."""
     import io
 
     import numpy as np
 
-    if not storage.exists(OFFSETS):
-        raise ValueError(f"cache {storage.url!r} holds {m.sequences} sequences but no {OFFSETS}; {REPAIR}")
-    data = storage.read_bytes(OFFSETS)
-    if hashlib.sha256(data).hexdigest() != m.offsets_sha256:
-        raise ValueError(f"cache {storage.url!r}: {OFFSETS} does not match its digest in the manifest; "
+    digest = m.offsets_sha256 if name == OFFSETS else m.positions_sha256
+    if not storage.exists(name):
+        raise ValueError(f"cache {storage.url!r} holds {m.sequences} sequences but no {name}; {REPAIR}")
+    data = storage.read_bytes(name)
+    if hashlib.sha256(data).hexdigest() != digest:
+        raise ValueError(f"cache {storage.url!r}: {name} does not match its digest in the manifest; "
                          f"the cache is damaged: {REPAIR}")
     return np.load(io.BytesIO(data), allow_pickle=False)

@@ -14,13 +14,15 @@ from pipeline.cache.fingerprint import check_fingerprint
 from pipeline.cache.format import (
     IDS,
     LOGITS,
+    OFFSETS,
+    POSITIONS,
     REPAIR,
     Manifest,
     bf16_arrays,
     merge_commits,
     read_commits,
+    read_index_file,
     read_manifest,
-    read_offsets,
 )
 from pipeline.cache.health import damaged_shards, describe
 from pipeline.cache.storage import Storage
@@ -38,6 +40,7 @@ class CacheReader:
     manifest: Manifest
     arrays: dict[str, da.Array]  # lazily read; bfloat16 arrays decoded to float32
     _offsets: np.ndarray | None = None
+    _positions: np.ndarray | None = None
 
     @property
     def path(self) -> str:
@@ -64,8 +67,18 @@ class CacheReader:
         if not self.manifest.sequences:
             raise ValueError(f"cache {self.path!r} holds samples, not token sequences (no offsets)")
         if self._offsets is None:
-            self._offsets = read_offsets(self.storage, self.manifest)
+            self._offsets = read_index_file(self.storage, self.manifest, OFFSETS)
         return self._offsets
+
+    @property
+    def positions(self) -> np.ndarray | None:
+        """Sequence caches whose rows are some of their tokens (chat: the assistant's): row r
+        is at token ``positions[r]`` of its sequence. None when every token has a row, in order."""
+        if not self.manifest.positions_sha256:
+            return None
+        if self._positions is None:
+            self._positions = read_index_file(self.storage, self.manifest, POSITIONS)
+        return self._positions
 
     def split_range(self, name: str) -> tuple[int, int]:
         if name not in self.manifest.splits:
@@ -81,7 +94,9 @@ class CacheReader:
         """Re-read every committed shard, decode it (every crc32c checked) and compare its
         sha256 with the commit record's; raise naming every damaged shard."""
         if self.manifest.sequences:
-            read_offsets(self.storage, self.manifest)  # checked against its digest
+            read_index_file(self.storage, self.manifest, OFFSETS)  # checked against its digest
+            if self.manifest.positions_sha256:
+                read_index_file(self.storage, self.manifest, POSITIONS)
         problems = damaged_shards(self.storage, self.manifest, full=True, progress=True)
         if problems:
             raise ValueError(f"cache {self.path!r}: {len(problems)} damaged shard(s):"

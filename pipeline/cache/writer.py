@@ -24,7 +24,6 @@ the manifest and marks it ``complete`` (idempotent if two do).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import queue
 import threading
@@ -39,19 +38,19 @@ from pipeline.cache.format import (
     MANIFEST,
     MARKER,
     OFFSETS,
+    POSITIONS,
     Manifest,
     ShardRecord,
     array_specs,
     commit_path,
     identify,
     merge_commits,
-    offsets_digest,
     read_commit,
     read_commits,
     read_manifest,
     write_commit,
+    write_index,
     write_manifest,
-    write_offsets,
 )
 from pipeline.cache.health import damaged_shards, describe, object_sizes, shard_checksum
 from pipeline.cache.storage import LOCKS, Lock, Storage, StorageError, explain_os_error
@@ -59,7 +58,8 @@ from pipeline.cache.storage import LOCKS, Lock, Storage, StorageError, explain_o
 log = logging.getLogger(__name__)
 _DONE = object()
 _SAME = ("fingerprint", "rows", "shard_rows", "chunk_rows", "backend", "modes", "dtype", "k", "samples",
-         "temperatures", "sample_temperature", "compression", "splits", "sequences", "offsets_sha256", "vocab")
+         "temperatures", "sample_temperature", "compression", "splits", "sequences", "offsets_sha256", "positions_sha256",
+         "vocab")
 WRITE_FIX = "free space or fix the permissions, then re-run stage 1: committed shards are kept"
 
 def same_plan(a: Manifest, b: Manifest) -> bool:
@@ -94,16 +94,15 @@ class CacheWriter:
     """Create (rank 0) or join and resume the cache at ``storage`` described by ``manifest``."""
 
     def __init__(self, *, storage: Storage, manifest: Manifest, zstd_level: int = 3, queue_size: int = 2,
-                 rank: int = 0, world_size: int = 1, wait_s: float = 600.0, offsets=None,
+                 rank: int = 0, world_size: int = 1, wait_s: float = 600.0, index=None,
                  overwrite: bool = False, verify: bool = False):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank={rank} is outside world_size={world_size}")
         self.storage, self.rank, self.world_size, self.wait_s = storage, rank, world_size, wait_s
         self.backend = backend(manifest.backend)
-        if (offsets is not None) != bool(manifest.sequences) or (
-                offsets is not None and offsets_digest(offsets) != manifest.offsets_sha256):
-            raise ValueError("a sequence cache needs its offsets, matching manifest.offsets_sha256")
-        self._offsets, self._zstd_level = offsets, zstd_level
+        if (index is not None) != bool(manifest.sequences) or (index is not None and not index.matches(manifest)):
+            raise ValueError("a sequence cache needs its SequenceIndex, matching the manifest's digests")
+        self._index, self._zstd_level = index, zstd_level
         if rank == 0:
             self._refuse_foreign()  # before the lock file is made: nothing is written there
             with storage.lock("cache"):
@@ -154,7 +153,7 @@ class CacheWriter:
     def _open_or_create(self, fresh: Manifest, overwrite: bool) -> Manifest:
         if self.storage.isdir():  # the index is written only under this lock: its temporaries are dead
             for name in self.storage.top_level():
-                if Storage.temporary_of(name) in (MANIFEST, MARKER, OFFSETS):
+                if Storage.temporary_of(name) in (MANIFEST, MARKER, OFFSETS, POSITIONS):
                     self.storage.remove(name)
         kind, old, why = self._refuse_foreign()  # again, under the lock
         url = self.storage.url
@@ -185,8 +184,8 @@ class CacheWriter:
         self.storage.makedirs()
         write_manifest(self.storage, fresh, MARKER)  # first: from here on the folder is a cache
         self.backend.create(self.storage, fresh, self._zstd_level)
-        if self._offsets is not None:
-            write_offsets(self.storage, self._offsets)  # before the manifest that names its digest
+        if self._index is not None:
+            write_index(self.storage, self._index)  # before the manifest that names its digests
         write_manifest(self.storage, fresh)
         return fresh
 
@@ -202,10 +201,9 @@ class CacheWriter:
                 shard.status, shard.sha256, shard.nbytes = "pending", None, None
             write_manifest(st, plan, MARKER)
         self.backend.create(st, m, self._zstd_level, missing_only=True)
-        if self._offsets is not None and (not st.exists(OFFSETS) or hashlib.sha256(
-                st.read_bytes(OFFSETS)).hexdigest() != m.offsets_sha256):
-            log.warning("cache %s: %s is missing or damaged; writing it again", st.url, OFFSETS)
-            write_offsets(st, self._offsets)
+        if self._index is not None:
+            for name in write_index(st, self._index, only_damaged=True):
+                log.warning("cache %s: %s was missing or damaged; written again", st.url, name)
         if why:  # the manifest was unusable: rebuilt from the plan, the commits are merged next
             log.warning("cache %s: %s; rebuilding %s from %s and the commit records", st.url, why, MANIFEST, MARKER)
             m.complete = False

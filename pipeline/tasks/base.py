@@ -13,7 +13,7 @@ from dataclasses import asdict
 import numpy as np
 
 from pipeline.cache import CacheReader, Storage, cache_location, open_cache
-from pipeline.cache.format import Manifest
+from pipeline.cache.format import Manifest, SequenceIndex
 from pipeline.cache.storage import explain_os_error
 from pipeline.capture import RowSource, capture
 from pipeline.config import Config, resolve_root, resolve_workers
@@ -46,8 +46,8 @@ class Task:
     def load_teacher(self, data):
         raise NotImplementedError
 
-    def plan(self, teacher, data) -> tuple[Manifest, np.ndarray | None]:
-        """The new cache's manifest (and its sequence offsets, for token rows)."""
+    def plan(self, teacher, data) -> tuple[Manifest, SequenceIndex | None]:
+        """The new cache's manifest (and, for token rows, where each sequence's rows are)."""
         raise NotImplementedError
 
     def rows(self, teacher, data, device) -> RowSource:
@@ -64,10 +64,10 @@ class Task:
         url = url or self.cache_url(data)
         device = choose_device(cfg.teacher.device)
         rank, world = resolve_workers(cfg)
-        manifest, offsets = self.plan(teacher, data)
+        manifest, index = self.plan(teacher, data)
         m = capture(self.rows(teacher, data, device), manifest, Storage(url, cfg.cache.storage_options),
                     device=device, max_full_gb=cfg.cache.max_full_gb, zstd_level=cfg.cache.zstd_level, rank=rank,
-                    world_size=world, offsets=offsets, overwrite=cfg.cache.overwrite, verify=cfg.verify)
+                    world_size=world, index=index, overwrite=cfg.cache.overwrite, verify=cfg.verify)
         return m
 
     # -- the cache (stages 2 and 3) -------------------------------------------------------

@@ -483,7 +483,7 @@ def test_the_cache_trains_a_student_inside_transformers_trainer(lm_cache, tmp_pa
 
     cfg, data, url = lm_cache
     reader = open_cache(url)
-    kd = CachedSequences(reader, data.tokens, split="train", loss=cfg.loss)
+    kd = CachedSequences(reader, data, split="train", loss=cfg.loss)
     assert len(kd) == 6 and sorted(kd[i] for i in range(6)) == list(range(6))
     torch.manual_seed(0)
     student = LlamaForCausalLM(LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=1,

@@ -99,3 +99,99 @@ def test_a_parquet_corpus_goes_through_all_three_stages(corpora, tmp_path):
     rows = json.load(open(results))["students"]
     assert [r["variant"] for r in rows] == ["labels", "topk_kl", "sampled_kl"]
     assert all(r["steps"] == 2 and r["heldout_tokens"] > 0 for r in rows)
+
+
+def _chats(n: int = 12) -> list[list[dict]]:
+    """Conversations made of the play's lines: a user asks, the assistant answers (twice in
+    some), one with a system prompt, one with a multi-byte character."""
+    lines = [p.replace("\n", " ") for p in _documents(3 * n)]
+    chats = []
+    for i in range(n):
+        chat = [{"role": "user", "content": lines[3 * i]}, {"role": "assistant", "content": lines[3 * i + 1]}]
+        if i % 3 == 0:
+            chat += [{"role": "user", "content": "And then?"}, {"role": "assistant", "content": lines[3 * i + 2]}]
+        chats.append(chat)
+    chats[1] = [{"role": "system", "content": "Answer in verse."}, *chats[1]]
+    chats[2][1]["content"] += " Café ☕"
+    return chats
+
+
+def test_a_chat_corpus_caches_and_trains_on_assistant_tokens_only(tokenizer, tmp_path):
+    """A JSONL chat corpus through all three stages by the CLI. The cache holds one row per
+    position that predicts an assistant token: decoding the predicted tokens of each sequence
+    gives exactly the assistant turns as SmolLM2's template renders them (content, then
+    <|im_end|> and a newline), and each row holds the teacher's logsumexp at its position."""
+    import numpy as np
+    import torch
+
+    from pipeline.cache import open_cache
+    from pipeline.cache.format import LSE
+    from pipeline.tasks.lm import scored_positions, teacher_logits
+    from pipeline.tasks.lm.models import load_teacher
+
+    chats = _chats()
+    path = tmp_path / "chats.jsonl"
+    with open(path, "w") as f:
+        for i, chat in enumerate(chats):
+            f.write(json.dumps({"id": i, "messages": chat}) + "\n")
+    args = ["task=lm", "data=corpus", f"data.path={path}", "data.chat_column=messages", "data.seq_len=512",
+            "data.test_size=2", f"paths.root={tmp_path}", "cache.k=8", "cache.samples=4", "train.steps=2",
+            "train.batch_size=2", "lm.eval_batch_size=2", "lm.variants=[labels,topk_kl]", "teacher.precision=fp32"]
+    out = subprocess.run([sys.executable, "-m", "pipeline.run", *args], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "OMP_WAIT_POLICY": "passive"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    cfg = compose_config(*args)
+    data = load_tokens(cfg.data, str(tmp_path), tokenizer)
+    (cache,) = glob.glob(str(tmp_path / "caches" / "*"))
+    reader = open_cache(cache)
+    assert reader.positions is not None and reader.manifest.rows == len(data.positions) < len(data.tokens)
+    expected = sorted(m["content"] + "<|im_end|>\n" for c in chats for m in c if m["role"] == "assistant")
+    runs = []
+    for i in range(reader.manifest.sequences):
+        s, p = data.sequence(i), scored_positions(data, i)
+        assert np.array_equal(p, data.row_positions(i))  # every cached position has its next token here
+        for run in np.split(p + 1, np.flatnonzero(np.diff(p) != 1) + 1):
+            runs.append(tokenizer.decode(s[run].tolist(), clean_up_tokenization_spaces=False))
+    assert sorted(runs) == expected
+    teacher = load_teacher(cfg.teacher)
+    lse = np.asarray(reader.arrays[LSE][:, 0])
+    for i in (0, 1):
+        with torch.no_grad():
+            logits = teacher_logits(teacher.model, [data.sequence(i)], teacher.pad_id, torch.device("cpu"))[0]
+        direct = torch.logsumexp(logits, -1).numpy()
+        a, b = reader.offsets[i], reader.offsets[i + 1]
+        assert np.abs(lse[a:b] - direct[data.row_positions(i)]).max() < 1e-3
+        assert np.abs(lse[a:b] - direct[data.row_positions(i) + 1]).mean() > 0.1  # off by one is told apart
+    results = json.load(open(glob.glob(str(tmp_path / "runs" / "*" / "results.json"))[0]))
+    held = sum(len(scored_positions(data, i)) for i in range(*data.sequences["heldout"]))
+    assert all(r["heldout_tokens"] == held for r in results["students"])
+
+
+@pytest.mark.parametrize("chat, error", [
+    ([{"role": "user", "content": "hello"}], r"conversation 3 of the corpus has no assistant turn"),
+    ([{"role": "user", "text": "hello"}], r"conversation 3 of the corpus is not a list of \{role, content\}"),
+])
+def test_a_bad_conversation_is_named(tokenizer, tmp_path, chat, error):
+    chats = _chats(6)
+    chats[3] = chat
+    path = tmp_path / "chats.jsonl"
+    path.write_text("".join(json.dumps({"messages": c}) + "\n" for c in chats))
+    cfg = compose_config(*SIZES, f"data.path={path}", "data.chat_column=messages")
+    with pytest.raises(ValueError, match=error):
+        load_tokens(cfg.data, str(tmp_path), tokenizer)
+
+
+def test_a_tokenizer_without_a_chat_template_is_refused(tokenizer, tmp_path):
+    path = tmp_path / "chats.jsonl"
+    path.write_text("".join(json.dumps({"messages": c}) + "\n" for c in _chats(6)))
+    cfg = compose_config(*SIZES, f"data.path={path}", "data.chat_column=messages")
+    bare = tokenizer.__class__.from_pretrained(str(_save(tokenizer, tmp_path)))
+    bare.chat_template = None
+    with pytest.raises(ValueError, match=r"the teacher's tokenizer has no chat template"):
+        load_tokens(cfg.data, str(tmp_path), bare)
+
+
+def _save(tokenizer, tmp_path):
+    folder = tmp_path / "tok"
+    tokenizer.save_pretrained(str(folder))
+    return folder

@@ -65,52 +65,62 @@ def teacher_logits(model, seqs: list[np.ndarray], pad_id: int, device: torch.dev
 
 class TokenRows:
     """The capture engine's rows for a language model: the teacher over the sequences a
-    shard overlaps, batch by batch, each sequence's real tokens inside the shard kept."""
+    shard overlaps, batch by batch, each sequence's cached positions inside the shard kept
+    (every real token of a document; in a chat, those predicting the assistant's tokens)."""
 
     unit = "tok"
 
     def __init__(self, model, data: TokenData, batch_size: int, pad_id: int, device: torch.device):
         self.model, self.data, self.batch_size, self.pad_id, self.device = model, data, batch_size, pad_id, device
+        self.offsets = data.index.offsets  # sequence i owns cache rows offsets[i]:offsets[i + 1]
 
     def _span(self, shard) -> tuple[int, int]:
-        off = self.data.offsets
+        off = self.offsets
         first = int(np.searchsorted(off, shard.start, side="right")) - 1
         return first, int(np.searchsorted(off, shard.stop, side="left"))  # sequences [first, last) overlap it
 
     def logits(self, shard):
-        off = self.data.offsets
+        off = self.offsets
         first, last = self._span(shard)
         for b in range(first, last, self.batch_size):
             seqs = list(range(b, min(b + self.batch_size, last)))
             logits = teacher_logits(self.model, [self.data.sequence(i) for i in seqs], self.pad_id, self.device)
-            n_real = [min(off[i + 1], shard.stop) - max(off[i], shard.start) for i in seqs]
+            width = logits.shape[1]
+            keep = np.concatenate([j * width + self.data.row_positions(i)[max(off[i], shard.start) - off[i]:
+                                                                         min(off[i + 1], shard.stop) - off[i]]
+                                   for j, i in enumerate(seqs)])
             rows = logits.reshape(-1, logits.shape[-1])  # (B * L, V)
-            if sum(n_real) != len(rows):  # padding or a straddling sequence: keep this shard's real tokens
-                keep = [j * logits.shape[1] + torch.arange(max(off[i], shard.start) - off[i],
-                                                           min(off[i + 1], shard.stop) - off[i])
-                        for j, i in enumerate(seqs)]
-                rows = rows[torch.cat(keep).to(self.device)]  # (n, V)
+            if len(keep) != len(rows):  # padding, a straddling sequence or uncached positions
+                rows = rows[torch.from_numpy(keep).to(self.device)]  # (n, V)
             yield int(max(off[seqs[0]], shard.start) - shard.start), rows
 
     def ids(self, shard) -> np.ndarray:
-        off = self.data.offsets
+        off = self.offsets
         first, last = self._span(shard)
         ids = np.repeat(np.arange(first, last), np.diff(off[first:last + 1]))
         return ids[shard.start - off[first]:shard.stop - off[first]]  # a token row's id is its sequence's
 
 
+def scored_positions(data: TokenData, i: int) -> np.ndarray:
+    """The positions of sequence i whose next-token prediction is scored: those with a cache
+    row and a next token."""
+    p = data.row_positions(i)
+    return p[p + 1 < data.offsets[i + 1] - data.offsets[i]]
+
+
 @torch.inference_mode()
 def teacher_heldout_nll(model, data: TokenData, batch_size: int, device: torch.device, pad_id: int) -> dict:
-    """The teacher's next-token loss on the held-out sequences (its perplexity)."""
+    """The teacher's next-token loss on the held-out sequences' scored positions (its perplexity)."""
     a, z = data.sequences["heldout"]
     total, count = 0.0, 0
     for b in range(a, z, batch_size):
         seqs = [data.sequence(i) for i in range(b, min(b + batch_size, z))]
         logp = torch.log_softmax(teacher_logits(model, seqs, pad_id, device), dim=-1)
         for j, s in enumerate(seqs):
-            target = torch.from_numpy(s[1:]).to(device)
-            total -= logp[j, :len(s) - 1].gather(1, target[:, None]).sum().item()
-            count += len(s) - 1
+            p = scored_positions(data, b + j)
+            target = torch.from_numpy(s[p + 1]).to(device)
+            total -= logp[j, torch.from_numpy(p).to(device)].gather(1, target[:, None]).sum().item()
+            count += len(p)
     return {"heldout_tokens": count, "heldout_nll": total / count, "heldout_perplexity": float(np.exp(total / count))}
 
 
@@ -215,8 +225,8 @@ def student_logits(student, batch: SequenceBatch, device) -> torch.Tensor:
 
 
 def next_token_nll(logits: torch.Tensor, batch: SequenceBatch, reduction: str = "mean") -> torch.Tensor:
-    """Cross-entropy of each real position against the next real token."""
-    labels = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)[:, 1:]
+    """Cross-entropy of each scored position (:meth:`SequenceBatch.label_mask`) against the next token."""
+    labels = batch.input_ids[:, 1:].masked_fill(~batch.label_mask(), -100)
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1).to(logits.device),
                            ignore_index=-100, reduction=reduction)
 
@@ -257,12 +267,13 @@ def evaluate(student, reader: CacheReader, data: TokenData, batch_size: int, vma
     m = reader.manifest
     arrays = (TOPK_IDX, TOPK_VAL, LSE) if "topk" in m.modes and 1.0 in m.temperatures else ()
     col = m.temperatures.index(1.0) if arrays else 0
-    stream = SequenceStream(reader, data.tokens, split="heldout", batch_size=batch_size, seed=0, arrays=arrays)
+    stream = SequenceStream(reader, data.tokens, split="heldout", batch_size=batch_size, seed=0, arrays=arrays,
+                            token_offsets=data.offsets)
     nll, count, kl, kl_rows = 0.0, 0, 0.0, 0
     for batch in stream:
         batch = map_batch(batch, vmap)
         logits = student_logits(student, batch, device)
-        tokens = int((batch.attention_mask[:, 1:] * batch.attention_mask[:, :-1]).sum())
+        tokens = int(batch.label_mask().sum())
         nll += next_token_nll(logits, batch, reduction="sum").item()
         count += tokens
         if arrays:
@@ -277,11 +288,18 @@ def evaluate(student, reader: CacheReader, data: TokenData, batch_size: int, vma
 
 
 def heldout_bytes(data: TokenData, tokenizer) -> int:
-    """UTF-8 bytes of the held-out tokens that are predicted (each sequence's after its
-    first): bits per byte = total NLL / ln 2 / this, comparable across tokenizers."""
+    """UTF-8 bytes of the held-out tokens that are predicted (the next tokens of the scored
+    positions; each run of consecutive ones decoded together, so a character split over
+    tokens counts once): bits per byte = total NLL / ln 2 / this, comparable across tokenizers."""
     a, z = data.sequences["heldout"]
-    return sum(len(tokenizer.decode(data.sequence(i)[1:].tolist(), clean_up_tokenization_spaces=False).encode())
-               for i in range(a, z))
+    total = 0
+    for i in range(a, z):
+        targets = scored_positions(data, i) + 1
+        s = data.sequence(i)
+        for run in np.split(targets, np.flatnonzero(np.diff(targets) != 1) + 1):
+            if len(run):
+                total += len(tokenizer.decode(s[run].tolist(), clean_up_tokenization_spaces=False).encode())
+    return total
 
 
 def bits_per_byte(nll: float, tokens: int, n_bytes: int) -> float:
@@ -354,8 +372,12 @@ class LanguageModel(Task):
 
     def open_cache(self, data: TokenData, num_classes: int | None = None) -> CacheReader:
         reader = super().open_cache(data)
-        if not np.array_equal(reader.offsets, data.offsets):
-            raise ValueError(f"cache {reader.path!r}: its offsets differ from the token data's; re-run stage 1")
+        index = data.index
+        if not np.array_equal(reader.offsets, index.offsets) or (reader.positions is None) != (
+                index.positions is None) or (index.positions is not None and not np.array_equal(
+                    reader.positions, index.positions)):
+            raise ValueError(f"cache {reader.path!r}: its sequence index (offsets, positions) differs from the "
+                             "token data's; re-run stage 1")
         return reader
 
     def load_teacher(self, data: TokenData) -> LMTeacher:
@@ -365,12 +387,14 @@ class LanguageModel(Task):
         width = teacher.model.get_output_embeddings().weight.shape[0]
         fields = fingerprint_fields(dataset=data.content_hash(), teacher=teacher.identity,
                                     capture=self.capture_settings())
-        m = plan_manifest(self.cfg.cache, rows=int(data.offsets[-1]), num_classes=width,
+        index = data.index
+        m = plan_manifest(self.cfg.cache, rows=int(index.offsets[-1]), num_classes=width,
                           splits={name: data.rows(name) for name in data.sequences},
-                          fingerprint=make_fingerprint(fields), offsets=data.offsets,
+                          fingerprint=make_fingerprint(fields), index=index,
                           vocab={"logit_width": width, "tokenizer_size": len(teacher.tokenizer)})
-        log.info("capture plan: %d tokens in %d sequences, logit width %d", m.rows, m.sequences, width)
-        return m, data.offsets
+        log.info("capture plan: %d token rows (of %d tokens) in %d sequences, logit width %d", m.rows,
+                 len(data.tokens), m.sequences, width)
+        return m, index
 
     def rows(self, teacher: LMTeacher, data: TokenData, device) -> TokenRows:
         return TokenRows(teacher.model.to(device), data, self.cfg.teacher.batch_size, teacher.pad_id, device)
@@ -390,10 +414,12 @@ class LanguageModel(Task):
 
     def row_labels(self, data: TokenData, reader: CacheReader) -> np.ndarray:
         """A token row's label is the next token of its sequence (none after the last)."""
-        labels = np.full(len(data.tokens), -1, np.int64)
-        labels[:-1] = data.tokens[1:]
-        labels[data.offsets[1:] - 1] = -1
-        return labels
+        index = data.index
+        seq = np.repeat(np.arange(len(index.offsets) - 1), np.diff(index.offsets))
+        pos = np.arange(len(seq)) - index.offsets[seq] if index.positions is None else index.positions
+        at = data.offsets[seq] + pos + 1  # the next token's index in data.tokens
+        has_next = at < data.offsets[seq + 1]
+        return np.where(has_next, data.tokens[np.minimum(at, len(data.tokens) - 1)], -1).astype(np.int64)
 
     # -- students -------------------------------------------------------------------------------
     def variants(self) -> list[Variant]:
@@ -417,7 +443,8 @@ class LanguageModel(Task):
         arrays, lse_column = teacher_arrays(reader.manifest, loss)
         rank, world = process_group(device)
         stream = SequenceStream(reader, data.tokens, split="train", batch_size=cfg.train.batch_size,
-                                seed=cfg.train.seed, arrays=arrays, rank=rank, world_size=world)
+                                seed=cfg.train.seed, arrays=arrays, rank=rank, world_size=world,
+                                token_offsets=data.offsets)
         steps = self.steps(stream)
         identity = self.student_identity(spec, loss) | {"weights": student_weights(spec, cfg.teacher)}
         state = self.state_path(reader, f"{name}-{v.label.replace(':', '-')}", identity)

@@ -7,7 +7,7 @@ the teacher's rows on the padded grid, non-finite rows refused), and the loss is
 objective (:func:`pipeline.tasks.lm.sequence_objective`: the same representations, distances,
 masking and vocabulary map)::
 
-    data = CachedSequences(reader, tokens, split="train", loss=cfg.loss)
+    data = CachedSequences(reader, tokens, split="train", loss=cfg.loss)  # tokens = task.load_data()
 
     class DistillTrainer(transformers.Trainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -27,6 +27,7 @@ from pipeline.cache import CacheReader
 from pipeline.losses import teacher_arrays
 from pipeline.stream import SequenceStream
 from pipeline.tasks.lm import prepare_batch, sequence_objective
+from pipeline.tasks.lm.text import TokenData
 
 
 class CachedSequences(torch.utils.data.Dataset):
@@ -35,17 +36,19 @@ class CachedSequences(torch.utils.data.Dataset):
 
     Args:
         reader: the open cache (rows are tokens; ``offsets`` map sequences to rows).
-        tokens: (N,) the token ids the cache was captured from (``TokenData.tokens``).
+        tokens: the token data the cache was captured from (``TokenData``: the ids and where
+            each sequence is).
         split: the cache's split to serve (``train``, ``heldout``).
         loss: a ``loss.*`` section: the distance, temperature, alpha, lam and k to train with.
         vocab_map: teacher id -> student id (-1: none) when the student's vocabulary differs.
     """
 
-    def __init__(self, reader: CacheReader, tokens: np.ndarray, *, split: str = "train", loss,
+    def __init__(self, reader: CacheReader, tokens: TokenData, *, split: str = "train", loss,
                  vocab_map: np.ndarray | None = None):
         arrays, self.lse_column = teacher_arrays(reader.manifest, loss)
         self.loss_cfg, self.vocab_map = loss, vocab_map
-        self.rows = SequenceStream(reader, tokens, split=split, batch_size=1, seed=0, arrays=arrays, prefetch=1)
+        self.rows = SequenceStream(reader, tokens.tokens, split=split, batch_size=1, seed=0, arrays=arrays,
+                                   prefetch=1, token_offsets=tokens.offsets)
 
     def __len__(self) -> int:
         return len(self.rows.sequence_ids)
@@ -54,11 +57,13 @@ class CachedSequences(torch.utils.data.Dataset):
         return int(self.rows.sequence_ids[i])
 
     def collate(self, sequences: list[int]) -> dict:
-        """``input_ids`` and ``attention_mask`` (B, L), ``labels`` (B, L: the inputs, -100 at
-        padding, as Hugging Face causal LMs shift them), and ``kd``: the prepared batch the
-        loss reads (teacher rows on the grid, the real-token mask)."""
+        """``input_ids`` and ``attention_mask`` (B, L), ``labels`` (B, L: the inputs where they
+        are predicted, -100 elsewhere: padding, a chat's non-assistant tokens; Hugging Face
+        causal LMs shift them), and ``kd``: the prepared batch the loss reads (teacher rows on
+        the grid, the mask of positions with one)."""
         batch = prepare_batch(self.rows.read(np.asarray(sequences)), self.loss_cfg, self.lse_column, self.vocab_map)
-        labels = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)
+        labels = torch.full_like(batch.input_ids, -100)
+        labels[:, 1:] = batch.input_ids[:, 1:].masked_fill(~batch.label_mask(), -100)
         return {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "labels": labels, "kd": batch}
 
     def loss(self, logits: torch.Tensor, inputs: dict) -> torch.Tensor:

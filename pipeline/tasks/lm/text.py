@@ -12,6 +12,14 @@ permutation of the sequences picks ``test_size`` held-out ones and ``train_size`
 training (0: all the rest). Rows of a token cache follow the flat order ``train`` then
 ``heldout``: sequence ``i`` owns rows ``offsets[i]:offsets[i+1]`` (CSR), and a token row's
 ``id`` is its sequence's index. Stored as an HF ``DatasetDict`` (``input_ids`` per sequence).
+
+Chat transcripts (``data.chat_column``: a list of ``{role, content}`` messages per row) are
+rendered with the teacher tokenizer's own chat template. An assistant turn is the text the
+template adds between the conversation so far with the generation prompt and the
+conversation through that turn (its content and end-of-turn marker); a token is the
+assistant's when it starts inside such a span of the rendered text. Only positions whose
+*next* token is the assistant's get a cache row (the teacher's prediction of it) and a
+loss; the dataset stores them per sequence (``rows``), the cache as its ``positions``.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from pipeline.cache.format import SequenceIndex
 from pipeline.config import DataConfig
 from pipeline.hashing import hash_json
 
@@ -39,20 +48,41 @@ class TokenData:
     offsets: np.ndarray  # (S + 1,) int64: sequence i is tokens[offsets[i]:offsets[i + 1]]
     sequences: dict[str, tuple[int, int]]  # split -> [first, last) sequence index
     tokenizer_hash: str
+    # chats: the positions with a cache row (those predicting an assistant token), sequence i's
+    # are positions[row_offsets[i]:row_offsets[i + 1]]; None: every token has a row
+    positions: np.ndarray | None = None  # (R,) int32
+    row_offsets: np.ndarray | None = None  # (S + 1,) int64
+
+    @property
+    def index(self) -> SequenceIndex:
+        """Where each sequence's cache rows are (the cache stores it beside its manifest)."""
+        if self.positions is None:
+            return SequenceIndex(self.offsets)
+        return SequenceIndex(self.row_offsets, self.positions)
 
     def rows(self, split: str) -> tuple[int, int]:
-        """The token-row range of a split."""
+        """The cache-row range of a split."""
         a, b = self.sequences[split]
-        return int(self.offsets[a]), int(self.offsets[b])
+        off = self.index.offsets
+        return int(off[a]), int(off[b])
 
     def sequence(self, i: int) -> np.ndarray:
         return self.tokens[self.offsets[i]:self.offsets[i + 1]]
+
+    def row_positions(self, i: int) -> np.ndarray:
+        """The positions of sequence i that have a cache row, in row order."""
+        if self.positions is None:
+            return np.arange(self.offsets[i + 1] - self.offsets[i])
+        return self.positions[self.row_offsets[i]:self.row_offsets[i + 1]]
 
     def content_hash(self) -> str:
         h = hashlib.sha256(self.tokens.tobytes())
         h.update(self.offsets.tobytes())
         h.update(repr(sorted(self.sequences.items())).encode())
         h.update(self.tokenizer_hash.encode())
+        if self.positions is not None:
+            h.update(self.positions.astype(np.int32).tobytes())
+            h.update(self.row_offsets.tobytes())
         return h.hexdigest()
 
 
@@ -76,6 +106,54 @@ def cut_sequences(token_lists: list[list[int]], seq_len: int) -> list[np.ndarray
             if len(piece) >= 2:
                 out.append(np.asarray(piece, dtype=np.int64))
     return out
+
+
+def assistant_spans(tokenizer, messages: list[dict], row: int) -> tuple[str, list[tuple[int, int]]]:
+    """(the conversation rendered with the tokenizer's chat template, the character spans of
+    its assistant turns). A turn's span is what rendering it adds to the conversation before
+    it with the generation prompt; a template under which the earlier conversation does not
+    render as a prefix of the whole cannot be split this way and is refused."""
+    if not isinstance(messages, list) or not messages or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages):
+        raise ValueError(f"conversation {row} of the corpus is not a list of {{role, content}} messages with text "
+                         f"content: got {str(messages)[:120]!r}")
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    if not turns:
+        raise ValueError(f"conversation {row} of the corpus has no assistant turn (roles "
+                         f"{[m['role'] for m in messages]}): nothing to distil; remove it or fix its roles")
+    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    spans = []
+    for i in turns:
+        before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
+        through = tokenizer.apply_chat_template(messages[:i + 1], tokenize=False)
+        if not (through.startswith(before) and full.startswith(through)):
+            raise ValueError(f"conversation {row}: the chat template does not render the conversation up to turn "
+                             f"{i} as the beginning of the whole, so its assistant tokens cannot be told apart; "
+                             "use a template whose renderings extend each other (most do)")
+        spans.append((len(before), len(through)))
+    return full, spans
+
+
+def chat_sequences(tokenizer, conversations: list, indices: list[int], seq_len: int):
+    """Each conversation rendered, tokenized and cut into ``seq_len``-token sequences, with the
+    positions (per sequence) whose next token is the assistant's; sequences without one are dropped."""
+    out_ids, out_rows = [], []
+    for row, messages in zip(indices, conversations, strict=True):
+        text, spans = assistant_spans(tokenizer, messages, row)
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        starts = np.asarray([a for a, _ in enc["offset_mapping"]])
+        mine = np.zeros(len(starts), bool)
+        for a, b in spans:
+            mine |= (starts >= a) & (starts < b)
+        ids = np.asarray(enc["input_ids"], dtype=np.int64)
+        for a in range(0, len(ids), seq_len):
+            piece = ids[a:a + seq_len]
+            rows = np.flatnonzero(mine[a + 1:a + len(piece)]).astype(np.int32)  # position t predicts t + 1
+            if len(rows):
+                out_ids.append(piece.tolist())
+                out_rows.append(rows.tolist())
+    return out_ids, out_rows
 
 
 CORPUS_FILES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow"}
@@ -108,15 +186,17 @@ def read_documents(cfg: DataConfig, cache_dir: str):
             raise FileNotFoundError(f"data.path={path!r}: expected a save_to_disk folder, or .jsonl / .parquet / "
                                     ".arrow files of one kind (a file, or a folder of them)")
         ds = datasets.load_dataset(kinds.pop(), data_files=files, split="train", cache_dir=cache_dir)
-    if cfg.text_column not in ds.column_names:
-        raise ValueError(f"data.path={path!r} has no text column {cfg.text_column!r}; its columns are "
-                         f"{ds.column_names}: set data.text_column")
+    column = cfg.chat_column or cfg.text_column
+    if column not in ds.column_names:
+        what = "chat" if cfg.chat_column else "text"
+        raise ValueError(f"data.path={path!r} has no {what} column {column!r}; its columns are {ds.column_names}: "
+                         f"set data.{what}_column")
     return ds, ds._fingerprint  # datasets' own: from the files' content hashes, or the saved state
 
 
 def _dataset_key(cfg: DataConfig, tok_hash: str, documents: str) -> str:
     fields = {k: v for k, v in asdict(cfg).items() if k in ("train_size", "test_size", "seed", "seq_len", "source",
-                                                               "path", "text_column")}
+                                                               "path", "text_column", "chat_column")}
     return hash_json({"data": fields, "tokenizer": tok_hash, "documents": documents})[:10]
 
 
@@ -126,9 +206,16 @@ def build_token_dataset(cfg: DataConfig, tokenizer, docs, work_dir: str):
     seeded choice of held-out and training sequences."""
     import datasets
 
-    column = cfg.text_column
+    column = cfg.chat_column or cfg.text_column
+    if cfg.chat_column and not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"data.chat_column={cfg.chat_column!r}: the teacher's tokenizer has no chat template to "
+                         "render conversations with; use a teacher whose tokenizer has one (chat_template in its "
+                         "tokenizer_config.json or GGUF metadata), or give plain text in data.text_column")
 
     def cut(batch, indices):
+        if cfg.chat_column:
+            ids, rows = chat_sequences(tokenizer, batch[column], indices, cfg.seq_len)
+            return {"input_ids": ids, "rows": rows}
         texts = batch[column]
         bad = [i for i, t in zip(indices, texts, strict=True) if not isinstance(t, str) or not t.strip()]
         if bad:
@@ -138,9 +225,12 @@ def build_token_dataset(cfg: DataConfig, tokenizer, docs, work_dir: str):
         return {"input_ids": [s.tolist() for s in cut_sequences(ids, cfg.seq_len)]}
 
     os.makedirs(work_dir, exist_ok=True)
+    features = {"input_ids": datasets.Sequence(datasets.Value("int64"))}
+    if cfg.chat_column:
+        features["rows"] = datasets.Sequence(datasets.Value("int32"))
     seqs = docs.map(cut, batched=True, with_indices=True, remove_columns=docs.column_names,
                     cache_file_name=os.path.join(work_dir, "sequences.arrow"), desc="tokenize",
-                    features=datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int64"))}))
+                    features=datasets.Features(features))
     n = len(seqs)
     order = np.random.default_rng(cfg.seed).permutation(n)
     held = np.sort(order[:cfg.test_size])
@@ -173,13 +263,25 @@ def load_tokens(cfg: DataConfig, root: str, tokenizer) -> TokenData:
         finally:
             shutil.rmtree(work, ignore_errors=True)
     dsd = datasets.load_from_disk(path)
-    pieces, sequences, start = [], {}, 0
+    sequences, start = {}, 0
     for name in LM_SPLITS:
-        col = dsd[name].data.column("input_ids").combine_chunks()  # Arrow list<int64>, no Python rows
-        pieces.append((np.asarray(col.offsets)[1:] - np.asarray(col.offsets)[0], np.asarray(col.values)))
-        sequences[name] = (start, start + len(col))
-        start += len(col)
-    lengths = np.concatenate([np.diff(np.concatenate([[0], ends])) for ends, _ in pieces])
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    tokens = np.concatenate([vals for _, vals in pieces]).astype(np.int64)
-    return TokenData(tokens, offsets, sequences, tok_hash)
+        sequences[name] = (start, start + len(dsd[name]))
+        start += len(dsd[name])
+    tokens, offsets = _flat(dsd, "input_ids")
+    if "rows" not in dsd["train"].column_names:
+        return TokenData(tokens, offsets, sequences, tok_hash)
+    positions, row_offsets = _flat(dsd, "rows")
+    return TokenData(tokens, offsets, sequences, tok_hash, positions.astype(np.int32), row_offsets)
+
+
+def _flat(dsd, column: str) -> tuple[np.ndarray, np.ndarray]:
+    """A list column of every split (train then heldout) as flat values and (S + 1,) offsets,
+    read from Arrow without Python rows."""
+    values, lengths = [], []
+    for name in LM_SPLITS:
+        col = dsd[name].data.column(column).combine_chunks()
+        off = np.asarray(col.offsets)
+        values.append(np.asarray(col.values)[off[0]:off[-1]])
+        lengths.append(np.diff(off))
+    return (np.concatenate(values).astype(np.int64),
+            np.concatenate([[0], np.cumsum(np.concatenate(lengths))]).astype(np.int64))
