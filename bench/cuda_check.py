@@ -6,8 +6,12 @@ On a machine with CUDA: captures the same rows with the same teacher on the CPU,
 in fp32 and on CUDA under bf16 autocast; checks the host buffers are pinned, the caches
 verify, and the CUDA logits match the CPU's (fp32 to float16 rounding, bf16 by argmax
 agreement and max error); then checks every distance's torch path on CUDA against the
-Numba kernels on the CPU (values and gradients). Without CUDA it says so and exits 0.
-The last line is one JSON object.
+Numba kernels on the CPU (values and gradients); then times the task=lm capture (top-K +
+logsumexp + sampled rows over a 49,152-token vocabulary) against the bare forward on the
+same Shakespeare sequences, in bf16 and fp32, for randomly initialised causal LMs of
+SmolLM2-135M's shape and of a ~1B shape (built from a config: weights do not change the
+speed, and nothing is downloaded). Without CUDA it says so and exits 0 (``--device cpu
+--lm-shapes tiny`` dry-runs every path here). The last line is one JSON object.
 """
 
 from __future__ import annotations
@@ -31,6 +35,15 @@ from pipeline.representations import sample_counts
 from pipeline.tasks import validate
 from pipeline.tasks.classify import Classify, obtain_teacher
 from pipeline.tasks.classify.data import load_splits
+
+LM_SHAPES = {  # LlamaConfig fields; vocabulary 49,152 (SmolLM2's tokenizer) for all
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, tie_word_embeddings=True),
+    "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                     num_key_value_heads=8, tie_word_embeddings=True),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=2, tie_word_embeddings=True),
+}
 
 
 def config(root: str, rows: int, device: str, precision: str):
@@ -87,11 +100,56 @@ def compare(fn, s: torch.Tensor, args: tuple, device: str) -> dict:
             "grad_max_err": (grads[0] - grads[1]).abs().max().item()}
 
 
+def check_lm_capture(root: str, device: str, shapes: list[str], sequences: int) -> dict:
+    """tokens/s of the bare forward and of the whole capture, and their ratio, per shape and precision."""
+    from lm_capture import bare_forward  # bench/ is the script's folder
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pipeline.tasks.lm import LanguageModel
+    from pipeline.tasks.lm.models import LMTeacher, load_tokenizer
+    from pipeline.tasks.lm.text import load_tokens
+
+    out = {}
+    for shape in shapes:
+        for precision, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+            with initialize_config_module(config_module="pipeline.conf", version_base=None):
+                cfg = validate(OmegaConf.to_object(compose(config_name="config", overrides=[
+                    "task=lm", f"paths.root={root}", f"data.train_size={sequences}", "data.test_size=8",
+                    f"teacher.device={device}", f"teacher.precision={precision}"])))
+            tokenizer = load_tokenizer(cfg.teacher)
+            data = load_tokens(cfg.data, root, tokenizer)
+            torch.manual_seed(0)
+            model = LlamaForCausalLM(LlamaConfig(vocab_size=49152, **LM_SHAPES[shape])).to(device, dtype).eval()
+            teacher = LMTeacher(model, tokenizer, {"name": f"random-{shape}", "precision": precision})
+            dev = torch.device(device)
+            bare_forward(model, data, cfg.teacher.batch_size, dev)  # warm-up (kernels, allocator)
+            t0 = time.perf_counter()
+            bare_forward(model, data, cfg.teacher.batch_size, dev)
+            bare = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            m = LanguageModel(cfg).capture(teacher, data, f"{root}/lm-{shape}-{precision}")
+            full = time.perf_counter() - t0
+            tokens = int(data.offsets[-1])
+            out[f"{shape}/{precision}"] = {
+                "params": sum(p.numel() for p in model.parameters()), "tokens": tokens, "complete": m.complete,
+                "bare_tokens_per_s": tokens / bare, "capture_tokens_per_s": tokens / full,
+                "overhead_ratio": full / bare,
+                "peak_gpu_gb": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None}
+            print(shape, precision, json.dumps(out[f"{shape}/{precision}"]), flush=True)
+            del model, teacher
+            if device == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--root", default=None)
     ap.add_argument("--rows", type=int, default=20_000)
     ap.add_argument("--device", default="cuda", help="cpu runs the same checks CPU against CPU (a dry run)")
+    ap.add_argument("--lm-shapes", default="smollm2-135m,llama-1b", help=f"of {sorted(LM_SHAPES)}, comma-separated")
+    ap.add_argument("--lm-sequences", type=int, default=256, help="sequences of 128 tokens captured per shape")
     args = ap.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         print(json.dumps({"cuda": False, "note": "no CUDA device here; nothing checked"}))
@@ -110,6 +168,7 @@ def main() -> None:
         "bf16_max_abs_err_vs_cpu": float(np.abs(b16 - cpu).max()),
         "bf16_argmax_agree": float((b16.argmax(1) == cpu.argmax(1)).mean()),
         "losses_cuda_vs_cpu": check_losses(args.device),
+        "lm_capture": check_lm_capture(root, args.device, args.lm_shapes.split(","), args.lm_sequences),
     }
     print(json.dumps(res, indent=1))
     print(json.dumps(res))

@@ -29,7 +29,7 @@ from pipeline.cache import (
     open_cache,
     plan_shards,
 )
-from pipeline.cache.format import IDS, LOGITS
+from pipeline.cache.format import IDS, LOGITS, SequenceIndex
 from pipeline.representations import host_arrays, represent
 
 log = logging.getLogger(__name__)
@@ -62,8 +62,9 @@ def derive_cache(reader: CacheReader, child: Manifest, target: str, *, storage_o
                  scheduler=None, in_flight: int = 4, overwrite: bool = False, verify: bool = False) -> Manifest:
     """Write ``child`` at ``target`` from ``reader``'s full logits, ``in_flight`` shards at a time."""
     ids, logits = reader.ids, reader.logits
+    index = SequenceIndex(reader.offsets, reader.positions) if child.sequences else None  # a token cache's
     with CacheWriter(storage=Storage(target, storage_options), manifest=child, overwrite=overwrite,
-                     verify=verify) as writer:
+                     verify=verify, index=index) as writer:
         # batches of shards nobody else holds (claims held while computing: never wait then),
         # then, one at a time, those another process was writing (waiting holds no claim)
         claimed = writer.claim(wait=False)

@@ -37,6 +37,21 @@ def test_derived_topk_equals_torch_topk_of_the_parent(tmp_path, tiny_logits):
     assert report["fidelity_split"] == "test" and 0 < report["storage_ratio"]
 
 
+def test_a_token_cache_derives_with_its_sequence_index(tmp_path, tiny_logits):
+    """A chat-like token cache (rows at some positions of each sequence): the derived cache
+    carries the same offsets and positions, so students read it the same way."""
+    offsets = np.array([0, 30, 70, 100])
+    positions = np.concatenate([np.arange(3, 33), np.arange(40) * 2, np.arange(5, 35)]).astype(np.int32)
+    parent_path = str(tmp_path / "parent")
+    write_cache(parent_path, tiny_logits, dtype="float32", offsets=offsets, positions=positions)
+    parent = open_cache(parent_path)
+    derive_cache(parent, child_manifest(parent.manifest, "topk", 3, "float32", [1.0], parent_path),
+                 str(tmp_path / "child"))
+    child = open_cache(str(tmp_path / "child"))
+    np.testing.assert_array_equal(child.offsets, offsets)
+    np.testing.assert_array_equal(child.positions, positions)
+
+
 def test_stage2_derives_a_topk_cache(tmp_path):
     run_cli(tmp_path, "stage=1")
     proc = run_cli(tmp_path, "stage=2", "derive.mode=topk", "derive.k=3")

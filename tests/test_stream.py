@@ -158,3 +158,41 @@ def test_the_sequence_stream_names_a_non_finite_token_row(tmp_path):
         list(stream)
     ok = SequenceStream(reader, tokens, split="train", batch_size=2, seed=0, arrays=("topk_idx",))
     assert sorted(i for b in ok for i in b.sequences.tolist()) == [0, 1, 2, 3]  # ids hold no float: nothing to refuse
+
+
+def test_rows_at_some_positions_land_on_their_positions(tmp_path):
+    """A chat cache: sequence i's rows belong at ``positions`` of its tokens. Each row's
+    values land there on the grid, the mask is exactly those positions, and a stream without
+    the token data's offsets is refused."""
+    from pipeline.stream import SequenceStream
+
+    rng = np.random.default_rng(1)
+    lengths = [6, 10, 4]  # tokens per sequence
+    token_offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    positions = np.array([2, 3, 4, 0, 5, 6, 7, 8, 1], dtype=np.int32)  # rows: 3, 5, 1 per sequence
+    offsets = np.array([0, 3, 8, 9])
+    logits = rng.standard_normal((9, 12)).astype(np.float32)
+    write_cache(tmp_path / "chat", logits, modes=("topk",), k=4, chunk_rows=4, shard_chunks=1, offsets=offsets,
+                positions=positions, splits={"train": [0, 9]})
+    reader = open_cache(str(tmp_path / "chat"))
+    tokens = np.arange(token_offsets[-1]) % 12
+    with pytest.raises(ValueError, match="pass the token data's offsets"):
+        SequenceStream(reader, tokens, split="train", batch_size=3, seed=0, arrays=("lse",))
+    stream = SequenceStream(reader, tokens, split="train", batch_size=3, seed=0, arrays=("lse",),
+                            token_offsets=token_offsets)
+    batch = stream.read(np.array([2, 0, 1]))
+    width = batch.input_ids.shape[1]
+    lse = np.asarray(reader.arrays["lse"][:, 0])
+    expected = np.zeros(3 * width, bool)
+    for j, i in enumerate([2, 0, 1]):
+        where = j * width + positions[offsets[i]:offsets[i + 1]]
+        expected[where] = True
+        np.testing.assert_array_equal(batch.teacher["lse"][where, 0], lse[offsets[i]:offsets[i + 1]])
+        assert batch.input_ids[j, :lengths[i]].tolist() == tokens[token_offsets[i]:token_offsets[i + 1]].tolist()
+    np.testing.assert_array_equal(batch.mask, expected)
+    scored = np.zeros((3, width - 1), bool)  # a row there and a next token
+    for j, i in enumerate([2, 0, 1]):
+        p = positions[offsets[i]:offsets[i + 1]]
+        scored[j, p[p + 1 < lengths[i]]] = True
+    np.testing.assert_array_equal(batch.label_mask().numpy(), scored)
+    assert scored.sum() == 9
