@@ -160,7 +160,7 @@ def main() -> None:
     f32, info, t_f32 = capture(root, args.rows, args.device, "fp32")
     b16, _, t_b16 = capture(root, args.rows, args.device, "bf16")
     res = {
-        "cuda": True, "gpu": torch.cuda.get_device_name(0) if args.device == "cuda" else None, "torch": torch.__version__, "rows": len(cpu),
+        "cuda": args.device == "cuda", "gpu": torch.cuda.get_device_name(0) if args.device == "cuda" else None, "torch": torch.__version__, "rows": len(cpu),
         "pinned_host_buffers": info["pinned"],
         "capture_s": {"cpu_fp32": t_cpu, "device_fp32": t_f32, "device_bf16": t_b16},
         "fp32_max_abs_err_vs_cpu": float(np.abs(f32 - cpu).max()),

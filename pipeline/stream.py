@@ -308,9 +308,10 @@ class SequenceBatch:
         return rows[:, :-1] & (self.attention_mask[:, 1:] == 1)
 
 
-def pad_batch(seqs: list[np.ndarray], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded (B, L) token ids and attention mask (1 = real token)."""
-    width = max(len(s) for s in seqs)
+def pad_batch(seqs: list[np.ndarray], pad_id: int, multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded (B, L) token ids and attention mask (1 = real token), L the longest
+    sequence rounded up to a multiple of ``multiple``."""
+    width = -(-max(len(s) for s in seqs) // multiple) * multiple
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for i, s in enumerate(seqs):

@@ -103,14 +103,15 @@ def test_capture_caches_every_real_token_once_and_no_padding(teacher, lm_cache):
     np.testing.assert_array_equal(val, top)
     np.testing.assert_array_equal(val, ref.gather(1, torch.from_numpy(idx).long()).half().numpy())
     np.testing.assert_allclose(lse[:, 0], torch.logsumexp(ref, -1).numpy(), rtol=1e-6)
-    # Loose: each sequence alone, unpadded. The bf16 forward rounds differently in a padded
+    # Loose: each sequence alone (padded only to a multiple of 32). The bf16 forward rounds differently in a padded
     # batch; the error comes from the hidden states, so it is absolute, not relative to the
     # logit (measured on these tokens: up to 0.31 on a logit of 14, 0.375 on one of 33). Values
     # agree within 0.5; the argmax is never compared: logits within rounding swap places.
     bf16 = {"rtol": 0, "atol": 0.5}
     with torch.inference_mode():
         for i in range(len(LENGTHS)):
-            alone = teacher_logits(teacher.model, [data.sequence(i)], teacher.pad_id, torch.device("cpu"))[0]
+            seq = data.sequence(i)
+            alone = teacher_logits(teacher.model, [seq], teacher.pad_id, torch.device("cpu"))[0, :len(seq)]
             rows = slice(data.offsets[i], data.offsets[i + 1])
             np.testing.assert_allclose(val[rows], torch.topk(alone, 16, -1).values.numpy(), **bf16)
             np.testing.assert_allclose(val[rows], alone.gather(1, torch.from_numpy(idx[rows]).long()).numpy(), **bf16)

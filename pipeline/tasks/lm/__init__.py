@@ -56,10 +56,18 @@ TEACHER_EVAL = "teacher_eval.json"  # the teacher's held-out perplexity, beside 
 # --- capture -------------------------------------------------------------------------------
 
 
+TEACHER_WIDTHS = 32  # teacher batches are padded to a multiple of this many tokens
+
+
 def teacher_logits(model, seqs: list[np.ndarray], pad_id: int, device: torch.device) -> torch.Tensor:
-    """(B, L, V) float32 logits of right-padded sequences."""
-    ids, mask = pad_batch(seqs, pad_id)
-    out = model(input_ids=ids.to(device, non_blocking=True), attention_mask=mask.to(device, non_blocking=True))
+    """(B, L, V) float32 logits of right-padded sequences. L is rounded up to a multiple of
+    ``TEACHER_WIDTHS``: a corpus of documents of every length then gives the teacher a few
+    distinct shapes, not one per length, so the per-shape caches below it (oneDNN's
+    primitives for bf16 on CPU, the allocator's free lists) stop growing after the first
+    batches and peak memory does not creep up with the corpus."""
+    ids, mask = pad_batch(seqs, pad_id, multiple=TEACHER_WIDTHS)
+    out = model(input_ids=ids.to(device, non_blocking=True), attention_mask=mask.to(device, non_blocking=True),
+                use_cache=False)  # no key/value cache: nothing is generated
     return out.logits.float()
 
 
@@ -221,7 +229,8 @@ def map_batch(batch: SequenceBatch, vmap: np.ndarray | None) -> SequenceBatch:
 
 def student_logits(student, batch: SequenceBatch, device) -> torch.Tensor:
     """(B, L, V) logits of the student over a padded batch."""
-    return student(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device)).logits
+    return student(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
+                   use_cache=False).logits
 
 
 def next_token_nll(logits: torch.Tensor, batch: SequenceBatch, reduction: str = "mean") -> torch.Tensor:
