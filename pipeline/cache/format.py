@@ -38,6 +38,7 @@ them into the manifest and marks it complete.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
@@ -51,6 +52,7 @@ MANIFEST = "manifest.json"
 MARKER = "kdcache.json"  # written first, never changed: "this folder is a cache" + its plan
 OFFSETS = "offsets.npy"  # sequence tasks: sequence i owns rows offsets[i]:offsets[i + 1]
 POSITIONS = "positions.npy"  # sequence rows at some tokens only: row r is at token positions[r] of its sequence
+INDEX_DIGESTS = {OFFSETS: "offsets_sha256", POSITIONS: "positions_sha256"}  # index file -> its manifest field
 COMMITS = "commits"  # one small record per committed shard, written after the shard itself
 GROUP = "zarr"  # the Zarr backend's group, beside the index files
 IDS, LOGITS = "ids", "logits"
@@ -304,21 +306,22 @@ class SequenceIndex:
     offsets: object  # (S + 1,) int64
     positions: object = None  # (N,) int32, or None
 
+    @functools.cached_property
     def files(self) -> dict[str, tuple[bytes, str]]:
-        """file name -> (its bytes, the manifest field that holds its sha256)."""
-        out = {OFFSETS: (_npy_bytes(self.offsets, "int64"), "offsets_sha256")}
+        """file name -> (its bytes, the manifest field that holds its sha256), serialized once."""
+        out = {OFFSETS: (_npy_bytes(self.offsets, "int64"), INDEX_DIGESTS[OFFSETS])}
         if self.positions is not None:
-            out[POSITIONS] = (_npy_bytes(self.positions, "int32"), "positions_sha256")
+            out[POSITIONS] = (_npy_bytes(self.positions, "int32"), INDEX_DIGESTS[POSITIONS])
         return out
 
     def describe(self, m: Manifest) -> None:
         """Record the index in a new manifest (its size and digests)."""
         m.sequences = len(self.offsets) - 1
-        for data, field_name in self.files().values():
+        for data, field_name in self.files.values():
             setattr(m, field_name, hashlib.sha256(data).hexdigest())
 
     def matches(self, m: Manifest) -> bool:
-        files = self.files()
+        files = self.files
         return (m.sequences == len(self.offsets) - 1 and bool(m.positions_sha256) == (POSITIONS in files)
                 and all(hashlib.sha256(d).hexdigest() == getattr(m, f) for d, f in files.values()))
 
@@ -337,7 +340,7 @@ def write_index(storage: Storage, index: SequenceIndex, only_damaged: bool = Fal
     """Write the index files (before the manifest that names their digests); with
     ``only_damaged``, just those missing or not matching their bytes. Returns the files written."""
     written = []
-    for name, (data, _) in index.files().items():
+    for name, (data, _) in index.files.items():
         if only_damaged and storage.exists(name) and storage.read_bytes(name) == data:
             continue
         storage.write_atomic(data, name)
@@ -351,7 +354,7 @@ def read_index_file(storage: Storage, m: Manifest, name: str):
 
     import numpy as np
 
-    digest = m.offsets_sha256 if name == OFFSETS else m.positions_sha256
+    digest = getattr(m, INDEX_DIGESTS[name])
     if not storage.exists(name):
         raise ValueError(f"cache {storage.url!r} holds {m.sequences} sequences but no {name}; {REPAIR}")
     data = storage.read_bytes(name)

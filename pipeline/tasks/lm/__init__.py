@@ -17,6 +17,7 @@ top-K + tail at T=1.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -360,8 +361,12 @@ class LanguageModel(Task):
     # -- data, teacher, cache -----------------------------------------------------------------
     def load_data(self) -> TokenData:
         """The token data, with the teacher's tokenizer (the model itself is not loaded)."""
-        self._tokenizer = load_tokenizer(self.cfg.teacher)
-        return load_tokens(self.cfg.data, self.root, self._tokenizer)
+        return load_tokens(self.cfg.data, self.root, self.tokenizer)
+
+    @functools.cached_property
+    def tokenizer(self):
+        """The teacher's tokenizer, loaded once (the model is not)."""
+        return load_tokenizer(self.cfg.teacher)
 
     def capture_settings(self) -> dict:
         return capture_settings(self.cfg.cache, self.cfg.teacher.precision)
@@ -375,8 +380,7 @@ class LanguageModel(Task):
 
     def expected_fields(self, data: TokenData) -> dict:
         """From the tokenizer and the weight files' hash: the model is never loaded."""
-        tokenizer = getattr(self, "_tokenizer", None) or load_tokenizer(self.cfg.teacher)
-        return fingerprint_fields(dataset=data.content_hash(), teacher=teacher_identity(self.cfg.teacher, tokenizer),
+        return fingerprint_fields(dataset=data.content_hash(), teacher=teacher_identity(self.cfg.teacher, self.tokenizer),
                                   capture=self.capture_settings())
 
     def open_cache(self, data: TokenData, num_classes: int | None = None) -> CacheReader:
@@ -477,8 +481,7 @@ class LanguageModel(Task):
 
     def heldout_bytes(self, data: TokenData) -> int:
         if getattr(self, "_heldout_bytes", None) is None:
-            tokenizer = getattr(self, "_tokenizer", None) or load_tokenizer(self.cfg.teacher)
-            self._heldout_bytes = heldout_bytes(data, tokenizer)
+            self._heldout_bytes = heldout_bytes(data, self.tokenizer)
         return self._heldout_bytes
 
     def results(self, rows: list[dict], reader: CacheReader) -> tuple[dict, str]:
