@@ -299,6 +299,13 @@ class SequenceBatch:
     teacher: dict[str, np.ndarray]  # cache arrays laid out on the grid: (B * L, ...), zeros at padding
     mask: np.ndarray  # (B * L,) bool: the positions with a cache row (the rows every loss reads)
     sequences: np.ndarray  # (B,) sequence indices
+    # (B * L,) bool: the rows the distillation term reads, where narrower than ``mask`` (a
+    # vocabulary map can leave a row nothing to distil; its position is still trained on labels)
+    distil_mask: np.ndarray | None = None
+
+    def teacher_mask(self) -> np.ndarray:
+        """(B * L,) bool: the positions whose teacher row the distillation term reads."""
+        return self.mask if self.distil_mask is None else self.distil_mask
 
     def label_mask(self) -> torch.Tensor:
         """(B, L - 1) bool: the positions whose next-token prediction is trained and scored (a

@@ -24,6 +24,7 @@ from pipeline.tasks.lm import (
     Variant,
     map_batch,
     sequence_loss,
+    sequence_objective,
     teacher_logits,
     vocab_map,
 )
@@ -179,6 +180,28 @@ def test_a_student_with_another_vocabulary_is_refused_naming_both_sizes(lm_cache
     with pytest.raises(ValueError, match=r"32000 ids but the teacher's logits are 49152 wide .*tokenizer has 49152"):
         LanguageModel(cfg).train_variant("causal_lm", spec, Variant("topk_kl"), data, open_cache(url),
                                          torch.device("cpu"))
+
+
+def test_a_row_whose_draws_are_all_unmapped_keeps_its_label():
+    """A vocabulary map can leave a sampled row no draw: the distillation term skips that row
+    and the cross-entropy still trains its position."""
+    from pipeline.cache.format import SAMPLED_IDX
+    from pipeline.stream import SequenceBatch
+
+    n = 4
+    sid = np.array([[1, 2], [7, 8], [3, -1], [9, 1]], np.int32)  # row 1: both draws unmapped
+    cnt = np.array([[3, 1], [2, 2], [4, 0], [1, 3]], np.int16)
+    batch = SequenceBatch(torch.tensor([[1, 2, 3, 4]]), torch.ones(1, n, dtype=torch.long),
+                          {SAMPLED_IDX: sid, SAMPLED_CNT: cnt}, np.ones(n, bool), np.array([0]))
+    vmap = np.array([0, 1, 2, 3, 4, 5, -1, -1, -1, 6])
+    mapped = map_batch(batch, vmap)
+    assert mapped.teacher_mask().tolist() == [True, False, True, True]
+    assert mapped.label_mask().tolist() == batch.label_mask().tolist() == [[True, True, True]]
+    assert mapped.teacher[SAMPLED_CNT][1].tolist() == [0, 0] and mapped.teacher[SAMPLED_CNT][3].tolist() == [1, 3]
+    logits = torch.randn(1, n, 7, generator=torch.Generator().manual_seed(0))
+    loss = type("L", (), {"alpha": 1.0, "lam": 0.0})()
+    want = torch.nn.functional.cross_entropy(logits[0, :-1], torch.tensor([2, 3, 4]))
+    torch.testing.assert_close(sequence_objective(logits, mapped, loss), want)
 
 
 def test_truncate_mapping_moves_unmapped_mass_to_the_tail():

@@ -222,10 +222,10 @@ def map_batch(batch: SequenceBatch, vmap: np.ndarray | None) -> SequenceBatch:
         mapped = np.where(sid >= 0, vmap[sid.clip(min=0)], -1)
         t[SAMPLED_CNT] = np.where(mapped >= 0, t[SAMPLED_CNT], 0).astype(t[SAMPLED_CNT].dtype)
         t[SAMPLED_IDX] = mapped.astype(np.int32)
-        mask = batch.mask & (t[SAMPLED_CNT].sum(axis=1) > 0)  # no draw left: nothing to distil there
-    else:
-        mask = batch.mask
-    return dataclasses.replace(batch, input_ids=torch.from_numpy(np.maximum(ids, 0)), teacher=t, mask=mask)
+        # no draw left: nothing to distil there, but the position keeps its label
+        return dataclasses.replace(batch, input_ids=torch.from_numpy(np.maximum(ids, 0)), teacher=t,
+                                   distil_mask=batch.teacher_mask() & (t[SAMPLED_CNT].sum(axis=1) > 0))
+    return dataclasses.replace(batch, input_ids=torch.from_numpy(np.maximum(ids, 0)), teacher=t)
 
 
 def student_logits(student, batch: SequenceBatch, device) -> torch.Tensor:
@@ -261,7 +261,7 @@ def sequence_objective(logits: torch.Tensor, batch: SequenceBatch, loss) -> torc
     flat = logits.reshape(-1, logits.shape[-1])  # (B * L, V): the kernels' rows, padding masked out
     device = logits.device
     t = batch.teacher if device.type == "cpu" else {k: torch.as_tensor(v).to(device) for k, v in batch.teacher.items()}
-    return loss.alpha * ce + teacher_term(flat, t, loss, mask=batch.mask)
+    return loss.alpha * ce + teacher_term(flat, t, loss, mask=batch.teacher_mask())
 
 
 def sequence_loss(student, batch: SequenceBatch, loss, lse_column: int, vmap, device) -> torch.Tensor:
@@ -287,9 +287,9 @@ def evaluate(student, reader: CacheReader, data: TokenData, batch_size: int, vma
         nll += next_token_nll(logits, batch, reduction="sum").item()
         count += tokens
         if arrays:
-            keep = torch.from_numpy(batch.mask)
-            flat = logits.reshape(-1, logits.shape[-1])[keep.to(device)].float()
-            idx, val, lse = (torch.from_numpy(batch.teacher[n][batch.mask]).to(device) for n in arrays)
+            rows = batch.teacher_mask()
+            flat = logits.reshape(-1, logits.shape[-1])[torch.from_numpy(rows).to(device)].float()
+            idx, val, lse = (torch.from_numpy(batch.teacher[n][rows]).to(device) for n in arrays)
             kl += torch_topk_kl(flat, idx, val, lse[:, col], 1.0).sum().item()
             kl_rows += len(flat)
     student.train()
