@@ -41,6 +41,9 @@ class Distance(str, Enum):
     euclidean = "euclidean"
     topk_kl = "topk_kl"  # needs a cache with the topk mode
     sampled_kl = "sampled_kl"  # needs a cache with the sampled mode
+    # Universal Logit Distillation: L1 between sorted probabilities, no vocabulary correspondence
+    uld_topk = "uld_topk"  # from the top-K + tail
+    uld_sampled = "uld_sampled"  # from the draws' frequencies
 
 
 class StudentArch(str, Enum):
@@ -165,6 +168,13 @@ class StudentConfig:
     # those tensors are read from the teacher's weight files (kwargs unused)
     init: StudentInit = StudentInit.scratch
     layers: list[int] = field(default_factory=list)
+    # task=lm: the student's own tokenizer (a folder, or bpe:<N>: a byte-level BPE of N tokens
+    # trained on the training text), aligned with the teacher's by byte spans
+    # (pipeline/tasks/lm/alignment.py); None: the teacher's tokenizer
+    tokenizer: str | None = None
+    # with another tokenizer, how teacher ids map onto the student's for topk_kl / sampled_kl:
+    # prefix (the same bytes, else the longest student token that is a prefix) or exact
+    projection: str = "prefix"
 
 
 @dataclass

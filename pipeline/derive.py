@@ -62,7 +62,10 @@ def derive_cache(reader: CacheReader, child: Manifest, target: str, *, storage_o
                  scheduler=None, in_flight: int = 4, overwrite: bool = False, verify: bool = False) -> Manifest:
     """Write ``child`` at ``target`` from ``reader``'s full logits, ``in_flight`` shards at a time."""
     ids, logits = reader.ids, reader.logits
-    index = SequenceIndex(reader.offsets, reader.positions) if child.sequences else None  # a token cache's
+    index = None
+    if child.sequences:  # a token cache's, its tokenizer with it
+        text = reader.tokenizer_json
+        index = SequenceIndex(reader.offsets, reader.positions, text.encode() if text is not None else None)
     with CacheWriter(storage=Storage(target, storage_options), manifest=child, overwrite=overwrite,
                      verify=verify, index=index) as writer:
         # batches of shards nobody else holds (claims held while computing: never wait then),

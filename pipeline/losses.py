@@ -146,10 +146,55 @@ def sampled_kl_loss(student: torch.Tensor, idx, counts, entropy, *, temperature:
                      mask=mask, weights=weights, reduction=reduction, coef=coef)
 
 
+def sorted_teacher_probs(teacher: dict, name: str, temperature: float) -> tuple[np.ndarray, np.ndarray]:
+    """The teacher's probabilities at ``temperature`` in decreasing order, (rows, K), and
+    the mass outside them: from the top-K (its values are sorted) and the logsumexp, or
+    from the draws' frequencies (which sum to 1: no tail; rows without draws are zeros)."""
+    if name == "uld_topk":
+        p = np.exp(teacher["topk_val"].astype(np.float64) / temperature - teacher["lse"].astype(np.float64)[:, None])
+        p = -np.sort(-p, axis=1)
+        return p.astype(np.float32), np.clip(1 - p.sum(1), 0, 1).astype(np.float32)
+    cnt = teacher["sampled_cnt"].astype(np.float64)
+    p = -np.sort(-cnt / np.maximum(cnt.sum(1, keepdims=True), 1), axis=1)
+    return p.astype(np.float32), np.zeros(len(p), np.float32)
+
+
+def torch_uld(s: torch.Tensor, p: torch.Tensor, tail: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Per row: sum_k |p_(k) - q_(k)| over the K largest probabilities of teacher and
+    student at ``temperature``, plus |teacher tail - student tail| for the rest (a lower
+    bound of the L1 between the sorted remainders, which the cache does not hold)."""
+    q = F.softmax(s.to(torch.promote_types(s.dtype, torch.float32)) / temperature, dim=-1)
+    k = min(p.shape[1], q.shape[1])
+    top = torch.topk(q, k, dim=-1).values
+    p = p.to(q.dtype)
+    rest = p[:, k:].sum(-1) + tail.to(q.dtype)  # a teacher K wider than the student's vocabulary
+    return (p[:, :k] - top).abs().sum(-1) + (rest - (1 - top.sum(-1)).clamp_min(0)).abs()
+
+
+def uld_loss(student: torch.Tensor, p, tail, *, temperature: float = 1.0, mask=None, weights=None,
+             reduction: str = "mean", coef: float = 1.0) -> torch.Tensor:
+    """``coef`` times Universal Logit Distillation's sorted-probability L1 (Boizard et al.
+    2024) between (B, V) student logits and the teacher's sorted probabilities ``p`` (B, K)
+    and tail mass (B,). Plain torch on every device (a top-K selection per row; the other
+    losses' fused kernels do not cover it). Masked rows are not computed."""
+    keep = np.ones(len(student), bool) if mask is None else np.asarray(_np(mask), bool)
+    w = np.ones(len(student), np.float32) if weights is None else np.asarray(_np(weights), np.float32)
+    keep = keep & (w > 0)
+    at = torch.from_numpy(np.flatnonzero(keep)).to(student.device)
+    rows = torch_uld(student[at], *(torch.as_tensor(np.asarray(_np(x))[keep], device=student.device)
+                                    for x in (p, tail)), temperature)
+    rows = rows * torch.as_tensor(w[keep], device=student.device)
+    if reduction == "none":
+        return coef * torch.zeros(len(student), dtype=rows.dtype, device=student.device).index_put((at,), rows)
+    total = rows.sum()
+    return coef * (total / max(float(w[keep].sum()), 1e-30) if reduction == "mean" else total)
+
+
 # --- the objective: which cache arrays a distance reads, and the loss over them -------------
 
 
-SPARSE_MODE = {"topk_kl": "topk", "sampled_kl": "sampled"}  # the dense distances read `full`
+SPARSE_MODE = {"topk_kl": "topk", "sampled_kl": "sampled", "uld_topk": "topk", "uld_sampled": "sampled"}
+# (the dense distances read `full`)
 ARRAYS = {"full": ("logits",), "topk": ("topk_idx", "topk_val", "lse"),
           "sampled": ("sampled_idx", "sampled_cnt", "sampled_ent")}
 
@@ -201,6 +246,9 @@ def teacher_term(student: torch.Tensor, teacher: dict, cfg, mask=None) -> torch.
     if name == "sampled_kl":
         return sampled_kl_loss(student, teacher["sampled_idx"], teacher["sampled_cnt"], teacher["sampled_ent"],
                                temperature=T, mask=mask, coef=lam)
+    if name in ("uld_topk", "uld_sampled"):
+        p, tail = sorted_teacher_probs(teacher, name, T)
+        return uld_loss(student, p, tail, temperature=T, mask=mask, coef=lam)
     logits = teacher["logits"]
     if tuple(logits.shape) != tuple(student.shape):
         raise ValueError(f"teacher logits {tuple(logits.shape)} and student logits {tuple(student.shape)} differ: "

@@ -7,6 +7,7 @@ out-of-range values before any stage starts.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import sys
@@ -29,18 +30,39 @@ ENVIRONMENT = {
     # models and tokenizers come from folders on disk: never ask a hub for anything
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+    # oneDNN keeps up to 1024 compiled primitives per process by default, each holding its
+    # scratch buffers; teacher batches come in a few padded shapes, so a few dozen suffice and
+    # stage 1's resident memory stops growing with the corpus (bench/lm_corpus_memory.py)
+    "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "64",
 }
+# glibc serves a freed large block's size from the heap next time (its mmap threshold rises
+# up to 32 MiB), so the teacher's logits and the capture's per-batch buffers end up scattered
+# through a heap that never shrinks. A fixed threshold gives every block of 1 MiB or more its
+# own mapping, returned to the system when freed.
+MMAP_THRESHOLD = 1 << 20
 
 
 def set_environment_defaults() -> None:
     """Fill in the process environment this project runs under (a value already set wins)."""
     for key, value in ENVIRONMENT.items():
         os.environ.setdefault(key, value)
+    set_mmap_threshold(MMAP_THRESHOLD)
     late = [m for m in ("torch", "numba") if m in sys.modules]
     if late:
         logging.getLogger("pipeline.run").warning("environment defaults set after %s was imported: its "
                                                   "OpenMP settings may not apply", late)
 
+
+def set_mmap_threshold(nbytes: int) -> bool:
+    """Fix glibc's mmap threshold (``mallopt(M_MMAP_THRESHOLD)``); False where the C library
+    is not glibc (macOS, musl), which keeps its own policy."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(-3, nbytes))  # M_MMAP_THRESHOLD = -3 in <malloc.h>
+    except (OSError, AttributeError):
+        return False
 
 
 log = logging.getLogger("pipeline.run")

@@ -24,10 +24,12 @@ def write_cache(path, logits: np.ndarray, *, dtype: str = "float16", chunk_rows:
                 shard_chunks: int = 2, splits: dict | None = None, fields: dict | None = None,
                 backend: str = "zarr", modes=("full",), k: int = 3, samples: int = 8,
                 temperatures=(1.0, 2.0), sample_temperature: float = 1.0, compression: str = "ints",
-                offsets: np.ndarray | None = None, positions: np.ndarray | None = None) -> Manifest:
+                offsets: np.ndarray | None = None, positions: np.ndarray | None = None,
+                tokenizer: bytes | None = None) -> Manifest:
     """Write ``logits`` (N, C) as a complete cache through the real writer and the real
     representations code (top-k, sampling) on CPU; with ``offsets``, rows are the tokens of
-    sequences (a row's id is its sequence's index), at ``positions`` when given."""
+    sequences (a row's id is its sequence's index), at ``positions`` when given, with the
+    teacher's ``tokenizer`` JSON when given."""
     n, c = logits.shape
     shard_rows = chunk_rows * shard_chunks
     m = Manifest(backend=backend, modes=sorted(modes), dtype=dtype, num_classes=c, rows=n, chunk_rows=chunk_rows,
@@ -38,7 +40,7 @@ def write_cache(path, logits: np.ndarray, *, dtype: str = "float16", chunk_rows:
     ids = np.arange(n, dtype=np.int64)
     index = None
     if offsets is not None:
-        index = SequenceIndex(offsets, positions)
+        index = SequenceIndex(offsets, positions, tokenizer)
         index.describe(m)
         ids = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
     t = torch.from_numpy(logits.astype(np.float32))

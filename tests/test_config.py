@@ -75,5 +75,5 @@ def test_each_task_validates_its_own_settings():
         validate(compose_config("data.train_size=0"))
     with pytest.raises(ValueError, match=r"students \['causal_lm'\] are causal LMs"):
         validate(compose_config("student=causal_lm"))
-    with pytest.raises(ValueError, match="task=lm trains with topk_kl or sampled_kl"):
+    with pytest.raises(ValueError, match="task=lm trains with topk_kl, sampled_kl, uld_topk, uld_sampled"):
         validate(compose_config("task=lm", "loss=kl"))

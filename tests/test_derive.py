@@ -39,17 +39,19 @@ def test_derived_topk_equals_torch_topk_of_the_parent(tmp_path, tiny_logits):
 
 def test_a_token_cache_derives_with_its_sequence_index(tmp_path, tiny_logits):
     """A chat-like token cache (rows at some positions of each sequence): the derived cache
-    carries the same offsets and positions, so students read it the same way."""
+    carries the same offsets, positions and teacher tokenizer, so students read it the same way."""
     offsets = np.array([0, 30, 70, 100])
     positions = np.concatenate([np.arange(3, 33), np.arange(40) * 2, np.arange(5, 35)]).astype(np.int32)
     parent_path = str(tmp_path / "parent")
-    write_cache(parent_path, tiny_logits, dtype="float32", offsets=offsets, positions=positions)
+    tokenizer = b'{"model": {"type": "BPE", "vocab": {"a": 0}}}'
+    write_cache(parent_path, tiny_logits, dtype="float32", offsets=offsets, positions=positions, tokenizer=tokenizer)
     parent = open_cache(parent_path)
     derive_cache(parent, child_manifest(parent.manifest, "topk", 3, "float32", [1.0], parent_path),
                  str(tmp_path / "child"))
     child = open_cache(str(tmp_path / "child"))
     np.testing.assert_array_equal(child.offsets, offsets)
     np.testing.assert_array_equal(child.positions, positions)
+    assert child.tokenizer_json == tokenizer.decode() and child.manifest.tokenizer_sha256
 
 
 def test_stage2_derives_a_topk_cache(tmp_path):

@@ -45,14 +45,20 @@ from dataclasses import asdict, dataclass, field
 
 from pipeline.cache.storage import Storage
 
-FORMAT_VERSION = 4  # 2: kdcache.json, per-object sizes in commit records, top1 on sampled-only caches;
+FORMAT_VERSION = 5  # 2: kdcache.json, per-object sizes in commit records, top1 on sampled-only caches;
 # 3: the Zarr group in zarr/ beside the index; one fingerprint schema for every task;
-# 4: positions.npy, sequence caches with rows at some of their tokens only
+# 4: positions.npy, sequence caches with rows at some of their tokens only;
+# 5: tokenizer.json, the teacher tokenizer (each token's bytes: its span in the text)
 MANIFEST = "manifest.json"
 MARKER = "kdcache.json"  # written first, never changed: "this folder is a cache" + its plan
 OFFSETS = "offsets.npy"  # sequence tasks: sequence i owns rows offsets[i]:offsets[i + 1]
 POSITIONS = "positions.npy"  # sequence rows at some tokens only: row r is at token positions[r] of its sequence
-INDEX_DIGESTS = {OFFSETS: "offsets_sha256", POSITIONS: "positions_sha256"}  # index file -> its manifest field
+# token caches: the teacher's tokenizer (Hugging Face ``tokenizers`` JSON). A byte-level one
+# gives every token id its bytes, so each cached token's byte span in the sequence's text is
+# the running sum of its tokens' byte lengths: what aligns students with other tokenizers.
+TOKENIZER = "tokenizer.json"
+INDEX_DIGESTS = {OFFSETS: "offsets_sha256", POSITIONS: "positions_sha256",  # index file -> its manifest field
+                 TOKENIZER: "tokenizer_sha256"}
 COMMITS = "commits"  # one small record per committed shard, written after the shard itself
 GROUP = "zarr"  # the Zarr backend's group, beside the index files
 IDS, LOGITS = "ids", "logits"
@@ -62,7 +68,7 @@ TOP1 = "top1"
 ARRAYS = (IDS, LOGITS, TOPK_IDX, TOPK_VAL, LSE, SAMPLED_IDX, SAMPLED_CNT, SAMPLED_ENT, TOP1)
 # Every top-level entry a cache folder can hold: what `cache.overwrite=true` may delete
 # (``locks/`` is kept; anything else, a user's file, is never touched).
-CACHE_ENTRIES = {MARKER, MANIFEST, OFFSETS, POSITIONS, COMMITS, GROUP, "shards", "teacher_eval.json",
+CACHE_ENTRIES = {MARKER, MANIFEST, OFFSETS, POSITIONS, TOKENIZER, COMMITS, GROUP, "shards", "teacher_eval.json",
                  "zarr.json", *ARRAYS}  # (the last two: where version 2 kept its arrays)
 MODES = ("full", "topk", "sampled")
 DTYPES = ("float16", "bfloat16", "float32")
@@ -124,11 +130,12 @@ class Manifest:
     # sequence tasks (rows are tokens): the number of sequences, the sha256 of the (S + 1,)
     # int64 ``offsets`` array stored beside the manifest (OFFSETS), of the (N,) int32
     # ``positions`` when rows are some tokens only (POSITIONS; "" when every token has a row),
-    # and the vocabulary:
-    # {"logit_width": teacher output width (= num_classes), "tokenizer_size": len(tokenizer)}
+    # of the teacher's ``tokenizer.json`` (TOKENIZER; "" where none was recorded), and the
+    # vocabulary: {"logit_width": teacher output width (= num_classes), "tokenizer_size": len(tokenizer)}
     sequences: int = 0
     offsets_sha256: str = ""
     positions_sha256: str = ""
+    tokenizer_sha256: str = ""
     vocab: dict = field(default_factory=dict)
 
     def missing_shards(self) -> list[int]:
@@ -301,10 +308,12 @@ def read_manifest(storage: Storage, name: str = MANIFEST) -> Manifest:
 class SequenceIndex:
     """Where a sequence cache's rows are: sequence i owns rows ``offsets[i]:offsets[i + 1]``;
     with ``positions``, row r is at token ``positions[r]`` of its sequence (a chat cache
-    holds assistant tokens only), without, the rows are every token of the sequence in order."""
+    holds assistant tokens only), without, the rows are every token of the sequence in order.
+    ``tokenizer``: the teacher tokenizer's JSON, from which each token's byte span follows."""
 
     offsets: object  # (S + 1,) int64
     positions: object = None  # (N,) int32, or None
+    tokenizer: bytes | None = None
 
     @functools.cached_property
     def files(self) -> dict[str, tuple[bytes, str]]:
@@ -312,6 +321,8 @@ class SequenceIndex:
         out = {OFFSETS: (_npy_bytes(self.offsets, "int64"), INDEX_DIGESTS[OFFSETS])}
         if self.positions is not None:
             out[POSITIONS] = (_npy_bytes(self.positions, "int32"), INDEX_DIGESTS[POSITIONS])
+        if self.tokenizer is not None:
+            out[TOKENIZER] = (self.tokenizer, INDEX_DIGESTS[TOKENIZER])
         return out
 
     def describe(self, m: Manifest) -> None:
@@ -323,7 +334,7 @@ class SequenceIndex:
     def matches(self, m: Manifest) -> bool:
         files = self.files
         return (m.sequences == len(self.offsets) - 1 and bool(m.positions_sha256) == (POSITIONS in files)
-                and all(hashlib.sha256(d).hexdigest() == getattr(m, f) for d, f in files.values()))
+                and bool(m.tokenizer_sha256) == (TOKENIZER in files) and all(hashlib.sha256(d).hexdigest() == getattr(m, f) for d, f in files.values()))
 
 
 def _npy_bytes(a, dtype: str) -> bytes:
@@ -348,8 +359,9 @@ def write_index(storage: Storage, index: SequenceIndex, only_damaged: bool = Fal
     return written
 
 
-def read_index_file(storage: Storage, m: Manifest, name: str):
-    """One index file of a sequence cache, checked against its digest in the manifest."""
+def read_index_file(storage: Storage, m: Manifest, name: str, raw: bool = False):
+    """One index file of a sequence cache, checked against its digest in the manifest (an
+    array; with ``raw``, its bytes)."""
     import io
 
     import numpy as np
@@ -361,4 +373,4 @@ def read_index_file(storage: Storage, m: Manifest, name: str):
     if hashlib.sha256(data).hexdigest() != digest:
         raise ValueError(f"cache {storage.url!r}: {name} does not match its digest in the manifest; "
                          f"the cache is damaged: {REPAIR}")
-    return np.load(io.BytesIO(data), allow_pickle=False)
+    return data if raw else np.load(io.BytesIO(data), allow_pickle=False)

@@ -17,6 +17,7 @@ from pipeline.cache.format import (
     OFFSETS,
     POSITIONS,
     REPAIR,
+    TOKENIZER,
     Manifest,
     bf16_arrays,
     merge_commits,
@@ -80,6 +81,14 @@ class CacheReader:
             self._positions = read_index_file(self.storage, self.manifest, POSITIONS)
         return self._positions
 
+    @property
+    def tokenizer_json(self) -> str | None:
+        """Token caches since format 5: the teacher's tokenizer (``tokenizers`` JSON), checked
+        against its digest; None where the cache holds none (a cache of samples)."""
+        if not self.manifest.tokenizer_sha256:
+            return None
+        return read_index_file(self.storage, self.manifest, TOKENIZER, raw=True).decode()
+
     def split_range(self, name: str) -> tuple[int, int]:
         if name not in self.manifest.splits:
             raise KeyError(f"cache {self.path!r} has no split {name!r}; it has {list(self.manifest.splits)}")
@@ -97,6 +106,8 @@ class CacheReader:
             read_index_file(self.storage, self.manifest, OFFSETS)  # checked against its digest
             if self.manifest.positions_sha256:
                 read_index_file(self.storage, self.manifest, POSITIONS)
+            if self.manifest.tokenizer_sha256:
+                read_index_file(self.storage, self.manifest, TOKENIZER)
         problems = damaged_shards(self.storage, self.manifest, full=True, progress=True)
         if problems:
             raise ValueError(f"cache {self.path!r}: {len(problems)} damaged shard(s):"

@@ -93,6 +93,9 @@ def test_capture_caches_every_real_token_once_and_no_padding(teacher, lm_cache):
     assert m.vocab == {"logit_width": 49152, "tokenizer_size": len(teacher.tokenizer)}
     np.testing.assert_array_equal(r.offsets, data.offsets)
     np.testing.assert_array_equal(r.ids.compute(), np.repeat(np.arange(len(LENGTHS)), LENGTHS))
+    # the teacher's tokenizer beside the manifest: each cached token's bytes (its byte span)
+    assert r.tokenizer_json == teacher.tokenizer.backend_tokenizer.to_str()
+    assert m.tokenizer_sha256 == data.tokenizer_hash
     idx, val, lse = (r.arrays[n].compute() for n in (TOPK_IDX, TOPK_VAL, LSE))
     assert (np.sort(idx, axis=1)[:, 1:] != np.sort(idx, axis=1)[:, :-1]).all()  # K distinct ids per row
     # Tight: the same forward passes (same batches, same padding) give the same numbers, so
@@ -202,6 +205,54 @@ def test_a_row_whose_draws_are_all_unmapped_keeps_its_label():
     loss = type("L", (), {"alpha": 1.0, "lam": 0.0})()
     want = torch.nn.functional.cross_entropy(logits[0, :-1], torch.tensor([2, 3, 4]))
     torch.testing.assert_close(sequence_objective(logits, mapped, loss), want)
+
+
+def test_a_student_with_its_own_tokenizer_trains_from_the_smollm2_cache(lm_cache, tmp_path):
+    """student.tokenizer=bpe:300 (a byte-level BPE trained on the cache's training text):
+    with lr=0, every distillation method adds a positive term to the labels-only loss at the
+    same weights; three steps of training move the weights; the saved folder holds the
+    student and its tokenizer, and reloads."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cfg, data, url = lm_cache
+    student_cfg = compose_config(*small("train.lr=0.0"), f"paths.root={tmp_path}",
+                                 "student.causal_lm.tokenizer=bpe:300")
+    spec = student_cfg.student["causal_lm"]
+    task = LanguageModel(student_cfg)
+    reader = open_cache(url)
+    rows = {v: task.train_variant("causal_lm", spec, Variant.parse(v), data, reader, torch.device("cpu"),
+                                  save_dir=str(tmp_path / "out"))
+            for v in ("labels", "topk_kl", "sampled_kl", "uld_topk", "uld_sampled")}
+    cross = task.student_tokens(spec, reader, data)
+    assert len(cross.tokenizer) == 300 and rows["labels"]["vocabulary"] == 300
+    heldout = sum(len(cross.tokens.sequence(i)) - 1 for i in range(*data.sequences["heldout"]))
+    for v, row in rows.items():
+        assert row["tokenizer"] == "bpe:300" and 0 < row["aligned_fraction"] < 1
+        assert row["heldout_tokens"] == heldout and np.isfinite(row["heldout_bits_per_byte"])
+        if v != "labels":
+            assert row["final_loss"] > rows["labels"]["final_loss"] + 1e-4, v
+    saved = rows["topk_kl"]["checkpoint"]
+    assert len(AutoTokenizer.from_pretrained(saved)) == 300
+    assert AutoModelForCausalLM.from_pretrained(saved).get_output_embeddings().weight.shape[0] == 300
+    moving = compose_config(*small("train.steps=3"), f"paths.root={tmp_path}", "student.causal_lm.tokenizer=bpe:300")
+    row = LanguageModel(moving).train_variant("causal_lm", moving.student["causal_lm"], Variant("topk_kl"), data,
+                                              reader, torch.device("cpu"))
+    assert row["steps"] == 3 and np.isfinite(row["final_loss"])
+
+
+def test_a_student_tokenizer_needs_spans_in_the_cache_and_none_when_it_is_the_teachers(lm_cache, teacher, tmp_path):
+    from tests.conftest import write_cache
+
+    cfg, data, url = lm_cache
+    folder = tmp_path / "same"
+    teacher.tokenizer.save_pretrained(folder)
+    same = compose_config(*SMALL, f"paths.root={tmp_path}", f"student.causal_lm.tokenizer={folder}")
+    assert LanguageModel(same).student_tokens(same.student["causal_lm"], open_cache(url), data) is None
+    bare = str(tmp_path / "bare")  # a token cache without the teacher's tokenizer
+    write_cache(bare, np.zeros((int(data.offsets[-1]), 5), np.float32), offsets=data.offsets)
+    other = compose_config(*SMALL, f"paths.root={tmp_path}", "student.causal_lm.tokenizer=bpe:300")
+    with pytest.raises(ValueError, match="records no teacher tokenizer.*capture it again with stage 1"):
+        LanguageModel(other).student_tokens(other.student["causal_lm"], open_cache(bare), data)
 
 
 def test_truncate_mapping_moves_unmapped_mass_to_the_tail():

@@ -37,6 +37,16 @@ from pipeline.device import choose_device
 from pipeline.losses import select_teacher, teacher_arrays, teacher_term, torch_topk_kl
 from pipeline.stream import SequenceBatch, SequenceStream, pad_batch
 from pipeline.tasks.base import Task
+from pipeline.tasks.lm.alignment import (
+    CrossTokenizer,
+    StudentTokens,
+    TokenBytes,
+    drop_entries,
+    projection,
+    retokenize,
+    student_pad_id,
+    student_tokenizer,
+)
 from pipeline.tasks.lm.models import (
     LMTeacher,
     build_student,
@@ -44,6 +54,7 @@ from pipeline.tasks.lm.models import (
     load_tokenizer,
     student_weights,
     teacher_identity,
+    tokenizer_hash,
 )
 from pipeline.tasks.lm.text import TokenData, load_tokens
 from pipeline.training import process_group
@@ -51,6 +62,7 @@ from pipeline.training import process_group
 log = logging.getLogger(__name__)
 
 LM_TEACHERS = ("smollm2", "hf_causal_lm")
+LM_DISTANCES = ("topk_kl", "sampled_kl", "uld_topk", "uld_sampled")  # what a token cache's rows give
 TEACHER_EVAL = "teacher_eval.json"  # the teacher's held-out perplexity, beside the cache
 
 
@@ -167,9 +179,9 @@ class Variant:
 def bytes_per_token(v: Variant, reader: CacheReader) -> int:
     """What a cache holding only this variant's rows would store per token (ids aside)."""
     m = reader.manifest
-    if v.name == "topk_kl":
+    if v.name in ("topk_kl", "uld_topk"):
         return row_bytes(dataclasses.replace(m, k=v.k or m.k), ("topk",))
-    return row_bytes(m, ("sampled",)) if v.name == "sampled_kl" else 0
+    return row_bytes(m, ("sampled",)) if v.name in ("sampled_kl", "uld_sampled") else 0
 
 
 def vocab_map(spec, reader: CacheReader, student_vocab: int) -> np.ndarray | None:
@@ -198,6 +210,15 @@ def vocab_map(spec, reader: CacheReader, student_vocab: int) -> np.ndarray | Non
     return m
 
 
+def to_student(batch: SequenceBatch, adapter) -> SequenceBatch:
+    """A cached batch as the student reads it: unchanged (the teacher's tokenizer), through a
+    vocabulary map (an array: :func:`map_batch`), or re-tokenized and aligned (a callable:
+    :class:`pipeline.tasks.lm.alignment.CrossTokenizer`)."""
+    if adapter is None or isinstance(adapter, np.ndarray):
+        return map_batch(batch, adapter)
+    return adapter(batch)
+
+
 def map_batch(batch: SequenceBatch, vmap: np.ndarray | None) -> SequenceBatch:
     """Inputs and teacher rows in the student's ids. A cached top-K entry with no student id
     gets probability 0 (its mass joins the tail) and points at a kept id of the same row,
@@ -208,24 +229,20 @@ def map_batch(batch: SequenceBatch, vmap: np.ndarray | None) -> SequenceBatch:
     if (ids[batch.attention_mask.numpy() == 1] < 0).any():
         raise ValueError("the batch holds input tokens the vocab_map leaves unmapped; the student cannot read them")
     t = dict(batch.teacher)
+    distil = batch.teacher_mask()
     if TOPK_IDX in t:
-        idx, val = vmap[t[TOPK_IDX]], t[TOPK_VAL].copy()
-        dropped = idx < 0
-        order = np.argsort(~dropped, axis=1, kind="stable")  # dropped entries first
-        idx, val, dropped = (np.take_along_axis(a, order, 1) for a in (idx, val, dropped))
-        fill = np.where(dropped.all(1), 0, idx[np.arange(len(idx)), dropped.sum(1).clip(max=idx.shape[1] - 1)])
-        idx = np.where(dropped, fill[:, None], idx)
-        val[dropped] = -1e4  # p = exp(-1e4 / T - lse): 0 in torch, below 1e-37 in the kernels' clamped exp
-        t[TOPK_IDX], t[TOPK_VAL] = idx.astype(np.int32), val
+        idx = vmap[t[TOPK_IDX]]
+        # p = exp(-1e4 / T - lse): 0 in torch, below 1e-37 in the kernels' clamped exp
+        t[TOPK_IDX], t[TOPK_VAL] = drop_entries(idx, t[TOPK_VAL], idx < 0)
+        distil = distil & (idx >= 0).any(1)  # all of it in the tail: nothing to distil
     if SAMPLED_IDX in t:
         sid = t[SAMPLED_IDX]
         mapped = np.where(sid >= 0, vmap[sid.clip(min=0)], -1)
         t[SAMPLED_CNT] = np.where(mapped >= 0, t[SAMPLED_CNT], 0).astype(t[SAMPLED_CNT].dtype)
         t[SAMPLED_IDX] = mapped.astype(np.int32)
-        # no draw left: nothing to distil there, but the position keeps its label
-        return dataclasses.replace(batch, input_ids=torch.from_numpy(np.maximum(ids, 0)), teacher=t,
-                                   distil_mask=batch.teacher_mask() & (t[SAMPLED_CNT].sum(axis=1) > 0))
-    return dataclasses.replace(batch, input_ids=torch.from_numpy(np.maximum(ids, 0)), teacher=t)
+        distil = distil & (t[SAMPLED_CNT].sum(axis=1) > 0)  # no draw left: nothing to distil there
+    # a row left nothing to distil is still trained on its label
+    return dataclasses.replace(batch, input_ids=torch.from_numpy(np.maximum(ids, 0)), teacher=t, distil_mask=distil)
 
 
 def student_logits(student, batch: SequenceBatch, device) -> torch.Tensor:
@@ -241,13 +258,13 @@ def next_token_nll(logits: torch.Tensor, batch: SequenceBatch, reduction: str = 
                            ignore_index=-100, reduction=reduction)
 
 
-def prepare_batch(batch: SequenceBatch, loss, lse_column: int, vmap) -> SequenceBatch:
+def prepare_batch(batch: SequenceBatch, loss, lse_column: int, adapter) -> SequenceBatch:
     """A batch as the loss reads it: the teacher's arrays selected (the lse column of the
-    loss's temperature, the first ``loss.k`` of the top-K) and, with a vocabulary map, in
-    the student's ids."""
+    loss's temperature, the first ``loss.k`` of the top-K) and in the student's tokens
+    (:func:`to_student`)."""
     if loss.lam > 0:
         batch = dataclasses.replace(batch, teacher=select_teacher(batch.teacher, lse_column, loss.k))
-    return map_batch(batch, vmap)
+    return to_student(batch, adapter)
 
 
 def sequence_objective(logits: torch.Tensor, batch: SequenceBatch, loss) -> torch.Tensor:
@@ -264,15 +281,17 @@ def sequence_objective(logits: torch.Tensor, batch: SequenceBatch, loss) -> torc
     return loss.alpha * ce + teacher_term(flat, t, loss, mask=batch.teacher_mask())
 
 
-def sequence_loss(student, batch: SequenceBatch, loss, lse_column: int, vmap, device) -> torch.Tensor:
+def sequence_loss(student, batch: SequenceBatch, loss, lse_column: int, adapter, device) -> torch.Tensor:
     """The objective of one batch for ``student`` (what stage 3 trains with)."""
-    batch = prepare_batch(batch, loss, lse_column, vmap)
+    batch = prepare_batch(batch, loss, lse_column, adapter)
     return sequence_objective(student_logits(student, batch, device), batch, loss)
 
 
 @torch.no_grad()
-def evaluate(student, reader: CacheReader, data: TokenData, batch_size: int, vmap, device) -> dict:
-    """Held-out perplexity, and KL(teacher || student) over the cached top-K + tail at T=1."""
+def evaluate(student, reader: CacheReader, data: TokenData, batch_size: int, adapter, device) -> dict:
+    """Held-out perplexity (of the student's tokens), and KL(teacher || student) over the
+    cached top-K + tail at T=1 at the positions with a teacher row (with another tokenizer:
+    the aligned ones, the rows projected onto the student's ids)."""
     student.eval()
     m = reader.manifest
     arrays = (TOPK_IDX, TOPK_VAL, LSE) if "topk" in m.modes and 1.0 in m.temperatures else ()
@@ -281,7 +300,8 @@ def evaluate(student, reader: CacheReader, data: TokenData, batch_size: int, vma
                             token_offsets=data.offsets)
     nll, count, kl, kl_rows = 0.0, 0, 0.0, 0
     for batch in stream:
-        batch = map_batch(batch, vmap)
+        batch = to_student(dataclasses.replace(batch, teacher=select_teacher(batch.teacher, col)) if arrays
+                           else batch, adapter)
         logits = student_logits(student, batch, device)
         tokens = int(batch.label_mask().sum())
         nll += next_token_nll(logits, batch, reduction="sum").item()
@@ -290,7 +310,7 @@ def evaluate(student, reader: CacheReader, data: TokenData, batch_size: int, vma
             rows = batch.teacher_mask()
             flat = logits.reshape(-1, logits.shape[-1])[torch.from_numpy(rows).to(device)].float()
             idx, val, lse = (torch.from_numpy(batch.teacher[n][rows]).to(device) for n in arrays)
-            kl += torch_topk_kl(flat, idx, val, lse[:, col], 1.0).sum().item()
+            kl += torch_topk_kl(flat, idx, val, lse, 1.0).sum().item()
             kl_rows += len(flat)
     student.train()
     return {"heldout_perplexity": math.exp(nll / count), "heldout_nll": nll / count, "heldout_tokens": count,
@@ -337,8 +357,13 @@ class LanguageModel(Task):
             if s.init.value == "teacher_layers" and (s.path or not s.layers):
                 p.append(f"student.{k}: init=teacher_layers takes the teacher's layers, listed in "
                          f"student.{k}.layers=[...] (got {list(s.layers)}), and no path (got {s.path!r})")
-        if cfg.loss.distance.value not in ("topk_kl", "sampled_kl"):
-            p.append(f"loss.distance={cfg.loss.distance.value}: task=lm trains with topk_kl or sampled_kl")
+        if cfg.loss.distance.value not in LM_DISTANCES:
+            p.append(f"loss.distance={cfg.loss.distance.value}: task=lm trains with {', '.join(LM_DISTANCES)}")
+        for k, s in cfg.student.items():
+            if s.projection not in ("prefix", "exact"):
+                p.append(f"student.{k}.projection={s.projection!r}: expected prefix or exact")
+            if s.tokenizer and s.tokenizer.startswith("bpe:") and not s.tokenizer[4:].isdigit():
+                p.append(f"student.{k}.tokenizer={s.tokenizer!r}: bpe:<vocabulary size>, e.g. bpe:8000")
         if not 0 <= cfg.loss.k <= cfg.cache.k:
             p.append(f"loss.k={cfg.loss.k}: must be in 0..cache.k={cfg.cache.k} (0 uses all cached logits)")
         if cfg.teacher.batch_size <= 0:
@@ -353,8 +378,9 @@ class LanguageModel(Task):
             p.append(f"lm.eval_batch_size={cfg.lm.eval_batch_size}: must be > 0")
         for v in cfg.lm.variants:
             name, _, k = v.partition(":")
-            if name not in ("labels", "topk_kl", "sampled_kl") or (k and (not k.isdigit() or name != "topk_kl")):
-                p.append(f"lm.variants: {v!r} is not one of labels, topk_kl, topk_kl:<K>, sampled_kl")
+            if name not in ("labels", *LM_DISTANCES) or (k and (not k.isdigit() or name not in ("topk_kl", "uld_topk"))):
+                p.append(f"lm.variants: {v!r} is not one of labels, topk_kl[:<K>], sampled_kl, uld_topk[:<K>], "
+                         "uld_sampled")
             elif k and not 0 < int(k) <= cfg.cache.k:
                 p.append(f"lm.variants: {v!r} asks for more than the cache's K={cfg.cache.k}")
 
@@ -391,7 +417,19 @@ class LanguageModel(Task):
                     reader.positions, index.positions)):
             raise ValueError(f"cache {reader.path!r}: its sequence index (offsets, positions) differs from the "
                              "token data's; re-run stage 1")
+        if reader.manifest.tokenizer_sha256 not in ("", data.tokenizer_hash):
+            raise ValueError(f"cache {reader.path!r} was captured with another tokenizer than the teacher's "
+                             f"(tokenizer.json sha256 {reader.manifest.tokenizer_sha256[:12]}, the teacher's "
+                             f"{data.tokenizer_hash[:12]}): re-run stage 1 with this teacher")
         return reader
+
+    def index(self, data: TokenData):
+        """The cache's sequence index: where the rows are, and the teacher's tokenizer (each
+        token's bytes: what aligns a student with another tokenizer). A tokenizer without a
+        ``tokenizers`` backend (a slow one) is not recorded."""
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        text = backend.to_str().encode() if backend is not None else None
+        return dataclasses.replace(data.index, tokenizer=text)
 
     def load_teacher(self, data: TokenData) -> LMTeacher:
         return load_teacher(self.cfg.teacher)
@@ -400,7 +438,7 @@ class LanguageModel(Task):
         width = teacher.model.get_output_embeddings().weight.shape[0]
         fields = fingerprint_fields(dataset=data.content_hash(), teacher=teacher.identity,
                                     capture=self.capture_settings())
-        index = data.index
+        index = self.index(data)
         m = plan_manifest(self.cfg.cache, rows=int(index.offsets[-1]), num_classes=width,
                           splits={name: data.rows(name) for name in data.sequences},
                           fingerprint=make_fingerprint(fields), index=index,
@@ -448,11 +486,24 @@ class LanguageModel(Task):
     def train_variant(self, name: str, spec, v: Variant, data: TokenData, reader: CacheReader,
                       device: torch.device, save_dir: str | None = None) -> dict:
         cfg = self.cfg
-        student = build_student(spec, int(spec.kwargs.get("vocab_size", reader.manifest.num_classes)),
-                                cfg.data.seq_len, cfg.train.seed, cfg.teacher).to(device)
-        vocab = student.get_output_embeddings().weight.shape[0]
-        vmap = vocab_map(spec, reader, vocab)
         loss = v.loss(cfg.loss)
+        cross = self.student_tokens(spec, reader, data)
+        seq_len = cfg.data.seq_len if cross is None else max(cfg.data.seq_len, int(np.diff(cross.tokens.offsets).max()))
+        width = len(cross.tokenizer) if cross is not None else reader.manifest.num_classes
+        student = build_student(spec, int(spec.kwargs.get("vocab_size", width)), seq_len, cfg.train.seed,
+                                cfg.teacher).to(device)
+        vocab = student.get_output_embeddings().weight.shape[0]
+        if cross is None:
+            adapter = eval_adapter = vocab_map(spec, reader, vocab)
+        else:
+            if vocab < width:
+                raise ValueError(f"student {name}: its vocabulary has {vocab} ids, its tokenizer "
+                                 f"{spec.tokenizer!r} {width}: drop kwargs.vocab_size or make it >= {width}")
+            proj = projection(cross.teacher, cross.student, spec.projection)
+            projects = loss.distance.value in ("topk_kl", "sampled_kl")
+            adapter = CrossTokenizer(cross.tokens, student_pad_id(cross.tokenizer), proj if projects else None,
+                                     loss.temperature)
+            eval_adapter = adapter.projecting(proj, 1.0)
         arrays, lse_column = teacher_arrays(reader.manifest, loss)
         rank, world = process_group(device)
         stream = SequenceStream(reader, data.tokens, split="train", batch_size=cfg.train.batch_size,
@@ -462,22 +513,63 @@ class LanguageModel(Task):
         identity = self.student_identity(spec, loss) | {"weights": student_weights(spec, cfg.teacher)}
         state = self.state_path(reader, f"{name}-{v.label.replace(':', '-')}", identity)
         done, final, seconds = self.fit(
-            student, stream, steps, lambda model, batch: sequence_loss(model, batch, loss, lse_column, vmap, device),
+            student, stream, steps, lambda model, batch: sequence_loss(model, batch, loss, lse_column, adapter, device),
             desc=f"{name}: {v.label}", state_path=state)
         row = {"student": name, "variant": v.label, "bytes_per_token": bytes_per_token(v, reader), "steps": done,
                "params": sum(p.numel() for p in student.parameters()), "train_s": seconds, "processes": world,
                "tokens_per_s": done * cfg.train.batch_size * world * cfg.data.seq_len / seconds, "final_loss": final}
+        if cross is not None:
+            row |= {"tokenizer": spec.tokenizer, "vocabulary": width, "projection": spec.projection,
+                    "aligned_fraction": cross.tokens.aligned_fraction(*data.sequences["train"])}
         if rank != 0:
             return row  # rank 0 evaluates and saves the student
-        row |= evaluate(student, reader, data, cfg.lm.eval_batch_size, vmap, device)
-        row["heldout_bits_per_byte"] = bits_per_byte(row["heldout_nll"], row["heldout_tokens"],
-                                                     self.heldout_bytes(data))
+        row |= evaluate(student, reader, data, cfg.lm.eval_batch_size, eval_adapter, device)
+        n_bytes = self.heldout_bytes(data) if cross is None else cross.tokens.predicted_bytes(*data.sequences["heldout"])
+        row["heldout_bits_per_byte"] = bits_per_byte(row["heldout_nll"], row["heldout_tokens"], n_bytes)
         if save_dir:  # a standard HF folder (config.json + model.safetensors)
             row["checkpoint"] = os.path.join(save_dir, name, v.label.replace(":", "-"))
             student.save_pretrained(row["checkpoint"])
-        log.info("%s %s: held-out perplexity %.2f, KL %.4f", name, v.label, row["heldout_perplexity"],
-                 row["heldout_kl_topk"] or float("nan"))
+            if cross is not None:
+                cross.tokenizer.save_pretrained(row["checkpoint"])  # the student reads its own tokens
+        log.info("%s %s: held-out perplexity %.2f, %.4f bits/byte, KL %.4f", name, v.label, row["heldout_perplexity"],
+                 row["heldout_bits_per_byte"], row["heldout_kl_topk"] or float("nan"))
         return row
+
+    def student_tokens(self, spec, reader: CacheReader, data: TokenData) -> CrossData | None:
+        """None when the student reads the teacher's tokens (no ``student.tokenizer``, or one
+        identical to the teacher's); else its tokenizer and the corpus re-tokenized and
+        aligned by byte spans (computed once per tokenizer)."""
+        if not spec.tokenizer:
+            return None
+        if spec.vocab_map:
+            raise ValueError(f"student.tokenizer={spec.tokenizer!r} and student.vocab_map={spec.vocab_map!r}: set "
+                             "one (a tokenizer is aligned by byte spans; a vocab_map renames the teacher's ids)")
+        done = self.__dict__.setdefault("_student_tokens", {})
+        if spec.tokenizer not in done:
+            text = reader.tokenizer_json
+            if text is None:
+                raise ValueError(f"cache {reader.path!r} records no teacher tokenizer, so its tokens' byte spans are "
+                                 f"unknown and student.tokenizer={spec.tokenizer!r} cannot be aligned with them: "
+                                 "capture it again with stage 1 of this version and a fast (tokenizer.json) "
+                                 "teacher tokenizer, which every token cache then records")
+            teacher = TokenBytes(text, "teacher's tokenizer")
+            tok = student_tokenizer(spec.tokenizer, data, teacher, self.root)
+            backend = getattr(tok, "backend_tokenizer", None)
+            if backend is None:
+                raise ValueError(f"student.tokenizer={spec.tokenizer!r} is a slow tokenizer; byte alignment reads a "
+                                 "fast one's tokenizer.json")
+            if tokenizer_hash(tok) == teacher.digest:
+                log.info("student.tokenizer=%s is the teacher's: no alignment needed", spec.tokenizer)
+                done[spec.tokenizer] = None
+            else:
+                student = TokenBytes(backend.to_str(), f"student.tokenizer={spec.tokenizer}")
+                tokens = retokenize(data, teacher, tok, student)
+                cross = CrossData(tok, tokens, teacher, student)
+                log.info("student.tokenizer=%s: %d ids; the corpus is %d of its tokens (%d of the teacher's); "
+                         "%.1f%% of its training positions are aligned with a teacher row", spec.tokenizer, len(tok),
+                         len(tokens.tokens), len(data.tokens), 100 * tokens.aligned_fraction(*data.sequences["train"]))
+                done[spec.tokenizer] = cross
+        return done[spec.tokenizer]
 
     def heldout_bytes(self, data: TokenData) -> int:
         if getattr(self, "_heldout_bytes", None) is None:
@@ -494,9 +586,20 @@ class LanguageModel(Task):
                 format_lm_results(rows, teacher, full))
 
 
+@dataclass
+class CrossData:
+    """A student tokenizer other than the teacher's, and the corpus in its tokens."""
+
+    tokenizer: object
+    tokens: StudentTokens
+    teacher: TokenBytes
+    student: TokenBytes
+
+
 def format_lm_results(rows: list[dict], teacher: dict, full_bytes: int) -> str:
     lines = ["| student | trained on | bytes/token | held-out perplexity | bits/byte | held-out KL (top-K+tail) "
              "| steps | time |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    # a student with its own tokenizer: its perplexity is over its tokens (compare bits/byte)
     if teacher:
         bpb = f"{teacher['heldout_bits_per_byte']:.4f}" if "heldout_bits_per_byte" in teacher else "-"
         lines.append(f"| teacher | - | {full_bytes:,} (full fp16) | {teacher['heldout_perplexity']:.2f} | {bpb} | 0 "
@@ -504,6 +607,7 @@ def format_lm_results(rows: list[dict], teacher: dict, full_bytes: int) -> str:
     for r in rows:
         kl = f"{r['heldout_kl_topk']:.4f}" if r["heldout_kl_topk"] is not None else "-"
         bpb = f"{r['heldout_bits_per_byte']:.4f}" if r.get("heldout_bits_per_byte") else "-"
-        lines.append(f"| {r['student']} | {r['variant']} | {r['bytes_per_token']} | {r['heldout_perplexity']:.2f} | "
+        tok = f" ({r['tokenizer']}, {100 * r['aligned_fraction']:.0f}% aligned)" if r.get("tokenizer") else ""
+        lines.append(f"| {r['student']}{tok} | {r['variant']} | {r['bytes_per_token']} | {r['heldout_perplexity']:.2f} | "
                      f"{bpb} | {kl} | {r['steps']} | {r['train_s']:.0f}s |")
     return "\n".join(lines)
