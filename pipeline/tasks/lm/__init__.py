@@ -192,9 +192,11 @@ def vocab_map(spec, reader: CacheReader, student_vocab: int) -> np.ndarray | Non
         return None
     if not spec.vocab_map:
         raise ValueError(f"the student's vocabulary has {student_vocab} ids but the teacher's logits are {width} wide "
-                         f"(its tokenizer has {tok} tokens): set the student's vocab_map=truncate (student ids are the "
-                         f"teacher's first {student_vocab}, e.g. a padded teacher vocabulary) or vocab_map=<file.npy> "
-                         f"mapping each of the {width} teacher ids to a student id (-1: none)")
+                         f"(its tokenizer has {tok} tokens): a student with its own tokenizer takes "
+                         "student.<name>.tokenizer=<its tokenizer folder> (aligned by byte spans); one that shares the "
+                         f"teacher's ids takes vocab_map=truncate (student ids are the teacher's first {student_vocab}, "
+                         f"e.g. a padded teacher vocabulary) or vocab_map=<file.npy> mapping each of the {width} "
+                         "teacher ids to a student id (-1: none)")
     if spec.vocab_map == "truncate":
         m = np.arange(width, dtype=np.int64)
         m[m >= student_vocab] = -1

@@ -40,7 +40,10 @@ class CachedSequences(torch.utils.data.Dataset):
             each sequence is).
         split: the cache's split to serve (``train``, ``heldout``).
         loss: a ``loss.*`` section: the distance, temperature, alpha, lam and k to train with.
-        vocab_map: teacher id -> student id (-1: none) when the student's vocabulary differs.
+        vocab_map: teacher id -> student id (-1: none) when the student's vocabulary differs
+            but its ids are the teacher's; for a student with its own tokenizer, the
+            :class:`pipeline.tasks.lm.alignment.CrossTokenizer` stage 3 builds (batches then
+            come in the student's tokens, the teacher's rows at the aligned positions).
     """
 
     def __init__(self, reader: CacheReader, tokens: TokenData, *, split: str = "train", loss,
