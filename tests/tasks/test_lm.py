@@ -231,6 +231,23 @@ def test_a_student_with_its_own_tokenizer_trains_from_the_smollm2_cache(lm_cache
         assert row["heldout_tokens"] == heldout and np.isfinite(row["heldout_bits_per_byte"])
         if v != "labels":
             assert row["final_loss"] > rows["labels"]["final_loss"] + 1e-4, v
+    # a batch on the student's grid: each aligned student position holds the teacher's row of
+    # its aligned teacher position (unprojected, as ULD reads it); the others none
+    from pipeline.tasks.lm.alignment import CrossTokenizer
+
+    batch = next(iter(SequenceStream(reader, data.tokens, split="train", batch_size=3, seed=0,
+                                     arrays=(TOPK_IDX, TOPK_VAL, LSE), token_offsets=data.offsets)))
+    moved = CrossTokenizer(cross.tokens, 0, None)(batch)
+    wt, ws = batch.input_ids.shape[1], moved.input_ids.shape[1]
+    want = np.zeros(len(moved.mask), bool)
+    for b, i in enumerate(batch.sequences):
+        assert moved.input_ids[b, :len(cross.tokens.sequence(i))].tolist() == cross.tokens.sequence(i).tolist()
+        t, s = cross.tokens.pairs(i)
+        np.testing.assert_array_equal(moved.teacher[TOPK_VAL][b * ws + s], batch.teacher[TOPK_VAL][b * wt + t])
+        want[b * ws + s] = True
+    np.testing.assert_array_equal(moved.teacher_mask(), want)
+    assert (moved.teacher[TOPK_VAL][~want] == 0).all()
+    assert moved.mask.sum() == moved.attention_mask.sum()  # every real student token has its label
     saved = rows["topk_kl"]["checkpoint"]
     assert len(AutoTokenizer.from_pretrained(saved)) == 300
     assert AutoModelForCausalLM.from_pretrained(saved).get_output_embeddings().weight.shape[0] == 300
