@@ -21,8 +21,10 @@ from pipeline.losses import topk_kl_loss
 from pipeline.stream import SequenceStream
 from pipeline.tasks.lm import (
     LanguageModel,
+    TokenRows,
     Variant,
     map_batch,
+    pack_sequences,
     sequence_loss,
     sequence_objective,
     teacher_logits,
@@ -68,21 +70,29 @@ def lm_cache(teacher, tmp_path_factory):
 
 def replay_capture(teacher, data: TokenData, m, batch_size: int) -> np.ndarray:
     """(rows, V) float32: the teacher's logits for every cached row, computed as stage 1
-    batches and pads them (each shard runs the sequences it overlaps, ``batch_size`` at a
-    time, right-padded), written here from the manifest's shard ranges."""
+    batches and pads them (each shard runs the sequences it overlaps, packed into the same
+    teacher batches, right-padded), written here from the manifest's shard ranges."""
     off, out = data.offsets, []
+    rows = TokenRows(teacher.model, data, batch_size, teacher.pad_id, torch.device("cpu"))
     with torch.inference_mode():
         for shard in m.shards:
             first = int(np.searchsorted(off, shard.start, side="right")) - 1
             last = int(np.searchsorted(off, shard.stop, side="left"))
-            for b in range(first, last, batch_size):
-                seqs = range(b, min(b + batch_size, last))
+            for seqs in rows.batches(first, last):
                 logits = teacher_logits(teacher.model, [data.sequence(i) for i in seqs], teacher.pad_id,
                                         torch.device("cpu"))
                 for j, i in enumerate(seqs):
                     lo, hi = max(off[i], shard.start) - off[i], min(off[i + 1], shard.stop) - off[i]
                     out.append(logits[j, lo:hi].numpy())
     return np.concatenate(out)
+
+
+def test_teacher_batches_pack_sequences_up_to_the_token_budget():
+    # widths round up to 32: 40 -> 64, 20 -> 32; a budget of 128 padded tokens
+    assert pack_sequences(np.array([20, 20, 20, 20, 20]), 128) == [(0, 4), (4, 5)]
+    assert pack_sequences(np.array([20, 40, 20, 7]), 128) == [(0, 2), (2, 4)]
+    assert pack_sequences(np.array([300, 5, 5]), 128) == [(0, 1), (1, 3)]  # too long alone: alone
+    assert pack_sequences(np.array([], dtype=np.int64), 128) == []
 
 
 def test_capture_caches_every_real_token_once_and_no_padding(teacher, lm_cache):
