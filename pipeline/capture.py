@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pipeline.cache import CacheWriter, Manifest, ShardRecord, plan_shards
-from pipeline.cache.format import IDS, SequenceIndex, array_specs, row_bytes
+from pipeline.cache.format import IDS, NARROW_PAD, SequenceIndex, array_specs, row_bytes
 from pipeline.cache.storage import Storage
 from pipeline.representations import host_arrays, represent, torch_buffer_dtype
 
@@ -52,12 +52,20 @@ def plan_manifest(cache, *, rows: int, num_classes: int, splits: dict[str, tuple
     modes = sorted(getattr(x, "value", x) for x in cache.modes)
     if "topk" in modes and cache.k > num_classes:
         raise ValueError(f"cache.k={cache.k} is more than the teacher's {num_classes} outputs: lower cache.k")
+    narrow = bool(getattr(cache, "narrow", False))
+    if narrow and num_classes > NARROW_PAD:
+        raise ValueError(f"cache.narrow=true stores class ids as uint16, which holds {NARROW_PAD} classes; the teacher "
+                         f"has {num_classes}: set cache.narrow=false")
+    if narrow and "sampled" in modes and cache.samples > 255:
+        raise ValueError(f"cache.narrow=true stores draw counts as uint8; cache.samples={cache.samples} can reach "
+                         "more than 255: lower cache.samples or set cache.narrow=false")
     m = Manifest(backend=getattr(cache.format, "value", cache.format), modes=modes,
                  dtype=getattr(cache.dtype, "value", cache.dtype), num_classes=num_classes, rows=rows,
                  chunk_rows=cache.chunk_rows, shard_rows=0, splits={k: list(v) for k, v in splits.items()},
                  fingerprint=fingerprint, k=cache.k if "topk" in modes else 0,
                  samples=cache.samples if "sampled" in modes else 0, temperatures=list(cache.temperatures),
-                 sample_temperature=cache.sample_temperature, compression=getattr(cache.zstd, "value", cache.zstd))
+                 sample_temperature=cache.sample_temperature, compression=getattr(cache.zstd, "value", cache.zstd),
+                 narrow=narrow)
     if index is not None:
         index.describe(m)
         m.vocab = dict(vocab or {})

@@ -209,6 +209,10 @@ class CacheConfig:
     # Float logits barely compress (8% on random-normal fp16) and zstd costs ~half the read speed.
     zstd: Compression = Compression.ints
     zstd_level: int = 3
+    # store class ids as uint16 (vocabularies of at most 65,535) and draw counts as uint8 (at most
+    # 255 draws): 260 instead of 388 B/token for top-64 fp16, 52 instead of 100 for 16 draws.
+    # The same values; readers see int32 ids either way
+    narrow: bool = False
     # stage 1 replaces a cache at this path that was captured with other settings (it refuses
     # otherwise, naming what differs); it never deletes a folder that is not a cache
     overwrite: bool = False

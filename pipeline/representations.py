@@ -46,9 +46,9 @@ _BUFFER_DTYPE = {"int64": torch.int64, "int32": torch.int32, "uint16": torch.int
 
 
 def torch_buffer_dtype(name: str, storage_dtype: str) -> torch.dtype:
-    """The torch dtype that holds an array before it is stored (uint16 is only ever
-    bfloat16 bits; counts are held as int32, up to 65,535 draws)."""
-    return torch.int32 if name == SAMPLED_CNT else _BUFFER_DTYPE[storage_dtype]
+    """The torch dtype that holds an array before it is stored: ids and counts as int32
+    (stored int32 / uint16 / uint8), floats as themselves (a uint16 float is bfloat16 bits)."""
+    return torch.int32 if name in (SAMPLED_CNT, SAMPLED_IDX, TOPK_IDX, TOP1) else _BUFFER_DTYPE[storage_dtype]
 
 
 def host_arrays(tensors: dict[str, torch.Tensor], m: Manifest) -> dict[str, np.ndarray]:

@@ -40,7 +40,15 @@ import torch
 
 from pipeline.cache import CacheReader
 from pipeline.cache.backends import backend
-from pipeline.cache.format import IDS, REPAIR, CacheDamaged, array_specs, bf16_arrays
+from pipeline.cache.format import (
+    IDS,
+    REPAIR,
+    CacheDamaged,
+    array_specs,
+    bf16_arrays,
+    narrow_arrays,
+    widen,
+)
 from pipeline.cache.reader import bf16_bits_to_float32
 from pipeline.kernels._base import all_finite
 
@@ -180,10 +188,13 @@ class CacheRows(Resumable):
         self._read = backend(m.backend).block_reader(reader.storage, m)
         self._specs = {n: array_specs(m)[n] for n in self.arrays}  # stored row shape and dtype
         self._bf16 = bf16_arrays(m) & set(self.arrays)  # decoded to float32 per batch
+        self._narrow = narrow_arrays(m) & set(self.arrays)  # widened per batch
 
     def _decode(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         for n in self._bf16:
             arrays[n] = bf16_bits_to_float32(arrays[n])
+        for n in self._narrow:
+            arrays[n] = widen(n, arrays[n])
         return arrays
 
 

@@ -147,6 +147,27 @@ def test_student_class_count_differing_from_the_cache_is_explained(full_run):
     assert "set data.num_classes=10" in proc.stdout + proc.stderr
 
 
+def test_a_narrow_cache_trains_the_same_student_in_fewer_bytes(tmp_path):
+    """cache.narrow=true through the real CLI: the same audit and the same trained student as
+    the wide cache (the stored values are the same), in fewer bytes per row."""
+    out = {}
+    for narrow in ("false", "true"):
+        root = tmp_path / narrow
+        run_cli(root, "cache.modes=[topk,sampled]", "cache.k=3", "cache.samples=4", "loss=sampled_kl",
+                "student=linear", f"cache.narrow={narrow}")
+        (audit,) = glob.glob(str(root / "runs" / "*" / "audit.json"))
+        (results,) = glob.glob(str(root / "runs" / "*" / "results.json"))
+        out[narrow] = json.load(open(audit)), json.load(open(results))["students"][0]
+    (wa, ws), (na, ns) = out["false"], out["true"]
+    for key in ("test_acc", "agreement", "labels_only_acc"):
+        assert ws[key] == ns[key], key
+    assert wa["splits"]["test"]["coverage"] == na["splits"]["test"]["coverage"]
+    wb, nb = wa["bytes_per_row"], na["bytes_per_row"]
+    assert nb["topk_computed"] == wb["topk_computed"] - 3 * 2  # ids 4 -> 2 bytes
+    assert nb["sampled_computed"] == wb["sampled_computed"] - 4 * 2 - 4 * 1 - 2  # ids, counts 2 -> 1, top1
+    assert nb["total_on_disk"] < wb["total_on_disk"]
+
+
 def test_a_topk_only_and_a_sampled_only_cache_go_through_all_three_stages(tmp_path):
     """What stage 1's size guard recommends must work end to end: capture, the audit (its
     teacher accuracy exact: the cached argmax, from the top-k cache's first id or the

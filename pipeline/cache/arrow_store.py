@@ -20,7 +20,7 @@ from dask import delayed
 from pipeline.cache.format import CacheDamaged, Manifest, ShardRecord, array_specs
 from pipeline.cache.storage import Storage
 
-_ARROW = {"int64": pa.int64(), "int32": pa.int32(), "uint16": pa.uint16(), "float16": pa.float16(),
+_ARROW = {"int64": pa.int64(), "int32": pa.int32(), "uint16": pa.uint16(), "uint8": pa.uint8(), "float16": pa.float16(),
           "float32": pa.float32()}
 
 

@@ -41,8 +41,11 @@ def capture_settings(cache, precision: str) -> dict:
 
 def layout_settings(cache) -> dict:
     """How a cache is stored (not what it holds): part of its folder's key."""
-    return {"format": _value(cache.format), "chunk_rows": cache.chunk_rows, "shard_chunks": cache.shard_chunks,
-            "zstd": _value(cache.zstd)}
+    out = {"format": _value(cache.format), "chunk_rows": cache.chunk_rows, "shard_chunks": cache.shard_chunks,
+           "zstd": _value(cache.zstd)}
+    if getattr(cache, "narrow", False):  # named only when on: the folders of other caches keep their keys
+        out["narrow"] = True
+    return out
 
 
 def fingerprint_fields(*, dataset: str, teacher: dict, capture: dict) -> dict:

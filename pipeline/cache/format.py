@@ -22,6 +22,9 @@ IPC files in ``shards/``:
 |           | without ``full`` or ``topk`` also ``top1`` (N,) int32: the teacher's argmax, |
 |           | so its accuracy and agreement are exact on a sampled-only cache              |
 
+A ``narrow`` cache (manifest field) stores the int32 id arrays as uint16 (65,535 = the -1
+padding) and ``sampled_cnt`` as uint8; readers widen them back (:func:`widen`).
+
 ``kdcache.json`` is written first, into an empty or new folder, and never changed: it marks
 the folder as a cache of this project (stage 1 writes nowhere else) and holds the plan (the
 manifest as created: fingerprint, layout, shard ranges), so a damaged ``manifest.json`` is
@@ -74,7 +77,11 @@ MODES = ("full", "topk", "sampled")
 DTYPES = ("float16", "bfloat16", "float32")
 # bfloat16 has no NumPy dtype: it is stored as its raw uint16 bit pattern.
 STORAGE_DTYPE = {"float16": "float16", "bfloat16": "uint16", "float32": "float32"}
-ITEMSIZE = {"int64": 8, "int32": 4, "uint16": 2, "float16": 2, "float32": 4}
+ITEMSIZE = {"int64": 8, "int32": 4, "uint16": 2, "uint8": 1, "float16": 2, "float32": 4}
+# ``narrow`` caches store class ids as uint16 (at most 65,535 classes; NARROW_PAD stands for the
+# -1 padding of sampled ids) and draw counts as uint8 (at most 255 draws); readers see int32
+# ids and uint16 counts either way (:func:`widen`)
+NARROW_PAD = 65535
 
 
 # What every message about a damaged cache tells the user to do (stage 1 heals: it checks
@@ -125,6 +132,7 @@ class Manifest:
     shards: list[ShardRecord] = field(default_factory=list)
     complete: bool = False
     compression: str = "ints"  # all | ints | none: which arrays carry zstd
+    narrow: bool = False  # ids uint16, counts uint8 (see NARROW_PAD)
     format_version: int = FORMAT_VERSION
     info: dict = field(default_factory=dict)  # free-form: teacher accuracy, timings
     # sequence tasks (rows are tokens): the number of sequences, the sha256 of the (S + 1,)
@@ -157,14 +165,32 @@ def array_specs(m: Manifest) -> dict[str, tuple[tuple[int, ...], str]]:
     specs: dict[str, tuple[tuple[int, ...], str]] = {IDS: ((), "int64")}
     if "full" in m.modes:
         specs[LOGITS] = ((m.num_classes,), val)
+    ids = "uint16" if m.narrow else "int32"
     if "topk" in m.modes:
-        specs |= {TOPK_IDX: ((m.k,), "int32"), TOPK_VAL: ((m.k,), val), LSE: ((len(m.temperatures),), "float32")}
+        specs |= {TOPK_IDX: ((m.k,), ids), TOPK_VAL: ((m.k,), val), LSE: ((len(m.temperatures),), "float32")}
     if "sampled" in m.modes:
-        specs |= {SAMPLED_IDX: ((m.samples,), "int32"), SAMPLED_CNT: ((m.samples,), "uint16"),
+        specs |= {SAMPLED_IDX: ((m.samples,), ids), SAMPLED_CNT: ((m.samples,), "uint8" if m.narrow else "uint16"),
                   SAMPLED_ENT: ((), "float32")}
         if not {"full", "topk"} & set(m.modes):  # the argmax is not otherwise known exactly
-            specs[TOP1] = ((), "int32")
+            specs[TOP1] = ((), ids)
     return specs
+
+
+def narrow_arrays(m: Manifest) -> set[str]:
+    """The arrays a narrow cache stores in fewer bits than readers see them."""
+    return {TOPK_IDX, SAMPLED_IDX, SAMPLED_CNT, TOP1} if m.narrow else set()
+
+
+def widen(name: str, a):
+    """A narrow array as readers see it: ids int32 (NARROW_PAD back to -1), counts uint16."""
+    import numpy as np
+
+    if name == SAMPLED_CNT:
+        return a.astype(np.uint16)
+    out = a.astype(np.int32)
+    if name == SAMPLED_IDX:
+        out[out == NARROW_PAD] = -1
+    return out
 
 
 def row_bytes(m: Manifest, modes: tuple[str, ...] | None = None) -> int:

@@ -3,6 +3,7 @@ any array is touched; arrays come back as lazy Dask arrays chunked like the stor
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 
@@ -17,13 +18,16 @@ from pipeline.cache.format import (
     OFFSETS,
     POSITIONS,
     REPAIR,
+    SAMPLED_CNT,
     TOKENIZER,
     Manifest,
     bf16_arrays,
     merge_commits,
+    narrow_arrays,
     read_commits,
     read_index_file,
     read_manifest,
+    widen,
 )
 from pipeline.cache.health import damaged_shards, describe
 from pipeline.cache.storage import Storage
@@ -139,6 +143,9 @@ def open_cache(path: str, *, expected: dict | None = None, allow_partial: bool =
     arrays = backend(m.backend).dask_arrays(storage, m)
     for name in bf16_arrays(m) & set(arrays):
         arrays[name] = arrays[name].map_blocks(bf16_bits_to_float32, dtype=np.float32)
+    for name in narrow_arrays(m) & set(arrays):
+        arrays[name] = arrays[name].map_blocks(functools.partial(widen, name),
+                                               dtype=np.uint16 if name == SAMPLED_CNT else np.int32)
     return CacheReader(storage, m, arrays)
 
 

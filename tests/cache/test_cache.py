@@ -122,6 +122,52 @@ def test_every_representation_round_trips(tmp_path, tiny_logits, backend, dtype,
     r.verify()
 
 
+@pytest.mark.parametrize("backend", ["zarr", "arrow"])
+def test_a_narrow_cache_stores_uint16_ids_and_uint8_counts_and_reads_back_the_same(tmp_path, tiny_logits, backend):
+    """cache.narrow: the same values as the wide cache through the reader and the stream
+    (ids int32, the sampled padding -1, counts uint16), in fewer bytes on disk."""
+    from pipeline.cache.format import row_bytes
+    from pipeline.stream import CacheStream
+
+    logits = np.concatenate([tiny_logits, np.full((100, 3), -50.0, np.float32)], 1)  # draws leave padding
+    wide = write_cache(tmp_path / "w", logits, backend=backend, modes=ALL_MODES, k=3, samples=8)
+    narrow = write_cache(tmp_path / "n", logits, backend=backend, modes=ALL_MODES, k=3, samples=8, narrow=True)
+    assert row_bytes(narrow) == row_bytes(wide) - 3 * 2 - 8 * 2 - 8 * 1
+    rw, rn = open_cache(str(tmp_path / "w")), open_cache(str(tmp_path / "n"))
+    for name in rw.arrays:
+        a, b = rw.arrays[name].compute(), rn.arrays[name].compute()
+        assert a.dtype == b.dtype, name
+        np.testing.assert_array_equal(a, b, err_msg=name)
+    assert (rn.arrays["sampled_idx"].compute() == -1).any()  # the padding came back as -1
+    names = ("topk_idx", "sampled_idx", "sampled_cnt")
+    for x, y in zip(CacheStream(rw, splits=("train",), batch_size=16, seed=3, arrays=names),
+                    CacheStream(rn, splits=("train",), batch_size=16, seed=3, arrays=names), strict=True):
+        for name in names:
+            assert x[name].dtype == y[name].dtype
+            np.testing.assert_array_equal(x[name], y[name])
+    if backend == "zarr":  # what a stock reader sees: the narrow dtypes
+        import zarr
+
+        g = zarr.open_group(str(tmp_path / "n" / "zarr"), mode="r")
+        assert (g["topk_idx"].dtype, g["sampled_idx"].dtype, g["sampled_cnt"].dtype) == ("uint16", "uint16", "uint8")
+    rn.verify()
+
+
+def test_narrow_is_refused_for_a_vocabulary_or_a_draw_count_it_cannot_hold():
+    from types import SimpleNamespace
+
+    from pipeline.capture import plan_manifest
+
+    cache = SimpleNamespace(modes=["topk", "sampled"], k=4, samples=8, narrow=True, format="zarr", dtype="float16",
+                            chunk_rows=64, shard_chunks=2, temperatures=[1.0], sample_temperature=1.0, zstd="ints")
+    with pytest.raises(ValueError, match="holds 65535 classes; the teacher has 70000"):
+        plan_manifest(cache, rows=10, num_classes=70000, splits={"train": (0, 10)}, fingerprint={})
+    with pytest.raises(ValueError, match="cache.samples=300 can reach more than 255"):
+        plan_manifest(SimpleNamespace(**{**vars(cache), "samples": 300}), rows=10, num_classes=100,
+                      splits={"train": (0, 10)}, fingerprint={})
+    assert plan_manifest(cache, rows=10, num_classes=65535, splits={"train": (0, 10)}, fingerprint={}).narrow
+
+
 STOCK_ZARR = """
 import sys, warnings, zarr, numpy as np
 warnings.simplefilter("error")  # the index files beside the group raise no ZarrUserWarning
