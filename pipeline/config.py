@@ -247,6 +247,7 @@ class DeriveConfig:
     mode: str | None = None  # topk | full (full: another dtype)
     k: int = 32
     dtype: LogitDtype = LogitDtype.float16
+    narrow: bool = False  # ids uint16, counts uint8 (as cache.narrow)
     path: str | None = None  # default: next to the parent, named after the mode
 
 

@@ -29,13 +29,14 @@ from pipeline.cache import (
     open_cache,
     plan_shards,
 )
-from pipeline.cache.format import IDS, LOGITS, SequenceIndex
+from pipeline.cache.format import IDS, LOGITS, NARROW_PAD, SequenceIndex
 from pipeline.representations import host_arrays, represent
 
 log = logging.getLogger(__name__)
 
 
-def child_manifest(parent: Manifest, mode: str, k: int, dtype: str, temperatures: list[float], path: str) -> Manifest:
+def child_manifest(parent: Manifest, mode: str, k: int, dtype: str, temperatures: list[float], path: str,
+                   narrow: bool = False) -> Manifest:
     if "full" not in parent.modes:
         raise ValueError(f"derive needs a cache with full logits; this one holds {parent.modes}")
     if mode == "topk" and not 0 < k <= parent.num_classes:
@@ -46,7 +47,10 @@ def child_manifest(parent: Manifest, mode: str, k: int, dtype: str, temperatures
     if mode == "topk":
         capture |= {"k": k, "temperatures": list(temperatures)}
     fields["capture"] = capture
-    return replace(parent, modes=[mode], dtype=dtype, k=k if mode == "topk" else 0, samples=0,
+    if narrow and parent.num_classes > NARROW_PAD:
+        raise ValueError(f"derive.narrow=true stores class ids as uint16, which holds {NARROW_PAD} classes; the "
+                         f"cache has {parent.num_classes}: set derive.narrow=false")
+    return replace(parent, modes=[mode], dtype=dtype, k=k if mode == "topk" else 0, samples=0, narrow=narrow,
                    temperatures=list(temperatures), shards=plan_shards(parent.rows, parent.shard_rows),
                    complete=False, fingerprint=make_fingerprint(fields),
                    info={"parent": {"path": path, "fingerprint": parent.fingerprint["digest"]}})
@@ -133,9 +137,11 @@ def derive_report(parent: CacheReader, target: str, temperature: float, storage_
 def derive_for_run(d, cache, temperature: float, reader: CacheReader, scheduler=None, verify: bool = False) -> dict:
     """Stage 2's ``derive.*`` settings (``d``) applied to ``reader``, written with the
     ``cache.*`` section's storage options; returns the report."""
-    target = d.path or f"{reader.path.rstrip('/')}-{d.mode}{d.k if d.mode == 'topk' else ''}-{d.dtype.value}"
+    narrow = bool(getattr(d, "narrow", False))
+    target = d.path or (f"{reader.path.rstrip('/')}-{d.mode}{d.k if d.mode == 'topk' else ''}-{d.dtype.value}"
+                        f"{'-narrow' if narrow else ''}")
     temps = sorted({*cache.temperatures, temperature})
-    child = child_manifest(reader.manifest, d.mode, d.k, d.dtype.value, temps, reader.path)
+    child = child_manifest(reader.manifest, d.mode, d.k, d.dtype.value, temps, reader.path, narrow)
     log.info("deriving %s (K=%d, %s) from %s into %s", d.mode, d.k, d.dtype.value, reader.path, target)
     derive_cache(reader, child, target, storage_options=cache.storage_options, scheduler=scheduler,
                  overwrite=cache.overwrite, verify=verify)

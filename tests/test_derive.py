@@ -37,6 +37,22 @@ def test_derived_topk_equals_torch_topk_of_the_parent(tmp_path, tiny_logits):
     assert report["fidelity_split"] == "test" and 0 < report["storage_ratio"]
 
 
+def test_a_narrow_derived_cache_holds_the_same_topk_in_uint16_ids(tmp_path, tiny_logits):
+    parent_path = str(tmp_path / "parent")
+    write_cache(parent_path, tiny_logits, dtype="float32")
+    parent = open_cache(parent_path)
+    for name, narrow in (("wide", False), ("narrow", True)):
+        derive_cache(parent, child_manifest(parent.manifest, "topk", 3, "float16", [1.0], parent_path, narrow),
+                     str(tmp_path / name))
+    wide, narrow = open_cache(str(tmp_path / "wide")), open_cache(str(tmp_path / "narrow"))
+    assert narrow.manifest.narrow and not wide.manifest.narrow
+    for name in ("topk_idx", "topk_val", "lse"):
+        np.testing.assert_array_equal(wide.arrays[name].compute(), narrow.arrays[name].compute())
+    import zarr
+
+    assert zarr.open_group(str(tmp_path / "narrow" / "zarr"), mode="r")["topk_idx"].dtype == "uint16"
+
+
 def test_a_token_cache_derives_with_its_sequence_index(tmp_path, tiny_logits):
     """A chat-like token cache (rows at some positions of each sequence): the derived cache
     carries the same offsets, positions and teacher tokenizer, so students read it the same way."""
