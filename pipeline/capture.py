@@ -59,13 +59,16 @@ def plan_manifest(cache, *, rows: int, num_classes: int, splits: dict[str, tuple
     if narrow and "sampled" in modes and cache.samples > 255:
         raise ValueError(f"cache.narrow=true stores draw counts as uint8; cache.samples={cache.samples} can reach "
                          "more than 255: lower cache.samples or set cache.narrow=false")
+    bits = int(getattr(cache, "value_bits", 16))
+    if bits not in (16, 8, 4):
+        raise ValueError(f"cache.value_bits={bits}: expected 16 (values in cache.dtype), 8 or 4 (quantized)")
     m = Manifest(backend=getattr(cache.format, "value", cache.format), modes=modes,
                  dtype=getattr(cache.dtype, "value", cache.dtype), num_classes=num_classes, rows=rows,
                  chunk_rows=cache.chunk_rows, shard_rows=0, splits={k: list(v) for k, v in splits.items()},
                  fingerprint=fingerprint, k=cache.k if "topk" in modes else 0,
                  samples=cache.samples if "sampled" in modes else 0, temperatures=list(cache.temperatures),
                  sample_temperature=cache.sample_temperature, compression=getattr(cache.zstd, "value", cache.zstd),
-                 narrow=narrow)
+                 narrow=narrow, value_bits=bits if "topk" in modes else 16)
     if index is not None:
         index.describe(m)
         m.vocab = dict(vocab or {})

@@ -213,6 +213,10 @@ class CacheConfig:
     # 255 draws): 260 instead of 388 B/token for top-64 fp16, 52 instead of 100 for 16 draws.
     # The same values; readers see int32 ids either way
     narrow: bool = False
+    # topk values: 16 = in cache.dtype; 8 or 4 = codes below each row's largest logit, within
+    # half a step ((largest - K-th largest) / (2**bits - 2)) of the value: 64 + 8 B/token (8 bits)
+    # or 32 + 8 (4 bits) instead of 128 for K=64
+    value_bits: int = 16
     # stage 1 replaces a cache at this path that was captured with other settings (it refuses
     # otherwise, naming what differs); it never deletes a folder that is not a cache
     overwrite: bool = False
@@ -248,6 +252,7 @@ class DeriveConfig:
     k: int = 32
     dtype: LogitDtype = LogitDtype.float16
     narrow: bool = False  # ids uint16, counts uint8 (as cache.narrow)
+    value_bits: int = 16  # topk values: 16 in derive.dtype, or 8 / 4 quantized (as cache.value_bits)
     path: str | None = None  # default: next to the parent, named after the mode
 
 

@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 
 def child_manifest(parent: Manifest, mode: str, k: int, dtype: str, temperatures: list[float], path: str,
-                   narrow: bool = False) -> Manifest:
+                   narrow: bool = False, value_bits: int = 16) -> Manifest:
     if "full" not in parent.modes:
         raise ValueError(f"derive needs a cache with full logits; this one holds {parent.modes}")
     if mode == "topk" and not 0 < k <= parent.num_classes:
@@ -46,11 +46,16 @@ def child_manifest(parent: Manifest, mode: str, k: int, dtype: str, temperatures
                "derived_from": parent.fingerprint["digest"]}
     if mode == "topk":
         capture |= {"k": k, "temperatures": list(temperatures)}
+        if value_bits < 16:
+            capture["value_bits"] = value_bits
+    if value_bits not in (16, 8, 4) or (value_bits < 16 and mode != "topk"):
+        raise ValueError(f"derive.value_bits={value_bits}: 16, or 8 / 4 for a topk derive")
     fields["capture"] = capture
     if narrow and parent.num_classes > NARROW_PAD:
         raise ValueError(f"derive.narrow=true stores class ids as uint16, which holds {NARROW_PAD} classes; the "
                          f"cache has {parent.num_classes}: set derive.narrow=false")
     return replace(parent, modes=[mode], dtype=dtype, k=k if mode == "topk" else 0, samples=0, narrow=narrow,
+                   value_bits=value_bits,
                    temperatures=list(temperatures), shards=plan_shards(parent.rows, parent.shard_rows),
                    complete=False, fingerprint=make_fingerprint(fields),
                    info={"parent": {"path": path, "fingerprint": parent.fingerprint["digest"]}})
@@ -137,11 +142,11 @@ def derive_report(parent: CacheReader, target: str, temperature: float, storage_
 def derive_for_run(d, cache, temperature: float, reader: CacheReader, scheduler=None, verify: bool = False) -> dict:
     """Stage 2's ``derive.*`` settings (``d``) applied to ``reader``, written with the
     ``cache.*`` section's storage options; returns the report."""
-    narrow = bool(getattr(d, "narrow", False))
+    narrow, bits = bool(getattr(d, "narrow", False)), int(getattr(d, "value_bits", 16))
     target = d.path or (f"{reader.path.rstrip('/')}-{d.mode}{d.k if d.mode == 'topk' else ''}-{d.dtype.value}"
-                        f"{'-narrow' if narrow else ''}")
+                        f"{f'-q{bits}' if bits < 16 else ''}{'-narrow' if narrow else ''}")
     temps = sorted({*cache.temperatures, temperature})
-    child = child_manifest(reader.manifest, d.mode, d.k, d.dtype.value, temps, reader.path, narrow)
+    child = child_manifest(reader.manifest, d.mode, d.k, d.dtype.value, temps, reader.path, narrow, bits)
     log.info("deriving %s (K=%d, %s) from %s into %s", d.mode, d.k, d.dtype.value, reader.path, target)
     derive_cache(reader, child, target, storage_options=cache.storage_options, scheduler=scheduler,
                  overwrite=cache.overwrite, verify=verify)

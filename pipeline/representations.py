@@ -27,6 +27,7 @@ from pipeline.cache.format import (
     SAMPLED_IDX,
     TOP1,
     TOPK_IDX,
+    TOPK_Q,
     TOPK_VAL,
     Manifest,
     array_specs,
@@ -41,8 +42,8 @@ def stored(values: torch.Tensor, dtype: str) -> torch.Tensor:
     return out.view(torch.int16) if dtype == "bfloat16" else out
 
 
-_BUFFER_DTYPE = {"int64": torch.int64, "int32": torch.int32, "uint16": torch.int16, "float16": torch.float16,
-                 "float32": torch.float32}
+_BUFFER_DTYPE = {"int64": torch.int64, "int32": torch.int32, "uint16": torch.int16, "uint8": torch.uint8,
+                 "float16": torch.float16, "float32": torch.float32}
 
 
 def torch_buffer_dtype(name: str, storage_dtype: str) -> torch.dtype:
@@ -59,6 +60,28 @@ def host_arrays(tensors: dict[str, torch.Tensor], m: Manifest) -> dict[str, np.n
             a = tensors[name].numpy()
             out[name] = a.view(np.uint16) if a.dtype == np.int16 else a.astype(dt, copy=False)
     return out
+
+
+def quantize_topk(val: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, K) top-k logits, largest first, as ``bits``-bit codes below each row's largest:
+    code = round((largest - value) / step), step = (largest - smallest finite) / (2**bits - 2),
+    so a value reads back within step / 2 (the largest exactly); the top code stands for
+    -inf. At 4 bits two codes share a byte (even entries in the low half). Returns (codes
+    uint8, (B, 2) float32 [largest, step])."""
+    top = (1 << bits) - 1
+    x = val.float()
+    finite = torch.isfinite(x)
+    largest = x[:, 0]
+    smallest = torch.where(finite, x, largest[:, None]).amin(dim=1)
+    span = largest - smallest
+    step = torch.where(span > 0, span / (top - 1), torch.ones_like(span))
+    codes = torch.round((largest[:, None] - x) / step[:, None]).clamp(0, top - 1)
+    codes = torch.where(finite, codes, torch.full_like(codes, top)).to(torch.uint8)
+    if bits == 4:
+        if codes.shape[1] % 2:
+            codes = torch.cat([codes, torch.zeros_like(codes[:, :1])], dim=1)
+        codes = codes[:, 0::2] | (codes[:, 1::2] << 4)
+    return codes, torch.stack([largest, step], dim=1)
 
 
 def sample_counts(logits: torch.Tensor, samples: int, temperature: float,
@@ -105,7 +128,10 @@ def represent(logits: torch.Tensor, m: Manifest, generator: torch.Generator | No
     if "topk" in m.modes:
         val, idx = torch.topk(x, m.k, dim=-1)  # (B, K), sorted, largest first
         out[TOPK_IDX] = idx.int()
-        out[TOPK_VAL] = stored(val, m.dtype)
+        if m.value_bits < 16:
+            out[TOPK_VAL], out[TOPK_Q] = quantize_topk(val, m.value_bits)
+        else:
+            out[TOPK_VAL] = stored(val, m.dtype)
         out[LSE] = torch.stack([lse_at(t) for t in m.temperatures], dim=1)
     if "sampled" in m.modes:
         z, zl = scaled(m.sample_temperature), lse_at(m.sample_temperature)

@@ -43,10 +43,14 @@ from pipeline.cache.backends import backend
 from pipeline.cache.format import (
     IDS,
     REPAIR,
+    TOPK_Q,
+    TOPK_VAL,
     CacheDamaged,
     array_specs,
     bf16_arrays,
+    dequantize,
     narrow_arrays,
+    quantized,
     widen,
 )
 from pipeline.cache.reader import bf16_bits_to_float32
@@ -186,6 +190,11 @@ class CacheRows(Resumable):
         m = reader.manifest
         self.prefetch = prefetch
         self._read = backend(m.backend).block_reader(reader.storage, m)
+        # quantized top-k values need their rows' (largest, step): read beside them, dropped after
+        self._quantized = quantized(m) and TOPK_VAL in self.arrays
+        self._drop_q = self._quantized and TOPK_Q not in self.arrays
+        if self._drop_q:
+            self.arrays = (*self.arrays, TOPK_Q)
         self._specs = {n: array_specs(m)[n] for n in self.arrays}  # stored row shape and dtype
         self._bf16 = bf16_arrays(m) & set(self.arrays)  # decoded to float32 per batch
         self._narrow = narrow_arrays(m) & set(self.arrays)  # widened per batch
@@ -195,6 +204,11 @@ class CacheRows(Resumable):
             arrays[n] = bf16_bits_to_float32(arrays[n])
         for n in self._narrow:
             arrays[n] = widen(n, arrays[n])
+        if self._quantized:
+            m = self.reader.manifest
+            arrays[TOPK_VAL] = dequantize(arrays[TOPK_VAL], arrays[TOPK_Q], m.value_bits, m.k)
+            if self._drop_q:
+                del arrays[TOPK_Q]
         return arrays
 
 

@@ -167,6 +167,15 @@ def test_a_narrow_cache_trains_the_same_student_in_fewer_bytes(tmp_path):
     assert nb["sampled_computed"] == wb["sampled_computed"] - 4 * 2 - 4 * 1 - 2  # ids, counts 2 -> 1, top1
     assert nb["total_on_disk"] < wb["total_on_disk"]
 
+    # and top-k values in 4 bits: the whole run, audit included, reads them
+    root = tmp_path / "q4"
+    run_cli(root, "cache.modes=[topk]", "cache.k=3", "loss=topk_kl", "student=linear", "cache.narrow=true",
+            "cache.value_bits=4")
+    (audit,) = glob.glob(str(root / "runs" / "*" / "audit.json"))
+    q4 = json.load(open(audit))
+    assert q4["bytes_per_row"]["topk_computed"] == 3 * 2 + 2 + 8 + 4 * 2  # ids, codes, topk_q, lse at T = 1, 2
+    assert len(q4["splits"]["test"]["coverage"]) == 3
+
 
 def test_a_topk_only_and_a_sampled_only_cache_go_through_all_three_stages(tmp_path):
     """What stage 1's size guard recommends must work end to end: capture, the audit (its

@@ -51,6 +51,12 @@ def test_a_narrow_derived_cache_holds_the_same_topk_in_uint16_ids(tmp_path, tiny
     import zarr
 
     assert zarr.open_group(str(tmp_path / "narrow" / "zarr"), mode="r")["topk_idx"].dtype == "uint16"
+    derive_cache(parent, child_manifest(parent.manifest, "topk", 3, "float16", [1.0], parent_path, True, 8),
+                 str(tmp_path / "q8"))
+    q8 = open_cache(str(tmp_path / "q8"))
+    step = q8.arrays["topk_q"].compute()[:, 1:]
+    exact = torch.topk(torch.from_numpy(tiny_logits), 3).values.numpy()
+    assert (np.abs(q8.arrays["topk_val"].compute() - exact) <= step / 2 * (1 + 1e-5) + 1e-6).all()
 
 
 def test_a_token_cache_derives_with_its_sequence_index(tmp_path, tiny_logits):

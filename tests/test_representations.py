@@ -71,3 +71,32 @@ def test_a_sampled_only_cache_carries_the_exact_argmax(tmp_path):
     write_cache(tmp_path / "st", logits, modes=("sampled", "topk"), samples=4)
     np.testing.assert_array_equal(open_cache(str(tmp_path / "s")).arrays["top1"].compute(), logits.argmax(1))
     assert "top1" not in open_cache(str(tmp_path / "st")).arrays  # the first top-k id is the argmax there
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("k", [7, 64])
+def test_quantized_topk_values_read_back_within_half_a_step(bits, k):
+    """Each value within step / 2 of the original (step = (largest - smallest finite) /
+    (2**bits - 2)), the largest exactly, -inf as -inf; ties, a flat row, an odd K."""
+    from pipeline.cache.format import dequantize
+    from pipeline.representations import quantize_topk
+
+    g = torch.Generator().manual_seed(bits * 100 + k)
+    val = torch.sort(torch.randn(50, k, generator=g) * 4, dim=1, descending=True).values
+    val[1] = 3.0  # a flat row
+    val[2, k // 2:] = val[2, k // 2]  # ties
+    val[3, -2:] = float("-inf")  # a teacher with masked ids
+    val[4] *= 1e3  # a huge spread
+    codes, params = quantize_topk(val, bits)
+    assert codes.dtype == torch.uint8 and codes.shape == (50, k if bits == 8 else (k + 1) // 2)
+    got = dequantize(codes.numpy(), params.numpy(), bits, k)
+    x = val.numpy().astype(np.float64)
+    finite = np.isfinite(x)
+    step = params.numpy()[:, 1:2].astype(np.float64)
+    err = np.abs(np.where(finite, got, 0) - np.where(finite, x, 0))
+    assert (err <= step / 2 * (1 + 1e-5) + 1e-6).all()
+    np.testing.assert_array_equal(got[:, 0], val.numpy()[:, 0])
+    assert np.isneginf(got[3, -2:]).all() and np.isfinite(got[3, :-2]).all()
+    np.testing.assert_array_equal(got[1], 3.0)
+    spans = x[:, 0] - np.where(finite, x, np.inf).min(1)
+    np.testing.assert_allclose(params.numpy()[5:, 1], spans[5:] / ((1 << bits) - 2), rtol=1e-6)

@@ -34,6 +34,8 @@ def capture_settings(cache, precision: str) -> dict:
     out = {"modes": modes, "dtype": _value(cache.dtype), "precision": _value(precision)}
     if "topk" in modes:
         out |= {"k": cache.k, "temperatures": list(cache.temperatures)}
+        if getattr(cache, "value_bits", 16) < 16:  # named only when quantized: other caches keep their keys
+            out["value_bits"] = cache.value_bits
     if "sampled" in modes:
         out |= {"samples": cache.samples, "sample_temperature": cache.sample_temperature}
     return out

@@ -66,9 +66,12 @@ COMMITS = "commits"  # one small record per committed shard, written after the s
 GROUP = "zarr"  # the Zarr backend's group, beside the index files
 IDS, LOGITS = "ids", "logits"
 TOPK_IDX, TOPK_VAL, LSE = "topk_idx", "topk_val", "lse"
+# quantized top-k values (manifest ``value_bits`` 8 or 4): ``topk_val`` holds codes, this
+# (N, 2) float32 array each row's largest logit and the step between codes
+TOPK_Q = "topk_q"
 SAMPLED_IDX, SAMPLED_CNT, SAMPLED_ENT = "sampled_idx", "sampled_cnt", "sampled_ent"
 TOP1 = "top1"
-ARRAYS = (IDS, LOGITS, TOPK_IDX, TOPK_VAL, LSE, SAMPLED_IDX, SAMPLED_CNT, SAMPLED_ENT, TOP1)
+ARRAYS = (IDS, LOGITS, TOPK_IDX, TOPK_VAL, TOPK_Q, LSE, SAMPLED_IDX, SAMPLED_CNT, SAMPLED_ENT, TOP1)
 # Every top-level entry a cache folder can hold: what `cache.overwrite=true` may delete
 # (``locks/`` is kept; anything else, a user's file, is never touched).
 CACHE_ENTRIES = {MARKER, MANIFEST, OFFSETS, POSITIONS, TOKENIZER, COMMITS, GROUP, "shards", "teacher_eval.json",
@@ -133,6 +136,7 @@ class Manifest:
     complete: bool = False
     compression: str = "ints"  # all | ints | none: which arrays carry zstd
     narrow: bool = False  # ids uint16, counts uint8 (see NARROW_PAD)
+    value_bits: int = 16  # topk_val: 16 = in the cache dtype; 8 or 4 = quantized (see TOPK_Q, dequantize)
     format_version: int = FORMAT_VERSION
     info: dict = field(default_factory=dict)  # free-form: teacher accuracy, timings
     # sequence tasks (rows are tokens): the number of sequences, the sha256 of the (S + 1,)
@@ -168,6 +172,9 @@ def array_specs(m: Manifest) -> dict[str, tuple[tuple[int, ...], str]]:
     ids = "uint16" if m.narrow else "int32"
     if "topk" in m.modes:
         specs |= {TOPK_IDX: ((m.k,), ids), TOPK_VAL: ((m.k,), val), LSE: ((len(m.temperatures),), "float32")}
+        if m.value_bits < 16:  # codes, two 4-bit ones per byte at 4 bits
+            specs |= {TOPK_VAL: ((m.k if m.value_bits == 8 else (m.k + 1) // 2,), "uint8"),
+                      TOPK_Q: ((2,), "float32")}
     if "sampled" in m.modes:
         specs |= {SAMPLED_IDX: ((m.samples,), ids), SAMPLED_CNT: ((m.samples,), "uint8" if m.narrow else "uint16"),
                   SAMPLED_ENT: ((), "float32")}
@@ -204,7 +211,30 @@ def row_bytes(m: Manifest, modes: tuple[str, ...] | None = None) -> int:
 
 
 def bf16_arrays(m: Manifest) -> set[str]:
-    return {LOGITS, TOPK_VAL} if m.dtype == "bfloat16" else set()
+    if m.dtype != "bfloat16":
+        return set()
+    return {LOGITS} if quantized(m) else {LOGITS, TOPK_VAL}
+
+
+def quantized(m: Manifest) -> bool:
+    """Whether ``topk_val`` holds quantized codes (``value_bits`` 8 or 4)."""
+    return "topk" in m.modes and m.value_bits < 16
+
+
+def dequantize(codes, params, bits: int, k: int):
+    """(N, K) float32 top-k values from their codes and each row's (largest, step): value =
+    largest - code * step; the top code (2**bits - 1) stands for -inf."""
+    import numpy as np
+
+    codes = np.asarray(codes)
+    if bits == 4:
+        both = np.empty((len(codes), 2 * codes.shape[1]), np.uint8)
+        both[:, 0::2], both[:, 1::2] = codes & 15, codes >> 4
+        codes = both[:, :k]
+    params = np.asarray(params, np.float32)
+    out = params[:, :1] - codes.astype(np.float32) * params[:, 1:2]
+    out[codes == (1 << bits) - 1] = -np.inf
+    return out
 
 
 def plan_shards(rows: int, shard_rows: int) -> list[ShardRecord]:

@@ -20,10 +20,14 @@ from pipeline.cache.format import (
     REPAIR,
     SAMPLED_CNT,
     TOKENIZER,
+    TOPK_Q,
+    TOPK_VAL,
     Manifest,
     bf16_arrays,
+    dequantize,
     merge_commits,
     narrow_arrays,
+    quantized,
     read_commits,
     read_index_file,
     read_manifest,
@@ -143,6 +147,10 @@ def open_cache(path: str, *, expected: dict | None = None, allow_partial: bool =
     arrays = backend(m.backend).dask_arrays(storage, m)
     for name in bf16_arrays(m) & set(arrays):
         arrays[name] = arrays[name].map_blocks(bf16_bits_to_float32, dtype=np.float32)
+    if quantized(m):  # topk_val as float32 values, decoded from its codes and topk_q
+        codes = arrays[TOPK_VAL]
+        arrays[TOPK_VAL] = da.map_blocks(functools.partial(dequantize, bits=m.value_bits, k=m.k), codes,
+                                         arrays[TOPK_Q], dtype=np.float32, chunks=(codes.chunks[0], (m.k,)))
     for name in narrow_arrays(m) & set(arrays):
         arrays[name] = arrays[name].map_blocks(functools.partial(widen, name),
                                                dtype=np.uint16 if name == SAMPLED_CNT else np.int32)

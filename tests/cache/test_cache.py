@@ -153,6 +153,34 @@ def test_a_narrow_cache_stores_uint16_ids_and_uint8_counts_and_reads_back_the_sa
     rn.verify()
 
 
+@pytest.mark.parametrize("backend", ["zarr", "arrow"])
+@pytest.mark.parametrize("bits,dtype", [(8, "float16"), (4, "bfloat16")])
+def test_a_quantized_topk_cache_reads_back_within_its_bound(tmp_path, tiny_logits, backend, bits, dtype):
+    """cache.value_bits: the reader and the stream give float32 top-k values within half a
+    step of the exact ones; ids and logsumexp as in the unquantized cache; topk_q read only
+    when asked for."""
+    from pipeline.stream import CacheStream
+
+    write_cache(tmp_path / "w", tiny_logits, dtype="float32", backend=backend, modes=("topk",), k=5)
+    m = write_cache(tmp_path / "q", tiny_logits, dtype=dtype, backend=backend, modes=("topk",), k=5, value_bits=bits)
+    rw, rq = open_cache(str(tmp_path / "w")), open_cache(str(tmp_path / "q"))
+    exact, got = rw.arrays["topk_val"].compute(), rq.arrays["topk_val"].compute()
+    step = rq.arrays["topk_q"].compute()[:, 1:]
+    assert got.dtype == np.float32 and got.shape == exact.shape
+    assert (np.abs(got - exact) <= step / 2 * (1 + 1e-5) + 1e-6).all()
+    np.testing.assert_array_equal(got[:, 0], exact[:, 0])
+    for name in ("topk_idx", "lse"):
+        np.testing.assert_array_equal(rq.arrays[name].compute(), rw.arrays[name].compute())
+    batches = list(CacheStream(rq, splits=("train",), batch_size=32, seed=1, arrays=("topk_idx", "topk_val")))
+    assert all(set(b) == {"ids", "topk_idx", "topk_val"} for b in batches)
+    rows = np.concatenate([b["ids"] for b in batches])
+    np.testing.assert_array_equal(np.concatenate([b["topk_val"] for b in batches]), got[rows])
+    from pipeline.cache.format import row_bytes
+
+    assert row_bytes(m) == 5 * 4 + (5 if bits == 8 else 3) + 8 + 4 * 2  # ids, codes, topk_q, lse at T = 1, 2
+    rq.verify()
+
+
 def test_narrow_is_refused_for_a_vocabulary_or_a_draw_count_it_cannot_hold():
     from types import SimpleNamespace
 
