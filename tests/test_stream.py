@@ -160,6 +160,31 @@ def test_the_sequence_stream_names_a_non_finite_token_row(tmp_path):
     assert sorted(i for b in ok for i in b.sequences.tolist()) == [0, 1, 2, 3]  # ids hold no float: nothing to refuse
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_a_narrow_quantized_token_cache_lands_on_the_grid_decoded(tmp_path, bits):
+    """The sequence stream decodes narrow ids and quantized values on the padded grid: the
+    same rows as the reader gives, only topk_q's extra read dropped."""
+    from pipeline.stream import SequenceStream
+
+    rng = np.random.default_rng(2)
+    offsets = np.array([0, 5, 12, 15])
+    logits = rng.standard_normal((15, 20)).astype(np.float32)
+    write_cache(tmp_path / "q", logits, modes=("topk",), k=5, chunk_rows=4, shard_chunks=1, offsets=offsets,
+                splits={"train": [0, 15]}, narrow=True, value_bits=bits)
+    reader = open_cache(str(tmp_path / "q"))
+    tokens = np.arange(15) % 20
+    batch = SequenceStream(reader, tokens, split="train", batch_size=3, seed=0,
+                           arrays=("topk_idx", "topk_val")).read(np.array([1, 2, 0]))
+    assert set(batch.teacher) == {"topk_idx", "topk_val"}
+    assert batch.teacher["topk_idx"].dtype == np.int32 and batch.teacher["topk_val"].dtype == np.float32
+    idx, val = reader.arrays["topk_idx"].compute(), reader.arrays["topk_val"].compute()
+    width = batch.input_ids.shape[1]
+    for j, i in enumerate([1, 2, 0]):
+        n = offsets[i + 1] - offsets[i]
+        np.testing.assert_array_equal(batch.teacher["topk_idx"][j * width:j * width + n], idx[offsets[i]:offsets[i + 1]])
+        np.testing.assert_array_equal(batch.teacher["topk_val"][j * width:j * width + n], val[offsets[i]:offsets[i + 1]])
+
+
 def test_rows_at_some_positions_land_on_their_positions(tmp_path):
     """A chat cache: sequence i's rows belong at ``positions`` of its tokens. Each row's
     values land there on the grid, the mask is exactly those positions, and a stream without
