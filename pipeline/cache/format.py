@@ -24,6 +24,10 @@ IPC files in ``shards/``:
 
 A ``narrow`` cache (manifest field) stores the int32 id arrays as uint16 (65,535 = the -1
 padding) and ``sampled_cnt`` as uint8; readers widen them back (:func:`widen`).
+With ``value_bits`` 8 or 4, ``topk_val`` (N, K) uint8 (N, ceil(K/2) at 4 bits, two codes per
+byte, even entries in the low half) holds codes below each row's largest logit, and
+``topk_q`` (N, 2) float32 that largest value and the step: value = largest - code * step, the
+top code -inf; readers decode them (:func:`dequantize`).
 
 ``kdcache.json`` is written first, into an empty or new folder, and never changed: it marks
 the folder as a cache of this project (stage 1 writes nowhere else) and holds the plan (the
