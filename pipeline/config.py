@@ -248,8 +248,9 @@ class TrainConfig:
 class DeriveConfig:
     """Stage 2 can turn a full cache into a smaller one: ``stage=2 derive.mode=topk derive.k=32``."""
 
-    mode: str | None = None  # topk | full (full: another dtype)
+    mode: str | None = None  # topk | full (full: another dtype) | sampled (fewer draws of a sampled cache)
     k: int = 32
+    samples: int = 16  # mode=sampled: draws kept per row, a subset of the parent's
     dtype: LogitDtype = LogitDtype.float16
     narrow: bool = False  # ids uint16, counts uint8 (as cache.narrow)
     value_bits: int = 16  # topk values: 16 in derive.dtype, or 8 / 4 quantized (as cache.value_bits)
@@ -355,9 +356,15 @@ def shared_problems(cfg: Config) -> list[str]:
         p.append(f"cache.samples={cfg.cache.samples}: at most 65535 (counts are stored as uint16)")
     if not 1 <= cfg.cache.zstd_level <= 22:
         p.append(f"cache.zstd_level={cfg.cache.zstd_level}: must be in 1..22")
-    if cfg.derive.mode not in (None, "topk", "full"):
-        p.append(f"derive.mode={cfg.derive.mode!r}: expected topk or full (full: the logits in derive.dtype)")
+    if cfg.derive.mode not in (None, "topk", "full", "sampled"):
+        p.append(f"derive.mode={cfg.derive.mode!r}: expected topk, full (the logits in derive.dtype) or sampled "
+                 "(fewer draws of a sampled cache)")
     _positive(p, "derive.k", cfg.derive.k)
+    _positive(p, "derive.samples", cfg.derive.samples)
+    if cfg.derive.value_bits not in (16, 8, 4):
+        p.append(f"derive.value_bits={cfg.derive.value_bits}: 16, 8 or 4")
+    if cfg.cache.value_bits not in (16, 8, 4):
+        p.append(f"cache.value_bits={cfg.cache.value_bits}: 16 (values in cache.dtype), 8 or 4 (quantized)")
     for name in ("batch_size", "lr", "shuffle_window", "grad_accum"):
         _positive(p, f"train.{name}", getattr(cfg.train, name))
     for name in ("steps", "checkpoint_every", "clip_norm", "warmup_steps"):

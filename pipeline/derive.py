@@ -29,16 +29,32 @@ from pipeline.cache import (
     open_cache,
     plan_shards,
 )
-from pipeline.cache.format import IDS, LOGITS, NARROW_PAD, SequenceIndex
-from pipeline.representations import host_arrays, represent
+from pipeline.cache.format import (
+    IDS,
+    LOGITS,
+    LSE,
+    NARROW_PAD,
+    SAMPLED_CNT,
+    SAMPLED_ENT,
+    SAMPLED_IDX,
+    TOP1,
+    TOPK_IDX,
+    TOPK_Q,
+    TOPK_VAL,
+    SequenceIndex,
+    array_specs,
+)
+from pipeline.representations import host_arrays, quantize_topk, represent, stored
 
 log = logging.getLogger(__name__)
 
 
 def child_manifest(parent: Manifest, mode: str, k: int, dtype: str, temperatures: list[float], path: str,
-                   narrow: bool = False, value_bits: int = 16) -> Manifest:
-    if "full" not in parent.modes:
-        raise ValueError(f"derive needs a cache with full logits; this one holds {parent.modes}")
+                   narrow: bool = False, value_bits: int = 16, samples: int = 0) -> Manifest:
+    """The manifest of a cache derived from ``parent``: from full logits any ``topk`` (or
+    ``full`` in another dtype); from a top-K cache a top-k with k <= K at temperatures it
+    holds; from a sampled cache one with fewer draws."""
+    source = derive_source(parent, mode, k, temperatures, samples)
     if mode == "topk" and not 0 < k <= parent.num_classes:
         raise ValueError(f"derive.k={k}: must be in 1..{parent.num_classes} (the cache's classes)")
     fields = dict(parent.fingerprint["fields"])
@@ -48,47 +64,128 @@ def child_manifest(parent: Manifest, mode: str, k: int, dtype: str, temperatures
         capture |= {"k": k, "temperatures": list(temperatures)}
         if value_bits < 16:
             capture["value_bits"] = value_bits
+    if mode == "sampled":
+        capture |= {"samples": samples, "sample_temperature": parent.sample_temperature}
     if value_bits not in (16, 8, 4) or (value_bits < 16 and mode != "topk"):
         raise ValueError(f"derive.value_bits={value_bits}: 16, or 8 / 4 for a topk derive")
     fields["capture"] = capture
     if narrow and parent.num_classes > NARROW_PAD:
         raise ValueError(f"derive.narrow=true stores class ids as uint16, which holds {NARROW_PAD} classes; the "
                          f"cache has {parent.num_classes}: set derive.narrow=false")
-    return replace(parent, modes=[mode], dtype=dtype, k=k if mode == "topk" else 0, samples=0, narrow=narrow,
-                   value_bits=value_bits,
+    return replace(parent, modes=[mode], dtype=dtype, k=k if mode == "topk" else 0,
+                   samples=samples if mode == "sampled" else 0, narrow=narrow, value_bits=value_bits,
                    temperatures=list(temperatures), shards=plan_shards(parent.rows, parent.shard_rows),
                    complete=False, fingerprint=make_fingerprint(fields),
-                   info={"parent": {"path": path, "fingerprint": parent.fingerprint["digest"]}})
+                   info={"parent": {"path": path, "fingerprint": parent.fingerprint["digest"], "source": source}})
 
 
-def _derive_shard(ids: np.ndarray, logits: np.ndarray, child: Manifest) -> dict[str, np.ndarray]:
-    arrays = host_arrays(represent(torch.from_numpy(np.asarray(logits, np.float32)), child), child)
+def derive_source(parent: Manifest, mode: str, k: int, temperatures: list[float], samples: int) -> str:
+    """Which of the parent's representations a derive reads: ``full`` when it has it, else
+    its ``topk`` (for a top-k as wide or narrower, at temperatures it holds) or its
+    ``sampled`` rows (for fewer draws). Anything else is refused, saying what would do."""
+    if "full" in parent.modes and mode in ("topk", "full"):
+        return "full"
+    if mode == "topk" and "topk" in parent.modes:
+        missing = sorted(set(temperatures) - set(parent.temperatures))
+        if k > parent.k or missing:
+            raise ValueError(f"derive.k={k} at temperatures {sorted(temperatures)} from a top-{parent.k} cache with "
+                             f"the logsumexp at {parent.temperatures}: a top-k derive keeps at most the parent's K "
+                             "and its temperatures (set loss.temperature to one of them)")
+        return "topk"
+    if mode == "sampled" and "sampled" in parent.modes:
+        if not 0 < samples <= parent.samples:
+            raise ValueError(f"derive.samples={samples}: a sampled derive keeps a subset of the parent's "
+                             f"{parent.samples} draws per row: choose 1..{parent.samples}")
+        return "sampled"
+    raise ValueError(f"derive.mode={mode} from a cache holding {parent.modes}: full logits derive top-k or another "
+                     "dtype; a top-K cache derives a narrower top-k; a sampled cache derives fewer draws")
+
+
+def subsample_draws(idx: np.ndarray, cnt: np.ndarray, samples: int, rng: np.random.Generator):
+    """``samples`` of each row's draws, taken without replacement (a multivariate
+    hypergeometric draw from its counts): a uniform subset of a multinomial sample is itself
+    a multinomial sample, so the counts stay an unbiased estimate of p. Returns the distinct
+    ids (-1 padding) and their counts."""
+    n, s = cnt.shape
+    total = cnt.sum(1)
+    if (total != total[0]).any() or (len(total) and total[0] < samples):
+        raise ValueError(f"sampled rows hold {sorted(set(total.tolist()))} draws; a subsample of {samples} "
+                         "needs rows of equal draws, at least as many")
+    draws = np.repeat(idx.astype(np.int64).ravel(), cnt.astype(np.int64).ravel()).reshape(n, -1)
+    keep = np.argsort(rng.random(draws.shape), axis=1)[:, :samples]
+    chosen = np.sort(np.take_along_axis(draws, keep, 1), axis=1)
+    first = np.ones_like(chosen, dtype=bool)
+    first[:, 1:] = chosen[:, 1:] != chosen[:, :-1]
+    slot = np.cumsum(first, axis=1) - 1
+    out_idx = np.full((n, samples), -1, np.int64)
+    out_cnt = np.zeros((n, samples), np.int64)
+    rows = np.repeat(np.arange(n), samples)
+    out_idx[rows, slot.ravel()] = chosen.ravel()
+    np.add.at(out_cnt, (rows, slot.ravel()), 1)
+    return out_idx.astype(np.int32), out_cnt.astype(np.int32)
+
+
+def _derive_shard(ids: np.ndarray, source: dict, child: Manifest, seed: int,
+                  parent_temperatures: list[float]) -> dict[str, np.ndarray]:
+    """One child shard from the parent's rows (``source``: its arrays for these rows; draws
+    subsampled with a generator seeded by the shard index, so a resumed derive is the same)."""
+    if LOGITS in source:
+        tensors = represent(torch.from_numpy(np.asarray(source[LOGITS], np.float32)), child)
+    elif child.modes == ["topk"]:  # the first k of the parent's top-K (sorted, largest first)
+        k, temps = child.k, parent_temperatures
+        val = torch.from_numpy(np.ascontiguousarray(source[TOPK_VAL][:, :k], np.float32))
+        tensors = {TOPK_IDX: torch.from_numpy(np.ascontiguousarray(source[TOPK_IDX][:, :k], np.int32)),
+                   LSE: torch.from_numpy(np.ascontiguousarray(
+                       source[LSE][:, [temps.index(t) for t in child.temperatures]], np.float32))}
+        if child.value_bits < 16:
+            tensors[TOPK_VAL], tensors[TOPK_Q] = quantize_topk(val, child.value_bits)
+        else:
+            tensors[TOPK_VAL] = stored(val, child.dtype)
+    else:  # fewer of the parent's draws
+        sid, cnt = subsample_draws(source[SAMPLED_IDX], source[SAMPLED_CNT], child.samples,
+                                   np.random.default_rng(seed))
+        tensors = {SAMPLED_IDX: torch.from_numpy(sid), SAMPLED_CNT: torch.from_numpy(cnt),
+                   SAMPLED_ENT: torch.from_numpy(np.asarray(source[SAMPLED_ENT], np.float32))}
+        if TOP1 in array_specs(child):  # the exact argmax, from the parent
+            top1 = source[TOP1] if TOP1 in source else source[TOPK_IDX][:, 0]
+            tensors[TOP1] = torch.from_numpy(np.asarray(top1, np.int32))
+    arrays = host_arrays(tensors, child)
     arrays[IDS] = ids
     return arrays
 
 
 def derive_cache(reader: CacheReader, child: Manifest, target: str, *, storage_options: dict | None = None,
                  scheduler=None, in_flight: int = 4, overwrite: bool = False, verify: bool = False) -> Manifest:
-    """Write ``child`` at ``target`` from ``reader``'s full logits, ``in_flight`` shards at a time."""
-    ids, logits = reader.ids, reader.logits
+    """Write ``child`` at ``target`` from ``reader``'s rows (its full logits, or the sparse
+    representation :func:`derive_source` picks), ``in_flight`` shards at a time."""
+    m = reader.manifest
+    source = derive_source(m, child.modes[0], child.k, child.temperatures, child.samples)
+    names = {"full": (LOGITS,), "topk": (TOPK_IDX, TOPK_VAL, LSE),
+             "sampled": (SAMPLED_IDX, SAMPLED_CNT, SAMPLED_ENT, *((TOP1,) if TOP1 in reader.arrays else
+                                                                  (TOPK_IDX,) if TOPK_IDX in reader.arrays else ()))}
+    arrays = {n: reader.arrays[n] for n in names[source]}
+    ids = reader.ids
     index = None
     if child.sequences:  # a token cache's, its tokenizer with it
         text = reader.tokenizer_json
         index = SequenceIndex(reader.offsets, reader.positions, text.encode() if text is not None else None)
+
+    def job(shard):
+        rows = slice(shard.start, shard.stop)
+        return dask.delayed(_derive_shard)(ids[rows], {n: a[rows] for n, a in arrays.items()}, child, shard.index,
+                                           list(m.temperatures))
+
     with CacheWriter(storage=Storage(target, storage_options), manifest=child, overwrite=overwrite,
                      verify=verify, index=index) as writer:
         # batches of shards nobody else holds (claims held while computing: never wait then),
         # then, one at a time, those another process was writing (waiting holds no claim)
         claimed = writer.claim(wait=False)
         while batch := list(itertools.islice(claimed, in_flight)):
-            jobs = [dask.delayed(_derive_shard)(ids[s.start:s.stop], logits[s.start:s.stop], child) for s in batch]
-            for shard, arrays in zip(batch, dask.compute(*jobs, scheduler=scheduler), strict=True):
-                writer.submit(shard, arrays)
+            for shard, out in zip(batch, dask.compute(*[job(s) for s in batch], scheduler=scheduler), strict=True):
+                writer.submit(shard, out)
         for shard in writer.claim():
-            (arrays,) = dask.compute(dask.delayed(_derive_shard)(ids[shard.start:shard.stop],
-                                                                 logits[shard.start:shard.stop], child),
-                                     scheduler=scheduler)
-            writer.submit(shard, arrays)
+            (out,) = dask.compute(job(shard), scheduler=scheduler)
+            writer.submit(shard, out)
     return writer.manifest
 
 
@@ -132,21 +229,27 @@ def derive_report(parent: CacheReader, target: str, temperature: float, storage_
     child = open_cache(target, storage_options=storage_options)
     split = "test" if "test" in parent.manifest.splits else next(iter(parent.manifest.splits))
     rows = parent.split_range(split)
-    return {"path": target, "modes": child.manifest.modes, "k": child.manifest.k, "dtype": child.manifest.dtype,
+    return {"path": target, "modes": child.manifest.modes, "k": child.manifest.k, "samples": child.manifest.samples,
+            "dtype": child.manifest.dtype,
             "parent": child.manifest.info.get("parent"),
             "storage_ratio": disk_bytes(child) / disk_bytes(parent),
-            "fidelity_kl": fidelity(parent, child, rows, temperature), "fidelity_split": split,
+            # against the full distribution, where the parent has it
+            "fidelity_kl": fidelity(parent, child, rows, temperature) if LOGITS in parent.arrays else None,
+            "fidelity_split": split,
             "fidelity_temperature": temperature}
 
 
 def derive_for_run(d, cache, temperature: float, reader: CacheReader, scheduler=None, verify: bool = False) -> dict:
     """Stage 2's ``derive.*`` settings (``d``) applied to ``reader``, written with the
     ``cache.*`` section's storage options; returns the report."""
-    narrow, bits = bool(getattr(d, "narrow", False)), int(getattr(d, "value_bits", 16))
-    target = d.path or (f"{reader.path.rstrip('/')}-{d.mode}{d.k if d.mode == 'topk' else ''}-{d.dtype.value}"
+    narrow, bits, samples = bool(getattr(d, "narrow", False)), int(getattr(d, "value_bits", 16)), d.samples
+    size = {"topk": d.k, "sampled": samples}.get(d.mode, "")
+    target = d.path or (f"{reader.path.rstrip('/')}-{d.mode}{size}-{d.dtype.value}"
                         f"{f'-q{bits}' if bits < 16 else ''}{'-narrow' if narrow else ''}")
     temps = sorted({*cache.temperatures, temperature})
-    child = child_manifest(reader.manifest, d.mode, d.k, d.dtype.value, temps, reader.path, narrow, bits)
+    if "full" not in reader.manifest.modes and d.mode == "topk":
+        temps = sorted({temperature} & set(reader.manifest.temperatures)) or [temperature]
+    child = child_manifest(reader.manifest, d.mode, d.k, d.dtype.value, temps, reader.path, narrow, bits, samples)
     log.info("deriving %s (K=%d, %s) from %s into %s", d.mode, d.k, d.dtype.value, reader.path, target)
     derive_cache(reader, child, target, storage_options=cache.storage_options, scheduler=scheduler,
                  overwrite=cache.overwrite, verify=verify)

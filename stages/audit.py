@@ -36,9 +36,11 @@ def main(cfg: Config, run_dir: str) -> dict:
     print("\n" + format_audit(report), flush=True)
     if "derive" in report:
         d = report["derive"]
-        print(f"derived {d['modes']} cache (K={d['k']}, {d['dtype']}) at {d['path']}: {d['storage_ratio']:.4f} of "
-              f"the parent's bytes, mean KL(full || derived) {d['fidelity_kl']:.3g} on {d['fidelity_split']} "
-              f"at T={d['fidelity_temperature']}", flush=True)
+        kl = (f"mean KL(full || derived) {d['fidelity_kl']:.3g} on {d['fidelity_split']} at "
+              f"T={d['fidelity_temperature']}" if d["fidelity_kl"] is not None else "no full logits to compare with")
+        size = f"K={d['k']}, {d['dtype']}" if d["k"] else f"S={d['samples']}" if d["samples"] else d["dtype"]
+        print(f"derived {d['modes']} cache ({size}) at {d['path']}: {d['storage_ratio']:.4f} of "
+              f"the parent's bytes, {kl}", flush=True)
     if report["nonfinite"]:
         raise ValueError(f"cache {reader.path!r} holds {report['nonfinite']} non-finite teacher values "
                          "(see audit.json per split); re-capture it")

@@ -6,6 +6,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 import torch
 
 from pipeline.cache import open_cache
@@ -26,7 +27,8 @@ def test_derived_topk_equals_torch_topk_of_the_parent(tmp_path, tiny_logits):
     np.testing.assert_array_equal(r.arrays["topk_idx"].compute(), idx.numpy())
     np.testing.assert_array_equal(r.arrays["topk_val"].compute(), val.numpy())
     np.testing.assert_allclose(r.arrays["lse"].compute()[:, 1], torch.logsumexp(full / 2, -1).numpy(), rtol=1e-6)
-    assert r.manifest.info["parent"] == {"path": parent_path, "fingerprint": parent.manifest.fingerprint["digest"]}
+    assert r.manifest.info["parent"] == {"path": parent_path, "fingerprint": parent.manifest.fingerprint["digest"],
+                                        "source": "full"}
     assert r.manifest.fingerprint["fields"]["capture"]["derived_from"] == parent.manifest.fingerprint["digest"]
 
     report = derive_report(parent, str(tmp_path / "child"), 2.0)
@@ -57,6 +59,53 @@ def test_a_narrow_derived_cache_holds_the_same_topk_in_uint16_ids(tmp_path, tiny
     step = q8.arrays["topk_q"].compute()[:, 1:]
     exact = torch.topk(torch.from_numpy(tiny_logits), 3).values.numpy()
     assert (np.abs(q8.arrays["topk_val"].compute() - exact) <= step / 2 * (1 + 1e-5) + 1e-6).all()
+
+
+def test_a_topk_cache_derives_a_narrower_quantized_one_and_a_sampled_one_fewer_draws(tmp_path, tiny_logits):
+    """Without full logits: the first k of a top-K (its lse at the kept temperatures), and a
+    subset of each row's draws (ids among the parent's, counts within its counts, the
+    entropy and the exact argmax carried over)."""
+    parent_path = str(tmp_path / "parent")
+    write_cache(parent_path, tiny_logits, dtype="float32", modes=("topk", "sampled"), k=5, samples=8,
+                temperatures=(1.0, 2.0))
+    parent = open_cache(parent_path)
+    derive_cache(parent, child_manifest(parent.manifest, "topk", 3, "float32", [2.0], parent_path), str(tmp_path / "t"))
+    t = open_cache(str(tmp_path / "t"))
+    np.testing.assert_array_equal(t.arrays["topk_idx"].compute(), parent.arrays["topk_idx"][:, :3].compute())
+    np.testing.assert_array_equal(t.arrays["topk_val"].compute(), parent.arrays["topk_val"][:, :3].compute())
+    np.testing.assert_array_equal(t.arrays["lse"].compute()[:, 0], parent.arrays["lse"][:, 1].compute())
+    derive_cache(parent, child_manifest(parent.manifest, "sampled", 0, "float32", [1.0], parent_path, True, samples=3),
+                 str(tmp_path / "s"))
+    s = open_cache(str(tmp_path / "s"))
+    assert s.manifest.samples == 3 and s.manifest.narrow
+    pid, pcnt = parent.arrays["sampled_idx"].compute(), parent.arrays["sampled_cnt"].compute()
+    sid, scnt = s.arrays["sampled_idx"].compute(), s.arrays["sampled_cnt"].compute()
+    assert (scnt.sum(1) == 3).all()
+    for r in range(len(sid)):
+        have = dict(zip(pid[r].tolist(), pcnt[r].tolist(), strict=True))
+        for i, c in zip(sid[r].tolist(), scnt[r].tolist(), strict=True):
+            assert (i == -1 and c == 0) or 0 < c <= have.get(i, 0)
+    np.testing.assert_array_equal(s.arrays["sampled_ent"].compute(), parent.arrays["sampled_ent"].compute())
+    np.testing.assert_array_equal(s.arrays["top1"].compute(), parent.arrays["topk_idx"][:, 0].compute())
+    with pytest.raises(ValueError, match="keeps at most the parent's K"):
+        child_manifest(parent.manifest, "topk", 6, "float32", [1.0], parent_path)
+    with pytest.raises(ValueError, match="choose 1..8"):
+        child_manifest(parent.manifest, "sampled", 0, "float32", [1.0], parent_path, samples=9)
+
+
+def test_subsampled_draws_are_unbiased():
+    """A uniform subset of a row's draws: expected counts s * c / S (hypergeometric means),
+    checked over 20,000 rows within 4 standard errors."""
+    from pipeline.derive import subsample_draws
+
+    n, s = 20000, 3
+    idx = np.tile(np.array([[4, 9, 2, -1]], np.int32), (n, 1))
+    cnt = np.tile(np.array([[5, 2, 1, 0]], np.int32), (n, 1))
+    sid, scnt = subsample_draws(idx, cnt, s, np.random.default_rng(0))
+    for cls, c in ((4, 5), (9, 2), (2, 1)):
+        got = np.where(sid == cls, scnt, 0).sum(1)
+        mean, var = s * c / 8, s * (c / 8) * (1 - c / 8) * (8 - s) / (8 - 1)
+        assert abs(got.mean() - mean) < 4 * np.sqrt(var / n), cls
 
 
 def test_a_token_cache_derives_with_its_sequence_index(tmp_path, tiny_logits):
