@@ -1,6 +1,8 @@
-"""Deriving a smaller cache from a full one, as a Dask job: ``full`` -> ``topk`` (K largest
+"""Deriving a smaller cache from a larger one, as a Dask job: ``full`` -> ``topk`` (K largest
 logits + exact logsumexp at the capture temperatures), or ``full`` in another dtype
-(float32 -> float16). Each parent shard becomes one child shard, computed by the same
+(float32 -> float16); without full logits, ``topk`` K -> a narrower ``topk``, and
+``sampled`` S draws -> fewer (a uniform subset of each row's draws). Any of them can be
+``narrow`` and a top-k quantized (``value_bits``). Each parent shard becomes one child shard, computed by the same
 :func:`pipeline.representations.represent` that stage 1 uses, written by the same
 crash-safe writer (so a derive is resumable too). The child's manifest records its
 parent's path and fingerprint.
