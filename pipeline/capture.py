@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pipeline.cache import CacheWriter, Manifest, ShardRecord, plan_shards
-from pipeline.cache.format import IDS, NARROW_PAD, SequenceIndex, array_specs, row_bytes
+from pipeline.cache.format import IDS, SequenceIndex, array_specs, check_narrow, row_bytes
 from pipeline.cache.storage import Storage
 from pipeline.representations import host_arrays, represent, torch_buffer_dtype
 
@@ -53,12 +53,8 @@ def plan_manifest(cache, *, rows: int, num_classes: int, splits: dict[str, tuple
     if "topk" in modes and cache.k > num_classes:
         raise ValueError(f"cache.k={cache.k} is more than the teacher's {num_classes} outputs: lower cache.k")
     narrow = bool(getattr(cache, "narrow", False))
-    if narrow and num_classes > NARROW_PAD:
-        raise ValueError(f"cache.narrow=true stores class ids as uint16, which holds {NARROW_PAD} classes; the teacher "
-                         f"has {num_classes}: set cache.narrow=false")
-    if narrow and "sampled" in modes and cache.samples > 255:
-        raise ValueError(f"cache.narrow=true stores draw counts as uint8; cache.samples={cache.samples} can reach "
-                         "more than 255: lower cache.samples or set cache.narrow=false")
+    if narrow:
+        check_narrow(num_classes, cache.samples if "sampled" in modes else 0, "cache")
     bits = int(getattr(cache, "value_bits", 16))
     if bits not in (16, 8, 4):
         raise ValueError(f"cache.value_bits={bits}: expected 16 (values in cache.dtype), 8 or 4 (quantized)")

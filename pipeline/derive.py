@@ -35,18 +35,17 @@ from pipeline.cache.format import (
     IDS,
     LOGITS,
     LSE,
-    NARROW_PAD,
     SAMPLED_CNT,
     SAMPLED_ENT,
     SAMPLED_IDX,
     TOP1,
     TOPK_IDX,
-    TOPK_Q,
     TOPK_VAL,
     SequenceIndex,
     array_specs,
+    check_narrow,
 )
-from pipeline.representations import host_arrays, quantize_topk, represent, stored
+from pipeline.representations import host_arrays, represent, topk_values
 
 log = logging.getLogger(__name__)
 
@@ -71,9 +70,8 @@ def child_manifest(parent: Manifest, mode: str, k: int, dtype: str, temperatures
     if value_bits not in (16, 8, 4) or (value_bits < 16 and mode != "topk"):
         raise ValueError(f"derive.value_bits={value_bits}: 16, or 8 / 4 for a topk derive")
     fields["capture"] = capture
-    if narrow and parent.num_classes > NARROW_PAD:
-        raise ValueError(f"derive.narrow=true stores class ids as uint16, which holds {NARROW_PAD} classes; the "
-                         f"cache has {parent.num_classes}: set derive.narrow=false")
+    if narrow:
+        check_narrow(parent.num_classes, samples if mode == "sampled" else 0, "derive")
     return replace(parent, modes=[mode], dtype=dtype, k=k if mode == "topk" else 0,
                    samples=samples if mode == "sampled" else 0, narrow=narrow, value_bits=value_bits,
                    temperatures=list(temperatures), shards=plan_shards(parent.rows, parent.shard_rows),
@@ -138,11 +136,8 @@ def _derive_shard(ids: np.ndarray, source: dict, child: Manifest, seed: int,
         val = torch.from_numpy(np.ascontiguousarray(source[TOPK_VAL][:, :k], np.float32))
         tensors = {TOPK_IDX: torch.from_numpy(np.ascontiguousarray(source[TOPK_IDX][:, :k], np.int32)),
                    LSE: torch.from_numpy(np.ascontiguousarray(
-                       source[LSE][:, [temps.index(t) for t in child.temperatures]], np.float32))}
-        if child.value_bits < 16:
-            tensors[TOPK_VAL], tensors[TOPK_Q] = quantize_topk(val, child.value_bits)
-        else:
-            tensors[TOPK_VAL] = stored(val, child.dtype)
+                       source[LSE][:, [temps.index(t) for t in child.temperatures]], np.float32)),
+                   **topk_values(val, child)}
     else:  # fewer of the parent's draws
         sid, cnt = subsample_draws(source[SAMPLED_IDX], source[SAMPLED_CNT], child.samples,
                                    np.random.default_rng(seed))

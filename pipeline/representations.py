@@ -62,6 +62,15 @@ def host_arrays(tensors: dict[str, torch.Tensor], m: Manifest) -> dict[str, np.n
     return out
 
 
+def topk_values(val: torch.Tensor, m: Manifest) -> dict[str, torch.Tensor]:
+    """The stored form of (B, K) top-k logits: in the cache dtype, or quantized codes with
+    each row's (largest, step) when ``m.value_bits`` is 8 or 4."""
+    if m.value_bits < 16:
+        codes, params = quantize_topk(val, m.value_bits)
+        return {TOPK_VAL: codes, TOPK_Q: params}
+    return {TOPK_VAL: stored(val, m.dtype)}
+
+
 def quantize_topk(val: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, K) top-k logits, largest first, as ``bits``-bit codes below each row's largest:
     code = round((largest - value) / step), step = (largest - smallest finite) / (2**bits - 2),
@@ -128,10 +137,7 @@ def represent(logits: torch.Tensor, m: Manifest, generator: torch.Generator | No
     if "topk" in m.modes:
         val, idx = torch.topk(x, m.k, dim=-1)  # (B, K), sorted, largest first
         out[TOPK_IDX] = idx.int()
-        if m.value_bits < 16:
-            out[TOPK_VAL], out[TOPK_Q] = quantize_topk(val, m.value_bits)
-        else:
-            out[TOPK_VAL] = stored(val, m.dtype)
+        out |= topk_values(val, m)
         out[LSE] = torch.stack([lse_at(t) for t in m.temperatures], dim=1)
     if "sampled" in m.modes:
         z, zl = scaled(m.sample_temperature), lse_at(m.sample_temperature)

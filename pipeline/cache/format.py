@@ -187,6 +187,16 @@ def array_specs(m: Manifest) -> dict[str, tuple[tuple[int, ...], str]]:
     return specs
 
 
+def check_narrow(num_classes: int, samples: int, section: str) -> None:
+    """Refuse ``<section>.narrow=true`` where the narrow dtypes cannot hold the ids or counts."""
+    if num_classes > NARROW_PAD:
+        raise ValueError(f"{section}.narrow=true stores class ids as uint16, which holds {NARROW_PAD} classes; the "
+                         f"teacher has {num_classes}: set {section}.narrow=false")
+    if samples > 255:
+        raise ValueError(f"{section}.narrow=true stores draw counts as uint8; {section}.samples={samples} can reach "
+                         f"more than 255: lower {section}.samples or set {section}.narrow=false")
+
+
 def narrow_arrays(m: Manifest) -> set[str]:
     """The arrays a narrow cache stores in fewer bits than readers see them."""
     return {TOPK_IDX, SAMPLED_IDX, SAMPLED_CNT, TOP1} if m.narrow else set()

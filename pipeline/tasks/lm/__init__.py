@@ -44,7 +44,6 @@ from pipeline.tasks.lm.alignment import (
     drop_entries,
     projection,
     retokenize,
-    student_pad_id,
     student_tokenizer,
 )
 from pipeline.tasks.lm.models import (
@@ -52,6 +51,7 @@ from pipeline.tasks.lm.models import (
     build_student,
     load_teacher,
     load_tokenizer,
+    pad_id,
     student_weights,
     teacher_identity,
     tokenizer_hash,
@@ -536,7 +536,7 @@ class LanguageModel(Task):
                                  f"{spec.tokenizer!r} {width}: drop kwargs.vocab_size or make it >= {width}")
             proj = projection(cross.teacher, cross.student, spec.projection)
             projects = loss.distance.value in ("topk_kl", "sampled_kl")
-            adapter = CrossTokenizer(cross.tokens, student_pad_id(cross.tokenizer), proj if projects else None,
+            adapter = CrossTokenizer(cross.tokens, pad_id(cross.tokenizer), proj if projects else None,
                                      loss.temperature)
             eval_adapter = adapter.projecting(proj, 1.0)
         arrays, lse_column = teacher_arrays(reader.manifest, loss)
@@ -587,16 +587,16 @@ class LanguageModel(Task):
                                  f"unknown and student.tokenizer={spec.tokenizer!r} cannot be aligned with them: "
                                  "capture it again with stage 1 of this version and a fast (tokenizer.json) "
                                  "teacher tokenizer, which every token cache then records")
-            teacher = TokenBytes(text, "teacher's tokenizer")
-            tok = student_tokenizer(spec.tokenizer, data, teacher, self.root)
+            tok = student_tokenizer(spec.tokenizer, data, text, self.root)
             backend = getattr(tok, "backend_tokenizer", None)
             if backend is None:
                 raise ValueError(f"student.tokenizer={spec.tokenizer!r} is a slow tokenizer; byte alignment reads a "
                                  "fast one's tokenizer.json")
-            if tokenizer_hash(tok) == teacher.digest:
+            if tokenizer_hash(tok) == reader.manifest.tokenizer_sha256:  # before reading either one's bytes
                 log.info("student.tokenizer=%s is the teacher's: no alignment needed", spec.tokenizer)
                 done[spec.tokenizer] = None
             else:
+                teacher = TokenBytes(text, "teacher's tokenizer")
                 student = TokenBytes(backend.to_str(), f"student.tokenizer={spec.tokenizer}")
                 tokens = retokenize(data, teacher, tok, student)
                 cross = CrossData(tok, tokens, teacher, student)

@@ -107,7 +107,6 @@ class TokenBytes:
     def __init__(self, tokenizer_json: str, what: str = "tokenizer"):
         self.table = token_bytes(tokenizer_json, what)
         self.lengths = np.array([len(b) for b in self.table], dtype=np.int64)
-        self.digest = hashlib.sha256(tokenizer_json.encode()).hexdigest()
 
     def __len__(self) -> int:
         return len(self.table)
@@ -359,7 +358,7 @@ def train_bpe(texts, vocab_size: int, folder: str, special_tokens: tuple[str, ..
     os.replace(tmp, folder)
 
 
-def student_tokenizer(spec_tokenizer: str, data, teacher: TokenBytes, root: str):
+def student_tokenizer(spec_tokenizer: str, data, teacher_json: str, root: str):
     """The student's tokenizer: a folder, or ``bpe:<N>``: a byte-level BPE of N tokens
     trained on the training sequences' text (once; kept under ``<root>/tokenizers/``)."""
     from transformers import AutoTokenizer
@@ -367,10 +366,11 @@ def student_tokenizer(spec_tokenizer: str, data, teacher: TokenBytes, root: str)
     if spec_tokenizer.startswith("bpe:"):
         size = int(spec_tokenizer.split(":", 1)[1])
         a, z = data.sequences["train"]
-        h = hashlib.sha256(f"{size}:{teacher.digest}:{data.content_hash()}".encode()).hexdigest()[:10]
+        h = hashlib.sha256(f"{size}:{data.tokenizer_hash}:{data.content_hash()}".encode()).hexdigest()[:10]
         folder = os.path.join(root, "tokenizers", f"bpe{size}-{h}")
         if not os.path.exists(os.path.join(folder, "tokenizer.json")):
             os.makedirs(os.path.dirname(folder), exist_ok=True)
+            teacher = TokenBytes(teacher_json, "teacher's tokenizer")
             texts = (teacher.text(data.sequence(i)).decode("utf-8", errors="ignore") for i in range(a, z))
             train_bpe(texts, size, folder)
             log.info("trained a byte-level BPE of %d tokens on %d training sequences: %s", size, z - a, folder)
@@ -381,10 +381,4 @@ def student_tokenizer(spec_tokenizer: str, data, teacher: TokenBytes, root: str)
                                 "(tokenizer.json, as save_pretrained writes) or bpe:<vocabulary size>")
     return AutoTokenizer.from_pretrained(folder, local_files_only=True)
 
-
-def student_pad_id(tokenizer) -> int:
-    for t in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if t is not None:
-            return int(t)
-    return 0
 

@@ -82,9 +82,13 @@ class LMTeacher:
 
     @property
     def pad_id(self) -> int:
-        """Fills the padded batch positions (masked out; any id would do)."""
-        pad = self.tokenizer.pad_token_id
-        return 0 if pad is None else pad
+        return pad_id(self.tokenizer)
+
+
+def pad_id(tokenizer) -> int:
+    """Fills the padded batch positions (masked out; any id would do)."""
+    pad = tokenizer.pad_token_id
+    return 0 if pad is None else pad
 
 
 def load_teacher(cfg_teacher) -> LMTeacher:
