@@ -111,8 +111,9 @@ def block_stats(arrays: dict[str, np.ndarray], labels: np.ndarray, temperature: 
                 num_classes: int, shard: int) -> Stats:
     """The audit's sums over one block of cached rows (``arrays``: the block of every array
     of the cache but ``ids``; ``labels``: the block's rows' labels, -1 where none)."""
-    floats = [a.reshape(len(a), -1) for a in arrays.values() if a.dtype.kind == "f"]
-    bad = [~np.isfinite(a) for a in floats]
+    floats = {n: a.reshape(len(a), -1) for n, a in arrays.items() if a.dtype.kind == "f"}
+    # (-inf in topk_val is a probability of 0: an adaptive row's padding)
+    bad = [~(np.isfinite(a) | np.isneginf(a)) if n == TOPK_VAL else ~np.isfinite(a) for n, a in floats.items()]
     finite = ~np.any([b.any(axis=1) for b in bad], axis=0) if bad else np.ones(len(labels), bool)
     st = Stats(rows=len(labels), finite_rows=int(finite.sum()), nonfinite={shard: int(sum(b.sum() for b in bad))})
     conf = None

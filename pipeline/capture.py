@@ -22,7 +22,16 @@ import torch
 from tqdm.auto import tqdm
 
 from pipeline.cache import CacheWriter, Manifest, ShardRecord, plan_shards
-from pipeline.cache.format import IDS, SequenceIndex, array_specs, check_narrow, row_bytes
+from pipeline.cache.format import (
+    IDS,
+    TOPK_IDX,
+    TOPK_VAL,
+    SequenceIndex,
+    array_specs,
+    check_narrow,
+    check_top_p,
+    row_bytes,
+)
 from pipeline.cache.storage import Storage
 from pipeline.representations import host_arrays, represent, torch_buffer_dtype
 
@@ -64,7 +73,8 @@ def plan_manifest(cache, *, rows: int, num_classes: int, splits: dict[str, tuple
                  fingerprint=fingerprint, k=cache.k if "topk" in modes else 0,
                  samples=cache.samples if "sampled" in modes else 0, temperatures=list(cache.temperatures),
                  sample_temperature=cache.sample_temperature, compression=getattr(cache.zstd, "value", cache.zstd),
-                 narrow=narrow, value_bits=bits if "topk" in modes else 16)
+                 narrow=narrow, value_bits=bits if "topk" in modes else 16,
+                 top_p=check_top_p(getattr(cache, "top_p", 0.0), modes, "cache"))
     if index is not None:
         index.describe(m)
         m.vocab = dict(vocab or {})
@@ -108,7 +118,8 @@ def row_health(logits: torch.Tensor, reps: dict[str, torch.Tensor], m: Manifest)
         return torch.isfinite(logits).all(dim=1), logits.abs().amax()
     f32 = [v.reshape(len(v), -1) for v in reps.values() if v.dtype == torch.float32]
     ok = torch.stack([torch.isfinite(v).all(dim=1) for v in f32]).all(dim=0)
-    f16 = [v.float().abs().amax() for v in reps.values() if v.dtype == torch.float16 and v.numel()]
+    f16 = [(v.float().abs().masked_fill(reps[TOPK_IDX] < 0, 0) if name == TOPK_VAL else v.float().abs()).amax()
+           for name, v in reps.items() if v.dtype == torch.float16 and v.numel()]  # (not an adaptive row's padding)
     return ok, (torch.stack(f16).amax() if f16 else torch.zeros((), device=ok.device)).nan_to_num(float("inf"))
 
 

@@ -217,6 +217,9 @@ class CacheConfig:
     # half a step ((largest - K-th largest) / (2**bits - 2)) of the value: 64 + 8 B/token (8 bits)
     # or 32 + 8 (4 bits) instead of 128 for K=64
     value_bits: int = 16
+    # adaptive top-k: each row keeps its fewest largest entries whose probability (at the first of
+    # cache.temperatures) reaches this, at most k; the tail bucket keeps the exact rest (0: all k)
+    top_p: float = 0.0
     # stage 1 replaces a cache at this path that was captured with other settings (it refuses
     # otherwise, naming what differs); it never deletes a folder that is not a cache
     overwrite: bool = False
@@ -254,6 +257,7 @@ class DeriveConfig:
     dtype: LogitDtype = LogitDtype.float16
     narrow: bool = False  # ids uint16, counts uint8 (as cache.narrow)
     value_bits: int = 16  # topk values: 16 in derive.dtype, or 8 / 4 quantized (as cache.value_bits)
+    top_p: float = 0.0  # topk: adaptive rows, cut where their mass reaches this (as cache.top_p)
     path: str | None = None  # default: next to the parent, named after the mode
 
 
@@ -365,6 +369,10 @@ def shared_problems(cfg: Config) -> list[str]:
         p.append(f"derive.value_bits={cfg.derive.value_bits}: 16, 8 or 4")
     if cfg.cache.value_bits not in (16, 8, 4):
         p.append(f"cache.value_bits={cfg.cache.value_bits}: 16 (values in cache.dtype), 8 or 4 (quantized)")
+    for section in ("cache", "derive"):
+        top_p = getattr(cfg, section).top_p
+        if top_p and not 0 < top_p < 1:
+            p.append(f"{section}.top_p={top_p}: the mass each adaptive top-k row keeps, in (0, 1); 0 keeps all k")
     for name in ("batch_size", "lr", "shuffle_window", "grad_accum"):
         _positive(p, f"train.{name}", getattr(cfg.train, name))
     for name in ("steps", "checkpoint_every", "clip_norm", "warmup_steps"):

@@ -44,14 +44,15 @@ from pipeline.cache.format import (
     SequenceIndex,
     array_specs,
     check_narrow,
+    check_top_p,
 )
-from pipeline.representations import host_arrays, represent, topk_values
+from pipeline.representations import host_arrays, represent, topk_arrays
 
 log = logging.getLogger(__name__)
 
 
 def child_manifest(parent: Manifest, mode: str, k: int, dtype: str, temperatures: list[float], path: str,
-                   narrow: bool = False, value_bits: int = 16, samples: int = 0) -> Manifest:
+                   narrow: bool = False, value_bits: int = 16, samples: int = 0, top_p: float = 0.0) -> Manifest:
     """The manifest of a cache derived from ``parent``: from full logits any ``topk`` (or
     ``full`` in another dtype); from a top-K cache a top-k with k <= K at temperatures it
     holds; from a sampled cache one with fewer draws."""
@@ -65,15 +66,18 @@ def child_manifest(parent: Manifest, mode: str, k: int, dtype: str, temperatures
         capture |= {"k": k, "temperatures": list(temperatures)}
         if value_bits < 16:
             capture["value_bits"] = value_bits
+        if top_p:
+            capture["top_p"] = top_p
     if mode == "sampled":
         capture |= {"samples": samples, "sample_temperature": parent.sample_temperature}
     if value_bits not in (16, 8, 4) or (value_bits < 16 and mode != "topk"):
         raise ValueError(f"derive.value_bits={value_bits}: 16, or 8 / 4 for a topk derive")
     fields["capture"] = capture
+    top_p = check_top_p(top_p, [mode], "derive")
     if narrow:
         check_narrow(parent.num_classes, samples if mode == "sampled" else 0, "derive")
     return replace(parent, modes=[mode], dtype=dtype, k=k if mode == "topk" else 0,
-                   samples=samples if mode == "sampled" else 0, narrow=narrow, value_bits=value_bits,
+                   samples=samples if mode == "sampled" else 0, narrow=narrow, value_bits=value_bits, top_p=top_p,
                    temperatures=list(temperatures), shards=plan_shards(parent.rows, parent.shard_rows),
                    complete=False, fingerprint=make_fingerprint(fields),
                    info={"parent": {"path": path, "fingerprint": parent.fingerprint["digest"], "source": source}})
@@ -133,11 +137,10 @@ def _derive_shard(ids: np.ndarray, source: dict, child: Manifest, seed: int,
         tensors = represent(torch.from_numpy(np.asarray(source[LOGITS], np.float32)), child)
     elif child.modes == ["topk"]:  # the first k of the parent's top-K (sorted, largest first)
         k, temps = child.k, parent_temperatures
-        val = torch.from_numpy(np.ascontiguousarray(source[TOPK_VAL][:, :k], np.float32))
-        tensors = {TOPK_IDX: torch.from_numpy(np.ascontiguousarray(source[TOPK_IDX][:, :k], np.int32)),
-                   LSE: torch.from_numpy(np.ascontiguousarray(
-                       source[LSE][:, [temps.index(t) for t in child.temperatures]], np.float32)),
-                   **topk_values(val, child)}
+        tensors = topk_arrays(*(torch.from_numpy(np.ascontiguousarray(source[n][:, :k], dt))
+                                for n, dt in ((TOPK_IDX, np.int32), (TOPK_VAL, np.float32))),
+                              torch.from_numpy(np.ascontiguousarray(
+                                  source[LSE][:, [temps.index(t) for t in child.temperatures]], np.float32)), child)
     else:  # fewer of the parent's draws
         sid, cnt = subsample_draws(source[SAMPLED_IDX], source[SAMPLED_CNT], child.samples,
                                    np.random.default_rng(seed))
@@ -187,11 +190,15 @@ def derive_cache(reader: CacheReader, child: Manifest, target: str, *, storage_o
 
 
 def completed_topk(val: np.ndarray, idx: np.ndarray, lse: np.ndarray, c: int, temperature: float) -> np.ndarray:
-    """The derived distribution (B, C): exact on the K classes, the tail mass spread evenly."""
-    p_k = np.exp(val.astype(np.float64) / temperature - lse[:, None])
+    """The derived distribution (B, C): exact on the cached classes (not the padding of an
+    adaptive row), the tail mass spread evenly over the others."""
+    held = idx >= 0
+    with np.errstate(over="ignore"):
+        p_k = np.where(held, np.exp(val.astype(np.float64) / temperature - lse[:, None]), 0.0)
     tail = np.clip(1.0 - p_k.sum(1), 0.0, None)
-    out = np.repeat((tail / max(c - idx.shape[1], 1))[:, None], c, axis=1)
-    np.put_along_axis(out, idx.astype(np.int64), p_k, axis=1)
+    out = np.repeat((tail / np.maximum(c - held.sum(1), 1))[:, None], c, axis=1)
+    rows = np.broadcast_to(np.arange(len(idx))[:, None], idx.shape)
+    out[rows[held], idx[held]] = p_k[held]
     return out
 
 
@@ -240,13 +247,15 @@ def derive_for_run(d, cache, temperature: float, reader: CacheReader, scheduler=
     """Stage 2's ``derive.*`` settings (``d``) applied to ``reader``, written with the
     ``cache.*`` section's storage options; returns the report."""
     narrow, bits, samples = bool(getattr(d, "narrow", False)), int(getattr(d, "value_bits", 16)), d.samples
+    top_p = float(getattr(d, "top_p", 0.0) or 0.0)
     size = {"topk": d.k, "sampled": samples}.get(d.mode, "")
     target = d.path or (f"{reader.path.rstrip('/')}-{d.mode}{size}-{d.dtype.value}"
-                        f"{f'-q{bits}' if bits < 16 else ''}{'-narrow' if narrow else ''}")
+                        f"{f'-p{top_p:g}' if top_p else ''}{f'-q{bits}' if bits < 16 else ''}{'-narrow' if narrow else ''}")
     temps = sorted({*cache.temperatures, temperature})
     if "full" not in reader.manifest.modes and d.mode == "topk":
         temps = sorted({temperature} & set(reader.manifest.temperatures)) or [temperature]
-    child = child_manifest(reader.manifest, d.mode, d.k, d.dtype.value, temps, reader.path, narrow, bits, samples)
+    child = child_manifest(reader.manifest, d.mode, d.k, d.dtype.value, temps, reader.path, narrow, bits, samples,
+                           top_p)
     log.info("deriving %s (K=%d, %s) from %s into %s", d.mode, d.k, d.dtype.value, reader.path, target)
     derive_cache(reader, child, target, storage_options=cache.storage_options, scheduler=scheduler,
                  overwrite=cache.overwrite, verify=verify)

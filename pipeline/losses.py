@@ -76,10 +76,12 @@ def torch_distance(name: str, s: torch.Tensor, t: torch.Tensor, temperature: flo
 def torch_topk_kl(s: torch.Tensor, idx: torch.Tensor, val: torch.Tensor, lse: torch.Tensor,
                   temperature: float) -> torch.Tensor:
     log_q = F.log_softmax(s / temperature, dim=-1)
-    log_p = val.to(s.dtype) / temperature - lse.to(s.dtype).unsqueeze(-1)  # (B, K)
-    p = log_p.exp()
-    log_qk = log_q.gather(1, idx.long())
-    kept = torch.zeros_like(log_q, dtype=torch.bool).scatter_(1, idx.long(), True)
+    held = idx >= 0  # -1: padding (an adaptive row's unused entries), skipped
+    at = idx.long().clamp_min(0)
+    log_p = torch.where(held, val.to(s.dtype) / temperature - lse.to(s.dtype).unsqueeze(-1), 0)  # (B, K)
+    p = torch.where(held, log_p.exp(), 0)
+    log_qk = log_q.gather(1, at)
+    kept = torch.zeros_like(log_q, dtype=torch.int32).scatter_add_(1, at, held.int()) > 0
     q_tail = log_q.exp().masked_fill(kept, 0).sum(-1)
     p_tail = (1 - p.sum(-1)).clamp_min(0)
     tail = torch.where((p_tail > 0) & (q_tail > 0), p_tail * (p_tail.clamp_min(1e-38).log() - q_tail.log()),

@@ -62,13 +62,37 @@ def host_arrays(tensors: dict[str, torch.Tensor], m: Manifest) -> dict[str, np.n
     return out
 
 
-def topk_values(val: torch.Tensor, m: Manifest) -> dict[str, torch.Tensor]:
-    """The stored form of (B, K) top-k logits: in the cache dtype, or quantized codes with
-    each row's (largest, step) when ``m.value_bits`` is 8 or 4."""
+def topk_arrays(idx: torch.Tensor, val: torch.Tensor, lse: torch.Tensor, m: Manifest) -> dict[str, torch.Tensor]:
+    """The stored top-k arrays from (B, K) ids and logits, largest first, and (B, M) logsumexps
+    at ``m.temperatures``: rows cut at ``m.top_p`` (adaptive, :func:`cut_topk`), the values
+    in the cache dtype or quantized codes with each row's (largest, step) (``m.value_bits`` 8 or 4)."""
+    if m.top_p:
+        idx, val = cut_topk(idx, val, lse[:, 0], m.temperatures[0], m.top_p)
+    out = {TOPK_IDX: idx.int(), LSE: lse}
     if m.value_bits < 16:
         codes, params = quantize_topk(val, m.value_bits)
-        return {TOPK_VAL: codes, TOPK_Q: params}
-    return {TOPK_VAL: stored(val, m.dtype)}
+        return out | {TOPK_VAL: codes, TOPK_Q: params}
+    return out | {TOPK_VAL: stored(val, m.dtype)}
+
+
+def cut_topk(idx: torch.Tensor, val: torch.Tensor, lse: torch.Tensor, temperature: float,
+             top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Adaptive top-k: each (B, K) row, largest first, keeps its smallest prefix whose
+    probability at ``temperature`` (from the row's exact logsumexp ``lse``, (B,)) reaches
+    ``top_p`` (at least one entry, at most K); the entries after it become padding, id -1
+    and value -inf. Where the teacher is sure, a row keeps one or two ids; the tail bucket
+    (1 - the kept mass, exact from the logsumexp) holds the rest."""
+    p = torch.exp(val.float() / temperature - lse.float().unsqueeze(-1))
+    before = torch.cumsum(p, dim=1) - p  # mass of the entries before each one
+    cut = (before >= top_p) | (idx < 0)
+    cut[:, 0] = False
+    return idx.masked_fill(cut, -1), val.masked_fill(cut, float("-inf"))
+
+
+def pad_entries(idx: np.ndarray, val: np.ndarray, dropped: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Top-K entries with probability 0 as padding: id -1, value -inf (what an adaptive
+    row's unused entries hold; every top-k loss skips them, their mass is in the tail)."""
+    return np.where(dropped, -1, idx).astype(np.int32), np.where(dropped, -np.inf, val).astype(np.float32)
 
 
 def quantize_topk(val: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,9 +160,7 @@ def represent(logits: torch.Tensor, m: Manifest, generator: torch.Generator | No
         out[LOGITS] = stored(logits, m.dtype)
     if "topk" in m.modes:
         val, idx = torch.topk(x, m.k, dim=-1)  # (B, K), sorted, largest first
-        out[TOPK_IDX] = idx.int()
-        out |= topk_values(val, m)
-        out[LSE] = torch.stack([lse_at(t) for t in m.temperatures], dim=1)
+        out |= topk_arrays(idx, val, torch.stack([lse_at(t) for t in m.temperatures], dim=1), m)
     if "sampled" in m.modes:
         z, zl = scaled(m.sample_temperature), lse_at(m.sample_temperature)
         p = torch.exp(z - zl.unsqueeze(-1))

@@ -123,12 +123,14 @@ class Resumable:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
 
-def _bad_rows(a: np.ndarray, bf16: bool) -> np.ndarray | None:
-    """Indices of rows holding a NaN or infinity (None when all are finite)."""
+def _bad_rows(a: np.ndarray, bf16: bool, zero_ok: bool = False) -> np.ndarray | None:
+    """Indices of rows holding a NaN or infinity (None when all are finite); with
+    ``zero_ok``, -inf (a probability of 0: adaptive top-k padding) is allowed."""
     if bf16:  # stored as bfloat16 bit patterns: an all-ones exponent is inf or NaN
-        bad = ((a & 0x7F80) == 0x7F80).reshape(len(a), -1).any(axis=1)
+        bad = ((a & 0x7F80) == 0x7F80) & ~(zero_ok & (a.view(np.uint16) == 0xFF80))
+        bad = bad.reshape(len(a), -1).any(axis=1)
     elif a.dtype.kind == "f" and not all_finite(a):
-        bad = ~np.isfinite(a.reshape(len(a), -1)).all(axis=1)
+        bad = ~(np.isfinite(a) | (zero_ok & np.isneginf(a))).reshape(len(a), -1).all(axis=1)
     else:
         return None
     return np.nonzero(bad)[0] if bad.any() else None
@@ -139,7 +141,7 @@ def check_finite(arrays: dict[str, np.ndarray], path: str, bf16: set[str] = froz
     """Refuse NaN or infinity in any float array, naming the ``ids`` of the bad rows (and
     their cache rows, when ``rows`` gives each buffer row's cache row)."""
     for name, a in arrays.items():
-        bad = _bad_rows(a, name in bf16)
+        bad = _bad_rows(a, name in bf16, zero_ok=name == TOPK_VAL)
         if bad is not None:
             where = f" (cache rows {np.asarray(rows)[bad[:10]].tolist()})" if rows is not None else ""
             raise ValueError(f"cache {path!r}: non-finite {name} at {what} {arrays[IDS][bad[:10]].tolist()}"

@@ -25,7 +25,8 @@ def write_cache(path, logits: np.ndarray, *, dtype: str = "float16", chunk_rows:
                 backend: str = "zarr", modes=("full",), k: int = 3, samples: int = 8,
                 temperatures=(1.0, 2.0), sample_temperature: float = 1.0, compression: str = "ints",
                 offsets: np.ndarray | None = None, positions: np.ndarray | None = None,
-                tokenizer: bytes | None = None, narrow: bool = False, value_bits: int = 16) -> Manifest:
+                tokenizer: bytes | None = None, narrow: bool = False, value_bits: int = 16,
+                top_p: float = 0.0) -> Manifest:
     """Write ``logits`` (N, C) as a complete cache through the real writer and the real
     representations code (top-k, sampling) on CPU; with ``offsets``, rows are the tokens of
     sequences (a row's id is its sequence's index), at ``positions`` when given, with the
@@ -37,7 +38,7 @@ def write_cache(path, logits: np.ndarray, *, dtype: str = "float16", chunk_rows:
                  fingerprint=make_fingerprint(fields or {"dataset": "test"}), shards=plan_shards(n, shard_rows),
                  k=k if "topk" in modes else 0, samples=samples if "sampled" in modes else 0,
                  temperatures=list(temperatures), sample_temperature=sample_temperature, compression=compression,
-                 narrow=narrow, value_bits=value_bits if "topk" in modes else 16)
+                 narrow=narrow, value_bits=value_bits if "topk" in modes else 16, top_p=top_p)
     ids = np.arange(n, dtype=np.int64)
     index = None
     if offsets is not None:

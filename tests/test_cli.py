@@ -167,12 +167,17 @@ def test_a_narrow_cache_trains_the_same_student_in_fewer_bytes(tmp_path):
     assert nb["sampled_computed"] == wb["sampled_computed"] - 4 * 2 - 4 * 1 - 2  # ids, counts 2 -> 1, top1
     assert nb["total_on_disk"] < wb["total_on_disk"]
 
-    # and top-k values in 4 bits: the whole run, audit included, reads them
+    # and top-k values in 4 bits, in adaptive rows: the whole run, audit included, reads them
     root = tmp_path / "q4"
     run_cli(root, "cache.modes=[topk]", "cache.k=3", "loss=topk_kl", "student=linear", "cache.narrow=true",
-            "cache.value_bits=4")
+            "cache.value_bits=4", "cache.top_p=0.6")
     (audit,) = glob.glob(str(root / "runs" / "*" / "audit.json"))
     q4 = json.load(open(audit))
+    (results,) = glob.glob(str(root / "runs" / "*" / "results.json"))
+    assert json.load(open(results))["students"][0]["teacher_acc"] == q4["splits"]["test"]["teacher_acc"]
+    assert q4["splits"]["test"]["nonfinite"] == 0
+    (manifest,) = glob.glob(str(root / "caches" / "*" / "manifest.json"))
+    assert json.load(open(manifest))["top_p"] == 0.6
     assert q4["bytes_per_row"]["topk_computed"] == 3 * 2 + 2 + 8 + 4 * 2  # ids, codes, topk_q, lse at T = 1, 2
     assert len(q4["splits"]["test"]["coverage"]) == 3
 

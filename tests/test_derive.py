@@ -135,3 +135,23 @@ def test_stage2_derives_a_topk_cache(tmp_path):
     d = json.load(open(audit))["derive"]
     assert d["k"] == 3 and d["fidelity_kl"] > 0 and d["storage_ratio"] < 1.0
     assert "derived ['topk'] cache (K=3" in proc.stdout
+
+
+def test_an_adaptive_topk_derived_from_a_topk_cache_is_the_one_stage_1_captures(tmp_path):
+    """derive.top_p from a wider top-K cache cuts each row where capture with cache.top_p
+    would: the same ids, values and lse, narrow or not."""
+    rng = np.random.default_rng(3)
+    logits = (rng.standard_normal((120, 30)) * rng.uniform(0.5, 6, (120, 1))).astype(np.float32)
+    parent_path = str(tmp_path / "parent")
+    write_cache(parent_path, logits, dtype="float32", modes=("topk",), k=12, temperatures=(1.0,))
+    write_cache(tmp_path / "captured", logits, dtype="float32", modes=("topk",), k=8, temperatures=(1.0,), top_p=0.7)
+    parent = open_cache(parent_path)
+    child = child_manifest(parent.manifest, "topk", 8, "float32", [1.0], parent_path, True, top_p=0.7)
+    assert child.top_p == 0.7 and child.fingerprint["fields"]["capture"]["top_p"] == 0.7
+    derive_cache(parent, child, str(tmp_path / "derived"))
+    got, want = open_cache(str(tmp_path / "derived")), open_cache(str(tmp_path / "captured"))
+    for name in ("topk_idx", "topk_val", "lse"):
+        np.testing.assert_array_equal(got.arrays[name].compute(), want.arrays[name].compute(), err_msg=name)
+    assert (got.arrays["topk_idx"].compute() == -1).any()
+    with pytest.raises(ValueError, match=r"derive.top_p=1.5: the probability mass"):
+        child_manifest(parent.manifest, "topk", 8, "float32", [1.0], parent_path, top_p=1.5)

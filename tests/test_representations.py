@@ -100,3 +100,33 @@ def test_quantized_topk_values_read_back_within_half_a_step(bits, k):
     np.testing.assert_array_equal(got[1], 3.0)
     spans = x[:, 0] - np.where(finite, x, np.inf).min(1)
     np.testing.assert_allclose(params.numpy()[5:, 1], spans[5:] / ((1 << bits) - 2), rtol=1e-6)
+
+
+def test_adaptive_rows_keep_the_fewest_entries_whose_mass_reaches_top_p():
+    """cut_topk: each row keeps its smallest prefix (largest first) whose probability reaches
+    top_p, at least one entry and at most K; the rest are padding (-1, -inf). A sure row
+    keeps one, a flat one all K (its K entries never reach top_p), ties are kept in order."""
+    from pipeline.representations import cut_topk
+
+    rng = np.random.default_rng(4)
+    logits = np.concatenate([rng.standard_normal((40, 50)) * rng.uniform(0.3, 6, (40, 1)),
+                             np.eye(50)[:2] * 40,  # sure rows
+                             np.zeros((1, 50)),  # flat: 8 of 50 entries hold 16%
+                             np.r_[[5.0] * 4, [0.0] * 46][None]],  # four tied ids hold ~all of it
+                            ).astype(np.float32)
+    x = torch.from_numpy(logits)
+    val, idx = torch.topk(x, 8, dim=1)
+    for T, top_p in ((1.0, 0.9), (2.0, 0.5), (1.0, 0.999)):
+        lse = torch.logsumexp(x.double() / T, 1)
+        cidx, cval = cut_topk(idx, val, lse.float(), T, top_p)
+        p = np.exp(val.double().numpy() / T - lse.numpy()[:, None])
+        for r in range(len(x)):
+            kr = int((cidx[r] >= 0).sum())
+            assert (cidx[r, :kr] == idx[r, :kr]).all() and (cval[r, :kr] == val[r, :kr]).all()
+            assert (cidx[r, kr:] == -1).all() and torch.isneginf(cval[r, kr:]).all()
+            mass = np.cumsum(p[r])
+            assert kr == 8 or mass[kr - 1] >= top_p - 1e-6  # enough ...
+            assert kr == 1 or mass[kr - 2] < top_p + 1e-6  # ... and no more than needed
+        assert (cidx[40:42] >= 0).sum(1).tolist() == [1, 1] and (cidx[42] >= 0).sum() == 8
+        if top_p == 0.9:
+            assert (cidx[43] >= 0).sum() == 4

@@ -4,6 +4,7 @@ import os
 
 import numpy as np
 import pytest
+import torch
 
 from pipeline.cache import open_cache
 from pipeline.stream import CacheStream
@@ -183,6 +184,42 @@ def test_a_narrow_quantized_token_cache_lands_on_the_grid_decoded(tmp_path, bits
         n = offsets[i + 1] - offsets[i]
         np.testing.assert_array_equal(batch.teacher["topk_idx"][j * width:j * width + n], idx[offsets[i]:offsets[i + 1]])
         np.testing.assert_array_equal(batch.teacher["topk_val"][j * width:j * width + n], val[offsets[i]:offsets[i + 1]])
+
+
+def test_adaptive_token_rows_land_on_the_grid_and_train_with_the_mask(tmp_path):
+    """A narrow 4-bit adaptive top-k token cache (rows of different lengths, padded with -1 /
+    -inf) through the sequence stream: each row lands at its position with its padding, the
+    grid's padding positions hold zeros, and the masked top-k loss equals the plain torch
+    one over the real rows only: garbage written at the unmasked positions changes nothing."""
+    from pipeline.losses import topk_kl_loss, torch_topk_kl
+    from pipeline.stream import SequenceStream
+
+    rng = np.random.default_rng(8)
+    offsets = np.array([0, 9, 14, 30])
+    logits = (rng.standard_normal((30, 24)) * rng.uniform(0.5, 6, (30, 1))).astype(np.float32)
+    write_cache(tmp_path / "a", logits, modes=("topk",), k=8, chunk_rows=8, shard_chunks=1, offsets=offsets,
+                splits={"train": [0, 30]}, narrow=True, value_bits=4, temperatures=(1.0,), top_p=0.75)
+    reader = open_cache(str(tmp_path / "a"))
+    idx, val = reader.arrays["topk_idx"].compute(), reader.arrays["topk_val"].compute()
+    assert len(set((idx >= 0).sum(1).tolist())) > 2
+    tokens = np.arange(30) % 24
+    batch = SequenceStream(reader, tokens, split="train", batch_size=3, seed=0,
+                           arrays=("topk_idx", "topk_val", "lse")).read(np.array([2, 0, 1]))
+    t, mask = batch.teacher, batch.mask
+    width = batch.input_ids.shape[1]
+    for j, i in enumerate([2, 0, 1]):
+        rows = slice(j * width, j * width + offsets[i + 1] - offsets[i])
+        np.testing.assert_array_equal(t["topk_idx"][rows], idx[offsets[i]:offsets[i + 1]])
+        np.testing.assert_array_equal(t["topk_val"][rows], val[offsets[i]:offsets[i + 1]])
+    assert mask.sum() == 30
+    s = torch.from_numpy(rng.standard_normal((len(mask), 24)).astype(np.float32))
+    lse = t["lse"][:, 0]
+    got = topk_kl_loss(s, t["topk_idx"], t["topk_val"], lse, mask=mask)
+    want = torch_topk_kl(s[mask], *(torch.from_numpy(a[mask]) for a in (t["topk_idx"], t["topk_val"], lse)), 1.0).mean()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    junk = {n: a.copy() for n, a in t.items()}
+    junk["topk_idx"][~mask], junk["topk_val"][~mask], junk["lse"][~mask] = 5, np.nan, np.nan
+    torch.testing.assert_close(topk_kl_loss(s, junk["topk_idx"], junk["topk_val"], junk["lse"][:, 0], mask=mask), got)
 
 
 def test_rows_at_some_positions_land_on_their_positions(tmp_path):

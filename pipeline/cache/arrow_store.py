@@ -42,7 +42,9 @@ def write_shard(storage: Storage, m: Manifest, shard: ShardRecord, arrays: dict[
     table = pa.table({name: _column(arrays[name], specs[name][1]) for name in specs})
     sink = io.BytesIO()
     # IPC compression applies to every buffer of a batch: zstd only when asked for everything
-    opts = pa.ipc.IpcWriteOptions(compression=pa.Codec("zstd", compression_level=3) if m.compression == "all" else None)
+    # (and for an adaptive top-k, whose padding it removes)
+    zstd = m.compression == "all" or (m.top_p > 0 and m.compression != "none")
+    opts = pa.ipc.IpcWriteOptions(compression=pa.Codec("zstd", compression_level=3) if zstd else None)
     with pa.ipc.new_file(sink, table.schema, options=opts) as w:
         for batch in table.to_batches(max_chunksize=m.chunk_rows):
             w.write_batch(batch)

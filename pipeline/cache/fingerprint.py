@@ -36,6 +36,8 @@ def capture_settings(cache, precision: str) -> dict:
         out |= {"k": cache.k, "temperatures": list(cache.temperatures)}
         if getattr(cache, "value_bits", 16) < 16:  # named only when quantized: other caches keep their keys
             out["value_bits"] = cache.value_bits
+        if getattr(cache, "top_p", 0.0):  # adaptive rows, likewise named only when on
+            out["top_p"] = float(cache.top_p)
     if "sampled" in modes:
         out |= {"samples": cache.samples, "sample_temperature": cache.sample_temperature}
     return out

@@ -22,6 +22,12 @@ IPC files in ``shards/``:
 |           | without ``full`` or ``topk`` also ``top1`` (N,) int32: the teacher's argmax, |
 |           | so its accuracy and agreement are exact on a sampled-only cache              |
 
+An adaptive top-k cache (manifest ``top_p`` > 0) cuts each row after the smallest prefix
+of its top-K whose probability at the first capture temperature reaches ``top_p``: the
+entries after it are padding, ``topk_idx`` -1 and ``topk_val`` -inf (probability 0). Rows
+stay K wide, so shards, chunks and readers are those of any top-k cache; ``topk_val`` is
+zstd-compressed too, which stores the padding in next to nothing.
+
 A ``narrow`` cache (manifest field) stores the int32 id arrays as uint16 (65,535 = the -1
 padding) and ``sampled_cnt`` as uint8; readers widen them back (:func:`widen`).
 With ``value_bits`` 8 or 4, ``topk_val`` (N, K) uint8 (N, ceil(K/2) at 4 bits, two codes per
@@ -141,6 +147,9 @@ class Manifest:
     compression: str = "ints"  # all | ints | none: which arrays carry zstd
     narrow: bool = False  # ids uint16, counts uint8 (see NARROW_PAD)
     value_bits: int = 16  # topk_val: 16 = in the cache dtype; 8 or 4 = quantized (see TOPK_Q, dequantize)
+    # adaptive top-k: each row keeps its smallest prefix of the top-K whose probability at
+    # temperatures[0] reaches top_p, the rest padding (id -1, value -inf; 0 = every row keeps K)
+    top_p: float = 0.0
     format_version: int = FORMAT_VERSION
     info: dict = field(default_factory=dict)  # free-form: teacher accuracy, timings
     # sequence tasks (rows are tokens): the number of sequences, the sha256 of the (S + 1,)
@@ -197,6 +206,17 @@ def check_narrow(num_classes: int, samples: int, section: str) -> None:
                          f"more than 255: lower {section}.samples or set {section}.narrow=false")
 
 
+def check_top_p(top_p: float, modes, section: str) -> float:
+    """``<section>.top_p``: 0 (off) or a mass in (0, 1) for an adaptive top-k."""
+    top_p = float(top_p or 0.0)
+    if top_p and not 0.0 < top_p < 1.0:
+        raise ValueError(f"{section}.top_p={top_p}: the probability mass each adaptive top-k row keeps, in (0, 1) "
+                         "(0.9: stop at the fewest entries holding 90%); 0 keeps all K")
+    if top_p and "topk" not in modes:
+        raise ValueError(f"{section}.top_p={top_p} cuts top-k rows; the {section} holds {list(modes)}: add topk")
+    return top_p
+
+
 def narrow_arrays(m: Manifest) -> set[str]:
     """The arrays a narrow cache stores in fewer bits than readers see them."""
     return {TOPK_IDX, SAMPLED_IDX, SAMPLED_CNT, TOP1} if m.narrow else set()
@@ -209,7 +229,7 @@ def widen(name: str, a):
     if name == SAMPLED_CNT:
         return a.astype(np.uint16)
     out = a.astype(np.int32)
-    if name == SAMPLED_IDX:
+    if name in (SAMPLED_IDX, TOPK_IDX):
         out[out == NARROW_PAD] = -1
     return out
 

@@ -19,6 +19,7 @@ from pipeline.cache.chunk_reader import ChunkReader, plain_layout
 from pipeline.cache.format import (
     GROUP,
     IDS,
+    TOPK_VAL,
     CacheDamaged,
     Manifest,
     ShardRecord,
@@ -36,7 +37,9 @@ def create(storage: Storage, m: Manifest, zstd_level: int, missing_only: bool = 
     for name, (shape, dtype) in array_specs(m).items():
         if f"{GROUP}/{name}/zarr.json" in have:
             continue
-        zstd = m.compression == "all" or (m.compression == "ints" and not dtype.startswith("float"))
+        # an adaptive top-k's values too: their -inf padding then costs next to nothing
+        zstd = (m.compression == "all" or (m.compression == "ints" and not dtype.startswith("float"))
+                or (m.top_p > 0 and name == TOPK_VAL and m.compression != "none"))
         compressors = [ZstdCodec(level=zstd_level), Crc32cCodec()] if zstd else [Crc32cCodec()]
         logical = "bfloat16" if name in bf16_arrays(m) else dtype
         # never-written float rows read back as NaN, never as plausible zeros

@@ -100,7 +100,8 @@ def distance(name: str, student: np.ndarray, teacher: np.ndarray, *, temperature
 def topk_kl(student: np.ndarray, idx: np.ndarray, val: np.ndarray, lse: np.ndarray, *, temperature: float = 1.0,
             mask=None, weights=None, reduction: str = "mean", coef: float = 1.0):
     """KL over the teacher's top-K classes plus one tail bucket; ``lse`` (B,) is the exact
-    logsumexp of the teacher's whole row at ``temperature``."""
+    logsumexp of the teacher's whole row at ``temperature``. An id of -1 is padding (an
+    adaptive row's unused entries, a class the student lacks): skipped, its mass in the tail."""
     s = _student(student)
     n, c = s.shape
     if idx.ndim != 2 or idx.shape[0] != n or val.shape != idx.shape or np.shape(lse) != (n,):
@@ -108,7 +109,7 @@ def topk_kl(student: np.ndarray, idx: np.ndarray, val: np.ndarray, lse: np.ndarr
                          f"val {val.shape}, lse {np.shape(lse)}")
     if idx.shape[1] > c:
         raise ValueError(f"K={idx.shape[1]} is larger than the student's {c} classes")
-    if idx.size and (idx.min() < 0 or idx.max() >= c):
+    if idx.size and (idx.min() < -1 or idx.max() >= c):  # (-1: padding, skipped)
         raise ValueError(f"idx holds class ids outside [0, {c}): the student's vocabulary differs from the teacher's")
     w, scale = _row_weights(n, mask, weights, reduction, coef)
     loss, grad, bad = np.empty(n, s.dtype), np.empty_like(s), np.zeros(n, np.uint8)

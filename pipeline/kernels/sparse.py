@@ -1,7 +1,8 @@
 """Sparse-target distances: the teacher is known on a few classes, the student's row is
 full (C logits). Forward and gradient fused, parallel over rows.
 
-``topk_kl``: the teacher's K largest logits v with ids k and the exact logsumexp of its
+``topk_kl``: the teacher's K largest logits v with ids k (an id of -1 is padding: an
+adaptive row holds fewer, and the entry is skipped) and the exact logsumexp of its
 whole row at T give p_k = exp(v/T - lse_T) and the tail's mass p_tail = 1 - sum p_k. The
 student is coarsened the same way: q_k and q_tail = the student's mass outside the K
 (summed directly over the other classes: no 1 - sum cancellation). The loss is the KL between these K+1-bucket
@@ -42,7 +43,8 @@ def topk_kl_rows(s, idx, val, lse, temperature, w, scale, loss, grad, bad):
             grad[i, j] = e
             total += e
         for r in range(k):  # mark the K classes negative: the tail sum below skips them
-            grad[i, idx[i, r]] = -like(s, 1.0)
+            if idx[i, r] >= 0:
+                grad[i, idx[i, r]] = -like(s, 1.0)
         tail = like(s, 0.0)
         for j in range(c):
             tail += max(grad[i, j], like(s, 0.0))
@@ -52,6 +54,8 @@ def topk_kl_rows(s, idx, val, lse, temperature, w, scale, loss, grad, bad):
         p_tail = like(s, 1.0)
         acc = like(s, 0.0)
         for r in range(k):
+            if idx[i, r] < 0:
+                continue
             log_p = val[i, r] * inv_t - lse[i]
             if not is_finite(log_p):
                 bad[i] = 1
@@ -66,6 +70,8 @@ def topk_kl_rows(s, idx, val, lse, temperature, w, scale, loss, grad, bad):
             grad[i, j] = f * grad[i, j]
         for r in range(k):
             j = idx[i, r]
+            if j < 0:
+                continue
             log_p = val[i, r] * inv_t - lse[i]
             log_q = (s[i, j] - s_max) * inv_t - s_lse
             p = vexp(log_p)

@@ -181,6 +181,47 @@ def test_a_quantized_topk_cache_reads_back_within_its_bound(tmp_path, tiny_logit
     rq.verify()
 
 
+@pytest.mark.parametrize("backend", ["zarr", "arrow"])
+@pytest.mark.parametrize("narrow,bits", [(False, 16), (True, 8)])
+def test_an_adaptive_topk_cache_reads_back_its_kept_prefix_and_stores_less(tmp_path, backend, narrow, bits):
+    """cache.top_p: each row is the full top-K cache's row up to its cut, then padding (id -1,
+    value -inf) through the reader and the stream (not refused as non-finite); the same lse;
+    fewer bytes on disk; checksums verify."""
+    from pipeline.stream import CacheStream
+
+    rng = np.random.default_rng(5)
+    logits = (rng.standard_normal((2000, 40)) * rng.uniform(0.5, 8, (2000, 1))).astype(np.float32)
+    kw = dict(backend=backend, modes=("topk",), k=16, narrow=narrow, value_bits=bits, chunk_rows=256)
+    write_cache(tmp_path / "k", logits, **kw)
+    m = write_cache(tmp_path / "p", logits, top_p=0.8, **kw)
+    assert m.top_p == 0.8
+    rk, rp = open_cache(str(tmp_path / "k")), open_cache(str(tmp_path / "p"))
+    ik, vk = rk.arrays["topk_idx"].compute(), rk.arrays["topk_val"].compute()
+    ip, vp = rp.arrays["topk_idx"].compute(), rp.arrays["topk_val"].compute()
+    kept = ip >= 0
+    lens = kept.sum(1)
+    assert lens.min() >= 1 and lens.max() <= 16 and len(set(lens.tolist())) > 3  # rows of many lengths
+    assert (kept == (np.arange(16) < lens[:, None])).all()  # a prefix
+    np.testing.assert_array_equal(ip[kept], ik[kept])
+    if bits == 16:
+        np.testing.assert_array_equal(vp[kept], vk[kept])
+    assert np.isneginf(vp[~kept]).all()
+    np.testing.assert_array_equal(rp.arrays["lse"].compute(), rk.arrays["lse"].compute())
+    z = logits.astype(np.float64)
+    p = np.exp(np.take_along_axis(z, ik.astype(np.int64), 1) - np.log(np.exp(z).sum(1, keepdims=True)))
+    assert (((p * kept).sum(1) >= 0.8 - 1e-5) | (lens == 16)).all()  # enough mass ...
+    assert ((p * kept).sum(1) - p[np.arange(2000), lens - 1] < 0.8 + 1e-5).all()  # ... and no more than needed
+    rows = []
+    for b in CacheStream(rp, splits=("train",), batch_size=50, seed=2, arrays=("topk_idx", "topk_val", "lse")):
+        np.testing.assert_array_equal(b["topk_idx"], ip[b["ids"]])
+        np.testing.assert_array_equal(b["topk_val"], vp[b["ids"]])
+        rows.extend(b["ids"].tolist())
+    assert sorted(rows) == list(range(2000))
+    disk = {n: sum(f.stat().st_size for f in (tmp_path / n).rglob("*") if f.is_file()) for n in "kp"}
+    assert disk["p"] < 0.8 * disk["k"], disk
+    rp.verify()
+
+
 def test_narrow_is_refused_for_a_vocabulary_or_a_draw_count_it_cannot_hold():
     from types import SimpleNamespace
 

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from pipeline import kernels
-from pipeline.losses import distance_loss, sampled_kl_loss, topk_kl_loss
+from pipeline.losses import distance_loss, sampled_kl_loss, topk_kl_loss, torch_topk_kl
 from pipeline.representations import sample_counts
 
 
@@ -157,6 +157,37 @@ def test_topk_kl_gradcheck_and_float32():
     l32 = topk_kl_loss(s.detach().float(), idx, val.float(), lse.float(), temperature=2.0)
     torch.testing.assert_close(l32.double(), topk_kl_loss(s.detach(), idx, val, lse, temperature=2.0),
                                rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("T", [1.0, 2.0])
+def test_padded_topk_rows_equal_rows_without_the_padding(T):
+    """An id of -1 (an adaptive row's unused entries; value -inf) is skipped: each row's loss
+    and gradient equal those of the same row holding only its kept entries, in the Numba
+    kernel and in the torch path, and a row keeping one entry still distils its tail."""
+    rng = np.random.default_rng(7)
+    n, c, k = 5, 30, 6
+    t = torch.from_numpy(rng.standard_normal((n, c)) * 3)
+    s64 = rng.standard_normal((n, c)) * 2
+    val, idx = torch.topk(t, k, dim=-1)
+    lse = torch.logsumexp(t / T, -1)
+    keep = [6, 1, 3, 6, 2]  # entries each row keeps, largest first
+    pidx, pval = idx.clone(), val.clone()
+    for r, kr in enumerate(keep):
+        pidx[r, kr:], pval[r, kr:] = -1, -np.inf
+    loss, grad = kernels.topk_kl(s64, pidx.numpy(), pval.numpy(), lse.numpy(), temperature=T, reduction="none")
+    st_ = torch.tensor(s64, requires_grad=True)
+    ref = torch_topk_kl(st_, pidx, pval, lse, T)  # the CUDA path, on CPU tensors
+    ref.sum().backward()
+    np.testing.assert_allclose(loss, ref.detach().numpy(), rtol=1e-7, atol=1e-9)
+    np.testing.assert_allclose(grad, st_.grad.numpy(), rtol=1e-7, atol=1e-9)
+    for r, kr in enumerate(keep):
+        lr, gr = kernels.topk_kl(s64[r:r + 1], idx[r:r + 1, :kr].numpy(), val[r:r + 1, :kr].numpy(),
+                                 lse[r:r + 1].numpy(), temperature=T, reduction="none")
+        np.testing.assert_allclose(loss[r], lr[0], rtol=1e-12)
+        np.testing.assert_allclose(grad[r], gr[0], rtol=1e-12, atol=1e-15)
+        want = ref_topk(torch.from_numpy(s64[r:r + 1]), t[r:r + 1], kr, T)
+        np.testing.assert_allclose(loss[r], want.item(), rtol=1e-7)
+    assert loss[1] > 0  # one kept id: its probability and the tail still differ from the student's
 
 
 def ref_sampled(s, idx, cnt, ent, T):

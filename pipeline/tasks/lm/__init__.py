@@ -35,13 +35,13 @@ from pipeline.capture import plan_manifest
 from pipeline.config import DataSource, Distance, StudentArch, resolve_workers
 from pipeline.device import choose_device
 from pipeline.losses import select_teacher, teacher_arrays, teacher_term, torch_topk_kl
+from pipeline.representations import pad_entries
 from pipeline.stream import SequenceBatch, SequenceStream, pad_batch
 from pipeline.tasks.base import Task
 from pipeline.tasks.lm.alignment import (
     CrossTokenizer,
     StudentTokens,
     TokenBytes,
-    drop_entries,
     projection,
     retokenize,
     student_tokenizer,
@@ -256,8 +256,8 @@ def to_student(batch: SequenceBatch, adapter) -> SequenceBatch:
 
 def map_batch(batch: SequenceBatch, vmap: np.ndarray | None) -> SequenceBatch:
     """Inputs and teacher rows in the student's ids. A cached top-K entry with no student id
-    gets probability 0 (its mass joins the tail) and points at a kept id of the same row,
-    placed first so the kept entry's gradient wins; a sampled draw with none is dropped."""
+    gets probability 0 (its mass joins the tail): padding, id -1 and value -inf, as in an
+    adaptive row; a sampled draw with none is dropped."""
     if vmap is None:
         return batch
     ids = vmap[batch.input_ids.numpy()]
@@ -266,9 +266,8 @@ def map_batch(batch: SequenceBatch, vmap: np.ndarray | None) -> SequenceBatch:
     t = dict(batch.teacher)
     distil = batch.teacher_mask()
     if TOPK_IDX in t:
-        idx = vmap[t[TOPK_IDX]]
-        # p = exp(-1e4 / T - lse): 0 in torch, below 1e-37 in the kernels' clamped exp
-        t[TOPK_IDX], t[TOPK_VAL] = drop_entries(idx, t[TOPK_VAL], idx < 0)
+        idx = np.where(t[TOPK_IDX] >= 0, vmap[t[TOPK_IDX].clip(min=0)], -1)
+        t[TOPK_IDX], t[TOPK_VAL] = pad_entries(idx, t[TOPK_VAL], idx < 0)
         distil = distil & (idx >= 0).any(1)  # all of it in the tail: nothing to distil
     if SAMPLED_IDX in t:
         sid = t[SAMPLED_IDX]

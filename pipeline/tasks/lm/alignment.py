@@ -47,11 +47,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.cache.format import SAMPLED_CNT, SAMPLED_IDX, TOPK_IDX, TOPK_VAL
+from pipeline.representations import pad_entries
 from pipeline.stream import SequenceBatch, pad_batch
 
 log = logging.getLogger(__name__)
 
-DROPPED = -1e4  # a top-K value whose probability is 0: exp(-1e4 / T - lse) underflows
 
 
 @functools.cache
@@ -237,18 +237,6 @@ def projection(teacher: TokenBytes, student: TokenBytes, rule: str = "prefix") -
     return out
 
 
-def drop_entries(idx: np.ndarray, val: np.ndarray, dropped: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Top-K entries with probability 0: moved to the front of their row, pointing at a kept
-    id of the row (the kept entry, later in the row, wins the gradient scatter), value
-    ``DROPPED``. A row with nothing kept points at id 0 throughout (all its mass is tail)."""
-    order = np.argsort(~dropped, axis=1, kind="stable")  # dropped entries first
-    idx, val, dropped = (np.take_along_axis(a, order, 1) for a in (idx, val, dropped))
-    fill = np.where(dropped.all(1), 0, idx[np.arange(len(idx)), dropped.sum(1).clip(max=idx.shape[1] - 1)])
-    idx = np.where(dropped, fill[:, None], idx)
-    val = np.where(dropped, np.asarray(DROPPED, val.dtype), val)
-    return idx.astype(np.int32), val
-
-
 def _merge(keys: np.ndarray, weights: np.ndarray, kept: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """For (rows, K) ``keys`` where ``kept``: a mask of each (row, key)'s first entry and
     the sum of ``weights`` over its entries, placed at that first entry."""
@@ -269,14 +257,14 @@ def project_topk(idx: np.ndarray, val: np.ndarray, lse: np.ndarray, temperature:
     tail mass is unchanged: total probability is preserved. Also returns which rows keep an
     entry (a row with none is all tail: nothing to distil)."""
     n, k = idx.shape
-    sid = proj[idx.astype(np.int64)]
+    sid = np.where(idx >= 0, proj[idx.clip(min=0).astype(np.int64)], -1)  # (padding stays padding)
     p = np.exp(val.astype(np.float64) / temperature - lse.astype(np.float64)[:, None])
     keys = np.arange(n, dtype=np.int64)[:, None] * (int(proj.max()) + 2) + sid
     first, mass = _merge(keys, p, sid >= 0)
     first &= mass > 0  # a probability that underflowed: nothing to keep
     with np.errstate(divide="ignore"):
         value = temperature * (np.log(mass) + lse.astype(np.float64)[:, None])
-    idx, val = drop_entries(np.where(first, sid, 0), np.where(first, value, DROPPED).astype(np.float32), ~first)
+    idx, val = pad_entries(sid, value, ~first)
     return idx, val, first.any(1)
 
 
