@@ -278,6 +278,9 @@ class LMConfig:
 
     variants: list[str] = field(default_factory=list)
     eval_batch_size: int = 16  # held-out sequences per evaluation batch
+    # the cache whose top-K + tail the held-out KL(teacher || student) is measured against (a
+    # path; default: the training cache). One yardstick for students of different caches
+    eval_cache: str | None = None
 
 
 @dataclass

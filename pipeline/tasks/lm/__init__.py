@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.cache import CacheReader, Storage, cache_key, fingerprint_fields, make_fingerprint
+from pipeline.cache import open_cache as open_cache_at
 from pipeline.cache.fingerprint import capture_settings, layout_settings
 from pipeline.cache.format import LSE, SAMPLED_CNT, SAMPLED_IDX, TOPK_IDX, TOPK_VAL, row_bytes
 from pipeline.capture import plan_manifest
@@ -444,7 +445,10 @@ class LanguageModel(Task):
                                   capture=self.capture_settings())
 
     def open_cache(self, data: TokenData, num_classes: int | None = None) -> CacheReader:
-        reader = super().open_cache(data)
+        return self.checked_reader(super().open_cache(data), data)
+
+    def checked_reader(self, reader: CacheReader, data: TokenData) -> CacheReader:
+        """``reader`` once its sequence index and tokenizer are the token data's."""
         index = data.index
         if not np.array_equal(reader.offsets, index.offsets) or (reader.positions is None) != (
                 index.positions is None) or (index.positions is not None and not np.array_equal(
@@ -557,7 +561,7 @@ class LanguageModel(Task):
                     "aligned_fraction": cross.tokens.aligned_fraction(*data.sequences["train"])}
         if rank != 0:
             return row  # rank 0 evaluates and saves the student
-        row |= evaluate(student, reader, data, cfg.lm.eval_batch_size, eval_adapter, device)
+        row |= evaluate(student, self.eval_reader(data) or reader, data, cfg.lm.eval_batch_size, eval_adapter, device)
         n_bytes = self.heldout_bytes(data) if cross is None else cross.tokens.predicted_bytes(*data.sequences["heldout"])
         row["heldout_bits_per_byte"] = bits_per_byte(row["heldout_nll"], row["heldout_tokens"], n_bytes)
         if save_dir:  # a standard HF folder (config.json + model.safetensors)
@@ -568,6 +572,16 @@ class LanguageModel(Task):
         log.info("%s %s: held-out perplexity %.2f, %.4f bits/byte, KL %.4f", name, v.label, row["heldout_perplexity"],
                  row["heldout_bits_per_byte"], row["heldout_kl_topk"] or float("nan"))
         return row
+
+    def eval_reader(self, data: TokenData) -> CacheReader | None:
+        """``lm.eval_cache`` opened and checked as the training cache is (None: not set)."""
+        if not self.cfg.lm.eval_cache:
+            return None
+        if getattr(self, "_eval_reader", None) is None:
+            self._eval_reader = self.checked_reader(
+                open_cache_at(self.cfg.lm.eval_cache, expected=self.expected_fields(data),
+                           storage_options=self.cfg.cache.storage_options), data)
+        return self._eval_reader
 
     def student_tokens(self, spec, reader: CacheReader, data: TokenData) -> CrossData | None:
         """None when the student reads the teacher's tokens (no ``student.tokenizer``, or one

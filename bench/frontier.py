@@ -1,0 +1,229 @@
+"""The bytes-per-token frontier of task=lm's cache representations.
+
+One wide teacher pass (stage 1: top-128 float16 + 64 draws per token, SmolLM2-135M on the
+built-in Shakespeare), then every representation derived from it by stage 2 (no teacher
+again), then the same student trained from each by stage 3: same initialisation, batches,
+steps (task=lm's default 240 x 4 sequences), only the cache differs. Held-out perplexity
+and KL(teacher || student) over the parent's top-128 + tail (``lm.eval_cache``: one
+yardstick for all). Seed 0 for every representation, then ``--seeds`` seeds for the best
+few: the plain K=64 float16 reference, the two best at <= 50 B/token on disk, the best
+overall. Bytes per token: in the format (the arrays' bytes per row before compression,
+ids excluded) and on disk (the whole cache folder over its rows).
+
+Prints a table, writes ``docs/frontier.png`` (perplexity against bytes per token on disk,
+log x) and, last, a JSON line with ``best_le_50B_ppl_ratio`` (the best representation at
+<= 50 B/token on disk over plain top-64 float16, seed means) and
+``beats_topk_fp16_at_every_budget`` (at each plain top-k float16 point, the best of the
+others no larger on disk is at or below its perplexity, seed means).
+
+Resumable: every finished run is kept in ``<root>/frontier.json``; a rerun skips it.
+
+    python bench/frontier.py                 # about 60 minutes on 2 cores
+    python bench/frontier.py --seeds 1       # seed 0 only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+ROOT_DEFAULT = "data/frontier"
+PARENT = dict(k=128, samples=64)
+# name -> (stage-2 derive overrides, stage-3 variant, family)
+REPRESENTATIONS = {
+    "topk8-fp16": (["derive.mode=topk", "derive.k=8"], "topk_kl", "top-k fp16"),
+    "topk32-fp16": (["derive.mode=topk", "derive.k=32"], "topk_kl", "top-k fp16"),
+    "topk64-fp16": (["derive.mode=topk", "derive.k=64"], "topk_kl", "top-k fp16"),
+    "topk128-fp16": (["derive.mode=topk", "derive.k=128"], "topk_kl", "top-k fp16"),
+    "topk16-q8-narrow": (["derive.mode=topk", "derive.k=16", "derive.value_bits=8", "derive.narrow=true"], "topk_kl",
+                         "top-k 8-bit narrow"),
+    "topk64-q8-narrow": (["derive.mode=topk", "derive.k=64", "derive.value_bits=8", "derive.narrow=true"], "topk_kl",
+                         "top-k 8-bit narrow"),
+    "topk64-q4-narrow": (["derive.mode=topk", "derive.k=64", "derive.value_bits=4", "derive.narrow=true"], "topk_kl",
+                         "top-k 4-bit narrow"),
+    "topk128-p0.8-q8-narrow": (["derive.mode=topk", "derive.k=128", "derive.top_p=0.8", "derive.value_bits=8",
+                                "derive.narrow=true"], "topk_kl", "adaptive top-k 8-bit narrow"),
+    "topk128-p0.95-q8-narrow": (["derive.mode=topk", "derive.k=128", "derive.top_p=0.95", "derive.value_bits=8",
+                                 "derive.narrow=true"], "topk_kl", "adaptive top-k 8-bit narrow"),
+    "sampled1-narrow": (["derive.mode=sampled", "derive.samples=1", "derive.narrow=true"], "sampled_kl",
+                        "sampled narrow"),
+    "sampled4-narrow": (["derive.mode=sampled", "derive.samples=4", "derive.narrow=true"], "sampled_kl",
+                        "sampled narrow"),
+    "sampled16-narrow": (["derive.mode=sampled", "derive.samples=16", "derive.narrow=true"], "sampled_kl",
+                         "sampled narrow"),
+    "sampled64-narrow": (["derive.mode=sampled", "derive.samples=64", "derive.narrow=true"], "sampled_kl",
+                         "sampled narrow"),
+}
+REFERENCE = "topk64-fp16"
+BUDGET = 50.0  # bytes per token on disk
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_WAIT_POLICY="passive")
+    proc = subprocess.run([sys.executable, "-m", "pipeline.run", "task=lm", *args], capture_output=True, text=True,
+                          env=env)
+    if proc.returncode:
+        sys.exit(f"failed: pipeline.run task=lm {' '.join(args)}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def folder_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+
+
+def cache_sizes(path: str) -> dict:
+    from pipeline.cache import open_cache
+    from pipeline.cache.format import row_bytes
+
+    m = open_cache(path).manifest
+    out = {"format": row_bytes(m), "disk": folder_bytes(path) / m.rows, "rows": m.rows}
+    if m.top_p:  # the entries an adaptive row holds, on average
+        idx = open_cache(path).arrays["topk_idx"]
+        out["mean_k"] = float((idx >= 0).sum(axis=1).mean().compute())
+    return out
+
+
+def load(path: str) -> dict:
+    return json.load(open(path)) if os.path.exists(path) else {"sizes": {}, "runs": {}}
+
+
+def save(path: str, state: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(state, f, indent=1)
+    os.replace(tmp, path)
+
+
+def train(root: str, name: str, cache: str, variant: str, seed: int, parent: str) -> dict:
+    run_dir = os.path.join(root, "runs", f"{name}-s{seed}")
+    t0 = time.perf_counter()
+    cli("stage=3", f"paths.root={root}", f"cache.path={cache}", f"lm.variants=[{variant}]", f"lm.eval_cache={parent}",
+        f"train.seed={seed}", "train.resume=false", f"hydra.run.dir={run_dir}")
+    (row,) = json.load(open(os.path.join(run_dir, "results.json")))["students"]
+    return {"ppl": row["heldout_perplexity"], "bits_per_byte": row["heldout_bits_per_byte"],
+            "kl": row["heldout_kl_topk"], "seconds": time.perf_counter() - t0}
+
+
+def summary(state: dict) -> dict[str, dict]:
+    out = {}
+    for name, runs in state["runs"].items():
+        ppl = [r["ppl"] for r in runs.values()]
+        kl = [r["kl"] for r in runs.values()]
+        mean = sum(ppl) / len(ppl)
+        sd = math.sqrt(sum((x - mean) ** 2 for x in ppl) / (len(ppl) - 1)) if len(ppl) > 1 else float("nan")
+        out[name] = {"ppl": mean, "sd": sd, "n": len(ppl), "kl": sum(kl) / len(kl), **state["sizes"][name],
+                     "family": REPRESENTATIONS[name][2] if name in REPRESENTATIONS else name}
+    return out
+
+
+def best_few(s: dict[str, dict]) -> list[str]:
+    small = sorted((n for n in s if s[n]["disk"] <= BUDGET), key=lambda n: s[n]["ppl"])[:2]
+    overall = min(s, key=lambda n: s[n]["ppl"])
+    return list(dict.fromkeys([REFERENCE, *small, overall]))
+
+
+def verdict(s: dict[str, dict]) -> dict:
+    ref = s[REFERENCE]["ppl"]
+    small = [n for n in s if s[n]["disk"] <= BUDGET]
+    best_small = min(small, key=lambda n: s[n]["ppl"]) if small else None
+    beats = {}
+    for n in (n for n in s if s[n]["family"] == "top-k fp16"):
+        others = [o for o in s if s[o]["family"] != "top-k fp16" and s[o]["disk"] <= s[n]["disk"]]
+        best = min(others, key=lambda o: s[o]["ppl"]) if others else None
+        beats[n] = {"best_other": best, "ok": best is not None and s[best]["ppl"] <= s[n]["ppl"]}
+    return {"best_le_50B": best_small, "best_le_50B_ppl_ratio": s[best_small]["ppl"] / ref if best_small else None,
+            "beats_topk_fp16_at_every_budget": all(b["ok"] for b in beats.values()), "per_budget": beats}
+
+
+def plot(s: dict[str, dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for fam in dict.fromkeys(v["family"] for v in s.values()):
+        names = sorted((n for n in s if s[n]["family"] == fam), key=lambda n: s[n]["disk"])
+        xs, ys = [s[n]["disk"] for n in names], [s[n]["ppl"] for n in names]
+        err = [s[n]["sd"] if s[n]["n"] > 1 else 0 for n in names]
+        ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=fam)
+    ax.axvline(BUDGET, color="grey", lw=0.8, ls=":")
+    ax.set_xscale("log")
+    ax.set_xlabel("cache bytes per token on disk (log)")
+    ax.set_ylabel("student held-out perplexity")
+    ax.set_title("task=lm: student perplexity against cache size (SmolLM2-135M teacher, Shakespeare)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--root", default=ROOT_DEFAULT)
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--only", nargs="*", help="representations to run (default: all)")
+    args = ap.parse_args()
+    root = os.path.abspath(args.root)
+    os.makedirs(root, exist_ok=True)
+    state_path = os.path.join(root, "frontier.json")
+    state = load(state_path)
+    parent = os.path.join(root, "caches", "parent")
+    if not os.path.exists(os.path.join(parent, "manifest.json")):
+        print("stage 1: the wide parent cache", file=sys.stderr)
+        cli("stage=1", f"paths.root={root}", f"cache.path={parent}", f"cache.k={PARENT['k']}",
+            f"cache.samples={PARENT['samples']}")
+    names = args.only or list(REPRESENTATIONS)
+    for name in names:
+        derive, _, _ = REPRESENTATIONS[name]
+        path = os.path.join(root, "caches", name)
+        if name not in state["sizes"]:
+            print(f"stage 2: derive {name}", file=sys.stderr)
+            cli("stage=2", f"paths.root={root}", f"cache.path={parent}", f"derive.path={path}", *derive,
+                f"hydra.run.dir={os.path.join(root, 'runs', 'derive-' + name)}")
+            state["sizes"][name] = cache_sizes(path)
+            save(state_path, state)
+
+    def run(name: str, seed: int) -> None:
+        runs = state["runs"].setdefault(name, {})
+        if str(seed) in runs:
+            return
+        print(f"stage 3: {name} seed {seed}", file=sys.stderr)
+        runs[str(seed)] = train(root, name, os.path.join(root, "caches", name), REPRESENTATIONS[name][1], seed,
+                                parent)
+        save(state_path, state)
+
+    for name in names:
+        run(name, 0)
+    s = summary(state)
+    for name in best_few(s):
+        for seed in range(1, args.seeds):
+            run(name, seed)
+    s = summary(state)
+
+    print(f"{'representation':26s} {'B/token format':>14s} {'on disk':>8s} {'seeds':>5s} {'perplexity':>18s} "
+          f"{'KL to teacher':>13s} {'vs top-64 fp16':>14s}")
+    ref = s[REFERENCE]["ppl"]
+    for name in sorted(s, key=lambda n: s[n]["disk"]):
+        r = s[name]
+        spread = f" +- {r['sd']:.2f}" if r["n"] > 1 else ""
+        kk = f" (mean k {r['mean_k']:.1f})" if "mean_k" in r else ""
+        print(f"{name + kk:26s} {r['format']:14d} {r['disk']:8.1f} {r['n']:5d} {r['ppl']:9.2f}{spread:9s} "
+              f"{r['kl']:13.4f} {100 * (r['ppl'] / ref - 1):+13.1f}%")
+    v = verdict(s)
+    for n, b in v["per_budget"].items():
+        print(f"  at {s[n]['disk']:.1f} B/token ({n}, {s[n]['ppl']:.2f}): best other no larger: {b['best_other']} "
+              f"({s[b['best_other']]['ppl']:.2f})" if b["best_other"] else f"  at {n}: nothing smaller")
+    os.makedirs("docs", exist_ok=True)
+    plot(s, "docs/frontier.png")
+    print(json.dumps({"best_le_50B": v["best_le_50B"], "best_le_50B_ppl_ratio": v["best_le_50B_ppl_ratio"],
+                      "beats_topk_fp16_at_every_budget": v["beats_topk_fp16_at_every_budget"],
+                      "seeds": {n: s[n]["n"] for n in s}}))
+
+
+if __name__ == "__main__":
+    main()
