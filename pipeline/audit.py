@@ -49,6 +49,8 @@ CONF_BINS = 15  # reliability diagram / ECE
 HIST_BINS = 20
 MASS_BINS = 1000  # kept top-K mass: its percentiles to 0.001
 MAX_K = 256
+TOP_P = (0.5, 0.8, 0.9, 0.95, 0.99)  # adaptive top-k: the entries a row needs to keep this much mass
+DRAWS = tuple(2**i for i in range(9))  # sampled: the distinct ids expected among 1..256 draws
 UNLABELED = -1
 
 
@@ -75,6 +77,9 @@ class Stats:
     rel_conf: np.ndarray = _zeros(0)
     coverage: np.ndarray = _zeros(0)  # (K,) summed top-K mass
     mass_hist: np.ndarray = _zeros(0)  # (MASS_BINS,) rows by the mass their cached top-K keep
+    k_needed: np.ndarray = _zeros(0)  # (len(TOP_P),) summed smallest k whose mass reaches each p (at most K)
+    p_reached: np.ndarray = _zeros(0)  # (len(TOP_P),) rows whose cached top-K reach each p
+    distinct_at: np.ndarray = _zeros(0)  # (len(DRAWS),) summed expected distinct ids among S draws
     nonfinite: dict = field(default_factory=dict)  # shard index -> non-finite values
 
     def __add__(self, o: Stats) -> Stats:
@@ -104,7 +109,21 @@ def _softmax_stats(st: Stats, z: np.ndarray, c: int) -> tuple[np.ndarray, np.nda
     kmax = min(MAX_K, c)
     top = -np.sort(-p, axis=1)[:, :kmax] if len(p) else np.zeros((0, kmax))
     st.coverage = np.cumsum(top, axis=1).sum(axis=0)
+    _mass_stats(st, top)
     return p.max(axis=1), ent
+
+
+def _mass_stats(st: Stats, p: np.ndarray) -> None:
+    """From each row's largest probabilities ``p`` (n, K), largest first: the entries an
+    adaptive row keeps at each of TOP_P, and the distinct ids expected among S draws,
+    sum_j 1 - (1 - p_j)^S over the K plus S times the rest's mass (each draw there counted
+    as new: an upper bound). What the planner sizes adaptive and sampled caches by."""
+    cum = np.cumsum(p, axis=1)
+    k = p.shape[1]
+    st.k_needed = np.array([np.minimum((cum < q).sum(axis=1) + 1, k).sum() for q in TOP_P], float)
+    st.p_reached = np.array([(cum[:, -1] >= q).sum() for q in TOP_P], float) if k else np.zeros(len(TOP_P))
+    tail = np.clip(1.0 - cum[:, -1], 0.0, 1.0) if k else np.ones(len(p))
+    st.distinct_at = np.array([(1.0 - (1.0 - p) ** s).sum() + (s * tail).sum() for s in DRAWS], float)
 
 
 def block_stats(arrays: dict[str, np.ndarray], labels: np.ndarray, temperature: float, lse_column: int | None,
@@ -125,6 +144,7 @@ def block_stats(arrays: dict[str, np.ndarray], labels: np.ndarray, temperature: 
         kept = np.cumsum(np.exp(log_p), axis=1)  # (n, K): mass of the first k cached logits
         if LOGITS not in arrays:
             st.coverage, conf = kept.sum(axis=0), np.exp(log_p[:, 0])
+            _mass_stats(st, np.exp(log_p))
         st.mass_hist = np.histogram(kept[:, -1], MASS_BINS, (0.0, 1.0))[0].astype(float)
     if SAMPLED_ENT in arrays:
         st.sample_entropy = float(arrays[SAMPLED_ENT][finite].astype(np.float64).sum())
@@ -252,6 +272,10 @@ def summarize(s: Stats) -> dict:
         out["coverage"] = (s.coverage / n).tolist()  # mean mass kept by the top K, K = 1..len
     if len(s.mass_hist) and s.mass_hist.sum():
         out["topk_mass_p10"] = _percentile(s.mass_hist, 10)  # 10% of rows keep less than this
+    if len(s.k_needed):  # what adaptive top-k and sampled caches would hold
+        out["adaptive_k"] = {str(q): s.k_needed[i] / n for i, q in enumerate(TOP_P)}
+        out["adaptive_reached"] = {str(q): s.p_reached[i] / n for i, q in enumerate(TOP_P)}
+        out["expected_distinct"] = {str(d): s.distinct_at[i] / n for i, d in enumerate(DRAWS)}
     if s.distinct:
         out |= {"mean_sample_entropy": s.sample_entropy / n, "distinct_sampled_mean": s.distinct / n}
     return out

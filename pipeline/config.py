@@ -220,6 +220,9 @@ class CacheConfig:
     # adaptive top-k: each row keeps its fewest largest entries whose probability (at the first of
     # cache.temperatures) reaches this, at most k; the tail bucket keeps the exact rest (0: all k)
     top_p: float = 0.0
+    # stage 2: plan the representation to derive for this many bytes per token (0: no plan);
+    # derive.mode=auto then derives it (pipeline/planner.py)
+    budget_bytes_per_token: float = 0.0
     # stage 1 replaces a cache at this path that was captured with other settings (it refuses
     # otherwise, naming what differs); it never deletes a folder that is not a cache
     overwrite: bool = False
@@ -251,7 +254,9 @@ class TrainConfig:
 class DeriveConfig:
     """Stage 2 can turn a full cache into a smaller one: ``stage=2 derive.mode=topk derive.k=32``."""
 
-    mode: str | None = None  # topk | full (full: another dtype) | sampled (fewer draws of a sampled cache)
+    # topk | full (full: another dtype) | sampled (fewer draws of a sampled cache) | auto (what the
+    # planner picks for cache.budget_bytes_per_token)
+    mode: str | None = None
     k: int = 32
     samples: int = 16  # mode=sampled: draws kept per row, a subset of the parent's
     dtype: LogitDtype = LogitDtype.float16
@@ -363,9 +368,13 @@ def shared_problems(cfg: Config) -> list[str]:
         p.append(f"cache.samples={cfg.cache.samples}: at most 65535 (counts are stored as uint16)")
     if not 1 <= cfg.cache.zstd_level <= 22:
         p.append(f"cache.zstd_level={cfg.cache.zstd_level}: must be in 1..22")
-    if cfg.derive.mode not in (None, "topk", "full", "sampled"):
-        p.append(f"derive.mode={cfg.derive.mode!r}: expected topk, full (the logits in derive.dtype) or sampled "
-                 "(fewer draws of a sampled cache)")
+    if cfg.derive.mode not in (None, "topk", "full", "sampled", "auto"):
+        p.append(f"derive.mode={cfg.derive.mode!r}: expected topk, full (the logits in derive.dtype), sampled "
+                 "(fewer draws of a sampled cache) or auto (the plan for cache.budget_bytes_per_token)")
+    if cfg.derive.mode == "auto" and cfg.cache.budget_bytes_per_token <= 0:
+        p.append("derive.mode=auto derives what the planner picks for a budget: set cache.budget_bytes_per_token")
+    if cfg.cache.budget_bytes_per_token < 0:
+        p.append(f"cache.budget_bytes_per_token={cfg.cache.budget_bytes_per_token}: bytes per token, > 0 (0: no plan)")
     _positive(p, "derive.k", cfg.derive.k)
     _positive(p, "derive.samples", cfg.derive.samples)
     if cfg.derive.value_bits not in (16, 8, 4):

@@ -3,6 +3,7 @@ optionally derive a smaller cache from it."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -11,6 +12,7 @@ from pipeline.audit import audit_cache, format_audit, plot_audit
 from pipeline.cluster import scheduler
 from pipeline.config import Config
 from pipeline.derive import derive_for_run
+from pipeline.planner import describe, plan
 from pipeline.tasks import task_for
 
 log = logging.getLogger(__name__)
@@ -25,9 +27,20 @@ def main(cfg: Config, run_dir: str) -> dict:
         log.info("verified %d shard checksums", len(reader.manifest.shards))
     with scheduler(cfg.dask.scheduler, cfg.dask.workers) as sched:
         report = audit_cache(reader, task.row_labels(data, reader), cfg.loss.temperature, scheduler=sched)
-        if cfg.derive.mode:
-            report["derive"] = derive_for_run(cfg.derive, cfg.cache, cfg.loss.temperature, reader, sched,
-                                              verify=cfg.verify)
+        derive = cfg.derive
+        if cfg.cache.budget_bytes_per_token:
+            p = plan(report, reader.manifest, cfg.cache.budget_bytes_per_token)
+            print(describe(p), flush=True)
+            c = p["choice"]
+            report["plan"] = {"budget": p["budget"], "choice": c and {"name": c.name, "settings": c.settings,
+                                                                      "bytes_per_token": c.bytes_per_token},
+                              "fits": [{"name": x.name, "bytes_per_token": x.bytes_per_token} for x in p["fits"]]}
+            if derive.mode == "auto":
+                if c is None:
+                    raise ValueError(describe(p))
+                derive = dataclasses.replace(derive, **c.settings)
+        if derive.mode:
+            report["derive"] = derive_for_run(derive, cfg.cache, cfg.loss.temperature, reader, sched, verify=cfg.verify)
     report["cache"] = reader.path
     os.makedirs(run_dir, exist_ok=True)
     report["plots"] = plot_audit(report, run_dir)

@@ -574,12 +574,14 @@ class LanguageModel(Task):
         return row
 
     def eval_reader(self, data: TokenData) -> CacheReader | None:
-        """``lm.eval_cache`` opened and checked as the training cache is (None: not set)."""
+        """``lm.eval_cache`` opened and checked against the run's data and teacher as the
+        training cache is (any representation: it is a yardstick; None: not set)."""
         if not self.cfg.lm.eval_cache:
             return None
         if getattr(self, "_eval_reader", None) is None:
+            expected = {k: v for k, v in self.expected_fields(data).items() if k != "capture"}
             self._eval_reader = self.checked_reader(
-                open_cache_at(self.cfg.lm.eval_cache, expected=self.expected_fields(data),
+                open_cache_at(self.cfg.lm.eval_cache, expected=expected,
                            storage_options=self.cfg.cache.storage_options), data)
         return self._eval_reader
 
