@@ -1,6 +1,7 @@
 """The audit's numbers on a tiny hand-built cache equal values computed here."""
 
 import numpy as np
+import pytest
 import torch
 
 from pipeline.audit import audit_cache
@@ -125,6 +126,17 @@ def test_a_topk_only_cache_is_audited_exactly_where_it_can_be(tmp_path):
     kept = top.sum(1)
     assert abs(s["topk_mass_p10"] - np.percentile(kept, 10)) <= 2e-3  # a 1000-bin histogram
     assert "mean_entropy" not in s  # the tail's shape is unknown: no entropy is claimed
+    # what the planner sizes adaptive and sampled caches by: the entries each row needs for a
+    # mass (at most K), and the distinct ids expected among S draws (the rest counted as new)
+    cum = np.cumsum(top, axis=1)
+    for q in ("0.5", "0.9"):
+        need = np.minimum((cum < float(q)).sum(1) + 1, 5)
+        np.testing.assert_allclose(s["adaptive_k"][q], need.mean(), rtol=1e-9)
+        np.testing.assert_allclose(s["adaptive_reached"][q], (cum[:, -1] >= float(q)).mean(), rtol=1e-9)
+    for d in (1, 16):
+        want = (1 - (1 - top) ** d).sum(1) + d * (1 - cum[:, -1])
+        np.testing.assert_allclose(s["expected_distinct"][str(d)], want.mean(), rtol=1e-6)
+    assert s["expected_distinct"]["1"] == pytest.approx(1.0)
 
 
 def test_a_sampled_only_cache_is_audited(tmp_path):

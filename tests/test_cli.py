@@ -203,3 +203,24 @@ def test_a_topk_only_and_a_sampled_only_cache_go_through_all_three_stages(tmp_pa
     topk, sampled = audits["[topk]"]["splits"]["test"], audits["[sampled]"]["splits"]["test"]
     assert len(topk["coverage"]) == 3 and 0 < topk["coverage"][-1] <= 1 and topk["ece"] is not None
     assert sampled["mean_sample_entropy"] > 0 and 1 <= sampled["distinct_sampled_mean"] <= 2
+
+
+def test_stage_2_plans_for_a_byte_budget_and_derives_the_plan(tmp_path):
+    """cache.budget_bytes_per_token: stage 2 prints and records the plan from its audit, and
+    derive.mode=auto derives the pick (here: the most draws within 12 B/row of 8, narrow),
+    which stage 3 then trains from by cache.path."""
+    root = tmp_path / "r"
+    run_cli(root, "stage=1", "cache.modes=[topk,sampled]", "cache.k=8", "cache.samples=8", "student=linear")
+    proc = run_cli(root, "stage=2", "cache.modes=[topk,sampled]", "cache.k=8", "cache.samples=8", "student=linear",
+                   "cache.budget_bytes_per_token=12", "derive.mode=auto")
+    (audit,) = glob.glob(str(root / "runs" / "*" / "audit.json"))
+    report = json.load(open(audit))
+    choice = report["plan"]["choice"]
+    assert choice["settings"]["mode"] == "sampled" and choice["bytes_per_token"] <= 12
+    assert all(f["bytes_per_token"] <= 12 for f in report["plan"]["fits"])
+    assert f"plan for 12 B/token: {choice['name']}" in proc.stdout
+    child = report["derive"]["path"]
+    m = json.load(open(os.path.join(child, "manifest.json")))
+    assert m["modes"] == ["sampled"] and m["samples"] == choice["settings"]["samples"] and m["narrow"]
+    run_cli(tmp_path / "r", "stage=3", "cache.modes=[topk,sampled]", "cache.k=8", "student=linear", "loss=sampled_kl",
+            f"cache.path={child}")

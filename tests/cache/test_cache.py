@@ -67,6 +67,11 @@ def test_fingerprint_mismatch_names_field_expected_and_found(tmp_path, tiny_logi
         open_cache(path, expected={"dataset": "xyz"})
     with pytest.raises(ValueError, match="capture"):
         check_fingerprint(read_manifest(Storage(path)).fingerprint, {"capture": {"dtype": "float32"}}, path)
+    # a derived cache holds its own representation: its capture is not compared, its data is
+    derived = {"fields": {"dataset": "abc", "capture": {"dtype": "float16", "derived_from": "0f"}}}
+    check_fingerprint(derived, {"dataset": "abc", "capture": {"dtype": "float32"}}, path)
+    with pytest.raises(ValueError, match="dataset: expected 'xyz'"):
+        check_fingerprint(derived, {"dataset": "xyz", "capture": {"dtype": "float16"}}, path)
 
 
 def test_verify_detects_a_flipped_value(tmp_path, tiny_logits):
