@@ -117,6 +117,13 @@ def quantize_topk(val: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Ten
     return codes, torch.stack([largest, step], dim=1)
 
 
+def sorted_uniforms(rows: int, samples: int, generator: torch.Generator | None = None,
+                    device: torch.device | str = "cpu") -> torch.Tensor:
+    """(rows, samples) float64 uniforms in [0, 1), each row sorted: the draws' quantiles."""
+    u = torch.rand((rows, samples), generator=generator, dtype=torch.float64, device=device)
+    return u.sort(dim=1).values
+
+
 def sample_counts(logits: torch.Tensor, samples: int, temperature: float,
                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw ``samples`` ids per row from softmax(logits/T); return the distinct ids
@@ -126,8 +133,11 @@ def sample_counts(logits: torch.Tensor, samples: int, temperature: float,
 
 def counts_from_probs(probs: torch.Tensor, samples: int,
                       generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    draws = torch.multinomial(probs, samples, replacement=True, generator=generator)  # (B, S)
-    ids, _ = draws.sort(dim=1)
+    """The inverse CDF of each row of ``probs`` at ``samples`` sorted uniforms (what the
+    fused CPU pass does too): ids ascending, distinct ones with their counts."""
+    cdf = torch.cumsum(probs.double(), dim=1)
+    u = sorted_uniforms(len(probs), samples, generator, probs.device)
+    ids = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=probs.shape[1] - 1)  # (B, S), sorted
     first = torch.ones_like(ids, dtype=torch.bool)
     first[:, 1:] = ids[:, 1:] != ids[:, :-1]
     slot = first.long().cumsum(dim=1) - 1  # (B, S): the distinct-id slot of each draw
@@ -137,13 +147,42 @@ def counts_from_probs(probs: torch.Tensor, samples: int,
 
 
 def represent(logits: torch.Tensor, m: Manifest, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-    """All arrays of the manifest's modes for a (B, C) batch of logits, on its device.
+    """All arrays of the manifest's modes for a (B, C) batch of logits, on its device: on
+    CPU by the fused Numba row pass (:mod:`pipeline.kernels.teacher_rows`: each row read
+    once for all of it), elsewhere by :func:`represent_torch`. Rows holding NaN or +inf
+    give a non-finite logsumexp or entropy, which the caller refuses."""
+    if logits.device.type != "cpu":
+        return represent_torch(logits, m, generator)
+    from pipeline.kernels.teacher_rows import summarize_rows
+
+    out: dict[str, torch.Tensor] = {}
+    if "full" in m.modes:
+        out[LOGITS] = stored(logits, m.dtype)
+    if not {"topk", "sampled"} & set(m.modes):
+        if TOP1 in array_specs(m):
+            out[TOP1] = logits.float().argmax(dim=-1).int()
+        return out
+    topk, sampled = "topk" in m.modes, "sampled" in m.modes
+    u = sorted_uniforms(len(logits), m.samples, generator).numpy() if sampled else None
+    r = {n: torch.from_numpy(a) for n, a in summarize_rows(
+        logits.float().numpy(), m.k if topk else 0, m.temperatures if topk else [],
+        m.sample_temperature if sampled else None, u).items()}
+    if topk:
+        out |= topk_arrays(r["top_idx"], r["top_val"], r["lse"], m)
+    if sampled:
+        out |= {SAMPLED_IDX: r["s_idx"], SAMPLED_CNT: r["s_cnt"], SAMPLED_ENT: r["ent"]}
+    if TOP1 in array_specs(m):
+        out[TOP1] = r["top1"]
+    return out
+
+
+def represent_torch(logits: torch.Tensor, m: Manifest, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """:func:`represent` in torch ops (the CUDA path, and the CPU reference in the tests).
 
     Each logsumexp is computed once and shared: the sampling distribution is
     ``exp(z - lse)`` and the entropy ``lse - E_p[z]`` (z = logits / T), so a 49,152-wide
-    vocabulary is swept a few times per row, not a dozen. Rows holding NaN or +inf give a
-    non-finite logsumexp, which the caller refuses; they are sampled from a placeholder so
-    that ``multinomial`` never sees them."""
+    vocabulary is swept a few times per row, not a dozen. Rows holding NaN or +inf are
+    sampled from a placeholder so that the sampler never sees them."""
     out: dict[str, torch.Tensor] = {}
     x = logits.float()
     lse: dict[float, torch.Tensor] = {}

@@ -58,10 +58,12 @@ from dataclasses import asdict, dataclass, field
 
 from pipeline.cache.storage import Storage
 
-FORMAT_VERSION = 5  # 2: kdcache.json, per-object sizes in commit records, top1 on sampled-only caches;
+FORMAT_VERSION = 6  # 2: kdcache.json, per-object sizes in commit records, top1 on sampled-only caches;
 # 3: the Zarr group in zarr/ beside the index; one fingerprint schema for every task;
 # 4: positions.npy, sequence caches with rows at some of their tokens only;
-# 5: tokenizer.json, the teacher tokenizer (each token's bytes: its span in the text)
+# 5: tokenizer.json, the teacher tokenizer (each token's bytes: its span in the text);
+# 6: draws by the inverse CDF at sorted uniforms (the fused CPU row pass and the torch path
+#    alike), top-K ties by lower id, adaptive top-k rows (top_p)
 MANIFEST = "manifest.json"
 MARKER = "kdcache.json"  # written first, never changed: "this folder is a cache" + its plan
 OFFSETS = "offsets.npy"  # sequence tasks: sequence i owns rows offsets[i]:offsets[i + 1]

@@ -1,0 +1,177 @@
+"""Stage 1's row pass: everything a cache keeps of a teacher's logit row, in one kernel.
+
+For each (C,) row, parallel over rows: a first sweep finds the maximum, keeps the K
+largest (ids and values) in a min-heap, and flags NaN or +inf; a second sweep sums
+``exp((x - max) / T)`` at each cached temperature (float64 sums) and, at the sampling
+temperature, ``exp(.) * x / T`` for the entropy; a third, only for sampled caches, walks the
+row's cumulative sum once with the row's sorted uniforms to draw S ids. The row is read
+from memory once; the later sweeps find it in cache (a 49,152-wide float32 row is 192 KiB).
+
+What it gives, against the torch composition in :mod:`pipeline.representations`:
+
+- logsumexp at each temperature and the entropy: the same definitions, float64 sums
+  (torch sums in float32), so equal to float32 rounding;
+- top-K: the same ids and values, largest first; among equal values the lower id comes
+  first (``torch.topk`` leaves the order of ties unspecified);
+- draws: from the same distribution, the inverse CDF at S sorted uniforms that
+  ``torch.rand`` gives from the shard's seeded generator, so a resumed capture draws the
+  same ids again; not the ids ``torch.multinomial`` would draw from the same seed (its
+  sampler is internal to torch). Distinct ids ascending, with their counts, -1/0 padding;
+- top1: the first index of the maximum, as ``argmax``;
+- a row holding NaN or +inf gets a NaN logsumexp and entropy, which the caller refuses.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba as nb
+import numpy as np
+
+from pipeline.kernels._base import FASTMATH, is_finite, vexp
+
+
+@nb.njit(inline="always")
+def _less(va, ia, vb, ib):
+    """Heap order: a below b when smaller, or equal with a larger id (the lower id is kept)."""
+    return va < vb or (va == vb and ia > ib)
+
+
+@nb.njit(inline="always")
+def _sift_down(hv, hi, pos, size):
+    while True:
+        left = 2 * pos + 1
+        if left >= size:
+            return
+        child = left
+        if left + 1 < size and _less(hv[left + 1], hi[left + 1], hv[left], hi[left]):
+            child = left + 1
+        if _less(hv[child], hi[child], hv[pos], hi[pos]):
+            hv[pos], hv[child] = hv[child], hv[pos]
+            hi[pos], hi[child] = hi[child], hi[pos]
+            pos = child
+        else:
+            return
+
+
+@nb.njit(inline="always")
+def _sift_up(hv, hi, pos):
+    while pos > 0:
+        parent = (pos - 1) // 2
+        if _less(hv[pos], hi[pos], hv[parent], hi[parent]):
+            hv[pos], hv[parent] = hv[parent], hv[pos]
+            hi[pos], hi[parent] = hi[parent], hi[pos]
+            pos = parent
+        else:
+            return
+
+
+@nb.njit(parallel=True, cache=True, fastmath=FASTMATH)
+def teacher_rows(x, k, inv_t, sample_col, uniforms, top_idx, top_val, lse, s_idx, s_cnt, ent, top1):
+    """x (n, C) float32. k: top-K size (0: none). inv_t (U,) float32: 1/T per temperature.
+    sample_col: the column of inv_t to sample and take the entropy at (-1: none).
+    uniforms (n, S) float64 in [0, 1), each row sorted. Outputs: top_idx (n, K) int32,
+    top_val (n, K) float32, lse (n, U) float32, s_idx / s_cnt (n, S) int32, ent (n,)
+    float32, top1 (n,) int32."""
+    n, c = x.shape
+    n_t = inv_t.shape[0]
+    n_s = uniforms.shape[1]
+    for i in nb.prange(n):
+        hv = np.empty(max(k, 1), np.float32)
+        hi = np.empty(max(k, 1), np.int32)
+        size = 0
+        m = np.float32(-np.inf)
+        arg = 0
+        bad = False
+        for j in range(c):  # sweep 1: maximum, top-K, health
+            v = x[i, j]
+            if not is_finite(v) and not v < 0:  # NaN or +inf (a -inf logit is a class of probability 0)
+                bad = True
+            if v > m:
+                m, arg = v, j
+            if k > 0:
+                if size < k:
+                    hv[size], hi[size] = v, j
+                    _sift_up(hv, hi, size)
+                    size += 1
+                elif v > hv[0]:  # equal values keep the earlier (lower) id
+                    hv[0], hi[0] = v, j
+                    _sift_down(hv, hi, 0, size)
+        top1[i] = arg
+        for r in range(size - 1, -1, -1):  # pop the smallest to the back: largest first, ties by id
+            top_val[i, r], top_idx[i, r] = hv[0], hi[0]
+            hv[0], hi[0] = hv[r], hi[r]
+            _sift_down(hv, hi, 0, r)
+        if bad or not is_finite(m):  # (all -inf: no distribution either)
+            for t in range(n_t):
+                lse[i, t] = np.nan
+            ent[i] = np.nan
+            for s in range(n_s):
+                s_idx[i, s], s_cnt[i, s] = -1, 0
+            continue
+        total_s = 0.0
+        for t in range(n_t):  # sweep 2: sums at each temperature
+            it = inv_t[t]
+            total = 0.0
+            wsum = 0.0
+            if t == sample_col:
+                for j in range(c):  # (z clamped: a -inf logit adds 0 * a finite number, not NaN)
+                    z = max((x[i, j] - m) * it, np.float32(-100.0))
+                    e = vexp(z)
+                    total += e
+                    wsum += e * z
+                ent[i] = np.float32(max(math.log(total) - wsum / total, 0.0))
+                total_s = total
+            else:
+                for j in range(c):
+                    total += vexp((x[i, j] - m) * it)
+            lse[i, t] = np.float32(m * it + math.log(total))
+        if n_s == 0:
+            continue
+        it = inv_t[sample_col]  # sweep 3: the inverse CDF at the row's sorted uniforms
+        acc = 0.0
+        s = 0
+        slot = -1
+        last = -1
+        for j in range(c):
+            if x[i, j] == -np.inf:  # probability 0: never drawn
+                continue
+            e = vexp((x[i, j] - m) * it)
+            last = j
+            acc += e
+            while s < n_s and uniforms[i, s] * total_s < acc:
+                if slot < 0 or s_idx[i, slot] != j:
+                    slot += 1
+                    s_idx[i, slot], s_cnt[i, slot] = j, 0
+                s_cnt[i, slot] += 1
+                s += 1
+            if s == n_s:
+                break
+        while s < n_s:  # rounding left the last uniforms past the sum: they fall on the last class
+            if slot < 0 or s_idx[i, slot] != last:
+                slot += 1
+                s_idx[i, slot], s_cnt[i, slot] = last, 0
+            s_cnt[i, slot] += 1
+            s += 1
+        for r in range(slot + 1, n_s):
+            s_idx[i, r], s_cnt[i, r] = -1, 0
+
+
+def summarize_rows(x: np.ndarray, k: int, temperatures: list[float], sample_temperature: float | None,
+                   uniforms: np.ndarray | None) -> dict[str, np.ndarray]:
+    """The fused row pass over (n, C) float32 logits: ``top_idx``, ``top_val`` (k > 0),
+    ``lse`` (n, len(temperatures)), and with a sample temperature and (n, S) sorted uniforms
+    ``s_idx``, ``s_cnt``, ``ent``; always ``top1``."""
+    x = np.ascontiguousarray(x, np.float32)
+    n = len(x)
+    temps = list(dict.fromkeys([*temperatures, *([sample_temperature] if sample_temperature else [])]))
+    inv_t = np.array([1.0 / t for t in temps], np.float32)
+    col = temps.index(sample_temperature) if sample_temperature else -1
+    u = np.zeros((n, 0)) if uniforms is None else np.ascontiguousarray(uniforms, np.float64)
+    out = {"top_idx": np.empty((n, k), np.int32), "top_val": np.empty((n, k), np.float32),
+           "lse": np.empty((n, len(temps)), np.float32), "s_idx": np.empty(u.shape, np.int32),
+           "s_cnt": np.empty(u.shape, np.int32), "ent": np.zeros(n, np.float32), "top1": np.empty(n, np.int32)}
+    teacher_rows(x, k, inv_t, col, u, out["top_idx"], out["top_val"], out["lse"], out["s_idx"], out["s_cnt"],
+                 out["ent"], out["top1"])
+    out["lse"] = out["lse"][:, [temps.index(t) for t in temperatures]]
+    return out
