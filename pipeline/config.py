@@ -248,6 +248,10 @@ class TrainConfig:
     clip_norm: float = 0.0  # clip the gradients' global norm to this before each step (0: off)
     warmup_steps: int = 0  # linear warmup before the cosine decay
     precision: Precision = Precision.fp32  # bf16 | fp16: the loss under autocast (fp16 needs CUDA)
+    # task=lm: the output head and the loss chunk by chunk (pipeline/fused_head.py), never the
+    # (tokens x vocabulary) logits of a whole batch; the same loss and gradients
+    fused_head: bool = True
+    fused_head_rows: int = 1024  # rows per chunk
 
 
 @dataclass

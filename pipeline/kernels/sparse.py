@@ -115,3 +115,34 @@ def sampled_kl_rows(s, idx, cnt, ent, temperature, w, scale, loss, grad, bad):
             ce -= wj * ((s[i, j] - s_max) * inv_t - s_lse)
             grad[i, j] -= g * wj
         loss[i] = w[i] * temperature * temperature * (ce - ent[i])
+
+
+@nb.njit(**_JIT)
+def ce_rows(s, labels, w, loss, grad, add):
+    """Cross-entropy to ``labels`` (-1: none) at T = 1, weighted by ``w``: the loss per row,
+    and ``w (softmax(s) - onehot)`` written to ``grad`` (added to it with ``add``: a
+    distance's gradient of the same rows already there)."""
+    n, c = s.shape
+    for i in nb.prange(n):
+        y = labels[i]
+        if w[i] == 0.0 or y < 0:
+            loss[i] = 0.0
+            if not add:
+                for j in range(c):
+                    grad[i, j] = 0.0
+            continue
+        s_max = like(s, -np.inf)
+        for j in range(c):
+            s_max = max(s_max, s[i, j])
+        total = like(s, 0.0)
+        for j in range(c):
+            total += vexp(s[i, j] - s_max)
+        g = like(s, w[i]) / total
+        if add:
+            for j in range(c):
+                grad[i, j] += g * vexp(s[i, j] - s_max)
+        else:
+            for j in range(c):
+                grad[i, j] = g * vexp(s[i, j] - s_max)
+        grad[i, y] -= like(s, w[i])
+        loss[i] = w[i] * (vlog(total) + s_max - s[i, y])

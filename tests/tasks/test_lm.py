@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from pipeline.cache import open_cache
-from pipeline.cache.format import LSE, SAMPLED_CNT, TOPK_IDX, TOPK_VAL
+from pipeline.cache.format import LSE, SAMPLED_CNT, SAMPLED_IDX, TOPK_IDX, TOPK_VAL
 from pipeline.losses import topk_kl_loss
 from pipeline.representations import represent, represent_torch
 from pipeline.stream import SequenceStream
@@ -201,6 +201,30 @@ def test_padding_rows_never_reach_the_loss(lm_cache):
     poisoned[LSE][~batch.mask] = -1e4
     b = sequence_loss(student, dataclasses.replace(batch, teacher=poisoned), loss, 0, None, torch.device("cpu")).item()
     assert a == b
+
+
+@pytest.mark.parametrize("variant", ["labels", "topk_kl", "sampled_kl"])
+def test_the_fused_head_trains_a_real_student_as_the_unfused_logits_do(lm_cache, variant):
+    """train.fused_head on a real causal LM student and real cached rows: the same loss and
+    the same gradient of every parameter as the (B, L, V) logits path, with padding."""
+    cfg, data, url = lm_cache
+    r = open_cache(url)
+    batch = next(iter(SequenceStream(r, data.tokens, split="train", batch_size=3, seed=1,
+                                     arrays=(TOPK_IDX, TOPK_VAL, LSE, SAMPLED_IDX, SAMPLED_CNT, "sampled_ent"))))
+    assert not batch.mask.all()
+    from pipeline.tasks.lm.models import build_student
+
+    loss = Variant.parse(variant).loss(cfg.loss)
+    out = []
+    for fused in (False, True):
+        student = build_student(cfg.student["causal_lm"], 49152, 48, 0)
+        value = sequence_loss(student, batch, loss, 0, None, torch.device("cpu"), fused=fused, chunk_rows=7)
+        value.backward()
+        out.append((value.detach(), {n: p.grad for n, p in student.named_parameters()}))
+    (a, ga), (b, gb) = out
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    for n in ga:
+        torch.testing.assert_close(gb[n], ga[n], rtol=1e-4, atol=1e-6, msg=n)
 
 
 def test_a_student_with_another_vocabulary_is_refused_naming_both_sizes(lm_cache):

@@ -35,6 +35,7 @@ from pipeline.cache.format import LSE, SAMPLED_CNT, SAMPLED_IDX, TOPK_IDX, TOPK_
 from pipeline.capture import plan_manifest
 from pipeline.config import DataSource, Distance, StudentArch, resolve_workers
 from pipeline.device import choose_device
+from pipeline.fused_head import FUSED_DISTANCES, head_loss
 from pipeline.losses import select_teacher, teacher_arrays, teacher_term, torch_topk_kl
 from pipeline.representations import pad_entries
 from pipeline.stream import SequenceBatch, SequenceStream, pad_batch
@@ -316,10 +317,42 @@ def sequence_objective(logits: torch.Tensor, batch: SequenceBatch, loss) -> torc
     return loss.alpha * ce + teacher_term(flat, t, loss, mask=batch.teacher_mask())
 
 
-def sequence_loss(student, batch: SequenceBatch, loss, lse_column: int, adapter, device) -> torch.Tensor:
-    """The objective of one batch for ``student`` (what stage 3 trains with)."""
+def sequence_loss(student, batch: SequenceBatch, loss, lse_column: int, adapter, device,
+                  fused: bool = False, chunk_rows: int = 1024) -> torch.Tensor:
+    """The objective of one batch for ``student`` (what stage 3 trains with); ``fused``:
+    through the fused output head (:func:`fused_objective`), the same value and gradients."""
     batch = prepare_batch(batch, loss, lse_column, adapter)
+    if fused:
+        return fused_objective(student, batch, loss, device, chunk_rows)
     return sequence_objective(student_logits(student, batch, device), batch, loss)
+
+
+def output_head(student) -> tuple[torch.nn.Module, torch.nn.Linear]:
+    """A causal LM's body (to its last, normalised hidden state) and its output projection,
+    or an error saying why its logits are not that projection alone."""
+    head = student.get_output_embeddings()
+    body = getattr(student, getattr(student, "base_model_prefix", ""), None)
+    extra = [k for k in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale")
+             if getattr(student.config, k, None) not in (None, 1, 1.0)]
+    if not isinstance(head, torch.nn.Linear) or body is None or body is student or extra:
+        raise ValueError(f"train.fused_head: {type(student).__name__}'s logits are not a linear projection of its "
+                         f"base model's last hidden state{f' ({extra} set)' if extra else ''}: set "
+                         "train.fused_head=false")
+    return body, head
+
+
+def fused_objective(student, batch: SequenceBatch, loss, device, chunk_rows: int = 1024) -> torch.Tensor:
+    """:func:`sequence_objective` without the (B, L, V) logits: the student's last hidden
+    states and output head go to :func:`pipeline.fused_head.head_loss` chunk by chunk."""
+    body, head = output_head(student)
+    hidden = body(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
+                  use_cache=False).last_hidden_state
+    b, length, _ = hidden.shape
+    labels = torch.full((b, length), -1, dtype=torch.long)
+    labels[:, :-1] = batch.input_ids[:, 1:].masked_fill(~batch.label_mask(), -1)
+    teacher = batch.teacher if loss.lam > 0 else None
+    return head_loss(hidden.reshape(b * length, -1), head.weight, head.bias, labels.reshape(-1), teacher, loss,
+                     teacher_mask=batch.teacher_mask(), chunk_rows=chunk_rows)
 
 
 @torch.no_grad()
@@ -544,6 +577,12 @@ class LanguageModel(Task):
             eval_adapter = adapter.projecting(proj, 1.0)
         arrays, lse_column = teacher_arrays(reader.manifest, loss)
         rank, world = process_group(device)
+        # the fused head (no (B, L, V) logits): one process (DistributedDataParallel averages
+        # gradients through the model's own forward), a distance it has a fused form of
+        fused = cfg.train.fused_head and world == 1 and (loss.lam <= 0 or loss.distance.value in FUSED_DISTANCES)
+        if cfg.train.fused_head and not fused:
+            log.info("%s %s: the unfused head (%s)", name, v.label,
+                     "several processes" if world > 1 else f"{loss.distance.value} has no fused form")
         stream = SequenceStream(reader, data.tokens, split="train", batch_size=cfg.train.batch_size,
                                 seed=cfg.train.seed, arrays=arrays, rank=rank, world_size=world,
                                 token_offsets=data.offsets)
@@ -551,7 +590,8 @@ class LanguageModel(Task):
         identity = self.student_identity(spec, loss) | {"weights": student_weights(spec, cfg.teacher)}
         state = self.state_path(reader, f"{name}-{v.label.replace(':', '-')}", identity)
         done, final, seconds = self.fit(
-            student, stream, steps, lambda model, batch: sequence_loss(model, batch, loss, lse_column, adapter, device),
+            student, stream, steps, lambda model, batch: sequence_loss(model, batch, loss, lse_column, adapter, device,
+                                                                       fused, cfg.train.fused_head_rows),
             desc=f"{name}: {v.label}", state_path=state)
         row = {"student": name, "variant": v.label, "bytes_per_token": bytes_per_token(v, reader), "steps": done,
                "params": sum(p.numel() for p in student.parameters()), "train_s": seconds, "processes": world,
