@@ -1,6 +1,7 @@
 """Stage 1 for task=lm: the whole token capture (forward, real-token selection, top-K +
 logsumexp and sampling over the vocabulary, host copies, background writes) over the bare
-teacher forward passes on the same sequences, same batches, measured alternately.
+teacher forward passes on the same sequences, same packed batches, the same rows kept,
+measured alternately.
 
     .venv/bin/python bench/lm_capture.py [hydra overrides, e.g. data.train_size=64 cache.modes=[topk]]
 
@@ -19,19 +20,24 @@ import torch
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
+import pipeline.capture
+from pipeline.cache import ShardRecord
 from pipeline.config import register
 from pipeline.device import choose_device
+from pipeline.representations import represent, represent_torch
 from pipeline.tasks import validate
-from pipeline.tasks.lm import LanguageModel, teacher_logits
+from pipeline.tasks.lm import LanguageModel, TokenRows
 from pipeline.tasks.lm.models import load_teacher
 from pipeline.tasks.lm.text import load_tokens
 
 
 @torch.inference_mode()
-def bare_forward(model, data, batch_size: int, device) -> None:
-    n = len(data.offsets) - 1
-    for b in range(0, n, batch_size):
-        teacher_logits(model, [data.sequence(i) for i in range(b, min(b + batch_size, n))], 0, device)
+def bare_forward(model, data, batch_size: int, pad_id: int, device) -> None:
+    """The teacher's forward passes as stage 1 runs them (the same packed batches, the same
+    rows kept), and nothing else."""
+    rows = TokenRows(model, data, batch_size, pad_id, device)
+    for _ in rows.logits(ShardRecord(0, 0, int(data.offsets[-1]))):
+        pass
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -47,23 +53,32 @@ def main(overrides: list[str], repeats: int = 2) -> dict:
         device = choose_device(cfg.teacher.device)
         model = teacher.model.to(device)
         data = load_tokens(cfg.data, tmp, teacher.tokenizer)
-        bare, full = [], []
+        bare, full, composed = [], [], []
         for r in range(repeats):
             t0 = time.perf_counter()
-            bare_forward(model, data, cfg.teacher.batch_size, device)
+            bare_forward(model, data, cfg.teacher.batch_size, teacher.pad_id, device)
             bare.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
             LanguageModel(cfg).capture(teacher, data, f"{tmp}/cache-{r}")
             full.append(time.perf_counter() - t0)
+            if device.type == "cpu":  # the torch composition the fused row pass replaced, for comparison
+                pipeline.capture.represent = represent_torch
+                t0 = time.perf_counter()
+                LanguageModel(cfg).capture(teacher, data, f"{tmp}/torch-{r}")
+                composed.append(time.perf_counter() - t0)
+                pipeline.capture.represent = represent
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     tokens = int(data.offsets[-1])
     res = {"tokens": tokens, "modes": sorted(m.value for m in cfg.cache.modes), "k": cfg.cache.k,
            "samples": cfg.cache.samples, "precision": cfg.teacher.precision.value, "device": str(device),
            "bare_forward_s": min(bare), "stage1_s": min(full), "overhead_ratio": min(full) / min(bare),
-           "tokens_per_s": tokens / min(full)}
+           "tokens_per_s": tokens / min(full),
+           "torch_composition_ratio": min(composed) / min(bare) if composed else None}
     print(f"bare forward {min(bare):.2f}s  stage 1 {min(full):.2f}s  overhead x{res['overhead_ratio']:.3f} "
-          f"({res['tokens_per_s']:.0f} tokens/s)")
+          f"({res['tokens_per_s']:.0f} tokens/s)"
+          + (f"; with the torch composition instead of the fused row pass x{res['torch_composition_ratio']:.3f}"
+             if composed else ""))
     print(json.dumps(res))
     return res
 

@@ -635,6 +635,7 @@ def test_the_cache_trains_a_student_inside_transformers_trainer(lm_cache, tmp_pa
     stream = SequenceStream(reader, data.tokens, split="train", batch_size=3, seed=0, arrays=(TOPK_IDX, TOPK_VAL, LSE))
     same = sequence_loss(student, stream.read(np.array([0, 3, 5])), cfg.loss, 0, None, torch.device("cpu"))
     assert kd.loss(logits, inputs).item() == same.item()
+    torch.testing.assert_close(kd.model_loss(student, inputs, chunk_rows=50), same, rtol=1e-5, atol=0)  # fused head
 
     class DistillTrainer(Trainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

@@ -13,6 +13,7 @@ masking and vocabulary map)::
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
             return data.loss(logits, inputs)
+            # or, never holding the (B, L, V) logits: return data.model_loss(model, inputs)
 
     DistillTrainer(model=student, args=TrainingArguments(..., remove_unused_columns=False),
                    train_dataset=data, data_collator=data.collate).train()
@@ -26,7 +27,7 @@ import torch
 from pipeline.cache import CacheReader
 from pipeline.losses import teacher_arrays
 from pipeline.stream import SequenceStream
-from pipeline.tasks.lm import prepare_batch, sequence_objective
+from pipeline.tasks.lm import fused_objective, prepare_batch, sequence_objective
 from pipeline.tasks.lm.text import TokenData
 
 
@@ -72,3 +73,10 @@ class CachedSequences(torch.utils.data.Dataset):
     def loss(self, logits: torch.Tensor, inputs: dict) -> torch.Tensor:
         """Stage 3's objective for the student's (B, L, V) logits over a collated batch."""
         return sequence_objective(logits, inputs["kd"], self.loss_cfg)
+
+    def model_loss(self, model, inputs: dict, chunk_rows: int = 1024) -> torch.Tensor:
+        """The same objective computed from ``model`` itself through the fused output head
+        (:mod:`pipeline.fused_head`): its logits are never all held, so longer sequences and
+        larger batches fit. Call it in place of ``model(...)`` + :meth:`loss`."""
+        device = next(model.parameters()).device
+        return fused_objective(model, inputs["kd"], self.loss_cfg, device, chunk_rows)
