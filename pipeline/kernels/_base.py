@@ -168,6 +168,18 @@ def row_max(s, t, i, table):
     return s_max, t_max
 
 
+@nb.njit(inline="always", fastmath=FASTMATH)
+def max_and_total(s, i, inv_t):
+    """Row i's maximum and sum of exp((s - max) * inv_t): its softmax's normaliser."""
+    s_max = like(s, -np.inf)
+    for j in range(s.shape[1]):
+        s_max = max(s_max, s[i, j])
+    total = like(s, 0.0)
+    for j in range(s.shape[1]):
+        total += vexp((s[i, j] - s_max) * inv_t)
+    return s_max, total
+
+
 def teacher_view(teacher: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The teacher array as the kernels read it, and the table that decodes it."""
     if teacher.dtype == np.float16:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import numba as nb
 import numpy as np
 
-from pipeline.kernels._base import FASTMATH, is_finite, like, vexp, vlog, zero_row
+from pipeline.kernels._base import FASTMATH, is_finite, like, max_and_total, vexp, vlog, zero_row
 
 _JIT = {"parallel": True, "cache": True, "fastmath": FASTMATH}
 
@@ -89,12 +89,7 @@ def sampled_kl_rows(s, idx, cnt, ent, temperature, w, scale, loss, grad, bad):
         if w[i] == 0.0:
             zero_row(loss, grad, i)
             continue
-        s_max = like(s, -np.inf)
-        for j in range(c):
-            s_max = max(s_max, s[i, j])
-        total = like(s, 0.0)
-        for j in range(c):
-            total += vexp((s[i, j] - s_max) * inv_t)
+        s_max, total = max_and_total(s, i, inv_t)
         s_lse = vlog(total)
         g = like(s, scale * w[i] * temperature)
         for j in range(c):
@@ -131,12 +126,7 @@ def ce_rows(s, labels, w, loss, grad, add):
                 for j in range(c):
                     grad[i, j] = 0.0
             continue
-        s_max = like(s, -np.inf)
-        for j in range(c):
-            s_max = max(s_max, s[i, j])
-        total = like(s, 0.0)
-        for j in range(c):
-            total += vexp(s[i, j] - s_max)
+        s_max, total = max_and_total(s, i, like(s, 1.0))
         g = like(s, w[i]) / total
         if add:
             for j in range(c):
