@@ -52,6 +52,8 @@ REPRESENTATIONS = {
                         "sampled narrow"),
     "sampled16-narrow": (["derive.mode=sampled", "derive.samples=16", "derive.narrow=true"], "sampled_kl",
                          "sampled narrow"),
+    "sampled32-narrow": (["derive.mode=sampled", "derive.samples=32", "derive.narrow=true"], "sampled_kl",
+                         "sampled narrow"),
     "sampled64-narrow": (["derive.mode=sampled", "derive.samples=64", "derive.narrow=true"], "sampled_kl",
                          "sampled narrow"),
 }

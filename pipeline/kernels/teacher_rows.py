@@ -1,7 +1,8 @@
 """Stage 1's row pass: everything a cache keeps of a teacher's logit row, in one kernel.
 
-For each (C,) row, parallel over rows: a first sweep finds the maximum, keeps the K
-largest (ids and values) in a min-heap, and flags NaN or +inf; a second sweep sums
+For each (C,) row, parallel over rows: a first sweep finds the maximum of each of K
+blocks (vectorised), flags NaN or +inf, and keeps the K largest (ids and values) in a
+min-heap that only values at or above the smallest block maximum enter; a second sweep sums
 ``exp((x - max) / T)`` at each cached temperature (float64 sums) and, at the sampling
 temperature, ``exp(.) * x / T`` for the entropy; a third, only for sampled caches, walks the
 row's cumulative sum once with the row's sorted uniforms to draw S ids. The row is read
@@ -29,6 +30,8 @@ import numba as nb
 import numpy as np
 
 from pipeline.kernels._base import FASTMATH, is_finite, vexp
+
+BLOCK = 512  # sampling: logits per block of the running sum (sweep 3 walks only the blocks drawn in)
 
 
 @nb.njit(inline="always")
@@ -80,28 +83,52 @@ def teacher_rows(x, k, inv_t, sample_col, uniforms, top_idx, top_val, lse, s_idx
         hv = np.empty(max(k, 1), np.float32)
         hi = np.empty(max(k, 1), np.int32)
         size = 0
+        # sweep 1: the maximum of each of K blocks (vectorised); the smallest of them is a
+        # lower bound of the K-th largest value, so only values at or above it enter the heap
+        n_blk = max(min(k, c), 1)
+        width = (c + n_blk - 1) // n_blk
         m = np.float32(-np.inf)
-        arg = 0
+        floor = np.float32(np.inf)
+        probe = np.float32(0.0)  # NaN when any value is NaN or infinite (0 * inf)
+        for blk in range(n_blk):
+            bm = np.float32(-np.inf)
+            for j in range(blk * width, min(c, (blk + 1) * width)):
+                v = x[i, j]
+                bm = max(bm, v)
+                probe += v * np.float32(0.0)
+            m = max(m, bm)
+            floor = min(floor, bm)
         bad = False
-        for j in range(c):  # sweep 1: maximum, top-K, health
-            v = x[i, j]
-            if not is_finite(v) and not v < 0:  # NaN or +inf (a -inf logit is a class of probability 0)
-                bad = True
-            if v > m:
-                m, arg = v, j
-            if k > 0:
-                if size < k:
-                    hv[size], hi[size] = v, j
-                    _sift_up(hv, hi, size)
-                    size += 1
-                elif v > hv[0]:  # equal values keep the earlier (lower) id
-                    hv[0], hi[0] = v, j
-                    _sift_down(hv, hi, 0, size)
-        top1[i] = arg
+        if probe != probe:  # rare: NaN or +inf make the row bad, a -inf logit is a class of probability 0
+            for j in range(c):
+                v = x[i, j]
+                if v != v or v == np.inf:
+                    bad = True
+                    break
+        if k > 0:
+            for j in range(c):
+                v = x[i, j]
+                if v >= floor:
+                    if size < k:
+                        hv[size], hi[size] = v, j
+                        _sift_up(hv, hi, size)
+                        size += 1
+                    elif v > hv[0]:  # equal values keep the earlier (lower) id
+                        hv[0], hi[0] = v, j
+                        _sift_down(hv, hi, 0, size)
+        else:
+            arg = 0
+            for j in range(c):  # the first index of the maximum
+                if x[i, j] == m:
+                    arg = j
+                    break
+            top1[i] = arg
         for r in range(size - 1, -1, -1):  # pop the smallest to the back: largest first, ties by id
             top_val[i, r], top_idx[i, r] = hv[0], hi[0]
             hv[0], hi[0] = hv[r], hi[r]
             _sift_down(hv, hi, 0, r)
+        if k > 0:
+            top1[i] = top_idx[i, 0]
         if bad or not is_finite(m):  # (all -inf: no distribution either)
             for t in range(n_t):
                 lse[i, t] = np.nan
@@ -110,16 +137,23 @@ def teacher_rows(x, k, inv_t, sample_col, uniforms, top_idx, top_val, lse, s_idx
                 s_idx[i, s], s_cnt[i, s] = -1, 0
             continue
         total_s = 0.0
+        n_b = (c + BLOCK - 1) // BLOCK
+        pre = np.zeros(n_b + 1)  # sampling: the running sum at each block's start
         for t in range(n_t):  # sweep 2: sums at each temperature
             it = inv_t[t]
             total = 0.0
-            wsum = 0.0
             if t == sample_col:
-                for j in range(c):  # (z clamped: a -inf logit adds 0 * a finite number, not NaN)
-                    z = max((x[i, j] - m) * it, np.float32(-100.0))
-                    e = vexp(z)
-                    total += e
-                    wsum += e * z
+                wsum = 0.0
+                for blk in range(n_b):  # by blocks: their sums let sweep 3 skip to the block of a draw
+                    part = 0.0
+                    for j in range(blk * BLOCK, min(c, (blk + 1) * BLOCK)):
+                        # (z clamped: a -inf logit adds 0 * a finite number, not NaN)
+                        z = max((x[i, j] - m) * it, np.float32(-100.0))
+                        e = vexp(z)
+                        part += e
+                        wsum += e * z
+                    total += part
+                    pre[blk + 1] = total
                 ent[i] = np.float32(max(math.log(total) - wsum / total, 0.0))
                 total_s = total
             else:
@@ -128,31 +162,36 @@ def teacher_rows(x, k, inv_t, sample_col, uniforms, top_idx, top_val, lse, s_idx
             lse[i, t] = np.float32(m * it + math.log(total))
         if n_s == 0:
             continue
-        it = inv_t[sample_col]  # sweep 3: the inverse CDF at the row's sorted uniforms
-        acc = 0.0
-        s = 0
+        # sweep 3: the inverse CDF at the row's sorted uniforms, walking only the blocks they
+        # fall in: the first id whose running sum passes u * total
+        it = inv_t[sample_col]
+        blk, j, acc, e_j, have = 0, 0, 0.0, 0.0, False
         slot = -1
-        last = -1
-        for j in range(c):
-            if x[i, j] == -np.inf:  # probability 0: never drawn
-                continue
-            e = vexp((x[i, j] - m) * it)
-            last = j
-            acc += e
-            while s < n_s and uniforms[i, s] * total_s < acc:
-                if slot < 0 or s_idx[i, slot] != j:
-                    slot += 1
-                    s_idx[i, slot], s_cnt[i, slot] = j, 0
-                s_cnt[i, slot] += 1
-                s += 1
-            if s == n_s:
-                break
-        while s < n_s:  # rounding left the last uniforms past the sum: they fall on the last class
-            if slot < 0 or s_idx[i, slot] != last:
+        for s in range(n_s):
+            target = uniforms[i, s] * total_s
+            if pre[blk + 1] <= target:  # the draw lies in a later block: jump to its start
+                while blk < n_b - 1 and pre[blk + 1] <= target:
+                    blk += 1
+                if blk * BLOCK > j:
+                    j, acc, have = blk * BLOCK, pre[blk], False
+            while True:
+                if j >= c:  # rounding put the target past the sum: the last class that can be drawn
+                    j = c - 1
+                    while j > 0 and x[i, j] == -np.inf:
+                        j -= 1
+                    break
+                if not have:
+                    e_j = 0.0 if x[i, j] == -np.inf else vexp(max((x[i, j] - m) * it, np.float32(-100.0)))
+                    have = True
+                if acc + e_j > target:
+                    break
+                acc += e_j
+                j += 1
+                have = False
+            if slot < 0 or s_idx[i, slot] != j:
                 slot += 1
-                s_idx[i, slot], s_cnt[i, slot] = last, 0
+                s_idx[i, slot], s_cnt[i, slot] = j, 0
             s_cnt[i, slot] += 1
-            s += 1
         for r in range(slot + 1, n_s):
             s_idx[i, r], s_cnt[i, r] = -1, 0
 
