@@ -151,7 +151,7 @@ def plot(s: dict[str, dict], path: str) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("cache bytes per token on disk (log)")
     ax.set_ylabel("student held-out perplexity")
-    ax.set_title("task=lm: student perplexity against cache size (SmolLM2-135M teacher, Shakespeare)")
+    ax.set_title("task=lm: student perplexity vs cache size (3 seeds: mean, sd)", fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
