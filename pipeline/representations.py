@@ -158,9 +158,7 @@ def represent(logits: torch.Tensor, m: Manifest, generator: torch.Generator | No
     out: dict[str, torch.Tensor] = {}
     if "full" in m.modes:
         out[LOGITS] = stored(logits, m.dtype)
-    if not {"topk", "sampled"} & set(m.modes):
-        if TOP1 in array_specs(m):
-            out[TOP1] = logits.float().argmax(dim=-1).int()
+    if not {"topk", "sampled"} & set(m.modes):  # (top1 comes with sampled-only caches)
         return out
     topk, sampled = "topk" in m.modes, "sampled" in m.modes
     u = sorted_uniforms(len(logits), m.samples, generator).numpy() if sampled else None

@@ -1,12 +1,13 @@
 """Stage 1's row pass: everything a cache keeps of a teacher's logit row, in one kernel.
 
 For each (C,) row, parallel over rows: a first sweep finds the maximum of each of K
-blocks (vectorised), flags NaN or +inf, and keeps the K largest (ids and values) in a
-min-heap that only values at or above the smallest block maximum enter; a second sweep sums
-``exp((x - max) / T)`` at each cached temperature (float64 sums) and, at the sampling
-temperature, ``exp(.) * x / T`` for the entropy; a third, only for sampled caches, walks the
-row's cumulative sum once with the row's sorted uniforms to draw S ids. The row is read
-from memory once; the later sweeps find it in cache (a 49,152-wide float32 row is 192 KiB).
+blocks (vectorised) and flags NaN or +inf; the smallest block maximum bounds the K-th
+largest value, so a scan keeps the K largest (ids and values) in a min-heap that only
+values at or above it enter; a second sweep sums ``exp((x - max) / T)`` at each cached
+temperature (float64 sums) and, at the sampling temperature, ``exp(.) * x / T`` for the
+entropy and the sums of blocks of :data:`BLOCK` values; a third, only for sampled caches,
+draws S ids as the inverse CDF at the row's sorted uniforms, walking only the blocks they
+fall in. The later sweeps mostly find the row in cache (a 49,152-wide float32 row is 192 KiB).
 
 What it gives, against the torch composition in :mod:`pipeline.representations`:
 
@@ -19,7 +20,8 @@ What it gives, against the torch composition in :mod:`pipeline.representations`:
   same ids again; not the ids ``torch.multinomial`` would draw from the same seed (its
   sampler is internal to torch). Distinct ids ascending, with their counts, -1/0 padding;
 - top1: the first index of the maximum, as ``argmax``;
-- a row holding NaN or +inf gets a NaN logsumexp and entropy, which the caller refuses.
+- a row holding NaN or +inf gets a NaN logsumexp and entropy, which the caller refuses;
+  a -inf logit is a class of probability 0, never drawn.
 """
 
 from __future__ import annotations
