@@ -19,8 +19,10 @@ others no larger on disk is at or below its perplexity, seed means).
 
 Resumable: every finished run is kept in ``<root>/frontier.json``; a rerun skips it.
 
-    python bench/frontier.py                 # about 60 minutes on 2 cores
+    python bench/frontier.py                 # about 75 minutes on 2 cores
     python bench/frontier.py --seeds 1       # seed 0 only
+    python bench/frontier.py --root data/frontier-lr1e-3 train.lr=0.001   # students at another setting
+                                             # (the wide capture is reused from the same --root only)
 """
 
 from __future__ import annotations
@@ -100,11 +102,11 @@ def save(path: str, state: dict) -> None:
     os.replace(tmp, path)
 
 
-def train(root: str, name: str, cache: str, variant: str, seed: int, parent: str) -> dict:
+def train(root: str, name: str, cache: str, variant: str, seed: int, parent: str, extra: list[str]) -> dict:
     run_dir = os.path.join(root, "runs", f"{name}-s{seed}")
     t0 = time.perf_counter()
     cli("stage=3", f"paths.root={root}", f"cache.path={cache}", f"lm.variants=[{variant}]", f"lm.eval_cache={parent}",
-        f"train.seed={seed}", "train.resume=false", f"hydra.run.dir={run_dir}")
+        f"train.seed={seed}", "train.resume=false", f"hydra.run.dir={run_dir}", *extra)
     (row,) = json.load(open(os.path.join(run_dir, "results.json")))["students"]
     return {"ppl": row["heldout_perplexity"], "bits_per_byte": row["heldout_bits_per_byte"],
             "kl": row["heldout_kl_topk"], "seconds": time.perf_counter() - t0}
@@ -162,11 +164,14 @@ def main() -> None:
     ap.add_argument("--root", default=ROOT_DEFAULT)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--only", nargs="*", help="representations to run (default: all)")
+    ap.add_argument("overrides", nargs="*", help="stage-3 settings for every student (train.lr=0.001; before --only)")
     args = ap.parse_args()
     root = os.path.abspath(args.root)
     os.makedirs(root, exist_ok=True)
     state_path = os.path.join(root, "frontier.json")
     state = load(state_path)
+    if state.setdefault("overrides", args.overrides) != args.overrides:
+        sys.exit(f"{state_path} holds runs with {state['overrides']}, not {args.overrides}: use another --root")
     parent = os.path.join(root, "caches", "parent")
     wide = (f"cache.k={PARENT['k']}", f"cache.samples={PARENT['samples']}")
     if not os.path.exists(os.path.join(parent, "manifest.json")):
@@ -189,7 +194,7 @@ def main() -> None:
             return
         print(f"stage 3: {name} seed {seed}", file=sys.stderr)
         runs[str(seed)] = train(root, name, os.path.join(root, "caches", name), REPRESENTATIONS[name][1], seed,
-                                parent)
+                                parent, args.overrides)
         save(state_path, state)
 
     for seed in range(args.seeds):  # every representation, seed by seed (a partial run is a fair one)
