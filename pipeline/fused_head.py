@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from pipeline import kernels
 from pipeline.kernels import sparse
-from pipeline.losses import distance_loss, sampled_kl_loss, topk_kl_loss
+from pipeline.losses import teacher_term
 
 FUSED_DISTANCES = ("topk_kl", "sampled_kl", *kernels.DENSE)
 
@@ -131,14 +131,7 @@ def _chunk_torch(z, labels, has_label, tmask, teacher, name, cfg, w_ce, w_t):
         y = torch.from_numpy(labels[has_label]).to(z.device)
         loss = loss + w_ce * F.cross_entropy(z.index_select(0, lab), y, reduction="sum")
     if tmask.any():
-        T, kw = cfg.temperature, dict(mask=tmask, reduction="sum", coef=w_t)
         t = {k: torch.as_tensor(v).to(z.device) for k, v in teacher.items()}
-        if name == "topk_kl":
-            d = topk_kl_loss(z, t["topk_idx"], t["topk_val"], t["lse"], temperature=T, **kw)
-        elif name == "sampled_kl":
-            d = sampled_kl_loss(z, t["sampled_idx"], t["sampled_cnt"], t["sampled_ent"], temperature=T, **kw)
-        else:
-            d = distance_loss(name, z, t["logits"], temperature=T, beta=cfg.beta, **kw)
-        loss = loss + d
+        loss = loss + teacher_term(z, t, cfg, tmask, reduction="sum", coef=w_t)
     (gz,) = torch.autograd.grad(loss, z)
     return float(loss), gz

@@ -237,25 +237,27 @@ def select_teacher(arrays: dict, lse_column: int, k: int = 0) -> dict:
     return t
 
 
-def teacher_term(student: torch.Tensor, teacher: dict, cfg, mask=None) -> torch.Tensor:
+def teacher_term(student: torch.Tensor, teacher: dict, cfg, mask=None, *, reduction: str = "mean",
+                 coef: float | None = None) -> torch.Tensor:
     """``lam * mean D(teacher, student)`` over the rows ``mask`` keeps (all by default), for
     the configured distance, from a batch of cache arrays as :func:`select_teacher` gives
-    them (lam is folded into the kernel: its gradient needs no rescaling pass)."""
-    name, T, lam = cfg.distance.value, cfg.temperature, cfg.lam
+    them (lam is folded into the kernel: its gradient needs no rescaling pass). ``coef``
+    replaces lam, ``reduction`` the mean (the fused head sums its chunks, each scaled)."""
+    name, T = cfg.distance.value, cfg.temperature
+    kw = {"mask": mask, "reduction": reduction, "coef": cfg.lam if coef is None else coef}
     if name == "topk_kl":
-        return topk_kl_loss(student, teacher["topk_idx"], teacher["topk_val"], teacher["lse"], temperature=T,
-                            mask=mask, coef=lam)
+        return topk_kl_loss(student, teacher["topk_idx"], teacher["topk_val"], teacher["lse"], temperature=T, **kw)
     if name == "sampled_kl":
         return sampled_kl_loss(student, teacher["sampled_idx"], teacher["sampled_cnt"], teacher["sampled_ent"],
-                               temperature=T, mask=mask, coef=lam)
+                               temperature=T, **kw)
     if name in ("uld_topk", "uld_sampled"):
         p, tail = sorted_teacher_probs(teacher, name, T)
-        return uld_loss(student, p, tail, temperature=T, mask=mask, coef=lam)
+        return uld_loss(student, p, tail, temperature=T, **kw)
     logits = teacher["logits"]
     if tuple(logits.shape) != tuple(student.shape):
         raise ValueError(f"teacher logits {tuple(logits.shape)} and student logits {tuple(student.shape)} differ: "
                          "the student's class count must equal the cache's")
-    return distance_loss(name, student, logits, temperature=T, beta=cfg.beta, mask=mask, coef=lam)
+    return distance_loss(name, student, logits, temperature=T, beta=cfg.beta, **kw)
 
 
 def distill_loss(student: torch.Tensor, labels: torch.Tensor, teacher, cfg) -> torch.Tensor:

@@ -89,6 +89,12 @@ def cut_topk(idx: torch.Tensor, val: torch.Tensor, lse: torch.Tensor, temperatur
     return idx.masked_fill(cut, -1), val.masked_fill(cut, float("-inf"))
 
 
+def map_ids(ids: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """Class ids through a lookup ``table`` (teacher id -> student id, -1: none); the -1
+    padding stays -1."""
+    return np.where(ids >= 0, table[np.clip(ids, 0, None).astype(np.int64)], -1)
+
+
 def pad_entries(idx: np.ndarray, val: np.ndarray, dropped: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Top-K entries with probability 0 as padding: id -1, value -inf (what an adaptive
     row's unused entries hold; every top-k loss skips them, their mass is in the tail)."""

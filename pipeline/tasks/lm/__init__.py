@@ -37,7 +37,7 @@ from pipeline.config import DataSource, Distance, StudentArch, resolve_workers
 from pipeline.device import choose_device
 from pipeline.fused_head import FUSED_DISTANCES, head_loss
 from pipeline.losses import select_teacher, teacher_arrays, teacher_term, torch_topk_kl
-from pipeline.representations import pad_entries
+from pipeline.representations import map_ids, pad_entries
 from pipeline.stream import SequenceBatch, SequenceStream, pad_batch
 from pipeline.tasks.base import Task
 from pipeline.tasks.lm.alignment import (
@@ -268,12 +268,12 @@ def map_batch(batch: SequenceBatch, vmap: np.ndarray | None) -> SequenceBatch:
     t = dict(batch.teacher)
     distil = batch.teacher_mask()
     if TOPK_IDX in t:
-        idx = np.where(t[TOPK_IDX] >= 0, vmap[t[TOPK_IDX].clip(min=0)], -1)
+        idx = map_ids(t[TOPK_IDX], vmap)
         t[TOPK_IDX], t[TOPK_VAL] = pad_entries(idx, t[TOPK_VAL], idx < 0)
         distil = distil & (idx >= 0).any(1)  # all of it in the tail: nothing to distil
     if SAMPLED_IDX in t:
         sid = t[SAMPLED_IDX]
-        mapped = np.where(sid >= 0, vmap[sid.clip(min=0)], -1)
+        mapped = map_ids(sid, vmap)
         t[SAMPLED_CNT] = np.where(mapped >= 0, t[SAMPLED_CNT], 0).astype(t[SAMPLED_CNT].dtype)
         t[SAMPLED_IDX] = mapped.astype(np.int32)
         distil = distil & (t[SAMPLED_CNT].sum(axis=1) > 0)  # no draw left: nothing to distil there

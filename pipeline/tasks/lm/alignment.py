@@ -47,7 +47,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.cache.format import SAMPLED_CNT, SAMPLED_IDX, TOPK_IDX, TOPK_VAL
-from pipeline.representations import pad_entries
+from pipeline.representations import map_ids, pad_entries
 from pipeline.stream import SequenceBatch, pad_batch
 
 log = logging.getLogger(__name__)
@@ -257,7 +257,7 @@ def project_topk(idx: np.ndarray, val: np.ndarray, lse: np.ndarray, temperature:
     tail mass is unchanged: total probability is preserved. Also returns which rows keep an
     entry (a row with none is all tail: nothing to distil)."""
     n, k = idx.shape
-    sid = np.where(idx >= 0, proj[idx.clip(min=0).astype(np.int64)], -1)  # (padding stays padding)
+    sid = map_ids(idx, proj)
     p = np.exp(val.astype(np.float64) / temperature - lse.astype(np.float64)[:, None])
     keys = np.arange(n, dtype=np.int64)[:, None] * (int(proj.max()) + 2) + sid
     first, mass = _merge(keys, p, sid >= 0)
@@ -272,7 +272,7 @@ def project_sampled(idx: np.ndarray, cnt: np.ndarray, proj: np.ndarray) -> tuple
     """Sampled rows (teacher ids, counts) over student ids: the counts of draws that land on
     one student id added; draws with none (and merged duplicates) get id -1, count 0."""
     n = len(idx)
-    sid = np.where(idx >= 0, proj[idx.clip(min=0).astype(np.int64)], -1)
+    sid = map_ids(idx, proj)
     keys = np.arange(n, dtype=np.int64)[:, None] * (int(proj.max()) + 2) + sid
     first, total = _merge(keys, cnt.astype(np.float64), (sid >= 0) & (cnt > 0))
     return np.where(first, sid, -1).astype(np.int32), np.where(first, total, 0).astype(cnt.dtype)
