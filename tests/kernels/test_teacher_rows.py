@@ -93,3 +93,61 @@ def test_the_fused_pass_equals_torch_on_random_rows_of_a_real_vocabulary_width()
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
     torch.testing.assert_close(got["lse"], want["lse"], rtol=1e-6, atol=0)
     torch.testing.assert_close(got["sampled_ent"], want["sampled_ent"], rtol=1e-5, atol=0)
+
+
+def wide_rows(width: int = 1300) -> np.ndarray:
+    """Rows across several blocks and sub-blocks, the last ones partial (1,300 = 2 x 512 + 276)."""
+    rng = np.random.default_rng(2)
+    ramp = np.linspace(-50.0, 50.0, width)  # a new maximum in every block: the running sums rescale each time
+    first_blocks_empty = np.r_[[-np.inf] * 600, rng.standard_normal(width - 600) * 3]
+    ties = np.where(rng.random(width) < 0.05, 2.0, 1.0)  # ties across the K-th place, in every sub-block
+    ties[-1] = 3.0  # the maximum in the last (partial) sub-block
+    bf16_like = np.round(rng.standard_normal(width) * 8 * 16) / 16  # few distinct values
+    return np.array([ramp, first_blocks_empty, ties, bf16_like, rng.standard_normal(width) * 0.01], np.float32)
+
+
+@pytest.mark.parametrize("k,samples", [(64, 16), (5, 3), (1, 64)])
+def test_the_fused_pass_equals_the_torch_composition_across_blocks(k, samples):
+    x = torch.from_numpy(wide_rows())
+    m = manifest(k=k, samples=samples, temperatures=(1.0, 0.5), sample_temperature=1.0, num_classes=x.shape[1])
+    got = represent(x, m, torch.Generator().manual_seed(4))
+    want = represent_torch(x, m, torch.Generator().manual_seed(4))
+    np.testing.assert_array_equal(got["topk_val"], want["topk_val"])
+    for r in range(len(x)):
+        v, ids = got["topk_val"][r], got["topk_idx"][r]
+        above = v > v[-1]
+        assert set(ids[above].tolist()) == set(want["topk_idx"][r][above].tolist())
+        at = ids[v == v[-1]]
+        if (x[r] == v[-1]).sum() > len(at):  # ties cut at the K-th place: the lowest ids are kept
+            np.testing.assert_array_equal(at, np.flatnonzero(x[r].numpy() == v[-1].item())[:len(at)])
+        np.testing.assert_array_equal(x[r, ids.long()], v)
+    torch.testing.assert_close(got["lse"], want["lse"], rtol=1e-6, atol=1e-6)
+    logp = torch.log_softmax(x.double(), -1)  # the entropy in float64 (torch's float32 lse - E[z] cancels
+    exact = -(logp.exp() * logp.nan_to_num(0.0, 0.0, 0.0)).sum(-1).float()  # on the sharp rows)
+    torch.testing.assert_close(got["sampled_ent"], exact, rtol=1e-5, atol=1e-6)
+    for name in ("sampled_idx", "sampled_cnt"):
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    assert (got["sampled_idx"][1][got["sampled_cnt"][1] > 0] >= 600).all()  # never a -inf class
+
+
+def test_bfloat16_rows_are_read_as_they_are():
+    """A bfloat16 batch is read in place (its bits, no float32 copy), to the same results as
+    its float32 values."""
+    x = torch.from_numpy(wide_rows()).bfloat16()
+    m = manifest(k=16, samples=8, temperatures=(1.0, 2.0), sample_temperature=2.0, num_classes=x.shape[1])
+    got = represent(x, m, torch.Generator().manual_seed(1))
+    want = represent(x.float(), m, torch.Generator().manual_seed(1))
+    assert got.keys() == want.keys()
+    for name in got:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+
+def test_nan_or_inf_anywhere_in_a_wide_row_is_flagged():
+    x = wide_rows()[:4].copy()
+    x[0, -1], x[1, 700], x[2, 0] = np.nan, np.inf, np.nan  # in the last partial sub-block, mid-row, first
+    out = summarize_rows(x, 8, [1.0], 1.0, np.sort(np.random.default_rng(0).random((4, 4)), axis=1))
+    assert np.isnan(out["lse"][:3]).all() and np.isnan(out["ent"][:3]).all()
+    assert np.isfinite(out["lse"][3]).all() and np.isfinite(out["ent"][3])
+    bits = torch.from_numpy(x).bfloat16().view(torch.int16).numpy().view(np.uint16)
+    np.testing.assert_array_equal(np.isnan(summarize_rows(bits, 8, [1.0], None, None)["lse"][:, 0]),
+                                  [True, True, True, False])

@@ -81,7 +81,7 @@ def replay_capture(teacher, data: TokenData, m, batch_size: int) -> np.ndarray:
             last = int(np.searchsorted(off, shard.stop, side="left"))
             for seqs in rows.batches(first, last):
                 logits = teacher_logits(teacher.model, [data.sequence(i) for i in seqs], teacher.pad_id,
-                                        torch.device("cpu"))
+                                        torch.device("cpu")).float()
                 for j, i in enumerate(seqs):
                     lo, hi = max(off[i], shard.start) - off[i], min(off[i + 1], shard.stop) - off[i]
                     out.append(logits[j, lo:hi].numpy())
@@ -141,7 +141,7 @@ def test_capture_caches_every_real_token_once_and_no_padding(teacher, lm_cache):
     with torch.inference_mode():
         for i in range(len(LENGTHS)):
             seq = data.sequence(i)
-            alone = teacher_logits(teacher.model, [seq], teacher.pad_id, torch.device("cpu"))[0, :len(seq)]
+            alone = teacher_logits(teacher.model, [seq], teacher.pad_id, torch.device("cpu"))[0, :len(seq)].float()
             rows = slice(data.offsets[i], data.offsets[i + 1])
             np.testing.assert_allclose(val[rows], torch.topk(alone, 16, -1).values.numpy(), **bf16)
             np.testing.assert_allclose(val[rows], alone.gather(1, torch.from_numpy(idx[rows]).long()).numpy(), **bf16)

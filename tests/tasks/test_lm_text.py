@@ -157,7 +157,7 @@ def test_a_chat_corpus_caches_and_trains_on_assistant_tokens_only(tokenizer, tmp
     lse = np.asarray(reader.arrays[LSE][:, 0])
     for i in (0, 1):
         with torch.no_grad():
-            logits = teacher_logits(teacher.model, [data.sequence(i)], teacher.pad_id, torch.device("cpu"))[0]
+            logits = teacher_logits(teacher.model, [data.sequence(i)], teacher.pad_id, torch.device("cpu"))[0].float()
             logits = logits[:len(data.sequence(i))]
         direct = torch.logsumexp(logits, -1).numpy()
         a, b = reader.offsets[i], reader.offsets[i + 1]

@@ -76,8 +76,9 @@ TEACHER_WIDTHS = 32  # teacher batches are padded to a multiple of this many tok
 
 def teacher_logits(model, seqs: list[np.ndarray], pad_id: int, device: torch.device,
                    keep: np.ndarray | None = None) -> torch.Tensor:
-    """(B, L, V) float32 logits of right-padded sequences; with ``keep`` (indices into the
-    flattened (B * L) grid), only those rows, (n, V), selected before the float32 copy. L is
+    """(B, L, V) logits of right-padded sequences, in the teacher's dtype (bfloat16 ones are
+    read as they are by the CPU row pass: no float32 copy); with ``keep`` (indices into the
+    flattened (B * L) grid), only those rows, (n, V). L is
     rounded up to a multiple of ``TEACHER_WIDTHS``: a corpus of documents of every length then
     gives the teacher a few distinct shapes, not one per length, so the per-shape caches below
     it (oneDNN's primitives for bf16 on CPU, the allocator's free lists) stop growing after the
@@ -89,7 +90,7 @@ def teacher_logits(model, seqs: list[np.ndarray], pad_id: int, device: torch.dev
     if keep is not None:
         rows = logits.reshape(-1, logits.shape[-1])
         logits = rows if len(keep) == len(rows) else rows[torch.from_numpy(keep).to(device)]
-    return logits.float()
+    return logits
 
 
 def padded_width(n: int) -> int:
@@ -171,7 +172,7 @@ def teacher_heldout_nll(model, data: TokenData, batch_size: int, device: torch.d
     total, count = 0.0, 0
     for b in range(a, z, batch_size):
         seqs = [data.sequence(i) for i in range(b, min(b + batch_size, z))]
-        logp = torch.log_softmax(teacher_logits(model, seqs, pad_id, device), dim=-1)
+        logp = torch.log_softmax(teacher_logits(model, seqs, pad_id, device).float(), dim=-1)
         for j, s in enumerate(seqs):
             p = scored_positions(data, b + j)
             target = torch.from_numpy(s[p + 1]).to(device)
