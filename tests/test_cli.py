@@ -147,6 +147,7 @@ def test_student_class_count_differing_from_the_cache_is_explained(full_run):
     assert "set data.num_classes=10" in proc.stdout + proc.stderr
 
 
+@pytest.mark.slow  # make test-all
 def test_a_narrow_cache_trains_the_same_student_in_fewer_bytes(tmp_path):
     """cache.narrow=true through the real CLI: the same audit and the same trained student as
     the wide cache (the stored values are the same), in fewer bytes per row."""

@@ -203,6 +203,7 @@ def test_padding_rows_never_reach_the_loss(lm_cache):
     assert a == b
 
 
+@pytest.mark.slow  # make test-all
 @pytest.mark.parametrize("variant", ["labels", "topk_kl", "sampled_kl"])
 def test_the_fused_head_trains_a_real_student_as_the_unfused_logits_do(lm_cache, variant):
     """train.fused_head on a real causal LM student and real cached rows: the same loss and

@@ -86,6 +86,7 @@ def test_a_path_that_is_no_corpus_says_what_is_expected(tmp_path, tokenizer):
         load_tokens(cfg.data, str(tmp_path), tokenizer)
 
 
+@pytest.mark.slow  # make test-all
 def test_a_parquet_corpus_goes_through_all_three_stages(corpora, tmp_path):
     """Your documents instead of the plays: the same engine, the same stages, by the CLI."""
     out = subprocess.run([sys.executable, "-m", "pipeline.run", *SIZES, f"data.path={corpora / 'docs.parquet'}",
