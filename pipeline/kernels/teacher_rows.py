@@ -33,7 +33,6 @@ import math
 
 import numba as nb
 import numpy as np
-
 from numba import types
 from numba.extending import overload
 
@@ -90,6 +89,19 @@ def _value(row, j):
     if isinstance(row, types.Array) and row.dtype == types.uint16:
         return lambda row, j: _i32_as_f32(np.int32(row[j]) << np.int32(16))
     return lambda row, j: row[j]
+
+
+@nb.njit(inline="always", fastmath=FASTMATH)
+def _exp_sums(buf, a, end, m, it):
+    """Over buf[a:end], the sums of e = exp(z) and of e * z, z = (x - m) * it."""
+    total = np.float32(0.0)
+    ws = np.float32(0.0)
+    for j in range(a, end):
+        z = max((buf[j] - m) * it, np.float32(-100.0))  # (clamped: a -inf logit adds 0 * a finite number, not NaN)
+        e = vexp(z)
+        total += e
+        ws += e * z
+    return total, ws
 
 
 @nb.njit(parallel=True, cache=True, fastmath=FASTMATH)
@@ -165,36 +177,21 @@ def teacher_rows(x, k, inv_t, sample_col, uniforms, top_idx, top_val, lse, s_idx
             for t in range(n_t):  # exp sums at each temperature, from L1 (float32 within a block)
                 it = inv_t[t]
                 total = np.float32(0.0)
-                if t == sample_col:  # by sub-blocks: their sums let the draws skip to theirs
-                    ws = np.float32(0.0)
-                    for s in range(n_sub):
-                        sub = np.float32(0.0)
-                        if (s + 1) * SUB <= w:  # a whole sub-block: a constant trip count vectorises
-                            for r in range(SUB):
-                                # (z clamped: a -inf logit adds 0 * a finite number, not NaN)
-                                z = max((buf[s * SUB + r] - m) * it, np.float32(-100.0))
-                                e = vexp(z)
-                                sub += e
-                                ws += e * z
-                        else:
-                            for j in range(s * SUB, w):
-                                z = max((buf[j] - m) * it, np.float32(-100.0))
-                                e = vexp(z)
-                                sub += e
-                                ws += e * z
+                ws = np.float32(0.0)
+                for s in range(n_sub):  # by sub-blocks: their sums let the draws skip to theirs
+                    a = s * SUB
+                    if a + SUB <= w:  # (a constant trip count vectorises)
+                        sub, sub_ws = _exp_sums(buf, a, a + SUB, m, it)
+                    else:
+                        sub, sub_ws = _exp_sums(buf, a, w, m, it)
+                    total += sub
+                    ws += sub_ws
+                    if t == sample_col:
                         part[blk * (BLOCK // SUB) + s] = sub
-                        total += sub
+                sums[t] += total
+                if t == sample_col:
                     wsum += ws
                     ref[blk] = m
-                else:
-                    for s in range(n_sub):
-                        if (s + 1) * SUB <= w:
-                            for r in range(SUB):
-                                total += vexp(max((buf[s * SUB + r] - m) * it, np.float32(-100.0)))
-                        else:
-                            for j in range(s * SUB, w):
-                                total += vexp(max((buf[j] - m) * it, np.float32(-100.0)))
-                sums[t] += total
         if k > 0:  # top-K, from L2: the K-th largest sub-block maximum bounds the K-th largest
             # value from below, so only the (about K) sub-blocks reaching it are scanned
             floor = np.float32(-np.inf)

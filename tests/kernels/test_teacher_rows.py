@@ -132,14 +132,17 @@ def test_the_fused_pass_equals_the_torch_composition_across_blocks(k, samples):
 
 def test_bfloat16_rows_are_read_as_they_are():
     """A bfloat16 batch is read in place (its bits, no float32 copy), to the same results as
-    its float32 values."""
+    its float32 values (sums to float32 rounding: the two are compiled apart, and fastmath
+    may order their reductions differently)."""
     x = torch.from_numpy(wide_rows()).bfloat16()
     m = manifest(k=16, samples=8, temperatures=(1.0, 2.0), sample_temperature=2.0, num_classes=x.shape[1])
     got = represent(x, m, torch.Generator().manual_seed(1))
     want = represent(x.float(), m, torch.Generator().manual_seed(1))
     assert got.keys() == want.keys()
-    for name in got:
+    for name in got.keys() - {"lse", "sampled_ent"}:
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    for name in ("lse", "sampled_ent"):
+        torch.testing.assert_close(got[name], want[name], rtol=1e-6, atol=0)
 
 
 def test_nan_or_inf_anywhere_in_a_wide_row_is_flagged():
