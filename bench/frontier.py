@@ -137,7 +137,7 @@ def verdict(s: dict[str, dict]) -> dict:
             "beats_topk_fp16_at_every_budget": all(b["ok"] for b in beats.values()), "per_budget": beats}
 
 
-def plot(s: dict[str, dict], path: str) -> None:
+def plot(s: dict[str, dict], path: str, settings: list[str]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -153,7 +153,9 @@ def plot(s: dict[str, dict], path: str) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("cache bytes per token on disk (log)")
     ax.set_ylabel("student held-out perplexity")
-    ax.set_title("task=lm: student perplexity vs cache size (3 seeds: mean, sd)", fontsize=10)
+    seeds = max(v["n"] for v in s.values())
+    ax.set_title(f"task=lm{''.join(' ' + o for o in settings)}: student perplexity vs cache size "
+                 f"({seeds} seeds: mean, sd)", fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -216,7 +218,7 @@ def main() -> None:
         print(f"  at {s[n]['disk']:.1f} B/token ({n}, {s[n]['ppl']:.2f}): best other no larger: {b['best_other']} "
               f"({s[b['best_other']]['ppl']:.2f})" if b["best_other"] else f"  at {n}: nothing smaller")
     os.makedirs("docs", exist_ok=True)
-    plot(s, "docs/frontier.png")
+    plot(s, "docs/frontier.png", args.overrides)
     print(json.dumps({"best_le_50B": v["best_le_50B"], "best_le_50B_ppl_ratio": v["best_le_50B_ppl_ratio"],
                       "beats_topk_fp16_at_every_budget": v["beats_topk_fp16_at_every_budget"],
                       "seeds": {n: s[n]["n"] for n in s}}))
