@@ -121,6 +121,14 @@ def summary(state: dict) -> dict[str, dict]:
         sd = math.sqrt(sum((x - mean) ** 2 for x in ppl) / (len(ppl) - 1)) if len(ppl) > 1 else float("nan")
         out[name] = {"ppl": mean, "sd": sd, "n": len(ppl), "kl": sum(kl) / len(kl), **state["sizes"][name],
                      "family": REPRESENTATIONS[name][2] if name in REPRESENTATIONS else name}
+        # paired by seed: the same initialisation and batches with the reference cache, so the
+        # seed's own effect (shared by every cache) cancels in the ratio
+        ref = state["runs"].get(REFERENCE, {})
+        ratios = [r["ppl"] / ref[seed]["ppl"] for seed, r in runs.items() if seed in ref]
+        if ratios:
+            rm = sum(ratios) / len(ratios)
+            out[name] |= {"paired": rm, "paired_sd": math.sqrt(sum((x - rm) ** 2 for x in ratios) / (len(ratios) - 1))
+                          if len(ratios) > 1 else float("nan")}
     return out
 
 
@@ -205,14 +213,15 @@ def main() -> None:
     s = summary(state)
 
     print(f"{'representation':26s} {'B/token format':>14s} {'on disk':>8s} {'seeds':>5s} {'perplexity':>18s} "
-          f"{'KL to teacher':>13s} {'vs top-64 fp16':>14s}")
+          f"{'KL to teacher':>13s} {'vs top-64 fp16':>14s} {'paired by seed':>16s}")
     ref = s[REFERENCE]["ppl"]
     for name in sorted(s, key=lambda n: s[n]["disk"]):
         r = s[name]
         spread = f" +- {r['sd']:.2f}" if r["n"] > 1 else ""
         kk = f" (mean k {r['mean_k']:.1f})" if "mean_k" in r else ""
         print(f"{name + kk:26s} {r['format']:14d} {r['disk']:8.1f} {r['n']:5d} {r['ppl']:9.2f}{spread:9s} "
-              f"{r['kl']:13.4f} {100 * (r['ppl'] / ref - 1):+13.1f}%")
+              f"{r['kl']:13.4f} {100 * (r['ppl'] / ref - 1):+13.1f}% "
+              + (f"{100 * (r['paired'] - 1):+7.2f}% +- {100 * r['paired_sd']:.2f}" if "paired" in r else ""))
     v = verdict(s)
     for n, b in v["per_budget"].items():
         print(f"  at {s[n]['disk']:.1f} B/token ({n}, {s[n]['ppl']:.2f}): best other no larger: {b['best_other']} "
