@@ -23,6 +23,8 @@ Resumable: every finished run is kept in ``<root>/frontier.json``; a rerun skips
     python bench/frontier.py --seeds 1       # seed 0 only
     python bench/frontier.py --root data/frontier-lr1e-3 train.lr=0.001   # students at another setting
                                              # (the wide capture is reused from the same --root only)
+    python bench/frontier.py --root data/frontier-2000 --seeds 1 --plot docs/frontier-2000.png \
+        train.lr=0.001 data.train_size=2000 --only topk64-fp16 sampled32-narrow   # a 4x larger corpus
 """
 
 from __future__ import annotations
@@ -174,7 +176,9 @@ def main() -> None:
     ap.add_argument("--root", default=ROOT_DEFAULT)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--only", nargs="*", help="representations to run (default: all)")
-    ap.add_argument("overrides", nargs="*", help="stage-3 settings for every student (train.lr=0.001; before --only)")
+    ap.add_argument("--plot", default="docs/frontier.png")
+    ap.add_argument("overrides", nargs="*", help="settings for every student (train.lr=0.001; before --only); data.* "
+                    "ones also go to stages 1 and 2 (data.train_size=2000: a larger corpus)")
     args = ap.parse_args()
     root = os.path.abspath(args.root)
     os.makedirs(root, exist_ok=True)
@@ -183,17 +187,18 @@ def main() -> None:
     if state.setdefault("overrides", args.overrides) != args.overrides:
         sys.exit(f"{state_path} holds runs with {state['overrides']}, not {args.overrides}: use another --root")
     parent = os.path.join(root, "caches", "parent")
+    corpus = [o for o in args.overrides if o.startswith("data.")]
     wide = (f"cache.k={PARENT['k']}", f"cache.samples={PARENT['samples']}")
     if not os.path.exists(os.path.join(parent, "manifest.json")):
         print("stage 1: the wide parent cache", file=sys.stderr)
-        cli("stage=1", f"paths.root={root}", f"cache.path={parent}", *wide)
+        cli("stage=1", f"paths.root={root}", f"cache.path={parent}", *wide, *corpus)
     names = args.only or list(REPRESENTATIONS)
     for name in names:
         derive, _, _ = REPRESENTATIONS[name]
         path = os.path.join(root, "caches", name)
         if not os.path.exists(os.path.join(path, "manifest.json")):
             print(f"stage 2: derive {name}", file=sys.stderr)
-            cli("stage=2", f"paths.root={root}", f"cache.path={parent}", *wide, f"derive.path={path}", *derive,
+            cli("stage=2", f"paths.root={root}", f"cache.path={parent}", *wide, *corpus, f"derive.path={path}", *derive,
                 f"hydra.run.dir={os.path.join(root, 'runs', 'derive-' + name)}")
         state["sizes"][name] = cache_sizes(path)
     save(state_path, state)
@@ -226,8 +231,8 @@ def main() -> None:
     for n, b in v["per_budget"].items():
         print(f"  at {s[n]['disk']:.1f} B/token ({n}, {s[n]['ppl']:.2f}): best other no larger: {b['best_other']} "
               f"({s[b['best_other']]['ppl']:.2f})" if b["best_other"] else f"  at {n}: nothing smaller")
-    os.makedirs("docs", exist_ok=True)
-    plot(s, "docs/frontier.png", args.overrides)
+    os.makedirs(os.path.dirname(args.plot) or ".", exist_ok=True)
+    plot(s, args.plot, args.overrides)
     print(json.dumps({"best_le_50B": v["best_le_50B"], "best_le_50B_ppl_ratio": v["best_le_50B_ppl_ratio"],
                       "beats_topk_fp16_at_every_budget": v["beats_topk_fp16_at_every_budget"],
                       "seeds": {n: s[n]["n"] for n in s}}))
