@@ -114,13 +114,18 @@ def train(root: str, name: str, cache: str, variant: str, seed: int, parent: str
             "kl": row["heldout_kl_topk"], "seconds": time.perf_counter() - t0}
 
 
+def mean_sd(xs: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (NaN for one value)."""
+    mean = sum(xs) / len(xs)
+    return mean, math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else float("nan")
+
+
 def summary(state: dict) -> dict[str, dict]:
     out = {}
     for name, runs in state["runs"].items():
         ppl = [r["ppl"] for r in runs.values()]
         kl = [r["kl"] for r in runs.values()]
-        mean = sum(ppl) / len(ppl)
-        sd = math.sqrt(sum((x - mean) ** 2 for x in ppl) / (len(ppl) - 1)) if len(ppl) > 1 else float("nan")
+        mean, sd = mean_sd(ppl)
         out[name] = {"ppl": mean, "sd": sd, "n": len(ppl), "kl": sum(kl) / len(kl), **state["sizes"][name],
                      "family": REPRESENTATIONS[name][2] if name in REPRESENTATIONS else name}
         # paired by seed: the same initialisation and batches with the reference cache, so the
@@ -128,9 +133,8 @@ def summary(state: dict) -> dict[str, dict]:
         ref = state["runs"].get(REFERENCE, {})
         ratios = [r["ppl"] / ref[seed]["ppl"] for seed, r in runs.items() if seed in ref]
         if ratios:
-            rm = sum(ratios) / len(ratios)
-            out[name] |= {"paired": rm, "paired_sd": math.sqrt(sum((x - rm) ** 2 for x in ratios) / (len(ratios) - 1))
-                          if len(ratios) > 1 else float("nan")}
+            paired, paired_sd = mean_sd(ratios)
+            out[name] |= {"paired": paired, "paired_sd": paired_sd}
     return out
 
 

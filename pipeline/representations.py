@@ -168,8 +168,8 @@ def represent(logits: torch.Tensor, m: Manifest, generator: torch.Generator | No
         return out
     topk, sampled = "topk" in m.modes, "sampled" in m.modes
     u = sorted_uniforms(len(logits), m.samples, generator).numpy() if sampled else None
-    rows = (logits.contiguous().view(torch.int16).numpy().view(np.uint16) if logits.dtype == torch.bfloat16
-            else logits.float().numpy())  # bfloat16 is read as it is, no float32 copy
+    rows = (stored(logits, "bfloat16").numpy().view(np.uint16) if logits.dtype == torch.bfloat16
+            else logits.float().numpy())  # bfloat16 is read as its bits, no float32 copy
     r = {n: torch.from_numpy(a) for n, a in summarize_rows(
         rows, m.k if topk else 0, m.temperatures if topk else [],
         m.sample_temperature if sampled else None, u).items()}

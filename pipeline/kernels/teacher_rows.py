@@ -135,6 +135,7 @@ def teacher_rows(x, k, inv_t, sample_col, uniforms, top_idx, top_val, lse, s_idx
             lo = blk * BLOCK
             w = min(c - lo, BLOCK)
             n_sub = (w + SUB - 1) // SUB
+            g0 = blk * (BLOCK // SUB)  # the block's first sub-block in the row
             for j in range(w):  # read once, as float32 (1-D loops over the row vectorise; 2-D ones did not)
                 buf[j] = value(row, lo + j)
             for j in range(w):
@@ -156,7 +157,7 @@ def teacher_rows(x, k, inv_t, sample_col, uniforms, top_idx, top_val, lse, s_idx
                 sm = lane[0]
                 for r in range(1, LANES):
                     sm = lane[r] if lane[r] > sm else sm
-                sub_max[blk * (BLOCK // SUB) + s] = sm
+                sub_max[g0 + s] = sm
                 bm = sm if sm > bm else bm
             if bm > m:  # a new maximum: the sums so far are rescaled to it
                 if k == 0:
@@ -187,7 +188,7 @@ def teacher_rows(x, k, inv_t, sample_col, uniforms, top_idx, top_val, lse, s_idx
                     total += sub
                     ws += sub_ws
                     if t == sample_col:
-                        part[blk * (BLOCK // SUB) + s] = sub
+                        part[g0 + s] = sub
                 sums[t] += total
                 if t == sample_col:
                     wsum += ws
@@ -241,9 +242,10 @@ def teacher_rows(x, k, inv_t, sample_col, uniforms, top_idx, top_val, lse, s_idx
         # they fall in: the first id whose running sum passes u * total
         it = inv_t[sample_col]
         pre = np.zeros(n_sub_row + 1)  # the running sum at each sub-block's start, against the final max
-        for g in range(n_sub_row):
-            b = g // (BLOCK // SUB)
-            pre[g + 1] = pre[g] + (part[g] * math.exp(float((ref[b] - m) * it)) if ref[b] > -np.inf else 0.0)
+        for b in range(n_b):
+            scale = math.exp(float((ref[b] - m) * it)) if ref[b] > -np.inf else 0.0  # one per block
+            for g in range(b * (BLOCK // SUB), min(n_sub_row, (b + 1) * (BLOCK // SUB))):
+                pre[g + 1] = pre[g] + part[g] * scale
         total_s = pre[n_sub_row]
         g, j, acc, e_j, have = 0, 0, 0.0, 0.0, False
         slot = -1
