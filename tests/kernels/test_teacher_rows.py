@@ -103,7 +103,9 @@ def wide_rows(width: int = 1300) -> np.ndarray:
     ties = np.where(rng.random(width) < 0.05, 2.0, 1.0)  # ties across the K-th place, in every sub-block
     ties[-1] = 3.0  # the maximum in the last (partial) sub-block
     bf16_like = np.round(rng.standard_normal(width) * 8 * 16) / 16  # few distinct values
-    return np.array([ramp, first_blocks_empty, ties, bf16_like, rng.standard_normal(width) * 0.01], np.float32)
+    zeros = np.where(rng.random(width) < 0.3, np.where(rng.random(width) < 0.5, 0.0, -0.0), -1.0)
+    zeros[rng.choice(width, 4, replace=False)] = 5.0  # the K-th place is a tie of -0 and +0, equal values
+    return np.array([ramp, first_blocks_empty, ties, bf16_like, rng.standard_normal(width) * 0.01, zeros], np.float32)
 
 
 @pytest.mark.parametrize("k,samples", [(64, 16), (5, 3), (1, 64)])
@@ -143,6 +145,22 @@ def test_bfloat16_rows_are_read_as_they_are():
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
     for name in ("lse", "sampled_ent"):
         torch.testing.assert_close(got[name], want[name], rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("shift", [700.0, -700.0])
+def test_bfloat16_rows_beyond_the_exp_table_take_the_online_pass(shift):
+    """A bfloat16 row whose max / T leaves the exp table's range (float64's exp ends at 709)
+    is summed against its maximum instead, to the same results as its float32 values."""
+    x = (torch.from_numpy(wide_rows()) + shift).bfloat16()
+    m = manifest(k=16, samples=8, temperatures=(1.0, 2.0), sample_temperature=1.0, num_classes=x.shape[1])
+    got = represent(x, m, torch.Generator().manual_seed(1))
+    for want in (represent(x.float(), m, torch.Generator().manual_seed(1)),
+                 represent_torch(x.float(), m, torch.Generator().manual_seed(1))):
+        np.testing.assert_array_equal(got["topk_val"], want["topk_val"])
+        for name in ("sampled_idx", "sampled_cnt"):
+            np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+        torch.testing.assert_close(got["lse"], want["lse"], rtol=1e-6, atol=0)
+    assert torch.isfinite(got["lse"]).all()
 
 
 def test_nan_or_inf_anywhere_in_a_wide_row_is_flagged():
