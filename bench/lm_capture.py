@@ -81,12 +81,12 @@ def main(overrides: list[str], repeats: int = 3) -> dict:
            "bare_forward_s": min(bare), "stage1_s": min(full), "overhead_ratio": min(full) / min(bare),
            "tokens_per_s": tokens / min(full),
            "torch_composition_ratio": min(composed) / min(bare) if composed else None,
-           "paired_ratios": [f / b for f, b in zip(full, bare)]}
+           "paired_ratios": [f / b for f, b in zip(full, bare, strict=True)]}
     print(f"bare forward {min(bare):.2f}s  stage 1 {min(full):.2f}s  overhead x{res['overhead_ratio']:.3f} "
           f"({res['tokens_per_s']:.0f} tokens/s)"
           + (f"; with the torch composition instead of the fused row pass x{res['torch_composition_ratio']:.3f}"
              if composed else ""))
-    print("each repeat: " + "  ".join(f"{f:.2f}/{b:.2f}s x{f / b:.3f}" for f, b in zip(full, bare)))
+    print("each repeat: " + "  ".join(f"{f:.2f}/{b:.2f}s x{f / b:.3f}" for f, b in zip(full, bare, strict=True)))
     print(json.dumps(res))
     return res
 
