@@ -381,6 +381,45 @@ def test_full_rows_are_refused_above_the_size_limit_after_printing_the_projectio
     assert "projected cache size" in caplog.text and "98304 B/row" in caplog.text
 
 
+def test_a_gguf_teachers_tokenizer_and_config_are_converted_once(tmp_path, monkeypatch, caplog):
+    """The GGUF metadata is parsed into Hugging Face JSON files once (keyed by the file's
+    hash and the transformers version) and read from there after: the same tokenizer (its
+    full serialized form, chat template, special tokens). Where the folder cannot be
+    written, the GGUF file is read as before, with a warning."""
+    import transformers
+
+    from pipeline.tasks.lm.models import load_tokenizer, tokenizer_hash
+
+    cfg = compose_config("task=lm").teacher
+    calls = []
+    real = transformers.AutoTokenizer.from_pretrained.__func__
+
+    def spy(cls, *args, **kwargs):
+        calls.append("gguf" if "gguf_file" in kwargs else "json")
+        return real(cls, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", classmethod(spy))
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    monkeypatch.setenv("KD_CACHE_HOME", str(blocked))
+    direct = load_tokenizer(cfg)  # nowhere to keep it: read from the GGUF file
+    assert calls == ["gguf"] and "could not keep" in caplog.text
+    monkeypatch.setenv("KD_CACHE_HOME", str(tmp_path / "home"))
+    calls.clear()
+    first = load_tokenizer(cfg)
+    assert calls == ["gguf", "json"]  # converted, then read as JSON
+    (folder,) = (tmp_path / "home" / "gguf").iterdir()
+    assert folder.name.endswith(f"-transformers-{transformers.__version__}") and (folder / "config.json").is_file()
+    calls.clear()
+    again = load_tokenizer(cfg)
+    assert calls == ["json"]
+    for tok in (first, again):
+        assert tokenizer_hash(tok) == tokenizer_hash(direct)
+        assert tok.chat_template == direct.chat_template and tok.all_special_tokens == direct.all_special_tokens
+        assert (tok.pad_token_id, tok.eos_token_id, tok.bos_token_id) == (
+            direct.pad_token_id, direct.eos_token_id, direct.bos_token_id)
+
+
 def test_the_fingerprint_names_a_changed_tokenizer_or_precision(teacher, lm_cache):
     from pipeline.cache.fingerprint import capture_settings, check_fingerprint, fingerprint_fields
 
