@@ -55,7 +55,7 @@ def main(overrides: list[str], repeats: int = 3) -> dict:
     try:
         teacher = load_teacher(cfg.teacher)
         task = LanguageModel(cfg)
-        _ = task.tokenizer  # parsed from the GGUF once (about 5 s here): a fixed cost per run, not per token
+        _ = task.tokenizer  # loaded once: a fixed cost per run, not per token
         device = choose_device(cfg.teacher.device)
         model = teacher.model.to(device)
         data = load_tokens(cfg.data, tmp, teacher.tokenizer)
