@@ -88,17 +88,16 @@ def gguf_metadata(folder: Path, gguf: str) -> Path | None:
     first two then load in 0.15 s. None (and the GGUF file is read as before) where the
     folder cannot be written."""
     import transformers
-    from transformers import AutoConfig, AutoTokenizer
 
     key = f"{weights_hash(folder, gguf)[:24]}-transformers-{transformers.__version__}"
     target = metadata_home() / "gguf" / key
-    if (target / "config.json").is_file():  # (written last, before the folder is renamed into place)
+    if (target / "config.json").is_file():  # (the folder appears whole: it is renamed into place)
         return target
     tmp = target.parent / f".{key}.{os.getpid()}"
     try:
         tmp.mkdir(parents=True, exist_ok=True)
-        AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf, local_files_only=True).save_pretrained(tmp)
-        AutoConfig.from_pretrained(str(folder), gguf_file=gguf, local_files_only=True).save_pretrained(tmp)
+        _tokenizer(folder, gguf, None).save_pretrained(tmp)
+        _config(folder, gguf, None).save_pretrained(tmp)
         try:
             os.rename(tmp, target)
         except OSError:  # another process put it there first
@@ -128,13 +127,23 @@ def tokenizer_hash(tokenizer) -> str:
 
 
 def load_tokenizer(cfg_teacher):
+    return _tokenizer(*teacher_files(cfg_teacher))
+
+
+def _tokenizer(folder: Path, gguf: str | None, meta: Path | None):
     from transformers import AutoTokenizer
 
-    folder, gguf, meta = teacher_files(cfg_teacher)
     if meta is not None:
         return AutoTokenizer.from_pretrained(str(meta), local_files_only=True)
-    kw = {"gguf_file": gguf} if gguf else {}
-    return AutoTokenizer.from_pretrained(str(folder), local_files_only=True, **kw)
+    return AutoTokenizer.from_pretrained(str(folder), local_files_only=True, **({"gguf_file": gguf} if gguf else {}))
+
+
+def _config(folder: Path, gguf: str | None, meta: Path | None):
+    from transformers import AutoConfig
+
+    if meta is not None:
+        return AutoConfig.from_pretrained(str(meta), local_files_only=True)
+    return AutoConfig.from_pretrained(str(folder), local_files_only=True, **({"gguf_file": gguf} if gguf else {}))
 
 
 @dataclass
@@ -156,16 +165,15 @@ def pad_id(tokenizer) -> int:
 
 def load_teacher(cfg_teacher) -> LMTeacher:
     """The teacher model (eval mode, weights in the configured precision) and its tokenizer."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg_teacher.precision.value]
     t0 = time.perf_counter()
     folder, gguf, meta = teacher_files(cfg_teacher)
-    tokenizer = load_tokenizer(cfg_teacher)
+    tokenizer = _tokenizer(folder, gguf, meta)
     kw = {"gguf_file": gguf} if gguf else {}
-    if meta is not None:
-        kw["config"] = AutoConfig.from_pretrained(str(meta), local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, local_files_only=True, **kw).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, local_files_only=True,
+                                                 config=_config(folder, gguf, meta), **kw).eval()
     ident = teacher_identity(cfg_teacher, tokenizer)
     log.info("teacher %s loaded from %s in %.1fs: %d parameters, logit width %d, tokenizer size %d",
              gguf or folder.name, folder, time.perf_counter() - t0, sum(p.numel() for p in model.parameters()),
@@ -215,11 +223,10 @@ def teacher_layer_student(cfg_teacher, layers: list[int]) -> torch.nn.Module:
     dequantized one by one), into a model built from the teacher's config with
     ``len(layers)`` layers; the teacher model itself is never built. Per-layer config lists
     (e.g. ``layer_types``) keep the chosen layers' entries."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     folder, gguf, meta = teacher_files(cfg_teacher)
-    config = AutoConfig.from_pretrained(str(meta or folder), local_files_only=True,
-                                        **({"gguf_file": gguf} if gguf and meta is None else {}))
+    config = _config(folder, gguf, meta)
     n = config.num_hidden_layers
     if not layers or len(set(layers)) != len(layers) or not all(0 <= i < n for i in layers):
         raise ValueError(f"student layers={list(layers)}: expected distinct indices of the teacher's {n} layers "
