@@ -14,9 +14,9 @@ overhead_ratio and tokens_per_s.
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
-import sys
 import tempfile
 import time
 
@@ -86,16 +86,14 @@ def main(overrides: list[str], repeats: int = 3) -> dict:
           f"({res['tokens_per_s']:.0f} tokens/s)"
           + (f"; with the torch composition instead of the fused row pass x{res['torch_composition_ratio']:.3f}"
              if composed else ""))
-    print("each repeat: " + "  ".join(f"{f:.2f}/{b:.2f}s x{f / b:.3f}" for f, b in zip(full, bare, strict=True)))
+    each = "  ".join(f"{f:.2f}/{b:.2f}s x{r:.3f}" for f, b, r in zip(full, bare, res["paired_ratios"], strict=True))
+    print("each repeat: " + each)
     print(json.dumps(res))
     return res
 
 
 if __name__ == "__main__":
-    args = sys.argv[1:]
-    n = 3
-    if "--repeats" in args:
-        i = args.index("--repeats")
-        n = int(args[i + 1])
-        del args[i:i + 2]
-    main(args, n)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--repeats", type=int, default=3)
+    args, overrides = ap.parse_known_args()
+    main(overrides, args.repeats)

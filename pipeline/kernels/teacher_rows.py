@@ -276,15 +276,14 @@ def _online_pass(row, inv_t, sample_col, sub_max, part, ref, sums):
 
 
 @nb.njit
-def _top_k(row, k, sub_max, scratch, top_idx, top_val, i):
+def _top_k(row, k, sub_max, top_idx, top_val, i):
     """The K largest values of the row, largest first, ties by lower id, from the sub-blocks
     whose maximum reaches the K-th largest sub-block maximum."""
     c = row.shape[0]
     n_sub = sub_max.shape[0]
     floor = np.float32(-np.inf)
     if n_sub > k:
-        for g in range(n_sub):
-            scratch[g] = sub_max[g]
+        scratch = sub_max.copy()
         _select(scratch, 0, n_sub, n_sub - k)
         floor = scratch[n_sub - k]
     q = 0
@@ -328,9 +327,8 @@ def teacher_rows(x, k, inv_t, sample_col, uniforms, tables, top_idx, top_val, ls
     for i in nb.prange(n):
         row = x[i]
         sub_max = np.empty(n_sub_row, np.float32)
-        scratch = np.empty(n_sub_row, np.float32)
         sums = np.zeros(max(n_t, 1))  # sum of exp((x - base) / T) per temperature
-        part = np.zeros(n_sub_row)  # sampling: each sub-block's sum, against its block's ref
+        part = np.zeros(n_sub_row)  # sampling: each sub-block's sum (the online pass: against its block's ref)
         ref = np.empty(n_b, np.float32)  # the online pass: the running maximum when a block was summed
         fast = False
         m = np.float32(np.nan)  # the row's maximum
@@ -348,7 +346,7 @@ def teacher_rows(x, k, inv_t, sample_col, uniforms, tables, top_idx, top_val, ls
             m, wsum, probe = _online_pass(row, inv_t, sample_col, sub_max, part, ref, sums)
         base = np.float32(0.0) if fast else m  # the sums are of exp((x - base) / T)
         if k > 0:
-            _top_k(row, k, sub_max, scratch, top_idx, top_val, i)
+            _top_k(row, k, sub_max, top_idx, top_val, i)
             top1[i] = top_idx[i, 0]
         else:  # the first index of the maximum
             arg = 0
