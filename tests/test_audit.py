@@ -6,7 +6,7 @@ import torch
 
 from pipeline.audit import audit_cache
 from pipeline.cache import open_cache
-from tests.conftest import write_cache
+from tests.support import write_cache
 
 
 def test_audit_matches_direct_computation(tmp_path):
@@ -92,15 +92,15 @@ def test_audit_on_a_local_cluster_equals_threads(tmp_path):
     assert dask.config.get("scheduler", None) is None  # the client did not become the default
 
 
-def test_stage2_joins_an_existing_cluster_by_address(tmp_path):
+def test_stage2_joins_an_existing_cluster_by_address(tmp_path, classify_root):
     import glob
     import json
 
     from distributed import LocalCluster
 
-    from tests.test_cli import run_cli
+    from tests.support import run_cli, seed_root
 
-    run_cli(tmp_path, "stage=1")
+    seed_root(tmp_path, classify_root, caches=True)  # the cache stage 1 wrote
     with LocalCluster(n_workers=1, threads_per_worker=1, dashboard_address=None) as cluster:
         proc = run_cli(tmp_path, "stage=2", f"dask.scheduler={cluster.scheduler_address}")
     assert f"connected to {cluster.scheduler_address}" in proc.stdout + proc.stderr

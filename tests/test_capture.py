@@ -39,7 +39,7 @@ def test_capture_refuses_a_non_finite_row_before_writing(tmp_path):
     from pipeline.cache import open_cache
     from pipeline.tasks.classify import Classify
     from pipeline.tasks.classify.data import Split, Splits
-    from tests.conftest import compose_config
+    from tests.support import compose_config
 
     class Poisoned(torch.nn.Module):
         def forward(self, x):

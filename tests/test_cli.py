@@ -4,41 +4,20 @@ import glob
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import zarr
 from datasets import load_from_disk
 
-SMALL = ["data.train_size=400", "data.test_size=200", "data.transfer_size=1500", "teacher.fit.epochs=30",
-         "train.epochs=1", "cache.chunk_rows=256", "cache.shard_chunks=2"]
-
-
-def run_cli(root, *args, timeout=600, code=0, env_extra: dict | None = None):
-    """``python -m pipeline.run paths.root=<root> <SMALL> <args>``; its exit code must be ``code``."""
-    env = dict(os.environ, OMP_WAIT_POLICY="passive", **(env_extra or {}))
-    env.pop("HYDRA_FULL_ERROR", None)
-    proc = subprocess.run([sys.executable, "-m", "pipeline.run", f"paths.root={root}", *SMALL, *args],
-                          capture_output=True, text=True, timeout=timeout, env=env)
-    assert proc.returncode == code, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
-
-
-def error_line(proc) -> str:
-    """The one error a failed run logged: its message (a line, or a line and the list it
-    announces), with no traceback."""
-    out = proc.stdout + proc.stderr
-    assert "Traceback" not in out, out[-3000:]
-    errors = [i for i, ln in enumerate(out.splitlines()) if "[ERROR]" in ln]
-    assert len(errors) == 1, out[-3000:]
-    return "\n".join(out.splitlines()[errors[0]:])
+from tests.support import run_cli, seed_root
 
 
 @pytest.fixture(scope="module")
-def full_run(tmp_path_factory):
+def full_run(tmp_path_factory, classify_root):
+    """All three stages by the CLI, from the session's fitted teacher and dataset."""
     root = tmp_path_factory.mktemp("kd")
+    seed_root(root, classify_root)
     proc = run_cli(root)
     return root, proc
 
@@ -95,17 +74,16 @@ def test_stage1_again_reuses_the_complete_cache(full_run):
     assert "5/5 shards already committed" in proc.stdout + proc.stderr
 
 
-def test_size_guard_refuses_a_full_capture_above_the_limit(tmp_path):
-    env = dict(os.environ, OMP_WAIT_POLICY="passive")
-    proc = subprocess.run([sys.executable, "-m", "pipeline.run", f"paths.root={tmp_path}", *SMALL, "stage=1",
-                           "cache.max_full_gb=0.00001"], capture_output=True, text=True, timeout=600, env=env)
+def test_size_guard_refuses_a_full_capture_above_the_limit(seeded):
+    tmp_path = seeded
+    proc = run_cli(tmp_path, "stage=1", "cache.max_full_gb=0.00001", code=1)
     out = proc.stdout + proc.stderr
-    assert proc.returncode == 1
     assert "projected cache size" in out and "above cache.max_full_gb=1e-05" in out and "cache.modes=[topk]" in out
     assert not glob.glob(str(tmp_path / "caches" / "*" / "manifest.json"))
 
 
-def test_stage1_captures_every_representation_in_one_pass(tmp_path):
+def test_stage1_captures_every_representation_in_one_pass(seeded):
+    tmp_path = seeded
     run_cli(tmp_path, "stage=1", "cache=arrow", "cache.modes=[full,topk,sampled]", "cache.k=4", "cache.samples=16")
     (cache,) = glob.glob(str(tmp_path / "caches" / "*"))
     manifest = json.load(open(os.path.join(cache, "manifest.json")))
@@ -125,35 +103,28 @@ def test_stage1_captures_every_representation_in_one_pass(tmp_path):
 
 def test_sparse_loss_on_a_full_only_cache_says_what_to_capture(full_run):
     root, _ = full_run
-    env = dict(os.environ, OMP_WAIT_POLICY="passive")
     (cache,) = glob.glob(str(root / "caches" / "*"))
-    proc = subprocess.run([sys.executable, "-m", "pipeline.run", f"paths.root={root}", *SMALL, "stage=3",
-                           "loss=topk_kl", f"cache.path={cache}", "student=linear"], capture_output=True, text=True,
-                          timeout=600, env=env)
+    proc = run_cli(root, "stage=3", "loss=topk_kl", f"cache.path={cache}", "student=linear", code=1)
     out = proc.stdout + proc.stderr
-    assert proc.returncode == 1
     assert "loss.distance=topk_kl trains from the 'topk' representation" in out and "cache.modes=[topk]" in out
 
 
 def test_student_class_count_differing_from_the_cache_is_explained(full_run):
     root, _ = full_run
-    env = dict(os.environ, OMP_WAIT_POLICY="passive")
     (cache,) = glob.glob(str(root / "caches" / "*"))
-    proc = subprocess.run([sys.executable, "-m", "pipeline.run", f"paths.root={root}", *SMALL, "stage=3",
-                           "data.num_classes=12", f"cache.path={cache}"], capture_output=True, text=True, timeout=600,
-                          env=env)
-    assert proc.returncode == 1
+    proc = run_cli(root, "stage=3", "data.num_classes=12", f"cache.path={cache}", code=1)
     assert "over 10 classes, but this run has data.num_classes=12" in proc.stdout + proc.stderr
     assert "set data.num_classes=10" in proc.stdout + proc.stderr
 
 
 @pytest.mark.slow  # make test-all
-def test_a_narrow_cache_trains_the_same_student_in_fewer_bytes(tmp_path):
+def test_a_narrow_cache_trains_the_same_student_in_fewer_bytes(tmp_path, classify_root):
     """cache.narrow=true through the real CLI: the same audit and the same trained student as
     the wide cache (the stored values are the same), in fewer bytes per row."""
     out = {}
     for narrow in ("false", "true"):
         root = tmp_path / narrow
+        seed_root(root, classify_root)
         run_cli(root, "cache.modes=[topk,sampled]", "cache.k=3", "cache.samples=4", "loss=sampled_kl",
                 "student=linear", f"cache.narrow={narrow}")
         (audit,) = glob.glob(str(root / "runs" / "*" / "audit.json"))
@@ -170,6 +141,7 @@ def test_a_narrow_cache_trains_the_same_student_in_fewer_bytes(tmp_path):
 
     # and top-k values in 4 bits, in adaptive rows: the whole run, audit included, reads them
     root = tmp_path / "q4"
+    seed_root(root, classify_root)
     run_cli(root, "cache.modes=[topk]", "cache.k=3", "loss=topk_kl", "student=linear", "cache.narrow=true",
             "cache.value_bits=4", "cache.top_p=0.6")
     (audit,) = glob.glob(str(root / "runs" / "*" / "audit.json"))
@@ -183,13 +155,14 @@ def test_a_narrow_cache_trains_the_same_student_in_fewer_bytes(tmp_path):
     assert len(q4["splits"]["test"]["coverage"]) == 3
 
 
-def test_a_topk_only_and_a_sampled_only_cache_go_through_all_three_stages(tmp_path):
+def test_a_topk_only_and_a_sampled_only_cache_go_through_all_three_stages(tmp_path, classify_root):
     """What stage 1's size guard recommends must work end to end: capture, the audit (its
     teacher accuracy exact: the cached argmax, from the top-k cache's first id or the
     sampled cache's top1, not the most-drawn class), training and the results."""
     acc, audits = {}, {}
     for modes, loss in (("[topk]", "topk_kl"), ("[sampled]", "sampled_kl")):
         root = tmp_path / modes.strip("[]")
+        seed_root(root, classify_root)
         proc = run_cli(root, f"cache.modes={modes}", "cache.k=3", "cache.samples=2", f"loss={loss}",
                        "student=linear")
         (line,) = [ln for ln in proc.stdout.splitlines() if ln.startswith("teacher test accuracy")]
@@ -206,11 +179,12 @@ def test_a_topk_only_and_a_sampled_only_cache_go_through_all_three_stages(tmp_pa
     assert sampled["mean_sample_entropy"] > 0 and 1 <= sampled["distinct_sampled_mean"] <= 2
 
 
-def test_stage_2_plans_for_a_byte_budget_and_derives_the_plan(tmp_path):
+def test_stage_2_plans_for_a_byte_budget_and_derives_the_plan(tmp_path, classify_root):
     """cache.budget_bytes_per_token: stage 2 prints and records the plan from its audit, and
     derive.mode=auto derives the pick (here: the most draws within 12 B/row of 8, narrow),
     which stage 3 then trains from by cache.path."""
     root = tmp_path / "r"
+    seed_root(root, classify_root)
     run_cli(root, "stage=1", "cache.modes=[topk,sampled]", "cache.k=8", "cache.samples=8", "student=linear")
     proc = run_cli(root, "stage=2", "cache.modes=[topk,sampled]", "cache.k=8", "cache.samples=8", "student=linear",
                    "cache.budget_bytes_per_token=12", "derive.mode=auto")

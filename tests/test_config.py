@@ -6,7 +6,7 @@ from hydra.errors import ConfigCompositionException, MissingConfigException
 
 from pipeline.config import StudentArch
 from pipeline.tasks import validate
-from tests.conftest import compose_config
+from tests.support import compose_config
 
 
 def test_default_config_composes_and_validates():
@@ -68,7 +68,7 @@ def test_each_task_validates_its_own_settings():
     """task=lm accepts what its data config documents (train_size 0: every sequence not held
     out) and never reads the classifier's num_classes; each task refuses the other's parts."""
     from pipeline.tasks import validate
-    from tests.conftest import compose_config
+    from tests.support import compose_config
 
     validate(compose_config("task=lm", "data.train_size=0", "data.num_classes=-1"))
     with pytest.raises(ValueError, match="data.train_size=0: must be > 0"):

@@ -11,8 +11,7 @@ import torch
 
 from pipeline.cache import open_cache
 from pipeline.derive import child_manifest, completed_topk, derive_cache, derive_report
-from tests.conftest import write_cache
-from tests.test_cli import run_cli
+from tests.support import run_cli, write_cache
 
 
 def test_derived_topk_equals_torch_topk_of_the_parent(tmp_path, tiny_logits):
@@ -125,7 +124,8 @@ def test_a_token_cache_derives_with_its_sequence_index(tmp_path, tiny_logits):
     assert child.tokenizer_json == tokenizer.decode() and child.manifest.tokenizer_sha256
 
 
-def test_stage2_derives_a_topk_cache(tmp_path):
+def test_stage2_derives_a_topk_cache(seeded):
+    tmp_path = seeded
     run_cli(tmp_path, "stage=1")
     proc = run_cli(tmp_path, "stage=2", "derive.mode=topk", "derive.k=3")
     (parent,) = [p for p in glob.glob(str(tmp_path / "caches" / "*")) if "-topk" not in p]

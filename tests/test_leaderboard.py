@@ -4,21 +4,17 @@ import glob
 import json
 import multiprocessing as mp
 import os
-import subprocess
-import sys
 
 from pipeline.leaderboard import update_leaderboard
-from tests.test_cli import SMALL, run_cli
+from tests.support import run_cli
 
 
 def _sweep(root, *args):
-    env = dict(os.environ, OMP_WAIT_POLICY="passive")
-    proc = subprocess.run([sys.executable, "-m", "pipeline.run", "-m", f"paths.root={root}", *SMALL, "stage=3",
-                           *args], capture_output=True, text=True, timeout=900, env=env, cwd=root)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_cli(root, "-m", "stage=3", *args)
 
 
-def test_sweep_of_two_students_by_two_losses_fills_the_leaderboard(tmp_path):
+def test_sweep_of_two_students_by_two_losses_fills_the_leaderboard(seeded):
+    tmp_path = seeded
     run_cli(tmp_path, "stage=1")
     _sweep(tmp_path, "student=linear,mlp", "loss=kl,mse")
     (folder,) = glob.glob(str(tmp_path / "leaderboards" / "*"))

@@ -6,7 +6,7 @@ import torch
 
 from pipeline.cache import open_cache
 from pipeline.representations import sample_counts, topk_distribution
-from tests.conftest import write_cache
+from tests.support import write_cache
 
 
 def test_topk_and_tail_read_back_equal_the_full_distribution(tmp_path):

@@ -8,7 +8,7 @@ import torch
 
 from pipeline.cache import open_cache
 from pipeline.stream import CacheStream
-from tests.conftest import write_cache
+from tests.support import write_cache
 
 
 def _ids(stream):

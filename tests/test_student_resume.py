@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from tests.test_cli import SMALL, run_cli
+from tests.support import SMALL, run_cli
 
 ARGS = ["stage=3", "student=mlp", "train.epochs=60"]
 # One thread each for torch and Numba: bit-equal results across processes need the same
@@ -26,7 +26,8 @@ def _results(root) -> dict:
     return row
 
 
-def test_interrupted_student_resumes_to_the_same_result(tmp_path):
+def test_interrupted_student_resumes_to_the_same_result(seeded):
+    tmp_path = seeded
     run_cli(tmp_path, "stage=1")
     env = dict(os.environ, OMP_WAIT_POLICY="passive", **ONE_THREAD)
     p = subprocess.Popen([sys.executable, "-m", "pipeline.run", f"paths.root={tmp_path}", *SMALL, *ARGS],

@@ -25,8 +25,7 @@ from pipeline.cache.format import read_commits, write_manifest
 from pipeline.cache.storage import StorageError
 from pipeline.hashing import hash_state_dict
 from pipeline.stream import CacheStream
-from tests.conftest import write_cache
-from tests.test_cli import SMALL, error_line, run_cli
+from tests.support import SMALL, error_line, run_cli, write_cache
 
 MANY_SHARDS = ["cache.chunk_rows=64", "cache.shard_chunks=2"]  # 2,100 rows -> 17 shards
 
@@ -42,10 +41,12 @@ def shard_sums(path: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """One uninterrupted single-process capture (its root also holds the fitted teacher)."""
+    """One uninterrupted single-process capture (its root also holds the fitted teacher),
+    run as its own process like the killed captures below, which fit their own teacher: a
+    fit inside the test process was seen to end on other weights than a fresh process's."""
     root = tmp_path_factory.mktemp("ref")
     cache = str(root / "cache")
-    run_cli(root, "stage=1", f"cache.path={cache}", *MANY_SHARDS)
+    run_cli(root, "stage=1", f"cache.path={cache}", *MANY_SHARDS, process=True)
     return root, cache
 
 
@@ -166,7 +167,7 @@ def test_changed_weight_row_or_k_changes_the_fingerprint_and_is_refused(referenc
     from pipeline.tasks.classify import Classify
     from pipeline.tasks.classify.data import Split, Splits, load_splits
     from pipeline.tasks.classify.models import CNN1d
-    from tests.conftest import compose_config
+    from tests.support import compose_config
 
     torch.manual_seed(0)
     model = CNN1d(40, 10, 8)

@@ -25,19 +25,13 @@ import uuid
 
 import fsspec
 
+from pipeline.errors import StorageError, WaitTimeout
+
 log = logging.getLogger(__name__)
 
 LOCKS = "locks"
 _PLAIN = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
           errno.EROFS: "read-only file system", errno.EACCES: "permission denied", errno.EPERM: "not permitted"}
-
-
-class StorageError(OSError):
-    """A write that failed for a reason the user can fix (disk full, read-only, no
-    permission): one line naming the path, the reason and the fix."""
-
-    def __str__(self) -> str:
-        return str(self.strerror)
 
 
 def explain_os_error(e: BaseException, path: str, fix: str) -> BaseException:
@@ -169,7 +163,7 @@ class Storage:
             if not blocking:
                 return None
             if time.monotonic() > deadline:
-                raise TimeoutError(f"lock {name!r} of {self.url} still held by another process after {timeout_s:.0f}s")
+                raise WaitTimeout(f"lock {name!r} of {self.url} still held by another process after {timeout_s:.0f}s")
             time.sleep(0.2)
         return lock
 

@@ -10,7 +10,7 @@ import zarr
 from pipeline.cache import Storage, open_cache, read_manifest
 from pipeline.cache.fingerprint import check_fingerprint
 from pipeline.cache.format import write_manifest
-from tests.conftest import write_cache
+from tests.support import write_cache
 
 
 @pytest.mark.parametrize("dtype,atol", [("float32", 0), ("float16", 1e-2), ("bfloat16", 1e-1)])

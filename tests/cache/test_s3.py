@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 
 from pipeline.cache import open_cache
-from tests.conftest import write_cache
-from tests.test_cli import run_cli
+from tests.support import run_cli, write_cache
 
 pytest.importorskip("s3fs")
 moto_server = pytest.importorskip("moto.server")
@@ -51,7 +50,8 @@ def test_cache_round_trip_on_s3(s3_env, tiny_logits, backend):
     r.verify()
 
 
-def test_stage1_writes_to_s3_and_stages_2_3_read_it(s3_env, tmp_path):
+def test_stage1_writes_to_s3_and_stages_2_3_read_it(s3_env, seeded):
+    tmp_path = seeded
     url = "s3://kd-bucket/cli-cache"
     run_cli(tmp_path, "stage=1", f"cache.path={url}")
     import s3fs

@@ -7,7 +7,7 @@ from pipeline.device import autocast, choose_device
 from pipeline.tasks import validate
 from pipeline.tasks.classify import obtain_teacher
 from pipeline.tasks.classify.data import Split, Splits
-from tests.conftest import compose_config
+from tests.support import compose_config
 
 
 def _splits(n=20, width=40, classes=10):

@@ -62,7 +62,7 @@ def test_mnist1d_is_generated_once_and_reused(tmp_path):
 def test_an_empty_split_is_named_in_one_line(tmp_path):
     import datasets
 
-    from tests.test_cli import error_line, run_cli
+    from tests.support import error_line, run_cli
 
     _write(tmp_path, "train", 30, 5)
     _write(tmp_path, "test", 0, 5)  # a parquet file with no rows

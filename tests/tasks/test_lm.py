@@ -33,7 +33,7 @@ from pipeline.tasks.lm import (
 )
 from pipeline.tasks.lm.models import load_teacher
 from pipeline.tasks.lm.text import TokenData, load_tokens
-from tests.conftest import compose_config
+from tests.support import compose_config, run_cli
 
 LENGTHS = [48, 20, 48, 7, 33, 48, 2, 40]  # train: the first 6, held out: the last 2
 SMALL = ["task=lm", "data.train_size=6", "data.test_size=4", "data.seq_len=48", "cache.chunk_rows=32",
@@ -309,7 +309,7 @@ def test_a_student_with_its_own_tokenizer_trains_from_the_smollm2_cache(lm_cache
 
 
 def test_a_student_tokenizer_needs_spans_in_the_cache_and_none_when_it_is_the_teachers(lm_cache, teacher, tmp_path):
-    from tests.conftest import write_cache
+    from tests.support import write_cache
 
     cfg, data, url = lm_cache
     folder = tmp_path / "same"
@@ -355,12 +355,10 @@ def test_truncate_mapping_moves_unmapped_mass_to_the_tail():
     assert (idx >= vs).any()  # the case was exercised
 
 
-def test_the_cli_runs_task_lm(tmp_path):
-    """All three stages through the real CLI, on a few hundred tokens."""
-    out = subprocess.run([sys.executable, "-m", "pipeline.run", *SMALL, f"paths.root={tmp_path}",
-                          "lm.variants=[labels,topk_kl:8,sampled_kl]"],
-                         capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert out.returncode == 0, out.stderr[-3000:]
+def test_the_cli_runs_task_lm(tiny_lm, tmp_path):
+    """All three stages through the real CLI, on a few hundred tokens (the tiny teacher: the
+    GGUF teacher's capture and evaluation are lm_cache's, through the same task methods)."""
+    out = run_cli(tmp_path, *SMALL, *tiny_lm, "lm.variants=[labels,topk_kl:8,sampled_kl]", small=False)
     assert "| causal_lm | topk_kl:8 | 52 |" in out.stdout and "| teacher |" in out.stdout
     assert "10% keep less than" in out.stdout
     from transformers import LlamaForCausalLM
@@ -480,25 +478,30 @@ def test_a_many_to_one_vocab_map_is_refused(tmp_path):
         vocab_map(spec, reader, 30)
 
 
-def test_a_full_token_capture_keeps_its_chunks_under_the_clamp(teacher, lm_cache, tmp_path):
+@pytest.fixture(scope="module")
+def full_cache(teacher, lm_cache, tmp_path_factory):
+    """lm_cache's sequences captured as `full` rows, asking for chunks of 4,096 rows."""
+    _, data, _ = lm_cache
+    url = str(tmp_path_factory.mktemp("full") / "full")
+    full = compose_config(*small("cache.modes=[full]", "cache.chunk_rows=4096"))
+    return LanguageModel(full).capture(teacher, data, url), url
+
+
+def test_a_full_token_capture_keeps_its_chunks_under_the_clamp(full_cache):
     """A `full` row of a 49,152-token vocabulary is 96 KiB: cache.chunk_rows=4096 would make
     384 MiB chunks, so the one capture engine lowers it to keep a chunk under 8 MiB."""
     import zarr
 
     from pipeline.capture import MAX_CHUNK_BYTES
 
-    _, data, _ = lm_cache
-    full = compose_config(*small("cache.modes=[full]", "cache.chunk_rows=4096"))
-    m = LanguageModel(full).capture(teacher, data, str(tmp_path / "full"))
+    m, url = full_cache
     assert m.complete and m.chunk_rows == MAX_CHUNK_BYTES // (49152 * 2) == 85
-    assert zarr.open_group(str(tmp_path / "full" / "zarr"), mode="r")["logits"].chunks == (85, 49152)
+    assert zarr.open_group(os.path.join(url, "zarr"), mode="r")["logits"].chunks == (85, 49152)
 
 
-def test_full_rows_capture_for_a_token_cache(teacher, lm_cache, tmp_path):
+def test_full_rows_capture_for_a_token_cache(lm_cache, full_cache):
     cfg, data, url = lm_cache
-    full = compose_config(*SMALL, "cache.modes=[full]")
-    LanguageModel(full).capture(teacher, data, str(tmp_path / "full"))
-    logits = open_cache(str(tmp_path / "full")).logits.compute()
+    logits = open_cache(full_cache[1]).logits.compute()
     topk = open_cache(url)
     idx, val = topk.arrays[TOPK_IDX].compute(), topk.arrays[TOPK_VAL].compute()
     # the same forward passes: every full row's K largest values are the top-k cache's values,
@@ -515,14 +518,11 @@ ONE_THREAD = dict(OMP_WAIT_POLICY="passive", OMP_NUM_THREADS="1", NUMBA_NUM_THRE
 
 
 @pytest.fixture(scope="module")
-def cli_root(tmp_path_factory):
-    """A paths.root whose token cache stage 1 wrote once, through the CLI, for the CLI
-    training tests (each writes its run folders under its own tmp_path)."""
+def cli_root(tmp_path_factory, tiny_lm):
+    """A paths.root whose token cache stage 1 wrote once, through the CLI, from the tiny
+    teacher, for the CLI training tests (each writes its run folders under its own tmp_path)."""
     root = tmp_path_factory.mktemp("cli")
-    proc = subprocess.run([sys.executable, "-m", "pipeline.run", *SMALL, f"paths.root={root}", "stage=1",
-                           "lm.variants=[topk_kl]"],
-                          capture_output=True, text=True, timeout=600, env={**os.environ, **ONE_THREAD})
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_cli(root, *SMALL, *tiny_lm, "stage=1", "lm.variants=[topk_kl]", small=False)
     return root
 
 
@@ -530,7 +530,7 @@ def runs_in(tmp_path) -> str:
     return "hydra.run.dir=" + str(tmp_path / "runs") + "/${now:%H-%M-%S}-${pid:}"
 
 
-def test_an_lm_student_killed_mid_training_resumes_to_the_same_steps_and_weights(cli_root, tmp_path):
+def test_an_lm_student_killed_mid_training_resumes_to_the_same_steps_and_weights(cli_root, tiny_lm, tmp_path):
     """The one training loop gives LM students what classifier students had: a kill after
     a checkpoint (every 2 steps here) resumes to the uninterrupted run's steps and weights."""
     import signal
@@ -538,7 +538,7 @@ def test_an_lm_student_killed_mid_training_resumes_to_the_same_steps_and_weights
 
     from safetensors.torch import load_file
 
-    args = [*small("train.steps=40", "train.checkpoint_every=2"), *TINY, f"paths.root={cli_root}",
+    args = [*small("train.steps=40", "train.checkpoint_every=2"), *TINY, *tiny_lm, f"paths.root={cli_root}",
             "lm.variants=[topk_kl]", runs_in(tmp_path)]
     env = {**os.environ, **ONE_THREAD}
 
@@ -691,7 +691,7 @@ def test_the_cache_trains_a_student_inside_transformers_trainer(lm_cache, tmp_pa
     assert len(losses) == 16 and np.mean(losses[-4:]) < 0.9 * np.mean(losses[:4]), losses
 
 
-def test_two_processes_train_like_one_process_with_twice_the_batch(cli_root, tmp_path):
+def test_two_processes_train_like_one_process_with_twice_the_batch(cli_root, tiny_lm, tmp_path):
     """torchrun --nproc_per_node=2 stage=3 (gloo on CPU): each process reads its own half of
     every batch of 6 sequences and DistributedDataParallel averages the gradients, so it
     ends where one process with the whole batch of 6 does. Equal up to float rounding when
@@ -699,7 +699,7 @@ def test_two_processes_train_like_one_process_with_twice_the_batch(cli_root, tmp
     relative on the last loss and the held-out perplexity."""
     import socket
 
-    args = [*small("train.steps=8"), *TINY, f"paths.root={cli_root}", "lm.variants=[topk_kl]", "train.resume=false",
+    args = [*small("train.steps=8"), *TINY, *tiny_lm, f"paths.root={cli_root}", "lm.variants=[topk_kl]", "train.resume=false",
             runs_in(tmp_path)]
     env = {**os.environ, **ONE_THREAD}
 

@@ -6,15 +6,13 @@ from __future__ import annotations
 import glob
 import json
 import os
-import subprocess
-import sys
 
 import datasets
 import pytest
 
 from pipeline.tasks.lm.models import load_tokenizer
 from pipeline.tasks.lm.text import load_tokens, play_texts
-from tests.conftest import compose_config
+from tests.support import compose_config, run_cli
 
 SIZES = ["task=lm", "data=corpus", "data.seq_len=32", "data.test_size=4"]
 
@@ -89,12 +87,9 @@ def test_a_path_that_is_no_corpus_says_what_is_expected(tmp_path, tokenizer):
 @pytest.mark.slow  # make test-all
 def test_a_parquet_corpus_goes_through_all_three_stages(corpora, tmp_path):
     """Your documents instead of the plays: the same engine, the same stages, by the CLI."""
-    out = subprocess.run([sys.executable, "-m", "pipeline.run", *SIZES, f"data.path={corpora / 'docs.parquet'}",
-                          "data.text_column=body", f"paths.root={tmp_path}", "cache.k=8", "cache.samples=4",
-                          "train.steps=2", "train.batch_size=2", "lm.eval_batch_size=2",
-                          "lm.variants=[labels,topk_kl,sampled_kl]"],
-                         capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_WAIT_POLICY": "passive"})
-    assert out.returncode == 0, out.stderr[-3000:]
+    out = run_cli(tmp_path, *SIZES, f"data.path={corpora / 'docs.parquet'}", "data.text_column=body", "cache.k=8",
+                  "cache.samples=4", "train.steps=2", "train.batch_size=2", "lm.eval_batch_size=2",
+                  "lm.variants=[labels,topk_kl,sampled_kl]", small=False)
     assert "| causal_lm | topk_kl | 52 |" in out.stdout and "| teacher |" in out.stdout
     (results,) = glob.glob(str(tmp_path / "runs" / "*" / "results.json"))
     rows = json.load(open(results))["students"]
@@ -117,7 +112,7 @@ def _chats(n: int = 12) -> list[list[dict]]:
     return chats
 
 
-def test_a_chat_corpus_caches_and_trains_on_assistant_tokens_only(tokenizer, tmp_path):
+def test_a_chat_corpus_caches_and_trains_on_assistant_tokens_only(tokenizer, tiny_lm, tmp_path):
     """A JSONL chat corpus through all three stages by the CLI. The cache holds one row per
     position that predicts an assistant token: decoding the predicted tokens of each sequence
     gives exactly the assistant turns as SmolLM2's template renders them (content, then
@@ -137,10 +132,8 @@ def test_a_chat_corpus_caches_and_trains_on_assistant_tokens_only(tokenizer, tmp
             f.write(json.dumps({"id": i, "messages": chat}) + "\n")
     args = ["task=lm", "data=corpus", f"data.path={path}", "data.chat_column=messages", "data.seq_len=512",
             "data.test_size=2", f"paths.root={tmp_path}", "cache.k=8", "cache.samples=4", "train.steps=2",
-            "train.batch_size=2", "lm.eval_batch_size=2", "lm.variants=[labels,topk_kl]", "teacher.precision=fp32"]
-    out = subprocess.run([sys.executable, "-m", "pipeline.run", *args], capture_output=True, text=True, timeout=600,
-                         env={**os.environ, "OMP_WAIT_POLICY": "passive"})
-    assert out.returncode == 0, out.stderr[-3000:]
+            "train.batch_size=2", "lm.eval_batch_size=2", "lm.variants=[labels,topk_kl]", *tiny_lm]
+    run_cli(tmp_path, *args, small=False)
     cfg = compose_config(*args)
     data = load_tokens(cfg.data, str(tmp_path), tokenizer)
     (cache,) = glob.glob(str(tmp_path / "caches" / "*"))
