@@ -33,6 +33,8 @@ from pipeline.cache.format import (
     row_bytes,
 )
 from pipeline.cache.storage import Storage
+from pipeline.errors import ConfigError, DataError
+from pipeline.hashing import plain
 from pipeline.representations import host_arrays, represent, torch_buffer_dtype
 
 log = logging.getLogger(__name__)
@@ -58,21 +60,20 @@ def plan_manifest(cache, *, rows: int, num_classes: int, splits: dict[str, tuple
     """The manifest of a new cache from the cache section (``cache.*``): representations,
     dtype, layout. ``cache.chunk_rows`` is lowered so a chunk of the widest representation
     stays under 8 MiB (a `full` row of a 49,152-token vocabulary is 96 KiB)."""
-    modes = sorted(getattr(x, "value", x) for x in cache.modes)
+    modes = sorted(plain(cache.modes))
     if "topk" in modes and cache.k > num_classes:
-        raise ValueError(f"cache.k={cache.k} is more than the teacher's {num_classes} outputs: lower cache.k")
+        raise ConfigError(f"cache.k={cache.k} is more than the teacher's {num_classes} outputs: lower cache.k")
     narrow = bool(getattr(cache, "narrow", False))
     if narrow:
         check_narrow(num_classes, cache.samples if "sampled" in modes else 0, "cache")
     bits = int(getattr(cache, "value_bits", 16))
     if bits not in (16, 8, 4):
-        raise ValueError(f"cache.value_bits={bits}: expected 16 (values in cache.dtype), 8 or 4 (quantized)")
-    m = Manifest(backend=getattr(cache.format, "value", cache.format), modes=modes,
-                 dtype=getattr(cache.dtype, "value", cache.dtype), num_classes=num_classes, rows=rows,
+        raise ConfigError(f"cache.value_bits={bits}: expected 16 (values in cache.dtype), 8 or 4 (quantized)")
+    m = Manifest(backend=plain(cache.format), modes=modes, dtype=plain(cache.dtype), num_classes=num_classes, rows=rows,
                  chunk_rows=cache.chunk_rows, shard_rows=0, splits={k: list(v) for k, v in splits.items()},
                  fingerprint=fingerprint, k=cache.k if "topk" in modes else 0,
                  samples=cache.samples if "sampled" in modes else 0, temperatures=list(cache.temperatures),
-                 sample_temperature=cache.sample_temperature, compression=getattr(cache.zstd, "value", cache.zstd),
+                 sample_temperature=cache.sample_temperature, compression=plain(cache.zstd),
                  narrow=narrow, value_bits=bits if "topk" in modes else 16,
                  top_p=check_top_p(getattr(cache, "top_p", 0.0), modes, "cache"))
     if index is not None:
@@ -94,7 +95,7 @@ def check_size(m: Manifest, max_full_gb: float) -> None:
     log.info("projected cache size (uncompressed): %s",
              ", ".join(f"{k} {v:.3g} GB ({row_bytes(m, (k,))} B/row)" for k, v in sizes.items()))
     if sizes.get("full", 0.0) > max_full_gb:
-        raise ValueError(f"a `full` cache of {m.rows} rows x {m.num_classes} classes in {m.dtype} would take "
+        raise ConfigError(f"a `full` cache of {m.rows} rows x {m.num_classes} classes in {m.dtype} would take "
                          f"{sizes['full']:.1f} GB, above cache.max_full_gb={max_full_gb}: capture "
                          f"cache.modes=[topk] (K={m.k or 64}) or [sampled], or raise cache.max_full_gb")
 
@@ -103,9 +104,9 @@ def check_values(finite: torch.Tensor, peak: float, first_row: int, dtype: str) 
     """Refuse non-finite rows (``finite``: one flag per row) and float16 overflow."""
     if not finite.all():
         rows = (torch.nonzero(~finite).flatten()[:10] + first_row).tolist()
-        raise ValueError(f"teacher produced non-finite logits at rows {rows}; refusing to cache them")
+        raise DataError(f"teacher produced non-finite logits at rows {rows}; refusing to cache them")
     if dtype == "float16" and peak > 65504:
-        raise ValueError(f"teacher logits reach {peak:.4g}, beyond float16's range; "
+        raise DataError(f"teacher logits reach {peak:.4g}, beyond float16's range; "
                          "use cache.dtype=bfloat16 or float32")
 
 
@@ -139,7 +140,7 @@ def capture_shard(source: RowSource, shard: ShardRecord, m: Manifest, device: to
     peak = torch.zeros((), device=device)
     for d0, logits in source.logits(shard):
         if logits.ndim != 2 or logits.shape[1] != m.num_classes:
-            raise ValueError(f"teacher output has shape {tuple(logits.shape)}; expected (rows, {m.num_classes}): "
+            raise ConfigError(f"teacher output has shape {tuple(logits.shape)}; expected (rows, {m.num_classes}): "
                              "the cache's width (data.num_classes for a classifier) must be the teacher's")
         d1 = d0 + len(logits)
         reps = represent(logits, m, gen)  # non-finite rows are refused below, before the writer sees them

@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import logging
 
+from pipeline.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 LOCAL = ("sync", "synchronous", "threads", "processes")
@@ -32,7 +34,7 @@ def scheduler(name: str, workers: int | None = None):
             yield client
         return
     if "://" not in name and ":" not in name:
-        raise ValueError(f"dask.scheduler={name!r}: expected sync, threads, processes, distributed, or a scheduler "
+        raise ConfigError(f"dask.scheduler={name!r}: expected sync, threads, processes, distributed, or a scheduler "
                          "address such as tcp://127.0.0.1:8786")
     with Client(name, set_as_default=False, timeout="30s") as client:
         log.info("dask: connected to %s (%d workers)", name, len(client.scheduler_info()["workers"]))

@@ -17,6 +17,9 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
+from pipeline.distances import DISTANCES
+from pipeline.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 
@@ -32,18 +35,8 @@ class Precision(str, Enum):
     fp16 = "fp16"
 
 
-class Distance(str, Enum):
-    kl = "kl"
-    reverse_kl = "reverse_kl"
-    js = "js"
-    mse = "mse"
-    cosine = "cosine"
-    euclidean = "euclidean"
-    topk_kl = "topk_kl"  # needs a cache with the topk mode
-    sampled_kl = "sampled_kl"  # needs a cache with the sampled mode
-    # Universal Logit Distillation: L1 between sorted probabilities, no vocabulary correspondence
-    uld_topk = "uld_topk"  # from the top-K + tail
-    uld_sampled = "uld_sampled"  # from the draws' frequencies
+# loss.distance: every distance declared in pipeline/distances.py, and only those
+Distance = Enum("Distance", [(name, name) for name in DISTANCES], type=str, module=__name__, qualname="Distance")
 
 
 class StudentArch(str, Enum):
@@ -110,6 +103,7 @@ class DataConfig:
     label_column: str = "y"
     num_classes: int = 10  # task=classify: classes (labels are 0..num_classes-1); task=lm reads the teacher's width
     seq_len: int = 128  # task=lm: tokens per sequence (train_size / test_size count sequences)
+    test_fraction: float = 0.05  # task=lm, test_size 0: the share of sequences held out (at least one)
     text_column: str = "text"  # task=lm, source=corpus: the column holding each document's text
     # task=lm, source=corpus: or the column holding each conversation, a list of {role, content}
     # messages rendered with the teacher tokenizer's chat template; only the positions that
@@ -319,11 +313,16 @@ STAGES = ("all", "1", "2", "3")
 
 
 def register() -> None:
-    """Register the schema so ``conf/config.yaml`` can extend it, and ``${pid:}`` (this
-    process's id) so two runs started in the same second get run folders of their own."""
+    """Register the schema so ``conf/config.yaml`` can extend it; one ``loss=<name>`` option
+    per declared distance (``loss=cosine`` is ``loss.distance=cosine``, the other loss
+    settings at their defaults); and ``${pid:}`` (this process's id) so two runs started in
+    the same second get run folders of their own."""
     from omegaconf import OmegaConf
 
-    ConfigStore.instance().store(name="schema", node=Config)
+    store = ConfigStore.instance()
+    store.store(name="schema", node=Config)
+    for name in DISTANCES:
+        store.store(group="loss", name=name, node={"distance": name})
     if not OmegaConf.has_resolver("pid"):
         OmegaConf.register_new_resolver("pid", os.getpid)
 
@@ -404,7 +403,7 @@ def resolve_workers(cfg: Config) -> tuple[int, int]:
     world = cfg.world_size if cfg.world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
     rank = cfg.rank if cfg.rank is not None else int(os.environ.get("RANK", "0"))
     if world < 1 or not 0 <= rank < world:
-        raise ValueError(f"rank={rank}, world_size={world}: need world_size >= 1 and 0 <= rank < world_size")
+        raise ConfigError(f"rank={rank}, world_size={world}: need world_size >= 1 and 0 <= rank < world_size")
     return rank, world
 
 

@@ -46,6 +46,7 @@ from pipeline.cache.format import (
     check_narrow,
     check_top_p,
 )
+from pipeline.errors import CacheError, ConfigError
 from pipeline.representations import host_arrays, represent, topk_arrays
 
 log = logging.getLogger(__name__)
@@ -58,7 +59,7 @@ def child_manifest(parent: Manifest, mode: str, k: int, dtype: str, temperatures
     holds; from a sampled cache one with fewer draws."""
     source = derive_source(parent, mode, k, temperatures, samples)
     if mode == "topk" and not 0 < k <= parent.num_classes:
-        raise ValueError(f"derive.k={k}: must be in 1..{parent.num_classes} (the cache's classes)")
+        raise ConfigError(f"derive.k={k}: must be in 1..{parent.num_classes} (the cache's classes)")
     fields = dict(parent.fingerprint["fields"])
     capture = {"modes": [mode], "dtype": dtype, "num_classes": parent.num_classes,
                "derived_from": parent.fingerprint["digest"]}
@@ -71,7 +72,7 @@ def child_manifest(parent: Manifest, mode: str, k: int, dtype: str, temperatures
     if mode == "sampled":
         capture |= {"samples": samples, "sample_temperature": parent.sample_temperature}
     if value_bits not in (16, 8, 4) or (value_bits < 16 and mode != "topk"):
-        raise ValueError(f"derive.value_bits={value_bits}: 16, or 8 / 4 for a topk derive")
+        raise ConfigError(f"derive.value_bits={value_bits}: 16, or 8 / 4 for a topk derive")
     fields["capture"] = capture
     top_p = check_top_p(top_p, [mode], "derive")
     if narrow:
@@ -92,16 +93,16 @@ def derive_source(parent: Manifest, mode: str, k: int, temperatures: list[float]
     if mode == "topk" and "topk" in parent.modes:
         missing = sorted(set(temperatures) - set(parent.temperatures))
         if k > parent.k or missing:
-            raise ValueError(f"derive.k={k} at temperatures {sorted(temperatures)} from a top-{parent.k} cache with "
+            raise ConfigError(f"derive.k={k} at temperatures {sorted(temperatures)} from a top-{parent.k} cache with "
                              f"the logsumexp at {parent.temperatures}: a top-k derive keeps at most the parent's K "
                              "and its temperatures (set loss.temperature to one of them)")
         return "topk"
     if mode == "sampled" and "sampled" in parent.modes:
         if not 0 < samples <= parent.samples:
-            raise ValueError(f"derive.samples={samples}: a sampled derive keeps a subset of the parent's "
+            raise ConfigError(f"derive.samples={samples}: a sampled derive keeps a subset of the parent's "
                              f"{parent.samples} draws per row: choose 1..{parent.samples}")
         return "sampled"
-    raise ValueError(f"derive.mode={mode} from a cache holding {parent.modes}: full logits derive top-k or another "
+    raise ConfigError(f"derive.mode={mode} from a cache holding {parent.modes}: full logits derive top-k or another "
                      "dtype; a top-K cache derives a narrower top-k; a sampled cache derives fewer draws")
 
 
@@ -113,7 +114,7 @@ def subsample_draws(idx: np.ndarray, cnt: np.ndarray, samples: int, rng: np.rand
     n, s = cnt.shape
     total = cnt.sum(1)
     if (total != total[0]).any() or (len(total) and total[0] < samples):
-        raise ValueError(f"sampled rows hold {sorted(set(total.tolist()))} draws; a subsample of {samples} "
+        raise CacheError(f"sampled rows hold {sorted(set(total.tolist()))} draws; a subsample of {samples} "
                          "needs rows of equal draws, at least as many")
     draws = np.repeat(idx.astype(np.int64).ravel(), cnt.astype(np.int64).ravel()).reshape(n, -1)
     keep = np.argsort(rng.random(draws.shape), axis=1)[:, :samples]

@@ -7,6 +7,8 @@ import logging
 
 import torch
 
+from pipeline.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -22,14 +24,14 @@ def choose_device(requested: str = "auto") -> torch.device:
     try:
         device = torch.device(requested)
     except RuntimeError as e:
-        raise ValueError(f"device={requested!r} is not a torch device; use auto, cpu, cuda or cuda:N") from e
+        raise ConfigError(f"device={requested!r} is not a torch device; use auto, cpu, cuda or cuda:N") from e
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device={requested!r} but CUDA is not available here; use device=auto or device=cpu")
+            raise ConfigError(f"device={requested!r} but CUDA is not available here; use device=auto or device=cpu")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"device={requested!r} but only {torch.cuda.device_count()} CUDA device(s) exist")
+            raise ConfigError(f"device={requested!r} but only {torch.cuda.device_count()} CUDA device(s) exist")
     elif device.type != "cpu":
-        raise ValueError(f"device={requested!r} is not supported; use auto, cpu, cuda or cuda:N")
+        raise ConfigError(f"device={requested!r} is not supported; use auto, cpu, cuda or cuda:N")
     return device
 
 
@@ -38,7 +40,7 @@ def autocast(device: torch.device, precision: str):
     if precision == "fp32":
         return contextlib.nullcontext()
     if precision not in _AUTOCAST_DTYPES:
-        raise ValueError(f"precision={precision!r}: expected one of fp32, bf16, fp16")
+        raise ConfigError(f"precision={precision!r}: expected one of fp32, bf16, fp16")
     if device.type == "cpu" and precision == "fp16":
-        raise ValueError("precision=fp16 is not supported on CPU; use fp32 or bf16")
+        raise ConfigError("precision=fp16 is not supported on CPU; use fp32 or bf16")
     return torch.autocast(device_type=device.type, dtype=_AUTOCAST_DTYPES[precision])

@@ -24,10 +24,12 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import kernels
+from pipeline.distances import distance_spec, names
+from pipeline.errors import ConfigError
 from pipeline.kernels import sparse
-from pipeline.losses import teacher_term
+from pipeline.losses import TERM_ARRAYS, teacher_term
 
-FUSED_DISTANCES = ("topk_kl", "sampled_kl", *kernels.DENSE)
+FUSED_DISTANCES = names(fused=True)  # those with a Numba kernel
 
 
 class _Head(torch.autograd.Function):
@@ -53,7 +55,7 @@ def head_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     name = cfg.distance.value
     lam = cfg.lam if teacher is not None else 0.0
     if lam > 0 and name not in FUSED_DISTANCES:
-        raise ValueError(f"train.fused_head: loss.distance={name} has no fused form (it is plain torch): set "
+        raise ConfigError(f"train.fused_head: loss.distance={name} has no fused form (it is plain torch): set "
                          f"train.fused_head=false")
     labels = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels, np.int64)
     n = len(labels)
@@ -104,16 +106,10 @@ def _chunk_cpu(z, labels, has_label, tmask, teacher, name, cfg, w_ce, w_t):
     loss = 0.0
     grad = None
     if tmask.any():
-        kw = dict(mask=tmask, reduction="sum", coef=w_t)
-        T = cfg.temperature
-        if name == "topk_kl":
-            loss, grad = kernels.topk_kl(zn, teacher["topk_idx"], teacher["topk_val"], teacher["lse"],
-                                         temperature=T, **kw)
-        elif name == "sampled_kl":
-            loss, grad = kernels.sampled_kl(zn, teacher["sampled_idx"], teacher["sampled_cnt"],
-                                            teacher["sampled_ent"], temperature=T, **kw)
-        else:
-            loss, grad = kernels.distance(name, zn, np.asarray(teacher["logits"]), temperature=T, beta=cfg.beta, **kw)
+        spec = distance_spec(name)
+        arrays = (np.asarray(teacher[a]) for a in TERM_ARRAYS[spec.reads])
+        loss, grad = getattr(kernels, spec.kernel)(zn, *arrays, temperature=cfg.temperature, beta=cfg.beta,
+                                                   mask=tmask, reduction="sum", coef=w_t)
     add = grad is not None
     if grad is None:
         grad = np.empty_like(zn)

@@ -5,7 +5,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+from enum import Enum
 from pathlib import Path
+
+
+def plain(value):
+    """A setting as JSON holds it: an enum member as its value (lists element by element),
+    anything else as it is."""
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, list):
+        return [plain(v) for v in value]
+    return value
 
 
 def hash_json(obj) -> str:

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import kernels
+from pipeline.distances import distance_spec
+from pipeline.errors import ConfigError
 
 _EPS = 1e-8
 
@@ -49,32 +51,53 @@ def _np(x) -> np.ndarray | None:
 # --- plain torch: the CUDA path and the benchmark's reference ------------------------------
 
 
-def torch_distance(name: str, s: torch.Tensor, t: torch.Tensor, temperature: float = 1.0,
-                   beta: float = 0.5) -> torch.Tensor:
-    """Per-row distance (B,) in plain torch, same definitions as the kernels."""
-    t = t.to(s.dtype)
-    if name in ("mse", "cosine", "euclidean"):
-        if name == "mse":
-            return ((s - t) ** 2).mean(-1)
-        if name == "cosine":
-            return 1 - (s * t).sum(-1) / (s.norm(dim=-1).clamp_min(_EPS) * t.norm(dim=-1).clamp_min(_EPS))
-        return (s - t).norm(dim=-1)
-    log_p = F.log_softmax(t / temperature, dim=-1)
-    log_q = F.log_softmax(s / temperature, dim=-1)
-    if name == "kl" or (name == "js" and beta == 0):
-        d = (log_p.exp() * (log_p - log_q)).sum(-1)
-    elif name == "reverse_kl" or (name == "js" and beta == 1):
-        d = (log_q.exp() * (log_q - log_p)).sum(-1)
-    elif name == "js":
-        log_m = torch.logaddexp(log_p + np.log(beta), log_q + np.log(1 - beta))
-        d = beta * (log_p.exp() * (log_p - log_m)).sum(-1) + (1 - beta) * (log_q.exp() * (log_q - log_m)).sum(-1)
-    else:
-        raise ValueError(f"distance {name!r} is unknown; expected one of {list(kernels.DENSE)}")
+def _log_softmaxes(s, t, temperature):
+    return F.log_softmax(t.to(s.dtype) / temperature, dim=-1), F.log_softmax(s / temperature, dim=-1)
+
+
+def torch_kl(s, t, temperature=1.0, beta=0.5):
+    log_p, log_q = _log_softmaxes(s, t, temperature)
+    return temperature**2 * (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+def torch_reverse_kl(s, t, temperature=1.0, beta=0.5):
+    log_p, log_q = _log_softmaxes(s, t, temperature)
+    return temperature**2 * (log_q.exp() * (log_q - log_p)).sum(-1)
+
+
+def torch_js(s, t, temperature=1.0, beta=0.5):
+    if beta in (0, 1):
+        return (torch_kl if beta == 0 else torch_reverse_kl)(s, t, temperature)
+    log_p, log_q = _log_softmaxes(s, t, temperature)
+    log_m = torch.logaddexp(log_p + np.log(beta), log_q + np.log(1 - beta))
+    d = beta * (log_p.exp() * (log_p - log_m)).sum(-1) + (1 - beta) * (log_q.exp() * (log_q - log_m)).sum(-1)
     return temperature**2 * d
 
 
+def torch_mse(s, t, temperature=1.0, beta=0.5):
+    return ((s - t.to(s.dtype)) ** 2).mean(-1)
+
+
+def torch_cosine(s, t, temperature=1.0, beta=0.5):
+    t = t.to(s.dtype)
+    return 1 - (s * t).sum(-1) / (s.norm(dim=-1).clamp_min(_EPS) * t.norm(dim=-1).clamp_min(_EPS))
+
+
+def torch_euclidean(s, t, temperature=1.0, beta=0.5):
+    return (s - t.to(s.dtype)).norm(dim=-1)
+
+
+def torch_distance(name: str, s: torch.Tensor, t: torch.Tensor, temperature: float = 1.0,
+                   beta: float = 0.5) -> torch.Tensor:
+    """Per-row dense distance (B,) in plain torch, same definitions as the kernels."""
+    spec = distance_spec(name)
+    if spec.reads != "full":
+        raise ValueError(f"distance {name!r} reads the {spec.reads!r} representation, not full logits")
+    return globals()[spec.reference](s, t, temperature, beta)
+
+
 def torch_topk_kl(s: torch.Tensor, idx: torch.Tensor, val: torch.Tensor, lse: torch.Tensor,
-                  temperature: float) -> torch.Tensor:
+                  temperature: float, beta: float = 0.5) -> torch.Tensor:
     log_q = F.log_softmax(s / temperature, dim=-1)
     held = idx >= 0  # -1: padding (an adaptive row's unused entries), skipped
     at = idx.long().clamp_min(0)
@@ -90,75 +113,78 @@ def torch_topk_kl(s: torch.Tensor, idx: torch.Tensor, val: torch.Tensor, lse: to
 
 
 def torch_sampled_kl(s: torch.Tensor, idx: torch.Tensor, cnt: torch.Tensor, ent: torch.Tensor,
-                     temperature: float) -> torch.Tensor:
+                     temperature: float, beta: float = 0.5) -> torch.Tensor:
     log_q = F.log_softmax(s / temperature, dim=-1)
     w = cnt.to(s.dtype)
     w = w / w.sum(-1, keepdim=True).clamp_min(1)  # rows without draws (padding): 0, not 0/0
     return temperature**2 * (-(w * log_q.gather(1, idx.long().clamp_min(0))).sum(-1) - ent.to(s.dtype))
 
 
-def _reduce(rows: torch.Tensor, mask, weights, reduction: str) -> torch.Tensor:
-    w = torch.ones_like(rows)
+def _torch_reduced(student: torch.Tensor, arrays: tuple, torch_rows: Callable, mask, weights,
+                   reduction: str) -> torch.Tensor:
+    """The torch rows over the rows that count (mask, weights > 0; the others are not
+    computed), weighted and reduced as the kernels reduce."""
+    n = len(student)
+    w = np.ones(n, np.float64) if weights is None else np.asarray(_np(weights), np.float64)
     if mask is not None:
-        w = w * torch.as_tensor(mask, device=rows.device).to(rows.dtype)
-    if weights is not None:
-        w = w * torch.as_tensor(weights, device=rows.device).to(rows.dtype)
-    rows = torch.where(w > 0, rows * w, torch.zeros_like(rows))
+        w = w * np.asarray(_np(mask), bool)
+    at = torch.from_numpy(np.flatnonzero(w > 0)).to(student.device)
+    rows = torch_rows(student.index_select(0, at),
+                      *(torch.as_tensor(a, device=student.device).index_select(0, at) for a in arrays))
+    rows = rows * torch.as_tensor(w[w > 0], device=student.device).to(rows.dtype)
     if reduction == "none":
-        return rows
-    return rows.sum() / w.sum().clamp_min(torch.finfo(rows.dtype).tiny) if reduction == "mean" else rows.sum()
+        return torch.zeros(n, dtype=rows.dtype, device=student.device).index_put((at,), rows)
+    total = rows.sum()
+    return total / max(float(w.sum()), 1e-30) if reduction == "mean" else total
 
 
 # --- the public losses ----------------------------------------------------------------------
 
 
-def _dispatch(student: torch.Tensor, arrays: tuple, torch_rows: Callable, kernel: Callable, *, mask, weights,
-              reduction: str, coef: float) -> torch.Tensor:
-    """CUDA tensors: the plain torch rows, reduced. CPU tensors: the Numba kernel (loss and
-    gradient in one pass) through the autograd bridge, on zero-copy NumPy views."""
-    if student.device.type != "cpu":
-        rows = torch_rows(student, *(torch.as_tensor(a, device=student.device) for a in arrays))
-        return coef * _reduce(rows, mask, weights, reduction)
+def _dispatch(student: torch.Tensor, arrays: tuple, torch_rows: Callable, kernel: Callable | None, *, mask,
+              weights, reduction: str, coef: float) -> torch.Tensor:
+    """CUDA tensors, or a distance without a kernel: the plain torch rows, reduced. CPU
+    tensors: the Numba kernel (loss and gradient in one pass) through the autograd bridge,
+    on zero-copy NumPy views."""
+    if kernel is None or student.device.type != "cpu":
+        return coef * _torch_reduced(student, arrays, torch_rows, mask, weights, reduction)
     views = [_np(a) for a in arrays]
     m, w = _np(mask), _np(weights)
     return _Kernel.apply(student, lambda s: kernel(s, *views, mask=m, weights=w, reduction=reduction, coef=coef))
 
 
+def distance_term(name, student: torch.Tensor, arrays: tuple, *, temperature: float = 1.0, beta: float = 0.5,
+                  mask=None, weights=None, reduction: str = "mean", coef: float = 1.0) -> torch.Tensor:
+    """``coef`` times the distance ``name`` between (B, V) student logits and the teacher
+    ``arrays`` its representation holds (:data:`TERM_ARRAYS`), by its declaration
+    (:mod:`pipeline.distances`): its Numba kernel on CPU, its torch rows elsewhere."""
+    spec = distance_spec(name)
+    reference = globals()[spec.reference]
+    kernel = getattr(kernels, spec.kernel) if spec.kernel else None
+    return _dispatch(student, arrays, lambda s, *a: reference(s, *a, temperature, beta),
+                     kernel and (lambda s, *a, **kw: kernel(s, *a, temperature=temperature, beta=beta, **kw)),
+                     mask=mask, weights=weights, reduction=reduction, coef=coef)
+
+
 def distance_loss(name: str, student: torch.Tensor, teacher, *, temperature: float = 1.0, beta: float = 0.5,
                   mask=None, weights=None, reduction: str = "mean", coef: float = 1.0) -> torch.Tensor:
     """``coef`` times a dense distance between (B, C) student logits and teacher logits."""
-    return _dispatch(student, (teacher,), lambda s, t: torch_distance(name, s, t, temperature, beta),
-                     lambda s, t, **kw: kernels.distance(name, s, t, temperature=temperature, beta=beta, **kw),
-                     mask=mask, weights=weights, reduction=reduction, coef=coef)
+    return distance_term(name, student, (teacher,), temperature=temperature, beta=beta, mask=mask, weights=weights,
+                         reduction=reduction, coef=coef)
 
 
 def topk_kl_loss(student: torch.Tensor, idx, val, lse, *, temperature: float = 1.0, mask=None, weights=None,
                  reduction: str = "mean", coef: float = 1.0) -> torch.Tensor:
     """``coef`` times the top-K + tail KL (:func:`pipeline.kernels.topk_kl`)."""
-    return _dispatch(student, (idx, val, lse), lambda s, *a: torch_topk_kl(s, *a, temperature),
-                     lambda s, *a, **kw: kernels.topk_kl(s, *a, temperature=temperature, **kw),
-                     mask=mask, weights=weights, reduction=reduction, coef=coef)
+    return distance_term("topk_kl", student, (idx, val, lse), temperature=temperature, mask=mask, weights=weights,
+                         reduction=reduction, coef=coef)
 
 
 def sampled_kl_loss(student: torch.Tensor, idx, counts, entropy, *, temperature: float = 1.0, mask=None,
                     weights=None, reduction: str = "mean", coef: float = 1.0) -> torch.Tensor:
     """``coef`` times the unbiased sampled KL estimate (:func:`pipeline.kernels.sampled_kl`)."""
-    return _dispatch(student, (idx, counts, entropy), lambda s, *a: torch_sampled_kl(s, *a, temperature),
-                     lambda s, *a, **kw: kernels.sampled_kl(s, *a, temperature=temperature, **kw),
-                     mask=mask, weights=weights, reduction=reduction, coef=coef)
-
-
-def sorted_teacher_probs(teacher: dict, name: str, temperature: float) -> tuple[np.ndarray, np.ndarray]:
-    """The teacher's probabilities at ``temperature`` in decreasing order, (rows, K), and
-    the mass outside them: from the top-K (its values are sorted) and the logsumexp, or
-    from the draws' frequencies (which sum to 1: no tail; rows without draws are zeros)."""
-    if name == "uld_topk":
-        p = np.exp(teacher["topk_val"].astype(np.float64) / temperature - teacher["lse"].astype(np.float64)[:, None])
-        p = -np.sort(-p, axis=1)
-        return p.astype(np.float32), np.clip(1 - p.sum(1), 0, 1).astype(np.float32)
-    cnt = teacher["sampled_cnt"].astype(np.float64)
-    p = -np.sort(-cnt / np.maximum(cnt.sum(1, keepdims=True), 1), axis=1)
-    return p.astype(np.float32), np.zeros(len(p), np.float32)
+    return distance_term("sampled_kl", student, (idx, counts, entropy), temperature=temperature, mask=mask,
+                         weights=weights, reduction=reduction, coef=coef)
 
 
 def torch_uld(s: torch.Tensor, p: torch.Tensor, tail: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -173,32 +199,38 @@ def torch_uld(s: torch.Tensor, p: torch.Tensor, tail: torch.Tensor, temperature:
     return (p[:, :k] - top).abs().sum(-1) + (rest - (1 - top.sum(-1)).clamp_min(0)).abs()
 
 
+def torch_uld_topk(s, idx, val, lse, temperature=1.0, beta=0.5):
+    """Universal Logit Distillation from the top-K: the teacher's K largest probabilities
+    at ``temperature`` (its values are sorted; padding ids -1 hold none) and the tail mass."""
+    p = torch.where(idx >= 0, torch.exp(val.double() / temperature - lse.double().unsqueeze(-1)), 0)
+    p = torch.sort(p, dim=-1, descending=True).values
+    return torch_uld(s, p, (1 - p.sum(-1)).clamp(0, 1), temperature)
+
+
+def torch_uld_sampled(s, idx, cnt, ent, temperature=1.0, beta=0.5):
+    """Universal Logit Distillation from the draws' frequencies (they sum to 1: no tail;
+    rows without draws are zeros)."""
+    c = cnt.double()
+    p = torch.sort(c / c.sum(-1, keepdim=True).clamp_min(1), dim=-1, descending=True).values
+    return torch_uld(s, p, torch.zeros(len(p), dtype=p.dtype, device=p.device), temperature)
+
+
 def uld_loss(student: torch.Tensor, p, tail, *, temperature: float = 1.0, mask=None, weights=None,
              reduction: str = "mean", coef: float = 1.0) -> torch.Tensor:
     """``coef`` times Universal Logit Distillation's sorted-probability L1 (Boizard et al.
     2024) between (B, V) student logits and the teacher's sorted probabilities ``p`` (B, K)
-    and tail mass (B,). Plain torch on every device (a top-K selection per row; the other
-    losses' fused kernels do not cover it). Masked rows are not computed."""
-    keep = np.ones(len(student), bool) if mask is None else np.asarray(_np(mask), bool)
-    w = np.ones(len(student), np.float32) if weights is None else np.asarray(_np(weights), np.float32)
-    keep = keep & (w > 0)
-    at = torch.from_numpy(np.flatnonzero(keep)).to(student.device)
-    rows = torch_uld(student[at], *(torch.as_tensor(np.asarray(_np(x))[keep], device=student.device)
-                                    for x in (p, tail)), temperature)
-    rows = rows * torch.as_tensor(w[keep], device=student.device)
-    if reduction == "none":
-        return coef * torch.zeros(len(student), dtype=rows.dtype, device=student.device).index_put((at,), rows)
-    total = rows.sum()
-    return coef * (total / max(float(w[keep].sum()), 1e-30) if reduction == "mean" else total)
+    and tail mass (B,). Plain torch on every device (a top-K selection per row); masked rows
+    are not computed."""
+    return coef * _torch_reduced(student, (p, tail), lambda s, p, tail: torch_uld(s, p, tail, temperature), mask,
+                                 weights, reduction)
 
 
 # --- the objective: which cache arrays a distance reads, and the loss over them -------------
 
 
-SPARSE_MODE = {"topk_kl": "topk", "sampled_kl": "sampled", "uld_topk": "topk", "uld_sampled": "sampled"}
-# (the dense distances read `full`)
-ARRAYS = {"full": ("logits",), "topk": ("topk_idx", "topk_val", "lse"),
-          "sampled": ("sampled_idx", "sampled_cnt", "sampled_ent")}
+# the arrays of each representation the objective reads, in the order its kernel takes them
+TERM_ARRAYS = {"full": ("logits",), "topk": ("topk_idx", "topk_val", "lse"),
+               "sampled": ("sampled_idx", "sampled_cnt", "sampled_ent")}
 
 
 def teacher_arrays(m, loss) -> tuple[tuple[str, ...], int]:
@@ -208,21 +240,21 @@ def teacher_arrays(m, loss) -> tuple[tuple[str, ...], int]:
     if loss.lam == 0:
         return (), 0
     name, T = loss.distance.value, loss.temperature
-    need = SPARSE_MODE.get(name, "full")
+    need = distance_spec(name).reads
     if need not in m.modes:
-        raise ValueError(f"loss.distance={name} trains from the '{need}' representation; the cache holds {m.modes}: "
-                         f"capture it with cache.modes=[{need}] (or pick a distance for {m.modes})")
+        raise ConfigError(f"loss.distance={name} trains from the '{need}' representation; the cache holds {m.modes}: "
+                          f"capture it with cache.modes=[{need}] (or pick a distance for {m.modes})")
     if need == "topk":
         if T not in m.temperatures:
-            raise ValueError(f"loss.temperature={T}: the cache holds the top-k tail mass only at temperatures "
-                             f"{m.temperatures}; use one of them, or re-capture with cache.temperatures")
+            raise ConfigError(f"loss.temperature={T}: the cache holds the top-k tail mass only at temperatures "
+                              f"{m.temperatures}; use one of them, or re-capture with cache.temperatures")
         if not 0 <= loss.k <= m.k:
-            raise ValueError(f"loss.k={loss.k}: the cache holds the top {m.k} logits per row (0 uses all)")
-        return ARRAYS[need], m.temperatures.index(T)
+            raise ConfigError(f"loss.k={loss.k}: the cache holds the top {m.k} logits per row (0 uses all)")
+        return TERM_ARRAYS[need], m.temperatures.index(T)
     if need == "sampled" and T != m.sample_temperature:
-        raise ValueError(f"loss.temperature={T} but the cache's samples were drawn at T={m.sample_temperature}: "
-                         f"set loss.temperature={m.sample_temperature}")
-    return ARRAYS[need], 0
+        raise ConfigError(f"loss.temperature={T} but the cache's samples were drawn at T={m.sample_temperature}: "
+                          f"set loss.temperature={m.sample_temperature}")
+    return TERM_ARRAYS[need], 0
 
 
 def select_teacher(arrays: dict, lse_column: int, k: int = 0) -> dict:
@@ -243,21 +275,13 @@ def teacher_term(student: torch.Tensor, teacher: dict, cfg, mask=None, *, reduct
     the configured distance, from a batch of cache arrays as :func:`select_teacher` gives
     them (lam is folded into the kernel: its gradient needs no rescaling pass). ``coef``
     replaces lam, ``reduction`` the mean (the fused head sums its chunks, each scaled)."""
-    name, T = cfg.distance.value, cfg.temperature
-    kw = {"mask": mask, "reduction": reduction, "coef": cfg.lam if coef is None else coef}
-    if name == "topk_kl":
-        return topk_kl_loss(student, teacher["topk_idx"], teacher["topk_val"], teacher["lse"], temperature=T, **kw)
-    if name == "sampled_kl":
-        return sampled_kl_loss(student, teacher["sampled_idx"], teacher["sampled_cnt"], teacher["sampled_ent"],
-                               temperature=T, **kw)
-    if name in ("uld_topk", "uld_sampled"):
-        p, tail = sorted_teacher_probs(teacher, name, T)
-        return uld_loss(student, p, tail, temperature=T, **kw)
-    logits = teacher["logits"]
-    if tuple(logits.shape) != tuple(student.shape):
-        raise ValueError(f"teacher logits {tuple(logits.shape)} and student logits {tuple(student.shape)} differ: "
-                         "the student's class count must equal the cache's")
-    return distance_loss(name, student, logits, temperature=T, beta=cfg.beta, **kw)
+    spec = distance_spec(cfg.distance)
+    arrays = tuple(teacher[a] for a in TERM_ARRAYS[spec.reads])
+    if spec.reads == "full" and tuple(arrays[0].shape) != tuple(student.shape):
+        raise ConfigError(f"teacher logits {tuple(arrays[0].shape)} and student logits {tuple(student.shape)} "
+                          "differ: the student's class count must equal the cache's")
+    return distance_term(spec.name, student, arrays, temperature=cfg.temperature, beta=cfg.beta, mask=mask,
+                         reduction=reduction, coef=cfg.lam if coef is None else coef)
 
 
 def distill_loss(student: torch.Tensor, labels: torch.Tensor, teacher, cfg) -> torch.Tensor:

@@ -16,8 +16,9 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.cache.storage import StorageError, check_writable, explain_os_error
+from pipeline.cache.storage import check_writable, explain_os_error
 from pipeline.config import Config, register
+from pipeline.errors import UserError
 from pipeline.tasks import validate
 
 # Set before torch or Numba load (neither is imported above the stages): the entry point
@@ -82,14 +83,14 @@ def main(dcfg: DictConfig) -> None:
     cfg: Config = OmegaConf.to_object(dcfg)  # typed dataclasses, enums resolved
     try:
         validate(cfg)
-    except ValueError as e:
+    except UserError as e:
         log.error("%s", e)
         raise SystemExit(2) from e
     run_dir = HydraConfig.get().runtime.output_dir
     log.info("run folder: %s", run_dir)
     try:
         dispatch(cfg, run_dir)
-    except (ValueError, FileNotFoundError, StorageError, TimeoutError) as e:  # say what and how to fix, no traceback
+    except UserError as e:  # what to fix, in one line; anything else is a bug and keeps its traceback
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         log.error("%s: %s\n(set HYDRA_FULL_ERROR=1 for the traceback)", type(e).__name__, e)

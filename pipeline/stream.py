@@ -54,6 +54,7 @@ from pipeline.cache.format import (
     widen,
 )
 from pipeline.cache.reader import bf16_bits_to_float32
+from pipeline.errors import CacheError, ConfigError
 from pipeline.kernels._base import all_finite
 
 
@@ -119,7 +120,7 @@ class Resumable:
 
     def load_state_dict(self, state: dict) -> None:
         if state["seed"] != self.seed:
-            raise ValueError(f"stream state was saved with seed={state['seed']}, this stream has seed={self.seed}")
+            raise ConfigError(f"stream state was saved with seed={state['seed']}, this stream has seed={self.seed}")
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
 
@@ -144,7 +145,7 @@ def check_finite(arrays: dict[str, np.ndarray], path: str, bf16: set[str] = froz
         bad = _bad_rows(a, name in bf16, zero_ok=name == TOPK_VAL)
         if bad is not None:
             where = f" (cache rows {np.asarray(rows)[bad[:10]].tolist()})" if rows is not None else ""
-            raise ValueError(f"cache {path!r}: non-finite {name} at {what} {arrays[IDS][bad[:10]].tolist()}"
+            raise CacheError(f"cache {path!r}: non-finite {name} at {what} {arrays[IDS][bad[:10]].tolist()}"
                              f"{' ...' if len(bad) > 10 else ''}{where} ({len(bad)} rows); never-written rows read "
                              f"as NaN: {REPAIR}")
 
@@ -185,10 +186,10 @@ class CacheRows(Resumable):
         self.arrays = (IDS, *[a for a in (reader.arrays if arrays is None else arrays) if a != IDS])
         unknown = [a for a in self.arrays if a not in reader.arrays]
         if unknown:
-            raise ValueError(f"cache {reader.path!r} has no arrays {unknown} (modes {reader.manifest.modes}); "
+            raise CacheError(f"cache {reader.path!r} has no arrays {unknown} (modes {reader.manifest.modes}); "
                              f"it has {sorted(reader.arrays)}")
         if prefetch < 1:
-            raise ValueError(f"prefetch={prefetch}: must be >= 1 (the ring of prefetch + 2 window buffers is sized by it)")
+            raise ConfigError(f"prefetch={prefetch}: must be >= 1 (the ring of prefetch + 2 window buffers is sized by it)")
         m = reader.manifest
         self.prefetch = prefetch
         self._read = backend(m.backend).block_reader(reader.storage, m)
@@ -271,7 +272,7 @@ class CacheStream(CacheRows):
             raise  # names the array, the object and the rows already
         except Exception as e:  # anything else says nothing of where: say it
             rows = f"{b.start + b.lo}:{b.start + b.hi}"
-            raise ValueError(f"cache {self.reader.path!r}: reading rows {rows} "
+            raise CacheError(f"cache {self.reader.path!r}: reading rows {rows} "
                              f"({self.reader.describe_rows(b.start + b.lo)}) failed: {e}; {REPAIR}") from e
 
     def _take(self, arrays: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, np.ndarray]:
@@ -378,7 +379,7 @@ class SequenceStream(CacheRows):
                              "token data's offsets (token_offsets=data.offsets)")
         self.token_offsets = self.offsets if token_offsets is None else token_offsets
         if len(self.token_offsets) != len(self.offsets):
-            raise ValueError(f"cache {reader.path!r} holds {len(self.offsets) - 1} sequences, the token data "
+            raise CacheError(f"cache {reader.path!r} holds {len(self.offsets) - 1} sequences, the token data "
                              f"{len(self.token_offsets) - 1}: the cache was captured from other data; re-run stage 1")
         lo, hi = reader.split_range(split)
         first, last = np.searchsorted(self.offsets, [lo, hi])
@@ -387,7 +388,7 @@ class SequenceStream(CacheRows):
         self.rank, self.world_size = rank, world_size
         self.epoch, self.position = 0, 0
         if world_size > 1 and len(self) == 0:
-            raise ValueError(f"split {split!r} has {len(self.sequence_ids)} sequences, fewer than one batch of "
+            raise ConfigError(f"split {split!r} has {len(self.sequence_ids)} sequences, fewer than one batch of "
                              f"{batch_size} for each of {world_size} processes: lower train.batch_size")
 
     def __len__(self) -> int:
@@ -403,7 +404,7 @@ class SequenceStream(CacheRows):
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("world_size", 1) != self.world_size:
-            raise ValueError(f"training state was saved by {state.get('world_size', 1)} processes; this run has "
+            raise ConfigError(f"training state was saved by {state.get('world_size', 1)} processes; this run has "
                              f"{self.world_size}: resume with the same number (its batches are split by it)")
         super().load_state_dict(state)
 
@@ -428,7 +429,7 @@ class SequenceStream(CacheRows):
         self._read(requests)
         rows, where = np.concatenate(rows), np.concatenate(where)
         if (flat[IDS] != np.repeat(seqs, counts)).any():
-            raise ValueError(f"cache {self.reader.path!r}: the rows of sequences {seqs.tolist()} hold other "
+            raise CacheError(f"cache {self.reader.path!r}: the rows of sequences {seqs.tolist()} hold other "
                              "sequence ids; offsets and rows disagree: re-run stage 1")
         check_finite(flat, self.reader.path, self._bf16, rows, what="sequences")
         grid = {}

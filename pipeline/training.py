@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from pipeline.cache.storage import write_file_atomic
 from pipeline.device import autocast
+from pipeline.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +174,7 @@ def train(model: nn.Module, stream, steps: int, loss_fn: Callable[[nn.Module, ob
                     save()
             else:
                 if not served and fresh:
-                    raise ValueError(f"{desc}: an epoch of the stream yielded no batch; it holds no rows to train on")
+                    raise DataError(f"{desc}: an epoch of the stream yielded no batch; it holds no rows to train on")
                 if not micro:
                     save()  # the epoch's end (with a step's batches pending across it, the next step's)
     save()

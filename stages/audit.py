@@ -12,6 +12,7 @@ from pipeline.audit import audit_cache, format_audit, plot_audit
 from pipeline.cluster import scheduler
 from pipeline.config import Config
 from pipeline.derive import derive_for_run
+from pipeline.errors import CacheError, ConfigError
 from pipeline.planner import describe, plan
 from pipeline.tasks import task_for
 
@@ -37,7 +38,7 @@ def main(cfg: Config, run_dir: str) -> dict:
                               "fits": [{"name": x.name, "bytes_per_token": x.bytes_per_token} for x in p["fits"]]}
             if derive.mode == "auto":
                 if c is None:
-                    raise ValueError(describe(p))
+                    raise ConfigError(describe(p))
                 derive = dataclasses.replace(derive, **c.settings)
         if derive.mode:
             report["derive"] = derive_for_run(derive, cfg.cache, cfg.loss.temperature, reader, sched, verify=cfg.verify)
@@ -55,6 +56,6 @@ def main(cfg: Config, run_dir: str) -> dict:
         print(f"derived {d['modes']} cache ({size}) at {d['path']}: {d['storage_ratio']:.4f} of "
               f"the parent's bytes, {kl}", flush=True)
     if report["nonfinite"]:
-        raise ValueError(f"cache {reader.path!r} holds {report['nonfinite']} non-finite teacher values "
+        raise CacheError(f"cache {reader.path!r} holds {report['nonfinite']} non-finite teacher values "
                          "(see audit.json per split); re-capture it")
     return report

@@ -10,7 +10,8 @@ import pytest
 import zarr
 from datasets import load_from_disk
 
-from tests.support import run_cli, seed_root
+from pipeline.distances import DISTANCES
+from tests.support import error_line, run_cli, seed_root
 
 
 @pytest.fixture(scope="module")
@@ -199,3 +200,33 @@ def test_stage_2_plans_for_a_byte_budget_and_derives_the_plan(tmp_path, classify
     assert m["modes"] == ["sampled"] and m["samples"] == choice["settings"]["samples"] and m["narrow"]
     run_cli(tmp_path / "r", "stage=3", "cache.modes=[topk,sampled]", "cache.k=8", "student=linear", "loss=sampled_kl",
             f"cache.path={child}")
+
+
+def test_a_bug_keeps_its_traceback_and_a_user_error_is_one_line(full_run, monkeypatch):
+    """Only the project's own user errors (pipeline.errors.UserError) are one line: an
+    IndexError inside a kernel wrapper is a bug, and is shown with its traceback."""
+    from pipeline import kernels
+
+    root, _ = full_run
+
+    def broken_kernel(*args, **kwargs):
+        return np.arange(3)[7]  # IndexError
+
+    monkeypatch.setattr(kernels, "kl", broken_kernel)
+    out = run_cli(root, "stage=3", "student=linear", "train.resume=false", code=1)
+    text = out.stdout + out.stderr
+    assert "Traceback" in text and "IndexError: index 7 is out of bounds" in text and "broken_kernel" in text
+    monkeypatch.undo()
+
+    line = error_line(run_cli(root, "stage=3", "student=linear", "loss=topk_kl", code=1))
+    assert "ConfigError: loss.distance=topk_kl trains from the 'topk'" in line
+    assert "cache.modes=[topk]" in line
+    wrong_key = run_cli(root, "stage=3", "loss.temprature=2", code=1)  # Hydra's own one-line error
+    assert "Traceback" not in wrong_key.stderr and "temprature" in wrong_key.stderr
+
+
+@pytest.mark.parametrize("name", [n for n, d in DISTANCES.items() if d.reads == "full"])
+def test_every_declared_dense_distance_trains_a_student_by_the_cli(full_run, name):
+    root, _ = full_run
+    proc = run_cli(root, "stage=3", "student=linear", f"loss={name}")
+    assert f"| linear | {name} |" in proc.stdout

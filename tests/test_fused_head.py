@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import Distance, LossConfig
-from pipeline.fused_head import head_loss
+from pipeline.fused_head import FUSED_DISTANCES, head_loss
 from pipeline.losses import teacher_term
 from pipeline.representations import sample_counts
 
@@ -47,8 +47,7 @@ def unfused(hidden, weight, bias, labels, tmask, teacher, cfg):
     return loss
 
 
-@pytest.mark.parametrize("distance", ["topk_kl", "sampled_kl", "kl", "reverse_kl", "js", "mse", "cosine",
-                                      "euclidean"])
+@pytest.mark.parametrize("distance", FUSED_DISTANCES)  # every declared distance with a kernel
 @pytest.mark.parametrize("chunk", [5, 37, 64])  # does not divide 33 computed rows, covers them, exceeds them
 def test_the_fused_head_equals_the_unfused_path(distance, chunk):
     hidden, weight, bias, labels, tmask, teacher = batch()

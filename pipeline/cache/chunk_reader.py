@@ -21,6 +21,7 @@ from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec, ZstdCodec
 
 from pipeline.cache.format import GROUP, CacheDamaged
 from pipeline.cache.storage import Storage
+from pipeline.hashing import plain
 
 _MISSING = np.uint64(2**64 - 1)
 
@@ -37,11 +38,11 @@ def plain_layout(array) -> tuple[tuple[int, ...], bool] | None:
         return None
     sc = codecs[0]
     inner, index = list(sc.codecs), list(sc.index_codecs)
-    if getattr(sc.index_location, "value", sc.index_location) != "end":
+    if plain(sc.index_location) != "end":
         return None
     if not (len(index) == 2 and isinstance(index[0], BytesCodec) and isinstance(index[1], Crc32cCodec)):
         return None
-    little = isinstance(inner[0], BytesCodec) and getattr(inner[0].endian, "value", inner[0].endian) in (
+    little = isinstance(inner[0], BytesCodec) and plain(inner[0].endian) in (
         "little", None)
     zstd = len(inner) == 3 and isinstance(inner[1], ZstdCodec)
     if not (little and isinstance(inner[-1], Crc32cCodec) and len(inner) == (3 if zstd else 2)):

@@ -20,18 +20,15 @@ from __future__ import annotations
 import os
 
 from pipeline.cache.format import FORMAT_VERSION
-from pipeline.hashing import hash_json
-
-
-def _value(v):
-    return getattr(v, "value", v)  # an Enum member, or a plain value
+from pipeline.errors import CacheError
+from pipeline.hashing import hash_json, plain
 
 
 def capture_settings(cache, precision: str) -> dict:
     """The capture settings that change a cache's content, from a cache section (anything
     with ``modes``, ``dtype``, ``k``, ``temperatures``, ``samples``, ``sample_temperature``)."""
-    modes = sorted(_value(m) for m in cache.modes)
-    out = {"modes": modes, "dtype": _value(cache.dtype), "precision": _value(precision)}
+    modes = sorted(plain(m) for m in cache.modes)
+    out = {"modes": modes, "dtype": plain(cache.dtype), "precision": plain(precision)}
     if "topk" in modes:
         out |= {"k": cache.k, "temperatures": list(cache.temperatures)}
         if getattr(cache, "value_bits", 16) < 16:  # named only when quantized: other caches keep their keys
@@ -45,8 +42,8 @@ def capture_settings(cache, precision: str) -> dict:
 
 def layout_settings(cache) -> dict:
     """How a cache is stored (not what it holds): part of its folder's key."""
-    out = {"format": _value(cache.format), "chunk_rows": cache.chunk_rows, "shard_chunks": cache.shard_chunks,
-           "zstd": _value(cache.zstd)}
+    out = {"format": plain(cache.format), "chunk_rows": cache.chunk_rows, "shard_chunks": cache.shard_chunks,
+           "zstd": plain(cache.zstd)}
     if getattr(cache, "narrow", False):  # named only when on: the folders of other caches keep their keys
         out["narrow"] = True
     return out
@@ -70,7 +67,7 @@ def check_fingerprint(found: dict, expected: dict, where: str) -> None:
         expected = {k: v for k, v in expected.items() if k != "capture"}
     diffs = [f"{k}: expected {v!r}, found {have.get(k)!r}" for k, v in expected.items() if have.get(k) != v]
     if diffs:
-        raise ValueError(f"cache {where!r} was made from something else than this run expects:\n  "
+        raise CacheError(f"cache {where!r} was made from something else than this run expects:\n  "
                          + "\n  ".join(diffs) + "\nre-run stage 1 with this config, or point cache.path "
                          "at the cache that matches")
 

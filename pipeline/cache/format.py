@@ -57,6 +57,7 @@ import json
 from dataclasses import asdict, dataclass, field
 
 from pipeline.cache.storage import Storage
+from pipeline.errors import CacheError, CacheNotFound, ConfigError
 
 FORMAT_VERSION = 6  # 2: kdcache.json, per-object sizes in commit records, top1 on sampled-only caches;
 # 3: the Zarr group in zarr/ beside the index; one fingerprint schema for every task;
@@ -106,7 +107,7 @@ REPAIR = ("run stage 1 again with the same config and verify=true (`python -m pi
           "damaged or missing shards and keeps the healthy ones")
 
 
-class CacheDamaged(ValueError):
+class CacheDamaged(CacheError):
     """A shard whose stored bytes are missing, cut or do not match their checksums."""
 
     def __init__(self, url: str, array: str, obj: str, rows: tuple[int, int], what: str):
@@ -201,10 +202,10 @@ def array_specs(m: Manifest) -> dict[str, tuple[tuple[int, ...], str]]:
 def check_narrow(num_classes: int, samples: int, section: str) -> None:
     """Refuse ``<section>.narrow=true`` where the narrow dtypes cannot hold the ids or counts."""
     if num_classes > NARROW_PAD:
-        raise ValueError(f"{section}.narrow=true stores class ids as uint16, which holds {NARROW_PAD} classes; the "
+        raise ConfigError(f"{section}.narrow=true stores class ids as uint16, which holds {NARROW_PAD} classes; the "
                          f"teacher has {num_classes}: set {section}.narrow=false")
     if samples > 255:
-        raise ValueError(f"{section}.narrow=true stores draw counts as uint8; {section}.samples={samples} can reach "
+        raise ConfigError(f"{section}.narrow=true stores draw counts as uint8; {section}.samples={samples} can reach "
                          f"more than 255: lower {section}.samples or set {section}.narrow=false")
 
 
@@ -212,10 +213,10 @@ def check_top_p(top_p: float, modes, section: str) -> float:
     """``<section>.top_p``: 0 (off) or a mass in (0, 1) for an adaptive top-k."""
     top_p = float(top_p or 0.0)
     if top_p and not 0.0 < top_p < 1.0:
-        raise ValueError(f"{section}.top_p={top_p}: the probability mass each adaptive top-k row keeps, in (0, 1) "
+        raise ConfigError(f"{section}.top_p={top_p}: the probability mass each adaptive top-k row keeps, in (0, 1) "
                          "(0.9: stop at the fewest entries holding 90%); 0 keeps all K")
     if top_p and "topk" not in modes:
-        raise ValueError(f"{section}.top_p={top_p} cuts top-k rows; the {section} holds {list(modes)}: add topk")
+        raise ConfigError(f"{section}.top_p={top_p} cuts top-k rows; the {section} holds {list(modes)}: add topk")
     return top_p
 
 
@@ -327,7 +328,7 @@ def read_commits(storage: Storage, bad: list[int] | None = None) -> dict[int, Sh
             rec = parse_commit(storage.fs.cat_file(path))
         except (ValueError, TypeError) as e:
             if bad is None:
-                raise ValueError(f"commit record {path} is damaged ({e}): {REPAIR}") from e
+                raise CacheError(f"commit record {path} is damaged ({e}): {REPAIR}") from e
             bad.append(int(path.rsplit("shard-", 1)[1].split(".")[0]))
             continue
         out[rec.index] = rec
@@ -363,7 +364,7 @@ def merge_commits(m: Manifest, commits: dict[int, ShardRecord], strict: bool = T
             continue
         if (rec.start, rec.stop) != (shard.start, shard.stop):
             if strict:
-                raise ValueError(f"commit record of shard {shard.index} covers rows {rec.start}:{rec.stop}, the "
+                raise CacheError(f"commit record of shard {shard.index} covers rows {rec.start}:{rec.stop}, the "
                                  f"manifest plans {shard.start}:{shard.stop}: the cache is damaged: {REPAIR}")
             bad.append(shard.index)
             continue
@@ -374,25 +375,25 @@ def merge_commits(m: Manifest, commits: dict[int, ShardRecord], strict: bool = T
 def read_manifest(storage: Storage, name: str = MANIFEST) -> Manifest:
     """The manifest (or the plan, ``name=MARKER``), checked: its own checksum, the version."""
     if not storage.exists(name):
-        raise FileNotFoundError(f"no cache at {storage.url!r}: {name} is missing "
+        raise CacheNotFound(f"no cache at {storage.url!r}: {name} is missing "
                                 "(run stage 1 first, or point cache.path at an existing cache)")
     try:
         raw = json.loads(storage.read_bytes(name))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{storage.url}/{name} is not valid JSON ({e}); the cache index is damaged: "
+        raise CacheError(f"{storage.url}/{name} is not valid JSON ({e}); the cache index is damaged: "
                          f"{REPAIR}") from e
     if not isinstance(raw, dict) or "checksum" not in raw or raw["checksum"] != _body_hash(raw):
-        raise ValueError(f"{storage.url}/{name} does not match its own checksum: it was edited or damaged. "
+        raise CacheError(f"{storage.url}/{name} does not match its own checksum: it was edited or damaged. "
                          f"{REPAIR} (it rebuilds the index and keeps every healthy committed shard)")
     raw.pop("checksum")
     version = raw.get("format_version")
     if version != FORMAT_VERSION:
-        raise ValueError(f"cache {storage.url!r} has format_version={version!r}; this code reads "
+        raise CacheError(f"cache {storage.url!r} has format_version={version!r}; this code reads "
                          f"version {FORMAT_VERSION}: re-capture it with this version of stage 1")
     try:
         return Manifest.from_dict(raw)
     except TypeError as e:
-        raise ValueError(f"{storage.url}/{MANIFEST} does not match the manifest schema of version "
+        raise CacheError(f"{storage.url}/{MANIFEST} does not match the manifest schema of version "
                          f"{FORMAT_VERSION}: {e}") from e
 
 
@@ -460,9 +461,9 @@ def read_index_file(storage: Storage, m: Manifest, name: str, raw: bool = False)
 
     digest = getattr(m, INDEX_DIGESTS[name])
     if not storage.exists(name):
-        raise ValueError(f"cache {storage.url!r} holds {m.sequences} sequences but no {name}; {REPAIR}")
+        raise CacheError(f"cache {storage.url!r} holds {m.sequences} sequences but no {name}; {REPAIR}")
     data = storage.read_bytes(name)
     if hashlib.sha256(data).hexdigest() != digest:
-        raise ValueError(f"cache {storage.url!r}: {name} does not match its digest in the manifest; "
+        raise CacheError(f"cache {storage.url!r}: {name} does not match its digest in the manifest; "
                          f"the cache is damaged: {REPAIR}")
     return data if raw else np.load(io.BytesIO(data), allow_pickle=False)

@@ -35,6 +35,7 @@ from pipeline.cache.format import (
 )
 from pipeline.cache.health import damaged_shards, describe
 from pipeline.cache.storage import Storage
+from pipeline.errors import CacheError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ class CacheReader:
     @property
     def logits(self) -> da.Array:
         if LOGITS not in self.arrays:
-            raise ValueError(f"cache {self.path!r} holds modes {self.manifest.modes}, not 'full' logits, which this "
+            raise ConfigError(f"cache {self.path!r} holds modes {self.manifest.modes}, not 'full' logits, which this "
                              "step needs (a derive, a dense distance): capture with cache.modes=[full,...]")
         return self.arrays[LOGITS]
 
@@ -74,7 +75,7 @@ class CacheReader:
     def offsets(self) -> np.ndarray:
         """Sequence caches: sequence i owns rows ``offsets[i]:offsets[i + 1]`` (read once, checked)."""
         if not self.manifest.sequences:
-            raise ValueError(f"cache {self.path!r} holds samples, not token sequences (no offsets)")
+            raise CacheError(f"cache {self.path!r} holds samples, not token sequences (no offsets)")
         if self._offsets is None:
             self._offsets = read_index_file(self.storage, self.manifest, OFFSETS)
         return self._offsets
@@ -118,7 +119,7 @@ class CacheReader:
                 read_index_file(self.storage, self.manifest, TOKENIZER)
         problems = damaged_shards(self.storage, self.manifest, full=True, progress=True)
         if problems:
-            raise ValueError(f"cache {self.path!r}: {len(problems)} damaged shard(s):"
+            raise CacheError(f"cache {self.path!r}: {len(problems)} damaged shard(s):"
                              f"{describe(self.storage, self.manifest, problems)}\n{REPAIR}")
 
 
@@ -130,7 +131,7 @@ def open_cache(path: str, *, expected: dict | None = None, allow_partial: bool =
     storage = Storage(path, storage_options)
     m = read_manifest(storage)
     if num_classes is not None and m.num_classes != num_classes:
-        raise ValueError(f"cache {path!r} holds teacher outputs over {m.num_classes} classes, but this run has "
+        raise ConfigError(f"cache {path!r} holds teacher outputs over {m.num_classes} classes, but this run has "
                          f"data.num_classes={num_classes} (the students' output width): set "
                          f"data.num_classes={m.num_classes}, or capture a cache for this data with stage 1")
     if expected is not None:
@@ -139,10 +140,10 @@ def open_cache(path: str, *, expected: dict | None = None, allow_partial: bool =
         merge_commits(m, read_commits(storage))
     missing = m.missing_shards()
     if missing and not allow_partial:
-        raise ValueError(f"cache {path!r} is incomplete: shards {missing[:20]}{'...' if len(missing) > 20 else ''} "
+        raise CacheError(f"cache {path!r} is incomplete: shards {missing[:20]}{'...' if len(missing) > 20 else ''} "
                          f"of {len(m.shards)} were never committed; run stage 1 again with the same config to finish it")
     if not m.complete and not allow_partial:
-        raise ValueError(f"cache {path!r} is not marked complete; re-run stage 1 with the same config to finish it")
+        raise CacheError(f"cache {path!r} is not marked complete; re-run stage 1 with the same config to finish it")
     _check_shards_present(storage, m)
     arrays = backend(m.backend).dask_arrays(storage, m)
     for name in bf16_arrays(m) & set(arrays):
@@ -162,5 +163,5 @@ def _check_shards_present(storage: Storage, m: Manifest) -> None:
     deleted or cut shard is an error naming it rather than rows of fill values."""
     problems = damaged_shards(storage, m)
     if problems:
-        raise ValueError(f"cache {storage.url!r}: {len(problems)} damaged shard(s):"
+        raise CacheError(f"cache {storage.url!r}: {len(problems)} damaged shard(s):"
                          f"{describe(storage, m, problems)}\n{REPAIR}")

@@ -54,6 +54,7 @@ from pipeline.cache.format import (
 )
 from pipeline.cache.health import damaged_shards, describe, object_sizes, shard_checksum
 from pipeline.cache.storage import LOCKS, Lock, Storage, StorageError, explain_os_error
+from pipeline.errors import CacheError
 
 log = logging.getLogger(__name__)
 _DONE = object()
@@ -145,7 +146,7 @@ class CacheWriter:
         """:meth:`_inspect`, refusing a path that holds something other than a cache."""
         kind, old, why = self._inspect()
         if kind == "foreign":
-            raise ValueError(f"cache.path {self.storage.url!r} holds {why}: stage 1 writes only into an empty or new "
+            raise CacheError(f"cache.path {self.storage.url!r} holds {why}: stage 1 writes only into an empty or new "
                              f"folder or a cache of this project ({MARKER}), and never deletes anything else. "
                              "Point cache.path at a new folder")
         return kind, old, why
@@ -163,7 +164,7 @@ class CacheWriter:
                 return old
             diffs = plan_differences(old, fresh) if old is not None else [why]
             if not overwrite:
-                raise ValueError(f"cache {url!r} was captured with other settings than this run, and is kept:\n  "
+                raise CacheError(f"cache {url!r} was captured with other settings than this run, and is kept:\n  "
                                  + "\n  ".join(diffs) + "\nset cache.overwrite=true to replace it, or point "
                                  "cache.path elsewhere")
             self._refuse_if_busy(old)
@@ -176,7 +177,7 @@ class CacheWriter:
         for shard in old.shards if old is not None else []:
             lock = self.storage.lock(shard_lock_name(shard.index), blocking=False)
             if lock is None:
-                raise ValueError(f"cache {self.storage.url!r} is being written by another process (shard "
+                raise CacheError(f"cache {self.storage.url!r} is being written by another process (shard "
                                  f"{shard.index} is locked): wait for it to finish before replacing the cache")
             lock.release()
 

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from pipeline.distances import distance_spec, names
+from pipeline.errors import CacheError, ConfigError
 from pipeline.kernels import dense, sparse
 from pipeline.kernels._base import teacher_view
 
-DENSE = ("kl", "reverse_kl", "js", "mse", "cosine", "euclidean")
-SPARSE = ("topk_kl", "sampled_kl")
+DENSE = names(reads="full", fused=True)  # the distances with a kernel over full rows
+SPARSE = tuple(n for n in names(fused=True) if n not in DENSE)
 REDUCTIONS = ("mean", "sum", "none")
 
 
@@ -51,7 +53,7 @@ def _row_weights(n: int, mask, weights, reduction: str, coef: float = 1.0) -> tu
 def _finish(loss, grad, bad, reduction: str, scale: float, what: str):
     if bad.any():
         rows = np.nonzero(bad)[0]
-        raise ValueError(f"{what} holds non-finite values at rows {rows[:10].tolist()}"
+        raise CacheError(f"{what} holds non-finite values at rows {rows[:10].tolist()}"
                          f"{' ...' if len(rows) > 10 else ''}: refusing to train on them")
     if reduction == "none":
         return loss, grad
@@ -60,13 +62,14 @@ def _finish(loss, grad, bad, reduction: str, scale: float, what: str):
 
 def _check_temperature(temperature: float) -> float:
     if not temperature > 0:
-        raise ValueError(f"temperature={temperature}: must be > 0")
+        raise ConfigError(f"temperature={temperature}: must be > 0")
     return float(temperature)
 
 
-def distance(name: str, student: np.ndarray, teacher: np.ndarray, *, temperature: float = 1.0,
-             beta: float = 0.5, mask=None, weights=None, reduction: str = "mean", coef: float = 1.0):
-    """One of :data:`DENSE` between (B, C) student and teacher logits."""
+def _dense(rows, student: np.ndarray, teacher: np.ndarray, params: tuple, mask, weights, reduction: str,
+           coef: float):
+    """A dense kernel ``rows(s, t, table, *params, w, scale, loss, grad, bad)`` over (B, C)
+    student and teacher logits."""
     s = _student(student)
     if teacher.shape != s.shape:
         raise ValueError(f"teacher shape {teacher.shape} differs from student shape {s.shape}")
@@ -74,31 +77,62 @@ def distance(name: str, student: np.ndarray, teacher: np.ndarray, *, temperature
         raise ValueError(f"teacher dtype {teacher.dtype}: expected float16, float32 or float64")
     t, table = teacher_view(teacher)
     w, scale = _row_weights(len(s), mask, weights, reduction, coef)
-    loss = np.empty(len(s), s.dtype)
-    grad = np.empty_like(s)
-    bad = np.zeros(len(s), np.uint8)
-    if name in ("kl", "reverse_kl"):
-        fn = dense.kl_rows if name == "kl" else dense.reverse_kl_rows
-        fn(s, t, table, _check_temperature(temperature), w, scale, loss, grad, bad)
-    elif name == "js":
-        if not 0.0 <= beta <= 1.0:
-            raise ValueError(f"beta={beta}: must be in [0, 1] (0 = forward KL, 1 = reverse KL)")
-        T = _check_temperature(temperature)
-        if beta == 0.0:
-            dense.kl_rows(s, t, table, T, w, scale, loss, grad, bad)
-        elif beta == 1.0:
-            dense.reverse_kl_rows(s, t, table, T, w, scale, loss, grad, bad)
-        else:
-            dense.js_rows(s, t, table, T, float(beta), w, scale, loss, grad, bad)
-    elif name in ("mse", "cosine", "euclidean"):
-        getattr(dense, f"{name}_rows")(s, t, table, w, scale, loss, grad, bad)
-    else:
-        raise ValueError(f"distance {name!r} is unknown; expected one of {list(DENSE)}")
+    loss, grad, bad = np.empty(len(s), s.dtype), np.empty_like(s), np.zeros(len(s), np.uint8)
+    rows(s, t, table, *params, w, scale, loss, grad, bad)
     return _finish(loss, grad, bad, reduction, scale, "teacher")
 
 
+# Every kernel below takes (student, *the teacher arrays its representation holds) and the
+# same keywords, whether it reads them or not: the objective calls each the same way.
+
+
+def kl(student, teacher, *, temperature=1.0, beta=0.5, mask=None, weights=None, reduction="mean", coef=1.0):
+    return _dense(dense.kl_rows, student, teacher, (_check_temperature(temperature),), mask, weights, reduction,
+                  coef)
+
+
+def reverse_kl(student, teacher, *, temperature=1.0, beta=0.5, mask=None, weights=None, reduction="mean",
+               coef=1.0):
+    return _dense(dense.reverse_kl_rows, student, teacher, (_check_temperature(temperature),), mask, weights,
+                  reduction, coef)
+
+
+def js(student, teacher, *, temperature=1.0, beta=0.5, mask=None, weights=None, reduction="mean", coef=1.0):
+    """TRL's generalized Jensen-Shannon: beta=0 is forward KL and beta=1 reverse KL, exactly."""
+    if not 0.0 <= beta <= 1.0:
+        raise ConfigError(f"beta={beta}: must be in [0, 1] (0 = forward KL, 1 = reverse KL)")
+    if beta in (0.0, 1.0):
+        return (kl if beta == 0.0 else reverse_kl)(student, teacher, temperature=temperature, mask=mask,
+                                                    weights=weights, reduction=reduction, coef=coef)
+    return _dense(dense.js_rows, student, teacher, (_check_temperature(temperature), float(beta)), mask, weights,
+                  reduction, coef)
+
+
+def mse(student, teacher, *, temperature=1.0, beta=0.5, mask=None, weights=None, reduction="mean", coef=1.0):
+    return _dense(dense.mse_rows, student, teacher, (), mask, weights, reduction, coef)
+
+
+def cosine(student, teacher, *, temperature=1.0, beta=0.5, mask=None, weights=None, reduction="mean", coef=1.0):
+    return _dense(dense.cosine_rows, student, teacher, (), mask, weights, reduction, coef)
+
+
+def euclidean(student, teacher, *, temperature=1.0, beta=0.5, mask=None, weights=None, reduction="mean",
+              coef=1.0):
+    return _dense(dense.euclidean_rows, student, teacher, (), mask, weights, reduction, coef)
+
+
+def distance(name: str, student: np.ndarray, teacher: np.ndarray, *, temperature: float = 1.0,
+             beta: float = 0.5, mask=None, weights=None, reduction: str = "mean", coef: float = 1.0):
+    """The kernel of the dense distance ``name`` (one of :data:`DENSE`) between (B, C)
+    student and teacher logits."""
+    if name not in DENSE:
+        raise ValueError(f"distance {name!r} is unknown or not dense; the dense kernels are {list(DENSE)}")
+    return globals()[distance_spec(name).kernel](student, teacher, temperature=temperature, beta=beta, mask=mask,
+                                                 weights=weights, reduction=reduction, coef=coef)
+
+
 def topk_kl(student: np.ndarray, idx: np.ndarray, val: np.ndarray, lse: np.ndarray, *, temperature: float = 1.0,
-            mask=None, weights=None, reduction: str = "mean", coef: float = 1.0):
+            beta: float = 0.5, mask=None, weights=None, reduction: str = "mean", coef: float = 1.0):
     """KL over the teacher's top-K classes plus one tail bucket; ``lse`` (B,) is the exact
     logsumexp of the teacher's whole row at ``temperature``. An id of -1 is padding (an
     adaptive row's unused entries, a class the student lacks): skipped, its mass in the tail."""
@@ -108,9 +142,9 @@ def topk_kl(student: np.ndarray, idx: np.ndarray, val: np.ndarray, lse: np.ndarr
         raise ValueError(f"top-k arrays must be idx (B, K), val (B, K), lse (B,) with B={n}; got idx {idx.shape}, "
                          f"val {val.shape}, lse {np.shape(lse)}")
     if idx.shape[1] > c:
-        raise ValueError(f"K={idx.shape[1]} is larger than the student's {c} classes")
+        raise ConfigError(f"K={idx.shape[1]} is larger than the student's {c} classes")
     if idx.size and (idx.min() < -1 or idx.max() >= c):  # (-1: padding, skipped)
-        raise ValueError(f"idx holds class ids outside [0, {c}): the student's vocabulary differs from the teacher's")
+        raise ConfigError(f"idx holds class ids outside [0, {c}): the student's vocabulary differs from the teacher's")
     w, scale = _row_weights(n, mask, weights, reduction, coef)
     loss, grad, bad = np.empty(n, s.dtype), np.empty_like(s), np.zeros(n, np.uint8)
     sparse.topk_kl_rows(s, np.ascontiguousarray(idx, np.int32), np.ascontiguousarray(val, s.dtype),
@@ -119,7 +153,8 @@ def topk_kl(student: np.ndarray, idx: np.ndarray, val: np.ndarray, lse: np.ndarr
 
 
 def sampled_kl(student: np.ndarray, idx: np.ndarray, counts: np.ndarray, entropy: np.ndarray, *,
-               temperature: float = 1.0, mask=None, weights=None, reduction: str = "mean", coef: float = 1.0):
+               temperature: float = 1.0, beta: float = 0.5, mask=None, weights=None, reduction: str = "mean",
+               coef: float = 1.0):
     """Unbiased RS-KD estimate of T^2 KL(p_T || q_T) from sampled ids and their counts."""
     s = _student(student)
     n, c = s.shape
@@ -128,7 +163,7 @@ def sampled_kl(student: np.ndarray, idx: np.ndarray, counts: np.ndarray, entropy
                          f"{idx.shape}, counts {counts.shape}, entropy {np.shape(entropy)}")
     live = counts > 0
     if live.any() and (idx[live].min() < 0 or idx[live].max() >= c):
-        raise ValueError(f"idx holds class ids outside [0, {c}): the student's vocabulary differs from the teacher's")
+        raise ConfigError(f"idx holds class ids outside [0, {c}): the student's vocabulary differs from the teacher's")
     w, scale = _row_weights(n, mask, weights, reduction, coef)
     loss, grad, bad = np.empty(n, s.dtype), np.empty_like(s), np.zeros(n, np.uint8)
     sparse.sampled_kl_rows(s, np.ascontiguousarray(idx, np.int32), np.ascontiguousarray(counts, np.int32),
@@ -138,4 +173,5 @@ def sampled_kl(student: np.ndarray, idx: np.ndarray, counts: np.ndarray, entropy
 
 
 
-__all__ = ["DENSE", "SPARSE", "distance", "sampled_kl", "topk_kl"]
+__all__ = ["DENSE", "SPARSE", "cosine", "distance", "euclidean", "js", "kl", "mse", "reverse_kl", "sampled_kl",
+           "topk_kl"]

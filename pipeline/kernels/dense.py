@@ -201,3 +201,4 @@ def euclidean_rows(s, t, table, w, scale, loss, grad, bad):
         for j in range(c):
             grad[i, j] = g * (s[i, j] - tval(t, i, j, table))
         loss[i] = w[i] * dist
+

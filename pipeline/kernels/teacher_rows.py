@@ -45,6 +45,7 @@ import numpy as np
 from numba import types
 from numba.extending import overload
 
+from pipeline.errors import ConfigError
 from pipeline.kernels._base import FASTMATH, _f32_as_i32, _i32_as_f32, is_finite, vexp
 
 BLOCK = 512  # logits per block of the float32 way: read once into L1, summed against one running maximum
@@ -449,7 +450,7 @@ def summarize_rows(x: np.ndarray, k: int, temperatures: list[float], sample_temp
     x = np.ascontiguousarray(x) if bf16 else np.ascontiguousarray(x, np.float32)
     n, c = x.shape
     if c > MAX_CLASSES:
-        raise ValueError(f"the row pass takes at most {MAX_CLASSES} classes a row, not {c}")
+        raise ConfigError(f"the row pass takes at most {MAX_CLASSES} classes a row, not {c}")
     temps = list(dict.fromkeys([*temperatures, *([sample_temperature] if sample_temperature else [])]))
     inv_t = np.array([1.0 / t for t in temps], np.float32)
     col = temps.index(sample_temperature) if sample_temperature else -1

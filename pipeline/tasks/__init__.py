@@ -11,6 +11,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from pipeline.errors import ConfigError
+from pipeline.hashing import plain
+
 if TYPE_CHECKING:  # the plug-ins load torch: imported when a task is asked for, not before
     from pipeline.config import Config
     from pipeline.tasks.base import Task
@@ -25,10 +28,10 @@ def registry() -> dict[str, type[Task]]:
 
 def task_for(cfg) -> Task:
     """The plug-in of ``cfg.task``, bound to the run's config."""
-    name = getattr(cfg.task, "value", cfg.task)
+    name = plain(cfg.task)
     tasks = registry()
     if name not in tasks:
-        raise ValueError(f"task={name!r}: expected one of {sorted(tasks)}")
+        raise ConfigError(f"task={name!r}: expected one of {sorted(tasks)}")
     return tasks[name](cfg)
 
 
@@ -38,9 +41,9 @@ def validate(cfg: Config) -> Config:
     from pipeline.config import shared_problems
 
     p = shared_problems(cfg)
-    registry()[getattr(cfg.task, "value", cfg.task)].validate(cfg, p)
+    registry()[plain(cfg.task)].validate(cfg, p)
     if p:
-        raise ValueError("invalid config (" + str(len(p)) + " problem(s)):\n  - " + "\n  - ".join(p))
+        raise ConfigError("invalid config (" + str(len(p)) + " problem(s)):\n  - " + "\n  - ".join(p))
     return cfg
 
 

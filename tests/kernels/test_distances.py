@@ -224,7 +224,7 @@ def test_invalid_inputs_name_the_argument():
         kernels.distance("js", s, t, temperature=0)
     with pytest.raises(ValueError, match="beta=1.5"):
         kernels.distance("js", s, t, beta=1.5)
-    with pytest.raises(ValueError, match="distance 'hinge' is unknown"):
+    with pytest.raises(ValueError, match="distance 'hinge' is unknown or not dense"):
         kernels.distance("hinge", s, t)
     bad = t.copy()
     bad[1, 2] = np.nan

@@ -12,7 +12,7 @@ import pytest
 
 from pipeline.tasks.lm.models import load_tokenizer
 from pipeline.tasks.lm.text import load_tokens, play_texts
-from tests.support import compose_config, run_cli
+from tests.support import compose_config, error_line, run_cli
 
 SIZES = ["task=lm", "data=corpus", "data.seq_len=32", "data.test_size=4"]
 
@@ -66,15 +66,40 @@ def test_a_corpus_without_the_text_column_names_its_columns(corpora, tokenizer, 
         load_tokens(cfg.data, str(tmp_path), tokenizer)
 
 
-def test_an_empty_document_is_named(tokenizer, tmp_path):
+def test_empty_documents_are_skipped_and_counted(tokenizer, tmp_path, caplog):
     docs = _documents(10)
-    docs[6] = "   "
-    path = tmp_path / "bad.jsonl"
+    docs[2], docs[6] = None, "   "
+    path = tmp_path / "gaps.jsonl"
     path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     cfg = compose_config(*SIZES, f"data.path={path}")
-    with pytest.raises(ValueError, match="document 6 of the corpus .* has no text in column 'text'"):
-        load_tokens(cfg.data, str(tmp_path / "root"), tokenizer)
-    assert not glob.glob(str(tmp_path / "root" / "datasets" / "corpus-*"))  # nothing half-built left
+    with caplog.at_level("INFO"):
+        data = load_tokens(cfg.data, str(tmp_path / "root"), tokenizer)
+    assert "skipped 2 document(s) with no text in column 'text' (the first: row 2)" in caplog.text
+    want = [tokenizer(d, add_special_tokens=False)["input_ids"] for d in docs if d and d.strip()]
+    pieces = [w[a:a + 32] for w in want for a in range(0, len(w), 32) if len(w[a:a + 32]) >= 2]
+    assert sorted(data.sequence(i).tolist() for i in range(len(data.offsets) - 1)) == sorted(pieces)
+
+
+def test_a_malformed_jsonl_line_is_one_line_naming_the_file_and_line(tmp_path):
+    lines = [json.dumps({"text": d}) for d in _documents(10)]
+    lines[4] = '{"text": "a quote never closed'
+    path = tmp_path / "notes.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    line = error_line(run_cli(tmp_path / "root", *SIZES, f"data.path={path}", "stage=1", small=False, code=1))
+    assert f"DataError: {path}, line 5: not valid JSON" in line and "fix or remove that line" in line
+
+
+def test_the_default_held_out_split_fits_a_small_corpus(tokenizer, tmp_path, caplog):
+    """30 conversations, one sequence each: the held-out split is data.test_fraction of them
+    (5%: 2), not a fixed count larger than the corpus."""
+    path = tmp_path / "chats.jsonl"
+    path.write_text("".join(json.dumps({"messages": c}) + "\n" for c in _chats(30)))
+    cfg = compose_config("task=lm", "data=corpus", f"data.path={path}", "data.chat_column=messages",
+                         "data.seq_len=512")
+    with caplog.at_level("INFO"):
+        data = load_tokens(cfg.data, str(tmp_path), tokenizer)
+    assert data.sequences == {"train": (0, 28), "heldout": (28, 30)}
+    assert "holding out 2 of 30 sequences (data.test_fraction=0.05" in caplog.text
 
 
 def test_a_path_that_is_no_corpus_says_what_is_expected(tmp_path, tokenizer):

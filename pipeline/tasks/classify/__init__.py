@@ -21,7 +21,8 @@ from pipeline.cache.format import LOGITS, TOP1, TOPK_IDX
 from pipeline.capture import plan_manifest
 from pipeline.config import DataSource, StudentArch
 from pipeline.device import autocast, choose_device
-from pipeline.hashing import hash_json, hash_state_dict
+from pipeline.errors import ConfigError
+from pipeline.hashing import hash_json, hash_state_dict, plain
 from pipeline.leaderboard import update_leaderboard
 from pipeline.losses import distill_loss, select_teacher, teacher_arrays
 from pipeline.stream import CacheStream, Resumable
@@ -237,7 +238,7 @@ class Classify(Task):
     # -- students -------------------------------------------------------------------------------
     def train_students(self, splits: Splits, reader: CacheReader, run_dir: str) -> list[dict]:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise ValueError("multi-process student training (torchrun) is built for task=lm; train classifier "
+            raise ConfigError("multi-process student training (torchrun) is built for task=lm; train classifier "
                              "students in one process (they take minutes), or one sweep job per process (-m)")
         t_pred = teacher_test_predictions(reader)
         x_all, y_all = splits.concat()  # once: every student joins the cache's ids to these
@@ -303,7 +304,7 @@ class Classify(Task):
         }
 
     def results(self, rows: list[dict], reader: CacheReader) -> tuple[dict, str]:
-        loss = {k: getattr(v, "value", v) for k, v in vars(self.cfg.loss).items()}
+        loss = {k: plain(v) for k, v in vars(self.cfg.loss).items()}
         return {"loss": loss}, format_results(rows)
 
     def publish(self, rows: list[dict], reader: CacheReader) -> None:
@@ -315,8 +316,7 @@ def flatten_settings(identity: dict) -> dict:
     out = {}
     for section, values in identity.items():
         for k, v in values.items():
-            v = getattr(v, "value", v)
-            out[f"{section}.{k}"] = [getattr(x, "value", x) for x in v] if isinstance(v, list) else v
+            out[f"{section}.{k}"] = plain(v)
     return out
 
 

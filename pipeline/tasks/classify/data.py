@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from pipeline.config import DataConfig, DataSource
+from pipeline.errors import DataError, DataNotFound
 from pipeline.hashing import hash_json
 from pipeline.tasks.base import save_dataset_atomic
 
@@ -135,10 +136,10 @@ def _load_from_disk(path: str):
     except (IndexError, ValueError, KeyError) as e:  # datasets cannot load an empty saved split
         empty = [name for name in SPLITS if _saved_split_is_empty(os.path.join(path, name))]
         if empty:
-            raise ValueError(f"data.path={path!r}: split(s) {empty} were saved with no rows, and datasets cannot "
+            raise DataError(f"data.path={path!r}: split(s) {empty} were saved with no rows, and datasets cannot "
                              "load an empty saved split; give them rows, or leave the split out (train and test "
                              "are required, transfer is optional)") from e
-        raise ValueError(f"data.path={path!r} cannot be loaded with datasets.load_from_disk: "
+        raise DataError(f"data.path={path!r} cannot be loaded with datasets.load_from_disk: "
                          f"{type(e).__name__}: {e}") from e
 
 
@@ -155,7 +156,7 @@ def _load_user_dataset(cfg: DataConfig):
 
     path = cfg.path
     if not path or not os.path.exists(path):
-        raise FileNotFoundError(f"data.path={path!r} does not exist; point it at a save_to_disk folder "
+        raise DataNotFound(f"data.path={path!r} does not exist; point it at a save_to_disk folder "
                                 "or a folder of {split}.parquet / {split}.arrow files")
     if os.path.exists(os.path.join(path, "dataset_dict.json")):
         return _load_from_disk(path)
@@ -167,15 +168,15 @@ def _load_user_dataset(cfg: DataConfig):
                 if ext == "parquet" and _parquet_rows(f) == 0:  # datasets fails on these, naming nothing
                     if split == "transfer":
                         continue  # an empty transfer split is the same as none
-                    raise ValueError(f"split {split!r} of {path} has no rows ({f}): train and test need at "
+                    raise DataError(f"split {split!r} of {path} has no rows ({f}): train and test need at "
                                      "least one each")
                 try:
                     found[split] = reader(f)
                 except Exception as e:  # datasets' own errors name neither the file nor the split
-                    raise ValueError(f"data.path: {f} (the {split} split) cannot be read as .{ext}: "
+                    raise DataError(f"data.path: {f} (the {split} split) cannot be read as .{ext}: "
                                      f"{type(e).__name__}: {e}") from e
     if not found:
-        raise FileNotFoundError(f"data.path={path!r} holds no dataset_dict.json and no "
+        raise DataNotFound(f"data.path={path!r} holds no dataset_dict.json and no "
                                 "train/test/transfer .parquet or .arrow files")
     return datasets.DatasetDict(found)
 
@@ -192,38 +193,38 @@ def _parquet_rows(path: str) -> int | None:
 def _from_dataset_dict(dsd, cfg: DataConfig) -> Splits:
     missing = [s for s in ("train", "test") if s not in dsd]
     if missing:
-        raise ValueError(f"dataset at {cfg.path or 'the mnist1d folder'} has splits {list(dsd)}; "
+        raise DataError(f"dataset at {cfg.path or 'the mnist1d folder'} has splits {list(dsd)}; "
                          f"missing {missing} (train and test are required, transfer is optional)")
     out = {name: _split_arrays(dsd[name], name, cfg) for name in SPLITS if name in dsd}
     width = out["train"].x.shape[1]
     out.setdefault("transfer", Split("transfer", np.zeros((0, width), np.float32), np.zeros((0,), np.int64)))
     widths = {name: s.x.shape[1] for name, s in out.items() if len(s.y)}
     if len(set(widths.values())) > 1:
-        raise ValueError(f"input width differs between splits: {widths}")
+        raise DataError(f"input width differs between splits: {widths}")
     return Splits({name: out[name] for name in SPLITS}, cfg.num_classes)
 
 
 def _split_arrays(ds, name: str, cfg: DataConfig) -> Split:
     if len(ds) == 0 and name != "transfer":
-        raise ValueError(f"split {name!r} of {cfg.path or 'the dataset'} has no rows: train and test need at "
+        raise DataError(f"split {name!r} of {cfg.path or 'the dataset'} has no rows: train and test need at "
                          "least one each")
     if cfg.input_column not in ds.column_names:
-        raise ValueError(f"split {name!r} has no input column {cfg.input_column!r}; columns are "
+        raise DataError(f"split {name!r} has no input column {cfg.input_column!r}; columns are "
                          f"{ds.column_names}: set data.input_column")
     x = _column(ds, cfg.input_column).astype(np.float32, copy=False).reshape(len(ds), -1)
     if cfg.label_column in ds.column_names:
         y = _labels(ds, name, cfg.label_column)
         bad = (y < 0) | (y >= cfg.num_classes)
         if bad.any():
-            raise ValueError(f"split {name!r}: {int(bad.sum())} label(s) outside [0, {cfg.num_classes}) "
+            raise DataError(f"split {name!r}: {int(bad.sum())} label(s) outside [0, {cfg.num_classes}) "
                              f"(first at row {int(np.argmax(bad))}); set data.num_classes")
     elif name == "transfer":
         y = np.full(len(ds), UNLABELED, np.int64)
     else:
-        raise ValueError(f"split {name!r} has no label column {cfg.label_column!r}; columns are "
+        raise DataError(f"split {name!r} has no label column {cfg.label_column!r}; columns are "
                          f"{ds.column_names}: set data.label_column")
     if not np.isfinite(x).all():
-        raise ValueError(f"split {name!r}: non-finite values in input column {cfg.input_column!r}")
+        raise DataError(f"split {name!r}: non-finite values in input column {cfg.input_column!r}")
     return Split(name, x, y)
 
 
@@ -235,7 +236,7 @@ def _labels(ds, split: str, column: str) -> np.ndarray:
     kind = ds.data.column(column).type
     if not (pa.types.is_integer(kind) or pa.types.is_null(kind)):
         sample = sorted({str(v) for v in ds.data.column(column).slice(0, 1000).to_pylist()})[:4]
-        raise ValueError(f"split {split!r}: label column {column!r} holds {kind} values such as {sample}, not class "
+        raise DataError(f"split {split!r}: label column {column!r} holds {kind} values such as {sample}, not class "
                          f"ids 0..C-1: cast it to a ClassLabel, e.g. ds = ds.cast_column({column!r}, "
                          f"datasets.ClassLabel(names=[...])), or map each name to its id before saving")
     return _column(ds, column).astype(np.int64, copy=False)
@@ -249,6 +250,6 @@ def _column(ds, name: str) -> np.ndarray:
     if pa.types.is_list(col.type) or pa.types.is_fixed_size_list(col.type) or pa.types.is_large_list(col.type):
         flat = np.array(col.flatten().to_numpy(zero_copy_only=False))  # a writable copy
         if len(col) and len(flat) % len(col):
-            raise ValueError(f"column {name!r} holds lists of different lengths; inputs must have one width")
+            raise DataError(f"column {name!r} holds lists of different lengths; inputs must have one width")
         return flat.reshape(len(col), -1)
     return np.array(col.to_numpy(zero_copy_only=False))

@@ -14,6 +14,7 @@ from torch import nn
 
 from pipeline.cache.storage import write_file_atomic
 from pipeline.config import StudentConfig, TeacherConfig
+from pipeline.errors import ConfigError, DataNotFound
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ def _import(target: str, what: str):
     try:
         return getattr(importlib.import_module(module_name), cls_name)
     except (ImportError, AttributeError, ValueError) as e:
-        raise ValueError(f"{what}._target_={target!r} could not be imported: {e}") from e
+        raise ConfigError(f"{what}._target_={target!r} could not be imported: {e}") from e
 
 
 def build_student(spec: StudentConfig, in_features: int, num_classes: int) -> nn.Module:
@@ -64,7 +65,7 @@ def build_student(spec: StudentConfig, in_features: int, num_classes: int) -> nn
         with torch.no_grad():
             out = model(torch.zeros(2, in_features))
         if tuple(out.shape) != (2, num_classes):
-            raise ValueError(f"student {spec._target_} maps (batch, {in_features}) inputs to {tuple(out.shape[1:])}; "
+            raise ConfigError(f"student {spec._target_} maps (batch, {in_features}) inputs to {tuple(out.shape[1:])}; "
                              f"the cache holds {num_classes} classes: make its output width {num_classes}")
         return model
     arch = spec.arch.value
@@ -99,10 +100,10 @@ def load_weights(model: nn.Module, path: str) -> nn.Module:
     if os.path.isdir(path):
         path = os.path.join(path, "model.safetensors")
     if not os.path.exists(path):
-        raise FileNotFoundError(f"teacher checkpoint {path!r} does not exist")
+        raise DataNotFound(f"teacher checkpoint {path!r} does not exist")
     state = load_file(path) if path.endswith(".safetensors") else torch.load(path, map_location="cpu", weights_only=True)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise ValueError(f"checkpoint {path!r} does not match the configured model: {e}") from e
+        raise ConfigError(f"checkpoint {path!r} does not match the configured model: {e}") from e
     return model

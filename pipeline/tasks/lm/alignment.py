@@ -47,6 +47,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.cache.format import SAMPLED_CNT, SAMPLED_IDX, TOPK_IDX, TOPK_VAL
+from pipeline.errors import ConfigError, DataError, DataNotFound
 from pipeline.representations import map_ids, pad_entries
 from pipeline.stream import SequenceBatch, pad_batch
 
@@ -83,7 +84,7 @@ def token_bytes(tokenizer_json: str, what: str = "tokenizer") -> list[bytes]:
     j = json.loads(tokenizer_json)
     model = j.get("model") or {}
     if model.get("type") != "BPE" or not _byte_level(j.get("decoder")) or j.get("normalizer"):
-        raise ValueError(f"the {what} is not a byte-level BPE (model {model.get('type')!r}, decoder "
+        raise ConfigError(f"the {what} is not a byte-level BPE (model {model.get('type')!r}, decoder "
                          f"{(j.get('decoder') or {}).get('type')!r}, normalizer "
                          f"{(j.get('normalizer') or {}).get('type')!r}): aligning two tokenizers by byte spans "
                          "needs both to give every token definite bytes (GPT-2, Llama 3, Qwen, SmolLM style)")
@@ -94,7 +95,7 @@ def token_bytes(tokenizer_json: str, what: str = "tokenizer") -> list[bytes]:
         try:
             table[i] = bytes(dec[c] for c in tok)
         except KeyError:
-            raise ValueError(f"the {what}'s token {tok!r} (id {i}) has a character outside the byte-level "
+            raise ConfigError(f"the {what}'s token {tok!r} (id {i}) has a character outside the byte-level "
                              "alphabet: not a byte-level BPE vocabulary") from None
     for a in added:
         table[a["id"]] = a["content"].encode()
@@ -127,8 +128,8 @@ def utf8_window(data: bytes) -> tuple[int, int]:
             return a, len(data) - cut
         except UnicodeDecodeError as e:
             if e.start < len(data) - a - cut - 3:
-                raise ValueError(f"invalid UTF-8 at byte {a + e.start} of a cached sequence's text") from None
-    raise ValueError("a cached sequence's text is not UTF-8")
+                raise DataError(f"invalid UTF-8 at byte {a + e.start} of a cached sequence's text") from None
+    raise DataError("a cached sequence's text is not UTF-8")
 
 
 def aligned_positions(teacher_ends: np.ndarray, student_ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -179,7 +180,7 @@ def retokenize(data, teacher: TokenBytes, tokenizer, student: TokenBytes, batch:
     from tqdm.auto import tqdm
 
     if data.positions is not None:
-        raise ValueError("a chat cache (rows at the assistant's tokens) cannot train a student with another "
+        raise ConfigError("a chat cache (rows at the assistant's tokens) cannot train a student with another "
                          "tokenizer yet: use a text corpus (data.text_column), or the teacher's tokenizer")
     n = len(data.offsets) - 1
     tokens, lengths, counts, tpos, spos, pcounts = [], [], [], [], [], []
@@ -198,7 +199,7 @@ def retokenize(data, teacher: TokenBytes, tokenizer, student: TokenBytes, batch:
             ids = np.asarray(ids, dtype=np.int64)
             ln = student.lengths[ids] if len(ids) else np.zeros(0, np.int64)
             if int(ln.sum()) != w[1] - w[0]:
-                raise ValueError(f"the student tokenizer gives sequence {a + j} {int(ln.sum())} bytes of tokens for "
+                raise DataError(f"the student tokenizer gives sequence {a + j} {int(ln.sum())} bytes of tokens for "
                                  f"its {w[1] - w[0]} bytes of text: it changes the text (a normalizer, an added "
                                  "prefix space?); byte alignment needs a tokenizer that keeps it byte for byte")
             t, s = aligned_positions(te, w[0] + np.cumsum(ln))
@@ -222,7 +223,7 @@ def projection(teacher: TokenBytes, student: TokenBytes, rule: str = "prefix") -
     """Teacher id -> student id (-1: none). ``exact``: the student token with the same bytes;
     ``prefix``: that, else the longest student token that is a prefix of the teacher's."""
     if rule not in ("exact", "prefix"):
-        raise ValueError(f"student.projection={rule!r}: expected exact or prefix")
+        raise ConfigError(f"student.projection={rule!r}: expected exact or prefix")
     by_bytes = {b: i for i, b in enumerate(student.table) if b}
     longest = max((len(b) for b in by_bytes), default=0)
     out = np.full(len(teacher), -1, dtype=np.int64)
@@ -365,7 +366,7 @@ def student_tokenizer(spec_tokenizer: str, data, teacher_json: str, root: str):
         spec_tokenizer = folder
     folder = os.path.expanduser(spec_tokenizer)
     if not os.path.isdir(folder):
-        raise FileNotFoundError(f"student.tokenizer={spec_tokenizer!r}: expected a tokenizer folder "
+        raise DataNotFound(f"student.tokenizer={spec_tokenizer!r}: expected a tokenizer folder "
                                 "(tokenizer.json, as save_pretrained writes) or bpe:<vocabulary size>")
     return AutoTokenizer.from_pretrained(folder, local_files_only=True)
 

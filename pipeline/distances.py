@@ -1,0 +1,87 @@
+"""The distances D of the objective, each declared once.
+
+A declaration names the cache representation the distance trains from, its Numba kernel
+(loss and gradient in one pass, on CPU; :mod:`pipeline.kernels`) and its plain torch
+per-row loss (on CUDA, and the reference the kernel is tested against;
+:mod:`pipeline.losses`). Everything else is derived from it: the ``loss.distance`` enum
+(:class:`pipeline.config.Distance`), the dispatch of the objective and of the fused output
+head, the check that a cache holds what the distance reads, and the README's table (a test
+holds the table to this list).
+
+Adding a distance: one :class:`DistanceSpec` below, its kernel in ``pipeline/kernels/``
+(exported by name from :mod:`pipeline.kernels`), its torch rows in :mod:`pipeline.losses`,
+and a row of the README's table. The kernel tests take every declared distance.
+
+This module imports neither torch nor Numba: the config is built from it before either loads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class DistanceSpec:
+    name: str
+    reads: str  # the cache representation it trains from: full | topk | sampled
+    summary: str  # one line: the README's table and the config's error messages
+    # the function of pipeline.kernels that returns (loss, grad) on CPU; None: the torch rows
+    # on every device (no fused head form)
+    kernel: str | None
+    # the function of pipeline.losses giving the per-row loss (B,) in plain torch
+    reference: str
+    temperature: bool = True  # reads loss.temperature
+    beta: bool = False  # reads loss.beta
+    # compares teacher and student class by class: needs one vocabulary, or a student
+    # tokenizer's projection of the teacher's ids (ULD needs neither)
+    by_class: bool = True
+
+    @property
+    def fused(self) -> bool:
+        """Whether the fused output head (``train.fused_head``) computes it: it needs a kernel."""
+        return self.kernel is not None
+
+
+_DECLARED = [
+    DistanceSpec("kl", "full", "T^2 KL(p_T || q_T), forward KL at temperature T", "kl", "torch_kl"),
+    DistanceSpec("reverse_kl", "full", "T^2 KL(q_T || p_T), mode-seeking", "reverse_kl", "torch_reverse_kl"),
+    DistanceSpec("js", "full", "T^2 generalized Jensen-Shannon (beta=0: KL, 1: reverse KL, 0.5: symmetric)", "js",
+                 "torch_js", beta=True),
+    DistanceSpec("mse", "full", "mean squared error between the logits", "mse", "torch_mse", temperature=False),
+    DistanceSpec("cosine", "full", "1 - cosine similarity of the logits", "cosine", "torch_cosine",
+                 temperature=False),
+    DistanceSpec("euclidean", "full", "L2 distance between the logits", "euclidean", "torch_euclidean",
+                 temperature=False),
+    DistanceSpec("topk_kl", "topk", "T^2 KL over the cached top-K plus one tail bucket (exact lse)", "topk_kl",
+                 "torch_topk_kl"),
+    DistanceSpec("sampled_kl", "sampled", "T^2 KL estimated without bias from the cached draws (RS-KD)",
+                 "sampled_kl", "torch_sampled_kl"),
+    # Universal Logit Distillation: L1 between sorted probabilities, no vocabulary correspondence
+    DistanceSpec("uld_topk", "topk", "ULD: L1 between sorted probabilities, from the top-K + tail", None,
+                 "torch_uld_topk", by_class=False),
+    DistanceSpec("uld_sampled", "sampled", "ULD: L1 between sorted probabilities, from the draws' frequencies",
+                 None, "torch_uld_sampled", by_class=False),
+]
+
+DISTANCES: dict[str, DistanceSpec] = {d.name: d for d in _DECLARED}
+REPRESENTATIONS = ("full", "topk", "sampled")
+assert all(d.reads in REPRESENTATIONS for d in _DECLARED), "a distance reads an unknown representation"
+
+
+def distance_spec(name) -> DistanceSpec:
+    """The declaration of ``name``: a string, or a :class:`pipeline.config.Distance` (a str
+    enum, so it keys the same entry)."""
+    try:
+        return DISTANCES[name]
+    except KeyError:
+        raise ValueError(f"distance {name!r} is not declared; the distances are {list(DISTANCES)}") from None
+
+
+def names(reads: str | None = None, fused: bool | None = None) -> tuple[str, ...]:
+    """The declared distances' names, optionally those reading one representation or those
+    with (or without) a fused head form."""
+    return tuple(d.name for d in _DECLARED if (reads is None or d.reads == reads)
+                 and (fused is None or d.fused == fused))
+
+
+__all__ = ["DISTANCES", "DistanceSpec", "distance_spec", "names"]

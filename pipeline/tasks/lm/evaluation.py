@@ -1,0 +1,122 @@
+"""Held-out evaluation of task=lm: the teacher's perplexity (kept beside the cache), the
+students' perplexity, bits per byte and KL to the cached teacher, and the results table."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+
+import numpy as np
+import torch
+
+from pipeline.cache import CacheReader, Storage
+from pipeline.cache.format import LSE, TOPK_IDX, TOPK_VAL
+from pipeline.losses import select_teacher, torch_topk_kl
+from pipeline.stream import SequenceStream
+from pipeline.tasks.lm.objective import next_token_nll, student_logits, to_student
+from pipeline.tasks.lm.rows import teacher_logits
+from pipeline.tasks.lm.text import TokenData
+
+log = logging.getLogger(__name__)
+
+TEACHER_EVAL = "teacher_eval.json"  # the teacher's held-out perplexity, beside the cache
+
+def scored_positions(data: TokenData, i: int) -> np.ndarray:
+    """The positions of sequence i whose next-token prediction is scored: those with a cache
+    row and a next token."""
+    p = data.row_positions(i)
+    return p[p + 1 < data.offsets[i + 1] - data.offsets[i]]
+
+
+@torch.inference_mode()
+def teacher_heldout_nll(model, data: TokenData, batch_size: int, device: torch.device, pad_id: int) -> dict:
+    """The teacher's next-token loss on the held-out sequences' scored positions (its perplexity)."""
+    a, z = data.sequences["heldout"]
+    total, count = 0.0, 0
+    for b in range(a, z, batch_size):
+        seqs = [data.sequence(i) for i in range(b, min(b + batch_size, z))]
+        logp = torch.log_softmax(teacher_logits(model, seqs, pad_id, device).float(), dim=-1)
+        for j, s in enumerate(seqs):
+            p = scored_positions(data, b + j)
+            target = torch.from_numpy(s[p + 1]).to(device)
+            total -= logp[j, torch.from_numpy(p).to(device)].gather(1, target[:, None]).sum().item()
+            count += len(p)
+    return {"heldout_tokens": count, "heldout_nll": total / count, "heldout_perplexity": float(np.exp(total / count))}
+
+
+def read_teacher_eval(storage: Storage) -> dict:
+    """The teacher's held-out evaluation stored beside the cache ({} before stage 1 wrote it)."""
+    return json.loads(storage.read_bytes(TEACHER_EVAL)) if storage.exists(TEACHER_EVAL) else {}
+
+
+
+
+@torch.no_grad()
+def evaluate(student, reader: CacheReader, data: TokenData, batch_size: int, adapter, device) -> dict:
+    """Held-out perplexity (of the student's tokens), and KL(teacher || student) over the
+    cached top-K + tail at T=1 at the positions with a teacher row (with another tokenizer:
+    the aligned ones, the rows projected onto the student's ids)."""
+    student.eval()
+    m = reader.manifest
+    arrays = (TOPK_IDX, TOPK_VAL, LSE) if "topk" in m.modes and 1.0 in m.temperatures else ()
+    col = m.temperatures.index(1.0) if arrays else 0
+    stream = SequenceStream(reader, data.tokens, split="heldout", batch_size=batch_size, seed=0, arrays=arrays,
+                            token_offsets=data.offsets)
+    nll, count, kl, kl_rows = 0.0, 0, 0.0, 0
+    for batch in stream:
+        batch = to_student(dataclasses.replace(batch, teacher=select_teacher(batch.teacher, col)) if arrays
+                           else batch, adapter)
+        logits = student_logits(student, batch, device)
+        tokens = int(batch.label_mask().sum())
+        nll += next_token_nll(logits, batch, reduction="sum").item()
+        count += tokens
+        if arrays:
+            rows = batch.teacher_mask()
+            flat = logits.reshape(-1, logits.shape[-1])[torch.from_numpy(rows).to(device)].float()
+            idx, val, lse = (torch.from_numpy(batch.teacher[n][rows]).to(device) for n in arrays)
+            kl += torch_topk_kl(flat, idx, val, lse, 1.0).sum().item()
+            kl_rows += len(flat)
+    student.train()
+    return {"heldout_perplexity": math.exp(nll / count), "heldout_nll": nll / count, "heldout_tokens": count,
+            "heldout_kl_topk": kl / kl_rows if kl_rows else None}
+
+
+def heldout_bytes(data: TokenData, tokenizer) -> int:
+    """UTF-8 bytes of the held-out tokens that are predicted (the next tokens of the scored
+    positions; each run of consecutive ones decoded together, so a character split over
+    tokens counts once): bits per byte = total NLL / ln 2 / this, comparable across tokenizers."""
+    a, z = data.sequences["heldout"]
+    total = 0
+    for i in range(a, z):
+        targets = scored_positions(data, i) + 1
+        s = data.sequence(i)
+        for run in np.split(targets, np.flatnonzero(np.diff(targets) != 1) + 1):
+            if len(run):
+                total += len(tokenizer.decode(s[run].tolist(), clean_up_tokenization_spaces=False).encode())
+    return total
+
+
+def bits_per_byte(nll: float, tokens: int, n_bytes: int) -> float:
+    """Mean NLL (nats) over ``tokens`` predictions, as bits per byte of their text."""
+    return nll * tokens / math.log(2) / n_bytes
+
+
+
+
+def format_lm_results(rows: list[dict], teacher: dict, full_bytes: int) -> str:
+    lines = ["| student | trained on | bytes/token | held-out perplexity | bits/byte | held-out KL (top-K+tail) "
+             "| steps | time |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    # a student with its own tokenizer: its perplexity is over its tokens (compare bits/byte)
+    if teacher:
+        bpb = f"{teacher['heldout_bits_per_byte']:.4f}" if "heldout_bits_per_byte" in teacher else "-"
+        lines.append(f"| teacher | - | {full_bytes:,} (full fp16) | {teacher['heldout_perplexity']:.2f} | {bpb} | 0 "
+                     "| - | - |")
+    for r in rows:
+        kl = f"{r['heldout_kl_topk']:.4f}" if r["heldout_kl_topk"] is not None else "-"
+        bpb = f"{r['heldout_bits_per_byte']:.4f}" if r.get("heldout_bits_per_byte") else "-"
+        tok = f" ({r['tokenizer']}, {100 * r['aligned_fraction']:.0f}% aligned)" if r.get("tokenizer") else ""
+        lines.append(f"| {r['student']}{tok} | {r['variant']} | {r['bytes_per_token']} | {r['heldout_perplexity']:.2f} | "
+                     f"{bpb} | {kl} | {r['steps']} | {r['train_s']:.0f}s |")
+    return "\n".join(lines)
