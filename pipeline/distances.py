@@ -52,6 +52,7 @@ _DECLARED = [
                  temperature=False),
     DistanceSpec("euclidean", "full", "L2 distance between the logits", "euclidean", "torch_euclidean",
                  temperature=False),
+    DistanceSpec("tv", "full", "T^2 total variation, 1/2 sum |p_T - q_T| (bounded by T^2)", "tv", "torch_tv"),
     DistanceSpec("topk_kl", "topk", "T^2 KL over the cached top-K plus one tail bucket (exact lse)", "topk_kl",
                  "torch_topk_kl"),
     DistanceSpec("sampled_kl", "sampled", "T^2 KL estimated without bias from the cached draws (RS-KD)",

@@ -87,6 +87,11 @@ def torch_euclidean(s, t, temperature=1.0, beta=0.5):
     return (s - t.to(s.dtype)).norm(dim=-1)
 
 
+def torch_tv(s, t, temperature=1.0, beta=0.5):
+    log_p, log_q = _log_softmaxes(s, t, temperature)
+    return temperature**2 * 0.5 * (log_q.exp() - log_p.exp()).abs().sum(-1)
+
+
 def torch_distance(name: str, s: torch.Tensor, t: torch.Tensor, temperature: float = 1.0,
                    beta: float = 0.5) -> torch.Tensor:
     """Per-row dense distance (B,) in plain torch, same definitions as the kernels."""

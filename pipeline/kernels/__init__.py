@@ -121,6 +121,11 @@ def euclidean(student, teacher, *, temperature=1.0, beta=0.5, mask=None, weights
     return _dense(dense.euclidean_rows, student, teacher, (), mask, weights, reduction, coef)
 
 
+def tv(student, teacher, *, temperature=1.0, beta=0.5, mask=None, weights=None, reduction="mean", coef=1.0):
+    return _dense(dense.tv_rows, student, teacher, (_check_temperature(temperature),), mask, weights, reduction,
+                  coef)
+
+
 def distance(name: str, student: np.ndarray, teacher: np.ndarray, *, temperature: float = 1.0,
              beta: float = 0.5, mask=None, weights=None, reduction: str = "mean", coef: float = 1.0):
     """The kernel of the dense distance ``name`` (one of :data:`DENSE`) between (B, C)
@@ -174,4 +179,4 @@ def sampled_kl(student: np.ndarray, idx: np.ndarray, counts: np.ndarray, entropy
 
 
 __all__ = ["DENSE", "SPARSE", "cosine", "distance", "euclidean", "js", "kl", "mse", "reverse_kl", "sampled_kl",
-           "topk_kl"]
+           "topk_kl", "tv"]

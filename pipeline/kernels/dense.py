@@ -11,6 +11,7 @@ logits (finite at +-1e4):
 | mse        | mean_j (s_j - t_j)^2                           | 2 (s_j - t_j) / C                      |
 | cosine     | 1 - s.t / (max(|s|, eps) max(|t|, eps))        | -(t/(|s||t|) - (s.t) s/(|s|^3 |t|))    |
 | euclidean  | |s - t|_2                                      | (s - t) / |s - t| (0 where s = t)      |
+| tv         | T^2 1/2 sum |q - p|                            | T q_j (g_j - sum_k q_k g_k), g = sign(q - p) / 2 |
 
 ``js`` is TRL's generalized Jensen-Shannon: b=0 is forward KL, b=1 reverse KL (exactly, as
 special cases), b=0.5 the symmetric JS, bounded by T^2 log 2.
@@ -202,3 +203,35 @@ def euclidean_rows(s, t, table, w, scale, loss, grad, bad):
             grad[i, j] = g * (s[i, j] - tval(t, i, j, table))
         loss[i] = w[i] * dist
 
+
+@nb.njit(**_JIT)
+def tv_rows(s, t, table, temperature, w, scale, loss, grad, bad):
+    """Total variation T^2 * 1/2 sum |q - p|; its gradient T q_j (g_j - sum_k q_k g_k) with
+    g = sign(q - p) / 2 (0 where q = p: the subgradient torch's abs takes)."""
+    n, c = s.shape
+    inv_t = like(s, 1.0 / temperature)
+    T = like(s, temperature)
+    half = like(s, 0.5)
+    for i in nb.prange(n):
+        go, s_max, t_max, s_sum, t_sum = _softmax_start(s, t, table, inv_t, w, loss, grad, bad, i)
+        if not go:
+            continue
+        r_t = like(s, 1.0) / t_sum
+        r_s = like(s, 1.0) / s_sum
+        acc = like(s, 0.0)
+        g_bar = like(s, 0.0)
+        for j in range(c):  # g_j kept in grad; sum q g
+            p = grad[i, j] * r_t
+            q = vexp((s[i, j] - s_max) * inv_t) * r_s
+            d = q - p
+            acc += abs(d)
+            gj = half if d > 0 else (-half if d < 0 else like(s, 0.0))
+            grad[i, j] = gj
+            g_bar += q * gj
+        g = like(s, scale * w[i]) * T
+        for j in range(c):
+            q = vexp((s[i, j] - s_max) * inv_t) * r_s
+            grad[i, j] = g * q * (grad[i, j] - g_bar)
+        if not is_finite(acc):  # a NaN or infinite teacher value ends here
+            bad[i] = 1
+        loss[i] = w[i] * T * T * half * acc

@@ -24,6 +24,8 @@ def ref_dense(name, s, t, T=1.0, beta=0.5):
     if name == "euclidean":
         return torch.linalg.vector_norm(s - t, dim=-1)
     p, q = F.softmax(t / T, -1), F.softmax(s / T, -1)
+    if name == "tv":
+        return T * T * 0.5 * torch.linalg.vector_norm(q - p, ord=1, dim=-1)
     lp, lq = F.log_softmax(t / T, -1), F.log_softmax(s / T, -1)
     if name == "kl" or (name == "js" and beta == 0):
         return T * T * F.kl_div(lq, lp, log_target=True, reduction="none").sum(-1)
@@ -104,6 +106,18 @@ def test_mask_weights_and_reductions(name, reduction):
     weights = np.linspace(0.5, 2.0, 8)
     check_dense(name, rand((8, 16), seed=14), rand((8, 16), seed=15), 2.0, mask=mask, weights=weights,
                 reduction=reduction, rtol=1e-5, atol=1e-7)
+
+
+def test_tv_is_zero_between_equal_rows_and_t_squared_between_disjoint_ones():
+    s = rand((6, 30), seed=20)
+    loss, _ = kernels.tv(s, s.copy(), temperature=2.0, reduction="none")
+    # float32 rounding of two sums of the same terms (fastmath may order them apart) at most;
+    # (the gradient there is a subgradient of |.|: the rounding's signs, as torch's would be)
+    assert np.abs(loss).max() < 1e-6
+    teacher, student = np.full((3, 30), -1e4, np.float32), np.full((3, 30), -1e4, np.float32)
+    teacher[:, 0], student[:, 1] = 1e4, 1e4  # all the mass on different classes
+    loss, _ = kernels.tv(student, teacher, temperature=2.0, reduction="none")
+    np.testing.assert_allclose(loss, 4.0, rtol=1e-6)  # T^2 * 1
 
 
 @pytest.mark.parametrize("name", kernels.DENSE)
