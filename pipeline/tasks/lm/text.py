@@ -254,14 +254,17 @@ def build_token_dataset(cfg: DataConfig, tokenizer, docs, work_dir: str):
                          "render conversations with; use a teacher whose tokenizer has one (chat_template in its "
                          "tokenizer_config.json or GGUF metadata), or give plain text in data.text_column")
 
-    empty = []  # the documents with no text: skipped, counted
+    empty = [0, -1]  # documents with no text, skipped: how many, the first one's row
 
     def cut(batch, indices):
         if cfg.chat_column:
             ids, rows = chat_sequences(tokenizer, batch[column], indices, cfg.seq_len)
             return {"input_ids": ids, "rows": rows}
         texts = [t for t in batch[column] if isinstance(t, str) and t.strip()]
-        empty.extend(i for i, t in zip(indices, batch[column], strict=True) if not (isinstance(t, str) and t.strip()))
+        if len(texts) < len(indices):
+            gaps = [i for i, t in zip(indices, batch[column], strict=True) if not (isinstance(t, str) and t.strip())]
+            empty[0] += len(gaps)
+            empty[1] = gaps[0] if empty[1] < 0 else empty[1]
         ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
         return {"input_ids": [s.tolist() for s in cut_sequences(ids, cfg.seq_len)]}
 
@@ -272,9 +275,9 @@ def build_token_dataset(cfg: DataConfig, tokenizer, docs, work_dir: str):
     seqs = docs.map(cut, batched=True, with_indices=True, remove_columns=docs.column_names,
                     cache_file_name=os.path.join(work_dir, "sequences.arrow"), desc="tokenize",
                     features=datasets.Features(features))
-    if empty:
-        log.warning("%s: skipped %d document(s) with no text in column %r (the first: row %d)", cfg.name, len(empty),
-                    column, min(empty))
+    if empty[0]:
+        log.warning("%s: skipped %d document(s) with no text in column %r (the first: row %d)", cfg.name, empty[0],
+                    column, empty[1])
     n = len(seqs)
     test_size = held_out_count(cfg, n)
     order = np.random.default_rng(cfg.seed).permutation(n)
