@@ -116,7 +116,7 @@ def check_lm_capture(root: str, device: str, shapes: list[str], sequences: int) 
                 cfg = validate(OmegaConf.to_object(compose(config_name="config", overrides=[
                     "task=lm", f"paths.root={root}", f"data.train_size={sequences}", "data.test_size=8",
                     f"teacher.device={device}", f"teacher.precision={precision}"])))
-            tokenizer = load_tokenizer(cfg.teacher)
+            tokenizer = load_tokenizer(cfg.teacher, cfg.paths.conversions)
             data = load_tokens(cfg.data, root, tokenizer)
             torch.manual_seed(0)
             model = LlamaForCausalLM(LlamaConfig(vocab_size=49152, **LM_SHAPES[shape])).to(device, dtype).eval()

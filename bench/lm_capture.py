@@ -53,7 +53,7 @@ def main(overrides: list[str], repeats: int = 3) -> dict:
         cfg = validate(OmegaConf.to_object(compose(config_name="config", overrides=[
             "task=lm", "data.train_size=48", "data.test_size=8", f"paths.root={tmp}", *overrides])))
     try:
-        teacher = load_teacher(cfg.teacher)
+        teacher = load_teacher(cfg.teacher, cfg.paths.conversions)
         task = LanguageModel(cfg)
         _ = task.tokenizer  # loaded once: a fixed cost per run, not per token
         device = choose_device(cfg.teacher.device)

@@ -70,11 +70,11 @@ def main(argv: list[str]) -> dict:
     from pipeline.run import set_environment_defaults
 
     set_environment_defaults()
-    from pipeline.config import TeacherConfig
+    from pipeline.config import LMTeacherConfig, conversions_home
     from pipeline.tasks.lm.models import load_tokenizer
     from pipeline.tasks.lm.text import play_texts
 
-    tokenizer = load_tokenizer(TeacherConfig(name="smollm2"))
+    tokenizer = load_tokenizer(LMTeacherConfig(name="smollm2"), conversions_home())
     paragraphs = [p.strip() for text in play_texts() for p in text.split("\n\n") if len(p.split()) >= 3]
     counts = [len(ids) for ids in tokenizer(paragraphs, add_special_tokens=False)["input_ids"]]
     with tempfile.TemporaryDirectory(prefix="bench-corpus-") as tmp:

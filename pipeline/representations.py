@@ -159,7 +159,7 @@ def represent(logits: torch.Tensor, m: Manifest, generator: torch.Generator | No
     give a non-finite logsumexp or entropy, which the caller refuses."""
     if logits.device.type != "cpu":
         return represent_torch(logits, m, generator)
-    from pipeline.kernels.teacher_rows import summarize_rows
+    from pipeline.kernels import summarize_rows
 
     out: dict[str, torch.Tensor] = {}
     if "full" in m.modes:

@@ -17,7 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.cache.storage import check_writable, explain_os_error
-from pipeline.config import Config, register
+from pipeline.config import Config, Processes, check_renamed, register, resolve_processes
 from pipeline.errors import UserError
 from pipeline.tasks import validate
 
@@ -70,12 +70,12 @@ log = logging.getLogger("pipeline.run")
 register()
 
 
-def dispatch(cfg: Config, run_dir: str) -> None:
+def dispatch(cfg: Config, run_dir: str, processes: Processes) -> None:
     from stages import audit, capture, distill
 
     steps = {"1": [capture], "2": [audit], "3": [distill]}
     for module in steps.get(cfg.stage, [capture, audit, distill]):
-        module.main(cfg, run_dir)
+        module.main(cfg, run_dir, processes)
 
 
 @hydra.main(version_base=None, config_path="conf", config_name="config")
@@ -83,18 +83,30 @@ def main(dcfg: DictConfig) -> None:
     cfg: Config = OmegaConf.to_object(dcfg)  # typed dataclasses, enums resolved
     try:
         validate(cfg)
+        processes = resolve_processes(cfg, os.environ)  # the one read of torchrun's RANK / WORLD_SIZE
     except UserError as e:
         log.error("%s", e)
         raise SystemExit(2) from e
     run_dir = HydraConfig.get().runtime.output_dir
     log.info("run folder: %s", run_dir)
     try:
-        dispatch(cfg, run_dir)
+        dispatch(cfg, run_dir, processes)
     except UserError as e:  # what to fix, in one line; anything else is a bug and keeps its traceback
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         log.error("%s: %s\n(set HYDRA_FULL_ERROR=1 for the traceback)", type(e).__name__, e)
         raise SystemExit(1) from e
+
+
+def check_arguments(argv: list[str]) -> None:
+    """What must be caught before Hydra composes anything: overrides of renamed keys (Hydra
+    would only say the key is unknown) and an unwritable ``paths.root``."""
+    try:
+        check_renamed([a for a in argv if not a.startswith("-")])
+    except UserError as e:
+        print(f"[pipeline.run][ERROR] - {type(e).__name__}: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    check_root(argv)
 
 
 def check_root(argv: list[str]) -> None:
@@ -116,5 +128,5 @@ def check_root(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     set_environment_defaults()
-    check_root(sys.argv[1:])
+    check_arguments(sys.argv[1:])
     main()

@@ -27,6 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from pipeline.cache.storage import write_file_atomic
+from pipeline.config import Processes
 from pipeline.device import autocast
 from pipeline.errors import DataError
 
@@ -67,12 +68,12 @@ def save_state(path: str, **state) -> None:
                                             "from the last checkpoint written")
 
 
-def process_group(device: torch.device) -> tuple[int, int]:
-    """(rank, world size) of this process. Under ``torchrun`` (``WORLD_SIZE`` > 1) the
-    process group is joined first: gloo on CPU, nccl on CUDA."""
+def process_group(device: torch.device, processes: Processes) -> tuple[int, int]:
+    """(rank, world size) of this process. Under ``torchrun`` the process group is joined
+    first (torch reads its address from torchrun's environment): gloo on CPU, nccl on CUDA."""
     import torch.distributed as dist
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+    if processes.torchrun and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         log.info("process %d of %d (%s)", dist.get_rank(), dist.get_world_size(), dist.get_backend())
     return _joined_group()

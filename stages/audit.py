@@ -10,7 +10,7 @@ import os
 
 from pipeline.audit import audit_cache, format_audit, plot_audit
 from pipeline.cluster import scheduler
-from pipeline.config import Config
+from pipeline.config import Config, Processes
 from pipeline.derive import derive_for_run
 from pipeline.errors import CacheError, ConfigError
 from pipeline.planner import describe, plan
@@ -19,8 +19,8 @@ from pipeline.tasks import task_for
 log = logging.getLogger(__name__)
 
 
-def main(cfg: Config, run_dir: str) -> dict:
-    task = task_for(cfg)
+def main(cfg: Config, run_dir: str, processes: Processes | None = None) -> dict:
+    task = task_for(cfg, processes)
     data = task.load_data()
     reader = task.open_cache(data)
     if cfg.verify:

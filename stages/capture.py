@@ -8,14 +8,14 @@ import logging
 import torch
 
 from pipeline.cache.storage import check_writable
-from pipeline.config import Config
+from pipeline.config import Config, Processes
 from pipeline.tasks import task_for
 
 log = logging.getLogger(__name__)
 
 
-def main(cfg: Config, run_dir: str) -> str:
-    task = task_for(cfg)
+def main(cfg: Config, run_dir: str, processes: Processes | None = None) -> str:
+    task = task_for(cfg, processes)
     check_writable(task.root, "paths.root")  # now, not after the teacher is fitted or loaded
     check_writable(cfg.cache.path or task.root, "cache.path")
     data = task.load_data()

@@ -7,15 +7,15 @@ import json
 import logging
 import os
 
-from pipeline.config import Config
+from pipeline.config import Config, Processes
 from pipeline.tasks import task_for
 from pipeline.training import is_main_process, leave_process_group
 
 log = logging.getLogger(__name__)
 
 
-def main(cfg: Config, run_dir: str) -> list[dict]:
-    task = task_for(cfg)
+def main(cfg: Config, run_dir: str, processes: Processes | None = None) -> list[dict]:
+    task = task_for(cfg, processes)
     data = task.load_data()
     reader = task.open_cache(data)
     rows = task.train_students(data, reader, run_dir)

@@ -63,5 +63,6 @@ def tiny_lm(tmp_path_factory):
     LlamaForCausalLM(LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                  num_attention_heads=4, num_key_value_heads=2, initializer_range=0.5,
                                  tie_word_embeddings=True)).save_pretrained(folder)
-    load_tokenizer(compose_config("task=lm").teacher).save_pretrained(folder)
+    cfg = compose_config("task=lm")
+    load_tokenizer(cfg.teacher, cfg.paths.conversions).save_pretrained(folder)
     return ["teacher=hf_causal_lm", f"teacher.path={folder}", "teacher.precision=fp32"]

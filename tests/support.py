@@ -85,7 +85,7 @@ def _run_here(argv: list[str]) -> Cli:
     try:
         with redirect_stdout(out), redirect_stderr(err):
             try:
-                entry.check_root(argv)
+                entry.check_arguments(argv)
                 entry.main()
             except SystemExit as e:
                 code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)

@@ -4,7 +4,8 @@ import sys
 import pytest
 from hydra.errors import ConfigCompositionException, MissingConfigException
 
-from pipeline.config import StudentArch
+from pipeline.config import Processes, StudentArch, resolve_processes
+from pipeline.errors import ConfigError
 from pipeline.tasks import validate
 from tests.support import compose_config
 
@@ -21,6 +22,18 @@ def test_student_group_selects_one_or_many():
     assert set(compose_config("student=cnn").student) == {"cnn"}
     cfg = compose_config("student=[linear,cnn]", "student.cnn.channels=8")
     assert set(cfg.student) == {"linear", "cnn"} and cfg.student["cnn"].channels == 8
+
+
+def test_processes_come_from_the_config_else_torchruns_environment():
+    cfg = compose_config()
+    assert resolve_processes(cfg) == Processes(0, 1, torchrun=False)  # no environment given: one process
+    assert resolve_processes(cfg, {"RANK": "1", "WORLD_SIZE": "2"}) == Processes(1, 2, torchrun=True)
+    workers = compose_config("rank=2", "world_size=4")  # plain processes, stage 1 workers
+    assert resolve_processes(workers, {}) == Processes(2, 4, torchrun=False)
+    with pytest.raises(ConfigError, match="expected integers"):
+        resolve_processes(cfg, {"WORLD_SIZE": "two"})
+    with pytest.raises(ConfigError, match="0 <= rank < world_size"):
+        resolve_processes(compose_config("rank=3", "world_size=2"))
 
 
 def test_unknown_key_fails_at_composition():
@@ -57,6 +70,14 @@ def test_cli_rejects_bad_values_before_any_work(tmp_path):
     assert not (tmp_path / "datasets").exists()  # nothing was generated
 
 
+def test_a_renamed_key_fails_naming_its_new_name(tmp_path):
+    from tests.support import run_cli
+
+    proc = run_cli(tmp_path, "task=lm", "train.fused_head=false", code=2)
+    assert "ConfigError: train.fused_head is now lm.fused_head: write lm.fused_head=false" in proc.stderr
+    assert compose_config("task=lm", "lm.fused_head=false").lm.fused_head is False
+
+
 def test_cli_unknown_group_option_exits_nonzero(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "pipeline.run", f"paths.root={tmp_path}", "loss=nope"],
                           capture_output=True, text=True, timeout=120)
@@ -66,14 +87,25 @@ def test_cli_unknown_group_option_exits_nonzero(tmp_path):
 
 def test_each_task_validates_its_own_settings():
     """task=lm accepts what its data config documents (train_size 0: every sequence not held
-    out) and never reads the classifier's num_classes; each task refuses the other's parts."""
+    out); each task's sections hold only its own fields, and it refuses the other's options."""
     from pipeline.tasks import validate
     from tests.support import compose_config
 
-    validate(compose_config("task=lm", "data.train_size=0", "data.num_classes=-1"))
+    validate(compose_config("task=lm", "data.train_size=0"))
+    for key in ("data.num_classes=3", "data.transfer_size=5", "teacher.checkpoint=x", "student.causal_lm.hidden=[8]"):
+        with pytest.raises(ConfigCompositionException, match=key.split("=")[0].rsplit(".", 1)[1]):
+            compose_config("task=lm", key)  # a classifier's field
+    for key in ("data.seq_len=8", "teacher.gguf_file=x", "student.mlp.tokenizer=bpe:8"):
+        with pytest.raises(ConfigCompositionException, match=key.split("=")[0].rsplit(".", 1)[1]):
+            compose_config(key)  # a language model's field
     with pytest.raises(ValueError, match="data.train_size=0: must be > 0"):
         validate(compose_config("data.train_size=0"))
-    with pytest.raises(ValueError, match=r"students \['causal_lm'\] are causal LMs"):
+    with pytest.raises(ConfigError, match="student.causal_lm is a task=lm option .* task=classify reads "
+                                          "ClassifyStudentConfig"):
         validate(compose_config("student=causal_lm"))
+    with pytest.raises(ConfigError, match="teacher is a task=lm option"):
+        validate(compose_config("teacher=smollm2"))
+    with pytest.raises(ConfigError, match="data is a task=classify option .* or task=classify"):
+        validate(compose_config("task=lm", "data=mnist1d"))
     with pytest.raises(ValueError, match="task=lm trains with topk_kl, sampled_kl, uld_topk, uld_sampled"):
         validate(compose_config("task=lm", "loss=kl"))

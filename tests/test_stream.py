@@ -142,7 +142,7 @@ def test_the_direct_chunk_decoder_serves_every_zarr_array_of_a_cache(tiny_cache)
 def test_the_sequence_stream_names_a_non_finite_token_row(tmp_path):
     """Token caches go through the same read path and the same check as sample caches: a
     NaN in one token's row is named by its sequence and its cache row, never trained on."""
-    from pipeline.stream import SequenceStream
+    from pipeline.sequence_stream import SequenceStream
 
     rng = np.random.default_rng(0)
     lengths = [5, 9, 3, 7]
@@ -165,7 +165,7 @@ def test_the_sequence_stream_names_a_non_finite_token_row(tmp_path):
 def test_a_narrow_quantized_token_cache_lands_on_the_grid_decoded(tmp_path, bits):
     """The sequence stream decodes narrow ids and quantized values on the padded grid: the
     same rows as the reader gives, only topk_q's extra read dropped."""
-    from pipeline.stream import SequenceStream
+    from pipeline.sequence_stream import SequenceStream
 
     rng = np.random.default_rng(2)
     offsets = np.array([0, 5, 12, 15])
@@ -192,7 +192,7 @@ def test_adaptive_token_rows_land_on_the_grid_and_train_with_the_mask(tmp_path):
     grid's padding positions hold zeros, and the masked top-k loss equals the plain torch
     one over the real rows only: garbage written at the unmasked positions changes nothing."""
     from pipeline.losses import topk_kl_loss, torch_topk_kl
-    from pipeline.stream import SequenceStream
+    from pipeline.sequence_stream import SequenceStream
 
     rng = np.random.default_rng(8)
     offsets = np.array([0, 9, 14, 30])
@@ -226,7 +226,7 @@ def test_rows_at_some_positions_land_on_their_positions(tmp_path):
     """A chat cache: sequence i's rows belong at ``positions`` of its tokens. Each row's
     values land there on the grid, the mask is exactly those positions, and a stream without
     the token data's offsets is refused."""
-    from pipeline.stream import SequenceStream
+    from pipeline.sequence_stream import SequenceStream
 
     rng = np.random.default_rng(1)
     lengths = [6, 10, 4]  # tokens per sequence

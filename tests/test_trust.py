@@ -21,7 +21,8 @@ import torch
 import zarr
 
 from pipeline.cache import Storage, open_cache, read_manifest
-from pipeline.cache.format import read_commits, write_manifest
+from pipeline.cache.commits import read_commits
+from pipeline.cache.format import write_manifest
 from pipeline.cache.storage import StorageError
 from pipeline.hashing import hash_state_dict
 from pipeline.stream import CacheStream
@@ -147,11 +148,11 @@ def test_killed_capture_resumes_to_the_identical_cache(reference, tmp_path):
 FINGERPRINT_SCRIPT = """
 import sys, torch
 from pipeline.hashing import hash_state_dict
-from pipeline.config import DataConfig
+from pipeline.config import ClassifyDataConfig
 from pipeline.tasks.classify.data import load_splits
 from pipeline.tasks.classify.models import CNN1d
 torch.manual_seed(0)
-print(hash_state_dict(CNN1d(40, 10, 8)), load_splits(DataConfig(train_size=30, test_size=10, transfer_size=20),
+print(hash_state_dict(CNN1d(40, 10, 8)), load_splits(ClassifyDataConfig(train_size=30, test_size=10, transfer_size=20),
       sys.argv[1]).content_hash())
 """
 

@@ -11,6 +11,7 @@ import dask.array as da
 import numpy as np
 
 from pipeline.cache.backends import backend
+from pipeline.cache.commits import merge_commits, read_commits
 from pipeline.cache.fingerprint import check_fingerprint
 from pipeline.cache.format import (
     IDS,
@@ -25,10 +26,8 @@ from pipeline.cache.format import (
     Manifest,
     bf16_arrays,
     dequantize,
-    merge_commits,
     narrow_arrays,
     quantized,
-    read_commits,
     read_index_file,
     read_manifest,
     widen,

@@ -33,6 +33,13 @@ from dataclasses import asdict
 import numpy as np
 
 from pipeline.cache.backends import backend
+from pipeline.cache.commits import (
+    commit_path,
+    merge_commits,
+    read_commit,
+    read_commits,
+    write_commit,
+)
 from pipeline.cache.format import (
     CACHE_ENTRIES,
     MANIFEST,
@@ -42,13 +49,8 @@ from pipeline.cache.format import (
     Manifest,
     ShardRecord,
     array_specs,
-    commit_path,
     identify,
-    merge_commits,
-    read_commit,
-    read_commits,
     read_manifest,
-    write_commit,
     write_index,
     write_manifest,
 )

@@ -1,5 +1,6 @@
 """Numba distance kernels: NumPy in, NumPy out, forward and gradient fused in one pass
-per row, parallel over rows (``pipeline/kernels/dense.py``, ``sparse.py``).
+per row, parallel over rows (``pipeline/kernels/dense.py``, ``sparse.py``); and stage 1's
+fused row pass over a teacher's logits (:func:`summarize_rows`, ``teacher_rows.py``).
 
 Each entry point returns ``(loss, grad)``: the reduced loss (a float for ``mean``/``sum``,
 per-row losses for ``none``) and its gradient with respect to ``student``. Teachers may be
@@ -11,12 +12,15 @@ gradient (the objective's lambda, folded in so no extra pass rescales the gradie
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from pipeline.distances import distance_spec, names
 from pipeline.errors import CacheError, ConfigError
 from pipeline.kernels import dense, sparse
 from pipeline.kernels._base import teacher_view
+from pipeline.kernels.teacher_rows import MAX_CLASSES, teacher_rows
 
 DENSE = names(reads="full", fused=True)  # the distances with a kernel over full rows
 SPARSE = tuple(n for n in names(fused=True) if n not in DENSE)
@@ -180,3 +184,45 @@ def sampled_kl(student: np.ndarray, idx: np.ndarray, counts: np.ndarray, entropy
 
 __all__ = ["DENSE", "SPARSE", "cosine", "distance", "euclidean", "js", "kl", "mse", "reverse_kl", "sampled_kl",
            "topk_kl", "tv"]
+
+
+# stage 1's fused row pass (pipeline/kernels/teacher_rows.py): its tables and its entry point
+
+def bf16_exp_tables(inv_t: np.ndarray) -> np.ndarray:
+    """(U, 65,536) float64: exp(x * inv_t) for every bfloat16 bit pattern x, per temperature
+    (512 KiB each, read from L2): a bfloat16 row's exp sums are then a gather per logit."""
+    return _exp_tables(tuple(float(t) for t in inv_t))
+
+
+@functools.lru_cache(maxsize=8)
+def _exp_tables(inv_t: tuple[float, ...]) -> np.ndarray:
+    with np.errstate(all="ignore"):  # NaN patterns give NaN, +inf inf, -inf 0: the row checks see them
+        x = (np.arange(1 << 16, dtype=np.uint32) << 16).view(np.float32).astype(np.float64)
+        t = np.exp(x[None, :] * np.array(inv_t, np.float64)[:, None])
+    t.setflags(write=False)
+    return t
+
+
+def summarize_rows(x: np.ndarray, k: int, temperatures: list[float], sample_temperature: float | None,
+                   uniforms: np.ndarray | None) -> dict[str, np.ndarray]:
+    """The fused row pass over (n, C) logits, float32 or bfloat16 bit patterns as uint16
+    (read as they are, no float32 copy): ``top_idx``, ``top_val`` (k > 0), ``lse``
+    (n, len(temperatures)), and with a sample temperature and (n, S) sorted uniforms
+    ``s_idx``, ``s_cnt``, ``ent``; always ``top1``."""
+    bf16 = x.dtype == np.uint16
+    x = np.ascontiguousarray(x) if bf16 else np.ascontiguousarray(x, np.float32)
+    n, c = x.shape
+    if c > MAX_CLASSES:
+        raise ConfigError(f"the row pass takes at most {MAX_CLASSES} classes a row, not {c}")
+    temps = list(dict.fromkeys([*temperatures, *([sample_temperature] if sample_temperature else [])]))
+    inv_t = np.array([1.0 / t for t in temps], np.float32)
+    col = temps.index(sample_temperature) if sample_temperature else -1
+    u = np.zeros((n, 0)) if uniforms is None else np.ascontiguousarray(uniforms, np.float64)
+    tables = bf16_exp_tables(inv_t) if bf16 and len(temps) else np.zeros((0, 0))
+    out = {"top_idx": np.empty((n, k), np.int32), "top_val": np.empty((n, k), np.float32),
+           "lse": np.empty((n, len(temps)), np.float32), "s_idx": np.empty(u.shape, np.int32),
+           "s_cnt": np.empty(u.shape, np.int32), "ent": np.zeros(n, np.float32), "top1": np.empty(n, np.int32)}
+    teacher_rows(x, k, inv_t, col, u, tables, out["top_idx"], out["top_val"], out["lse"], out["s_idx"],
+                 out["s_cnt"], out["ent"], out["top1"])
+    out["lse"] = out["lse"][:, [temps.index(t) for t in temperatures]]
+    return out

@@ -37,7 +37,6 @@ What it gives, against the torch composition in :mod:`pipeline.representations`:
 
 from __future__ import annotations
 
-import functools
 import math
 
 import numba as nb
@@ -45,7 +44,6 @@ import numpy as np
 from numba import types
 from numba.extending import overload
 
-from pipeline.errors import ConfigError
 from pipeline.kernels._base import FASTMATH, _f32_as_i32, _i32_as_f32, is_finite, vexp
 
 BLOCK = 512  # logits per block of the float32 way: read once into L1, summed against one running maximum
@@ -317,7 +315,7 @@ def teacher_rows(x, k, inv_t, sample_col, uniforms, tables, top_idx, top_val, ls
     """x (n, C) float32, or uint16 holding bfloat16 bits. k: top-K size (0: none). inv_t (U,)
     float32: 1/T per temperature. sample_col: the column of inv_t to sample and take the
     entropy at (-1: none). uniforms (n, S) float64 in [0, 1), each row sorted. tables:
-    :func:`bf16_exp_tables` of inv_t for bfloat16 rows, (0, 0) otherwise. Outputs: top_idx
+    :func:`pipeline.kernels.bf16_exp_tables` of inv_t for bfloat16 rows, (0, 0) otherwise. Outputs: top_idx
     (n, K) int32, top_val (n, K) float32, lse (n, U) float32, s_idx / s_cnt (n, S) int32,
     ent (n,) float32, top1 (n,) int32."""
     n, c = x.shape
@@ -423,43 +421,3 @@ def teacher_rows(x, k, inv_t, sample_col, uniforms, tables, top_idx, top_val, ls
             s_cnt[i, slot] += 1
         for r in range(slot + 1, n_s):
             s_idx[i, r], s_cnt[i, r] = -1, 0
-
-
-def bf16_exp_tables(inv_t: np.ndarray) -> np.ndarray:
-    """(U, 65,536) float64: exp(x * inv_t) for every bfloat16 bit pattern x, per temperature
-    (512 KiB each, read from L2): a bfloat16 row's exp sums are then a gather per logit."""
-    return _exp_tables(tuple(float(t) for t in inv_t))
-
-
-@functools.lru_cache(maxsize=8)
-def _exp_tables(inv_t: tuple[float, ...]) -> np.ndarray:
-    with np.errstate(all="ignore"):  # NaN patterns give NaN, +inf inf, -inf 0: the row checks see them
-        x = (np.arange(1 << 16, dtype=np.uint32) << 16).view(np.float32).astype(np.float64)
-        t = np.exp(x[None, :] * np.array(inv_t, np.float64)[:, None])
-    t.setflags(write=False)
-    return t
-
-
-def summarize_rows(x: np.ndarray, k: int, temperatures: list[float], sample_temperature: float | None,
-                   uniforms: np.ndarray | None) -> dict[str, np.ndarray]:
-    """The fused row pass over (n, C) logits, float32 or bfloat16 bit patterns as uint16
-    (read as they are, no float32 copy): ``top_idx``, ``top_val`` (k > 0), ``lse``
-    (n, len(temperatures)), and with a sample temperature and (n, S) sorted uniforms
-    ``s_idx``, ``s_cnt``, ``ent``; always ``top1``."""
-    bf16 = x.dtype == np.uint16
-    x = np.ascontiguousarray(x) if bf16 else np.ascontiguousarray(x, np.float32)
-    n, c = x.shape
-    if c > MAX_CLASSES:
-        raise ConfigError(f"the row pass takes at most {MAX_CLASSES} classes a row, not {c}")
-    temps = list(dict.fromkeys([*temperatures, *([sample_temperature] if sample_temperature else [])]))
-    inv_t = np.array([1.0 / t for t in temps], np.float32)
-    col = temps.index(sample_temperature) if sample_temperature else -1
-    u = np.zeros((n, 0)) if uniforms is None else np.ascontiguousarray(uniforms, np.float64)
-    tables = bf16_exp_tables(inv_t) if bf16 and len(temps) else np.zeros((0, 0))
-    out = {"top_idx": np.empty((n, k), np.int32), "top_val": np.empty((n, k), np.float32),
-           "lse": np.empty((n, len(temps)), np.float32), "s_idx": np.empty(u.shape, np.int32),
-           "s_cnt": np.empty(u.shape, np.int32), "ent": np.zeros(n, np.float32), "top1": np.empty(n, np.int32)}
-    teacher_rows(x, k, inv_t, col, u, tables, out["top_idx"], out["top_val"], out["lse"], out["s_idx"],
-                 out["s_cnt"], out["ent"], out["top1"])
-    out["lse"] = out["lse"][:, [temps.index(t) for t in temperatures]]
-    return out

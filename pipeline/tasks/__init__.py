@@ -26,20 +26,24 @@ def registry() -> dict[str, type[Task]]:
     return {"classify": Classify, "lm": LanguageModel}
 
 
-def task_for(cfg) -> Task:
-    """The plug-in of ``cfg.task``, bound to the run's config."""
+def task_for(cfg, processes=None) -> Task:
+    """The plug-in of ``cfg.task``, bound to the run's config (and where this process
+    stands in its job, :class:`pipeline.config.Processes`)."""
     name = plain(cfg.task)
     tasks = registry()
     if name not in tasks:
         raise ConfigError(f"task={name!r}: expected one of {sorted(tasks)}")
-    return tasks[name](cfg)
+    return tasks[name](cfg, processes)
 
 
 def validate(cfg: Config) -> Config:
     """Check ranges and cross-field rules: the shared ones and the task's own; raise one
     ValueError listing every problem."""
-    from pipeline.config import shared_problems
+    from pipeline.config import section_problems, shared_problems
 
+    p = section_problems(cfg)  # (the checks below read the task's own fields)
+    if p:
+        raise ConfigError("invalid config (" + str(len(p)) + " problem(s)):\n  - " + "\n  - ".join(p))
     p = shared_problems(cfg)
     registry()[plain(cfg.task)].validate(cfg, p)
     if p:

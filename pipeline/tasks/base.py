@@ -16,7 +16,7 @@ from pipeline.cache import CacheReader, Storage, cache_location, open_cache
 from pipeline.cache.format import Manifest, SequenceIndex
 from pipeline.cache.storage import explain_os_error
 from pipeline.capture import RowSource, capture
-from pipeline.config import Config, resolve_root, resolve_workers
+from pipeline.config import Config, Processes, resolve_processes, resolve_root
 from pipeline.device import choose_device
 from pipeline.hashing import hash_json
 from pipeline.training import train
@@ -30,9 +30,12 @@ class Task:
 
     name = ""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, processes: Processes | None = None):
         self.cfg = cfg
         self.root = resolve_root(cfg)
+        # where this process stands in its job (the entry point resolves it from torchrun's
+        # environment; without one, from the config alone)
+        self.processes = processes or resolve_processes(cfg)
 
     # -- config ---------------------------------------------------------------------------
     @staticmethod
@@ -63,7 +66,7 @@ class Task:
         cfg = self.cfg
         url = url or self.cache_url(data)
         device = choose_device(cfg.teacher.device)
-        rank, world = resolve_workers(cfg)
+        rank, world = self.processes.rank, self.processes.world_size
         manifest, index = self.plan(teacher, data)
         m = capture(self.rows(teacher, data, device), manifest, Storage(url, cfg.cache.storage_options),
                     device=device, max_full_gb=cfg.cache.max_full_gb, zstd_level=cfg.cache.zstd_level, rank=rank,

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pipeline.cache import Manifest
-from pipeline.kernels.teacher_rows import summarize_rows
+from pipeline.kernels import summarize_rows
 from pipeline.representations import represent, represent_torch, sorted_uniforms
 
 

@@ -3,7 +3,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.config import DataConfig, DataSource
+from pipeline.config import ClassifyDataConfig, DataSource
 from pipeline.tasks.classify.data import UNLABELED, load_splits
 
 
@@ -20,7 +20,7 @@ def test_parquet_folder_with_named_columns(tmp_path):
     _write(tmp_path, "train", 30, 5)
     _write(tmp_path, "test", 10, 5)
     _write(tmp_path, "transfer", 50, 5, labels=False)
-    cfg = DataConfig(source=DataSource.disk, name="mine", path=str(tmp_path), input_column="feat",
+    cfg = ClassifyDataConfig(source=DataSource.disk, name="mine", path=str(tmp_path), input_column="feat",
                      label_column="label", num_classes=3)
     s = load_splits(cfg, str(tmp_path))
     assert s["train"].x.shape == (30, 5) and s["train"].x.dtype == np.float32
@@ -33,7 +33,7 @@ def test_parquet_folder_with_named_columns(tmp_path):
 def test_missing_column_and_bad_labels_are_clear(tmp_path):
     _write(tmp_path, "train", 30, 5)
     _write(tmp_path, "test", 10, 5)
-    cfg = DataConfig(source=DataSource.disk, path=str(tmp_path), input_column="x", label_column="label",
+    cfg = ClassifyDataConfig(source=DataSource.disk, path=str(tmp_path), input_column="x", label_column="label",
                      num_classes=3)
     with pytest.raises(ValueError, match="no input column 'x'.*feat"):
         load_splits(cfg, str(tmp_path))
@@ -44,13 +44,13 @@ def test_missing_column_and_bad_labels_are_clear(tmp_path):
 
 def test_missing_split_is_named(tmp_path):
     _write(tmp_path, "train", 30, 5)
-    cfg = DataConfig(source=DataSource.disk, path=str(tmp_path), input_column="feat", label_column="label")
+    cfg = ClassifyDataConfig(source=DataSource.disk, path=str(tmp_path), input_column="feat", label_column="label")
     with pytest.raises(ValueError, match=r"missing \['test'\]"):
         load_splits(cfg, str(tmp_path))
 
 
 def test_mnist1d_is_generated_once_and_reused(tmp_path):
-    cfg = DataConfig(train_size=50, test_size=20, transfer_size=30)
+    cfg = ClassifyDataConfig(train_size=50, test_size=20, transfer_size=30)
     a = load_splits(cfg, str(tmp_path))
     b = load_splits(cfg, str(tmp_path))
     assert a.content_hash() == b.content_hash()
@@ -66,7 +66,7 @@ def test_an_empty_split_is_named_in_one_line(tmp_path):
 
     _write(tmp_path, "train", 30, 5)
     _write(tmp_path, "test", 0, 5)  # a parquet file with no rows
-    cfg = DataConfig(source=DataSource.disk, path=str(tmp_path), input_column="feat", label_column="label",
+    cfg = ClassifyDataConfig(source=DataSource.disk, path=str(tmp_path), input_column="feat", label_column="label",
                      num_classes=3)
     with pytest.raises(ValueError, match=r"split 'test' of .* has no rows"):
         load_splits(cfg, str(tmp_path))
@@ -84,7 +84,7 @@ def test_class_name_labels_say_how_to_map_them(tmp_path):
     names = ["zero", "one", "two"]
     ds = datasets.Dataset.from_dict({"feat": [[0.5, 1.0]] * 6, "label": [names[i % 3] for i in range(6)]})
     datasets.DatasetDict({"train": ds, "test": ds}).save_to_disk(str(tmp_path / "d"))
-    cfg = DataConfig(source=DataSource.disk, path=str(tmp_path / "d"), input_column="feat", label_column="label",
+    cfg = ClassifyDataConfig(source=DataSource.disk, path=str(tmp_path / "d"), input_column="feat", label_column="label",
                      num_classes=3)
     with pytest.raises(ValueError, match=r"split 'train': label column 'label' holds string values such as "
                                          r"\['one', 'two', 'zero'\].*datasets.ClassLabel\(names="):

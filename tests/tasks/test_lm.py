@@ -19,7 +19,7 @@ from pipeline.cache import open_cache
 from pipeline.cache.format import LSE, SAMPLED_CNT, SAMPLED_IDX, TOPK_IDX, TOPK_VAL
 from pipeline.losses import topk_kl_loss
 from pipeline.representations import represent, represent_torch
-from pipeline.stream import SequenceStream
+from pipeline.sequence_stream import SequenceStream
 from pipeline.tasks.lm import (
     LanguageModel,
     TokenRows,
@@ -49,7 +49,8 @@ def small(*overrides: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def teacher():
-    return load_teacher(compose_config(*SMALL).teacher)
+    cfg = compose_config(*SMALL)
+    return load_teacher(cfg.teacher, cfg.paths.conversions)
 
 
 @pytest.fixture(scope="module")
@@ -206,7 +207,7 @@ def test_padding_rows_never_reach_the_loss(lm_cache):
 @pytest.mark.slow  # make test-all
 @pytest.mark.parametrize("variant", ["labels", "topk_kl", "sampled_kl"])
 def test_the_fused_head_trains_a_real_student_as_the_unfused_logits_do(lm_cache, variant):
-    """train.fused_head on a real causal LM student and real cached rows: the same loss and
+    """lm.fused_head on a real causal LM student and real cached rows: the same loss and
     the same gradient of every parameter as the (B, L, V) logits path, with padding."""
     cfg, data, url = lm_cache
     r = open_cache(url)
@@ -240,7 +241,7 @@ def test_a_row_whose_draws_are_all_unmapped_keeps_its_label():
     """A vocabulary map can leave a sampled row no draw: the distillation term skips that row
     and the cross-entropy still trains its position."""
     from pipeline.cache.format import SAMPLED_IDX
-    from pipeline.stream import SequenceBatch
+    from pipeline.sequence_stream import SequenceBatch
 
     n = 4
     sid = np.array([[1, 2], [7, 8], [3, -1], [9, 1]], np.int32)  # row 1: both draws unmapped
@@ -326,7 +327,7 @@ def test_a_student_tokenizer_needs_spans_in_the_cache_and_none_when_it_is_the_te
 def test_truncate_mapping_moves_unmapped_mass_to_the_tail():
     """A padded teacher vocabulary (ids >= the student's are padding): the mapped top-K loss
     equals KL over (kept classes + one tail bucket) computed here by hand."""
-    from pipeline.stream import SequenceBatch
+    from pipeline.sequence_stream import SequenceBatch
 
     rng = np.random.default_rng(0)
     width, vs, n, k = 40, 30, 5, 6
@@ -399,17 +400,18 @@ def test_a_gguf_teachers_tokenizer_and_config_are_converted_once(tmp_path, monke
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", classmethod(spy))
     blocked = tmp_path / "a-file"
     blocked.write_text("")
-    monkeypatch.setenv("KD_CACHE_HOME", str(blocked))
-    direct = load_tokenizer(cfg)  # nowhere to keep it: read from the GGUF file
+    direct = load_tokenizer(cfg, str(blocked))  # nowhere to keep it: read from the GGUF file
     assert calls == ["gguf"] and "could not keep" in caplog.text
-    monkeypatch.setenv("KD_CACHE_HOME", str(tmp_path / "home"))
+    home = str(tmp_path / "home")
+    monkeypatch.setenv("KD_CACHE_HOME", home)  # paths.conversions' default, read when the config is composed
+    assert compose_config("task=lm").paths.conversions == home
     calls.clear()
-    first = load_tokenizer(cfg)
+    first = load_tokenizer(cfg, home)
     assert calls == ["gguf", "json"]  # converted, then read as JSON
     (folder,) = (tmp_path / "home" / "gguf").iterdir()
     assert folder.name.endswith(f"-transformers-{transformers.__version__}") and (folder / "config.json").is_file()
     calls.clear()
-    again = load_tokenizer(cfg)
+    again = load_tokenizer(cfg, home)
     assert calls == ["json"]
     for tok in (first, again):
         assert tokenizer_hash(tok) == tokenizer_hash(direct)
@@ -637,8 +639,9 @@ def test_a_teacher_layer_student_of_the_gguf_teacher_trains_and_reloads(teacher,
     student_cfg = compose_config(*SMALL, f"paths.root={tmp_path}", "student=teacher_layers",
                                  "student.teacher_layers.layers=[0,29]", "teacher.precision=fp32")
     spec = student_cfg.student["teacher_layers"]
-    start = build_student(spec, 0, 48, 0, student_cfg.teacher)
-    reference = load_teacher(student_cfg.teacher).model.state_dict()
+    home = student_cfg.paths.conversions
+    start = build_student(spec, 0, 48, 0, student_cfg.teacher, home)
+    reference = load_teacher(student_cfg.teacher, home).model.state_dict()
     for name, value in start.state_dict().items():
         assert torch.equal(value, reference[name.replace("layers.1.", "layers.29.")]), name
     row = LanguageModel(student_cfg).train_variant("teacher_layers", spec, Variant("sampled_kl"), data,

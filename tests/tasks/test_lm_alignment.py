@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import TeacherConfig
+from pipeline.config import LMTeacherConfig, conversions_home
 from pipeline.losses import sampled_kl_loss, topk_kl_loss, torch_uld, uld_loss
 from pipeline.tasks.lm.alignment import (
     TokenBytes,
@@ -30,7 +30,7 @@ TEXT = ("Thou art  more lovely and more temperate:\n\tRough winds do shake — n
 def smollm2():
     from pipeline.tasks.lm.models import load_tokenizer
 
-    return load_tokenizer(TeacherConfig(name="smollm2"))
+    return load_tokenizer(LMTeacherConfig(name="smollm2"), conversions_home())
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,8 @@ def _documents(n: int = 40) -> list[str]:
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return load_tokenizer(compose_config("task=lm").teacher)
+    cfg = compose_config("task=lm")
+    return load_tokenizer(cfg.teacher, cfg.paths.conversions)
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +173,7 @@ def test_a_chat_corpus_caches_and_trains_on_assistant_tokens_only(tokenizer, tin
         for run in np.split(p + 1, np.flatnonzero(np.diff(p) != 1) + 1):
             runs.append(tokenizer.decode(s[run].tolist(), clean_up_tokenization_spaces=False))
     assert sorted(runs) == expected
-    teacher = load_teacher(cfg.teacher)
+    teacher = load_teacher(cfg.teacher, cfg.paths.conversions)
     lse = np.asarray(reader.arrays[LSE][:, 0])
     for i in (0, 1):
         with torch.no_grad():

@@ -185,6 +185,11 @@ class Classify(Task):
         for name in ("train_size", "test_size", "num_classes"):
             if getattr(cfg.data, name) <= 0:
                 p.append(f"data.{name}={getattr(cfg.data, name)}: must be > 0")
+        if cfg.data.transfer_size < 0:
+            p.append(f"data.transfer_size={cfg.data.transfer_size}: must be >= 0")
+        for key, s in cfg.student.items():
+            if any(h <= 0 for h in s.hidden):
+                p.append(f"student.{key}.hidden={s.hidden}: widths must be > 0")
         bad = [k for k, s in cfg.student.items() if s.arch is StudentArch.causal_lm]
         if bad:
             p.append(f"students {bad} are causal LMs: task=classify trains linear, mlp, cnn or a _target_ module")
@@ -237,7 +242,7 @@ class Classify(Task):
 
     # -- students -------------------------------------------------------------------------------
     def train_students(self, splits: Splits, reader: CacheReader, run_dir: str) -> list[dict]:
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if self.processes.torchrun:
             raise ConfigError("multi-process student training (torchrun) is built for task=lm; train classifier "
                              "students in one process (they take minutes), or one sweep job per process (-m)")
         t_pred = teacher_test_predictions(reader)

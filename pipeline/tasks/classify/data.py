@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from pipeline.config import DataConfig, DataSource
+from pipeline.config import ClassifyDataConfig, DataSource
 from pipeline.errors import DataError, DataNotFound
 from pipeline.hashing import hash_json
 from pipeline.tasks.base import save_dataset_atomic
@@ -72,7 +72,7 @@ class Splits:
         return h.hexdigest()
 
 
-def load_splits(cfg: DataConfig, root: str) -> Splits:
+def load_splits(cfg: ClassifyDataConfig, root: str) -> Splits:
     if cfg.source is DataSource.mnist1d:
         path = os.path.join(root, "datasets", f"mnist1d-{_config_key(cfg)}")
         if not os.path.exists(os.path.join(path, "dataset_dict.json")):
@@ -81,13 +81,13 @@ def load_splits(cfg: DataConfig, root: str) -> Splits:
     return _from_dataset_dict(_load_user_dataset(cfg), cfg)
 
 
-def _config_key(cfg: DataConfig) -> str:
+def _config_key(cfg: ClassifyDataConfig) -> str:
     fields = {k: v for k, v in asdict(cfg).items() if k in
               ("train_size", "transfer_size", "test_size", "seed", "transfer_seed")}
     return hash_json(fields)[:10]
 
 
-def make_mnist1d(cfg: DataConfig):
+def make_mnist1d(cfg: ClassifyDataConfig):
     """Generate MNIST-1D locally (never ``get_dataset``, which downloads)."""
     import datasets
     from mnist1d.data import get_dataset_args, make_dataset
@@ -151,7 +151,7 @@ def _saved_split_is_empty(folder: str) -> bool:
         return not json.load(f).get("_data_files")
 
 
-def _load_user_dataset(cfg: DataConfig):
+def _load_user_dataset(cfg: ClassifyDataConfig):
     import datasets
 
     path = cfg.path
@@ -190,7 +190,7 @@ def _parquet_rows(path: str) -> int | None:
         return None
 
 
-def _from_dataset_dict(dsd, cfg: DataConfig) -> Splits:
+def _from_dataset_dict(dsd, cfg: ClassifyDataConfig) -> Splits:
     missing = [s for s in ("train", "test") if s not in dsd]
     if missing:
         raise DataError(f"dataset at {cfg.path or 'the mnist1d folder'} has splits {list(dsd)}; "
@@ -204,7 +204,7 @@ def _from_dataset_dict(dsd, cfg: DataConfig) -> Splits:
     return Splits({name: out[name] for name in SPLITS}, cfg.num_classes)
 
 
-def _split_arrays(ds, name: str, cfg: DataConfig) -> Split:
+def _split_arrays(ds, name: str, cfg: ClassifyDataConfig) -> Split:
     if len(ds) == 0 and name != "transfer":
         raise DataError(f"split {name!r} of {cfg.path or 'the dataset'} has no rows: train and test need at "
                          "least one each")

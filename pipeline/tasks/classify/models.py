@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save
 from torch import nn
 
 from pipeline.cache.storage import write_file_atomic
-from pipeline.config import StudentConfig, TeacherConfig
+from pipeline.config import ClassifyStudentConfig, ClassifyTeacherConfig
 from pipeline.errors import ConfigError, DataNotFound
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ def _import(target: str, what: str):
         raise ConfigError(f"{what}._target_={target!r} could not be imported: {e}") from e
 
 
-def build_student(spec: StudentConfig, in_features: int, num_classes: int) -> nn.Module:
+def build_student(spec: ClassifyStudentConfig, in_features: int, num_classes: int) -> nn.Module:
     """A zoo student, or any torch module named by ``_target_``; its output must be
     (batch, num_classes) for (batch, in_features) inputs."""
     if spec._target_:
@@ -76,7 +76,7 @@ def build_student(spec: StudentConfig, in_features: int, num_classes: int) -> nn
     return CNN1d(in_features, num_classes, spec.channels, spec.hidden[0] if spec.hidden else 0)
 
 
-def build_teacher(cfg: TeacherConfig, in_features: int, num_classes: int) -> nn.Module:
+def build_teacher(cfg: ClassifyTeacherConfig, in_features: int, num_classes: int) -> nn.Module:
     if cfg._target_ is None:
         return CNN1d(in_features, num_classes, cfg.channels)
     return _import(cfg._target_, "teacher")(**dict(cfg.kwargs))

@@ -30,13 +30,13 @@ from pipeline.cache import CacheReader, Storage, cache_key, fingerprint_fields, 
 from pipeline.cache import open_cache as open_cache_at
 from pipeline.cache.fingerprint import capture_settings, layout_settings
 from pipeline.capture import plan_manifest
-from pipeline.config import DataSource, StudentArch, resolve_workers
+from pipeline.config import DataSource, StudentArch
 from pipeline.device import choose_device
 from pipeline.distances import DISTANCES
 from pipeline.errors import CacheError, ConfigError
 from pipeline.fused_head import FUSED_DISTANCES
 from pipeline.losses import teacher_arrays
-from pipeline.stream import SequenceStream
+from pipeline.sequence_stream import SequenceStream
 from pipeline.tasks.base import Task
 from pipeline.tasks.lm.alignment import (
     CrossTokenizer,
@@ -120,8 +120,6 @@ class LanguageModel(Task):
         if cfg.loss.distance.value not in LM_DISTANCES:
             p.append(f"loss.distance={cfg.loss.distance.value}: task=lm trains with {', '.join(LM_DISTANCES)}")
         for k, s in cfg.student.items():
-            if s.projection not in ("prefix", "exact"):
-                p.append(f"student.{k}.projection={s.projection!r}: expected prefix or exact")
             if s.tokenizer and s.tokenizer.startswith("bpe:") and not s.tokenizer[4:].isdigit():
                 p.append(f"student.{k}.tokenizer={s.tokenizer!r}: bpe:<vocabulary size>, e.g. bpe:8000")
         if not 0 <= cfg.loss.k <= cfg.cache.k:
@@ -156,7 +154,7 @@ class LanguageModel(Task):
     @functools.cached_property
     def tokenizer(self):
         """The teacher's tokenizer, loaded once (the model is not)."""
-        return load_tokenizer(self.cfg.teacher)
+        return load_tokenizer(self.cfg.teacher, self.cfg.paths.conversions)
 
     def capture_settings(self) -> dict:
         return capture_settings(self.cfg.cache, self.cfg.teacher.precision)
@@ -199,7 +197,7 @@ class LanguageModel(Task):
         return dataclasses.replace(data.index, tokenizer=text)
 
     def load_teacher(self, data: TokenData) -> LMTeacher:
-        return load_teacher(self.cfg.teacher)
+        return load_teacher(self.cfg.teacher, self.cfg.paths.conversions)
 
     def plan(self, teacher: LMTeacher, data: TokenData):
         width = teacher.model.get_output_embeddings().weight.shape[0]
@@ -222,7 +220,7 @@ class LanguageModel(Task):
         """The teacher's held-out perplexity, stored beside the cache (``teacher_eval.json``)
         so stage 3 compares students with it without loading the teacher. Computed once, by rank 0."""
         storage = Storage(cache_url, self.cfg.cache.storage_options)
-        if resolve_workers(self.cfg)[0] != 0 or read_teacher_eval(storage):
+        if self.processes.rank != 0 or read_teacher_eval(storage):
             return
         device = choose_device(self.cfg.teacher.device)
         ev = teacher_heldout_nll(teacher.model.to(device), data, self.cfg.teacher.batch_size, device, teacher.pad_id)
@@ -258,7 +256,7 @@ class LanguageModel(Task):
         seq_len = cfg.data.seq_len if cross is None else max(cfg.data.seq_len, int(np.diff(cross.tokens.offsets).max()))
         width = len(cross.tokenizer) if cross is not None else reader.manifest.num_classes
         student = build_student(spec, int(spec.kwargs.get("vocab_size", width)), seq_len, cfg.train.seed,
-                                cfg.teacher).to(device)
+                                cfg.teacher, cfg.paths.conversions).to(device)
         vocab = student.get_output_embeddings().weight.shape[0]
         if cross is None:
             adapter = eval_adapter = vocab_map(spec, reader, vocab)
@@ -266,17 +264,17 @@ class LanguageModel(Task):
             if vocab < width:
                 raise ConfigError(f"student {name}: its vocabulary has {vocab} ids, its tokenizer "
                                  f"{spec.tokenizer!r} {width}: drop kwargs.vocab_size or make it >= {width}")
-            proj = projection(cross.teacher, cross.student, spec.projection)
+            proj = projection(cross.teacher, cross.student, spec.projection.value)
             projects = DISTANCES[loss.distance].by_class
             adapter = CrossTokenizer(cross.tokens, pad_id(cross.tokenizer), proj if projects else None,
                                      loss.temperature)
             eval_adapter = adapter.projecting(proj, 1.0)
         arrays, lse_column = teacher_arrays(reader.manifest, loss)
-        rank, world = process_group(device)
+        rank, world = process_group(device, self.processes)
         # the fused head (no (B, L, V) logits): one process (DistributedDataParallel averages
         # gradients through the model's own forward), a distance it has a fused form of
-        fused = cfg.train.fused_head and world == 1 and (loss.lam <= 0 or loss.distance.value in FUSED_DISTANCES)
-        if cfg.train.fused_head and not fused:
+        fused = cfg.lm.fused_head and world == 1 and (loss.lam <= 0 or loss.distance.value in FUSED_DISTANCES)
+        if cfg.lm.fused_head and not fused:
             log.info("%s %s: the unfused head (%s)", name, v.label,
                      "several processes" if world > 1 else f"{loss.distance.value} has no fused form")
         stream = SequenceStream(reader, data.tokens, split="train", batch_size=cfg.train.batch_size,
@@ -287,13 +285,13 @@ class LanguageModel(Task):
         state = self.state_path(reader, f"{name}-{v.label.replace(':', '-')}", identity)
         done, final, seconds = self.fit(
             student, stream, steps, lambda model, batch: sequence_loss(model, batch, loss, lse_column, adapter, device,
-                                                                       fused, cfg.train.fused_head_rows),
+                                                                       fused, cfg.lm.fused_head_rows),
             desc=f"{name}: {v.label}", state_path=state)
         row = {"student": name, "variant": v.label, "bytes_per_token": bytes_per_token(v, reader), "steps": done,
                "params": sum(p.numel() for p in student.parameters()), "train_s": seconds, "processes": world,
                "tokens_per_s": done * cfg.train.batch_size * world * cfg.data.seq_len / seconds, "final_loss": final}
         if cross is not None:
-            row |= {"tokenizer": spec.tokenizer, "vocabulary": width, "projection": spec.projection,
+            row |= {"tokenizer": spec.tokenizer, "vocabulary": width, "projection": spec.projection.value,
                     "aligned_fraction": cross.tokens.aligned_fraction(*data.sequences["train"])}
         if rank != 0:
             return row  # rank 0 evaluates and saves the student

@@ -49,7 +49,7 @@ import numpy as np
 from pipeline.cache.format import SAMPLED_CNT, SAMPLED_IDX, TOPK_IDX, TOPK_VAL
 from pipeline.errors import ConfigError, DataError, DataNotFound
 from pipeline.representations import map_ids, pad_entries
-from pipeline.stream import SequenceBatch, pad_batch
+from pipeline.sequence_stream import SequenceBatch, pad_batch
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 cache, its collator and the loss, for any loop that calls a causal LM on ``input_ids`` and
 ``attention_mask`` (Hugging Face ``Trainer``, TRL, your own).
 
-The batches are read exactly as stage 3 reads them (:class:`pipeline.stream.SequenceStream`:
+The batches are read exactly as stage 3 reads them (:class:`pipeline.sequence_stream.SequenceStream`:
 the teacher's rows on the padded grid, non-finite rows refused), and the loss is stage 3's
 objective (:func:`pipeline.tasks.lm.sequence_objective`: the same representations, distances,
 masking and vocabulary map)::
@@ -26,7 +26,7 @@ import torch
 
 from pipeline.cache import CacheReader
 from pipeline.losses import teacher_arrays
-from pipeline.stream import SequenceStream
+from pipeline.sequence_stream import SequenceStream
 from pipeline.tasks.lm import fused_objective, prepare_batch, sequence_objective
 from pipeline.tasks.lm.text import TokenData
 

@@ -14,7 +14,7 @@ import torch
 from pipeline.cache import CacheReader, Storage
 from pipeline.cache.format import LSE, TOPK_IDX, TOPK_VAL
 from pipeline.losses import select_teacher, torch_topk_kl
-from pipeline.stream import SequenceStream
+from pipeline.sequence_stream import SequenceStream
 from pipeline.tasks.lm.objective import next_token_nll, student_logits, to_student
 from pipeline.tasks.lm.rows import teacher_logits
 from pipeline.tasks.lm.text import TokenData

@@ -73,25 +73,20 @@ def _hash_files(files: tuple[tuple[str, int, int], ...]) -> str:
     return hash_files([Path(f) for f, _, _ in files])
 
 
-def metadata_home() -> Path:
-    """Where a GGUF teacher's tokenizer and config are kept once converted:
-    ``$KD_CACHE_HOME``, else ``$XDG_CACHE_HOME/kd-pipeline``, else ``~/.cache/kd-pipeline``."""
-    if os.environ.get("KD_CACHE_HOME"):
-        return Path(os.path.expanduser(os.environ["KD_CACHE_HOME"]))
-    return Path(os.path.expanduser(os.environ.get("XDG_CACHE_HOME") or "~/.cache")) / "kd-pipeline"
-
-
-def gguf_metadata(folder: Path, gguf: str) -> Path | None:
+def gguf_metadata(folder: Path, gguf: str, conversions: str | None) -> Path | None:
     """A folder holding a GGUF file's tokenizer and config as Hugging Face JSON files
     (tokenizer.json, tokenizer_config.json, chat template, config.json), converted once per
     file content and transformers version. transformers parses a GGUF file's metadata anew
     for the tokenizer, for the config and for the weights, 3-5 s each for SmolLM2 here; the
-    first two then load in 0.15 s. None (and the GGUF file is read as before) where the
-    folder cannot be written."""
+    first two then load in 0.15 s. They are kept under ``conversions`` (the setting
+    ``paths.conversions``); None (and the GGUF file is read as before) where none is given
+    or the folder cannot be written."""
     import transformers
 
+    if not conversions:
+        return None
     key = f"{weights_hash(folder, gguf)[:24]}-transformers-{transformers.__version__}"
-    target = metadata_home() / "gguf" / key
+    target = Path(os.path.expanduser(conversions)) / "gguf" / key
     if (target / "config.json").is_file():  # (the folder appears whole: it is renamed into place)
         return target
     tmp = target.parent / f".{key}.{os.getpid()}"
@@ -106,7 +101,7 @@ def gguf_metadata(folder: Path, gguf: str) -> Path | None:
                 raise
     except OSError as e:
         log.warning("could not keep %s's tokenizer and config under %s (%s); reading them from the GGUF file "
-                    "(set KD_CACHE_HOME to a writable folder)", gguf, target.parent, e)
+                    "(set paths.conversions to a writable folder)", gguf, target.parent, e)
         return None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -114,10 +109,11 @@ def gguf_metadata(folder: Path, gguf: str) -> Path | None:
     return target
 
 
-def teacher_files(cfg_teacher) -> tuple[Path, str | None, Path | None]:
-    """(folder, gguf file name or None, the GGUF's converted tokenizer and config or None)."""
+def teacher_files(cfg_teacher, conversions: str | None = None) -> tuple[Path, str | None, Path | None]:
+    """(folder, gguf file name or None, the GGUF's converted tokenizer and config or None),
+    converted GGUF metadata kept under ``conversions`` (:func:`gguf_metadata`)."""
     folder, gguf = teacher_source(cfg_teacher)
-    return folder, gguf, gguf_metadata(folder, gguf) if gguf else None
+    return folder, gguf, gguf_metadata(folder, gguf, conversions) if gguf else None
 
 
 def tokenizer_hash(tokenizer) -> str:
@@ -127,8 +123,8 @@ def tokenizer_hash(tokenizer) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def load_tokenizer(cfg_teacher):
-    return _tokenizer(*teacher_files(cfg_teacher))
+def load_tokenizer(cfg_teacher, conversions: str | None = None):
+    return _tokenizer(*teacher_files(cfg_teacher, conversions))
 
 
 def _tokenizer(folder: Path, gguf: str | None, meta: Path | None):
@@ -164,13 +160,13 @@ def pad_id(tokenizer) -> int:
     return 0 if pad is None else pad
 
 
-def load_teacher(cfg_teacher) -> LMTeacher:
+def load_teacher(cfg_teacher, conversions: str | None = None) -> LMTeacher:
     """The teacher model (eval mode, weights in the configured precision) and its tokenizer."""
     from transformers import AutoModelForCausalLM
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg_teacher.precision.value]
     t0 = time.perf_counter()
-    folder, gguf, meta = teacher_files(cfg_teacher)
+    folder, gguf, meta = teacher_files(cfg_teacher, conversions)
     tokenizer = _tokenizer(folder, gguf, meta)
     kw = {"gguf_file": gguf} if gguf else {}
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, local_files_only=True,
@@ -190,7 +186,8 @@ def teacher_identity(cfg_teacher, tokenizer) -> dict:
             "precision": cfg_teacher.precision.value}
 
 
-def build_student(spec, vocab_size: int, seq_len: int, seed: int, cfg_teacher=None) -> torch.nn.Module:
+def build_student(spec, vocab_size: int, seq_len: int, seed: int, cfg_teacher=None,
+                  conversions: str | None = None) -> torch.nn.Module:
     """The student, in float32: a pretrained Hugging Face causal LM from ``spec.path``
     (offline); with ``spec.init=teacher_layers``, the teacher's own embeddings, head and the
     layers ``spec.layers`` (:func:`teacher_layer_student`); else a new small Llama-style
@@ -199,7 +196,7 @@ def build_student(spec, vocab_size: int, seq_len: int, seed: int, cfg_teacher=No
 
     torch.manual_seed(seed)
     if spec.init.value == "teacher_layers":
-        return teacher_layer_student(cfg_teacher, spec.layers)
+        return teacher_layer_student(cfg_teacher, spec.layers, conversions)
     if spec.path:
         folder = Path(os.path.expanduser(spec.path))
         if not (folder / "config.json").is_file():
@@ -216,7 +213,7 @@ def build_student(spec, vocab_size: int, seq_len: int, seed: int, cfg_teacher=No
 LAYER = re.compile(r"^(.*\.layers\.)(\d+)(\..*)$")
 
 
-def teacher_layer_student(cfg_teacher, layers: list[int]) -> torch.nn.Module:
+def teacher_layer_student(cfg_teacher, layers: list[int], conversions: str | None = None) -> torch.nn.Module:
     """A student made of the teacher's embeddings, final norm and output head and its
     decoder layers ``layers`` (in that order), the DistilBERT / Minitron initialisation.
 
@@ -226,7 +223,7 @@ def teacher_layer_student(cfg_teacher, layers: list[int]) -> torch.nn.Module:
     (e.g. ``layer_types``) keep the chosen layers' entries."""
     from transformers import AutoModelForCausalLM
 
-    folder, gguf, meta = teacher_files(cfg_teacher)
+    folder, gguf, meta = teacher_files(cfg_teacher, conversions)
     config = _config(folder, gguf, meta)
     n = config.num_hidden_layers
     if not layers or len(set(layers)) != len(layers) or not all(0 <= i < n for i in layers):

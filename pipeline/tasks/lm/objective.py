@@ -20,7 +20,7 @@ from pipeline.errors import ConfigError
 from pipeline.fused_head import head_loss
 from pipeline.losses import select_teacher, teacher_term
 from pipeline.representations import map_ids, pad_entries
-from pipeline.stream import SequenceBatch
+from pipeline.sequence_stream import SequenceBatch
 
 log = logging.getLogger(__name__)
 
@@ -172,9 +172,9 @@ def output_head(student) -> tuple[torch.nn.Module, torch.nn.Linear]:
     extra = [k for k in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale")
              if getattr(student.config, k, None) not in (None, 1, 1.0)]
     if not isinstance(head, torch.nn.Linear) or body is None or body is student or extra:
-        raise ConfigError(f"train.fused_head: {type(student).__name__}'s logits are not a linear projection of its "
+        raise ConfigError(f"lm.fused_head: {type(student).__name__}'s logits are not a linear projection of its "
                          f"base model's last hidden state{f' ({extra} set)' if extra else ''}: set "
-                         "train.fused_head=false")
+                         "lm.fused_head=false")
     return body, head
 
 

@@ -8,7 +8,7 @@ import logging
 import numpy as np
 import torch
 
-from pipeline.stream import pad_batch
+from pipeline.sequence_stream import pad_batch
 from pipeline.tasks.lm.text import TokenData
 
 log = logging.getLogger(__name__)

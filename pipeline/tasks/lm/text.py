@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from pipeline.cache.format import SequenceIndex
-from pipeline.config import DataConfig
+from pipeline.config import TextDataConfig
 from pipeline.errors import DataError, DataNotFound
 from pipeline.hashing import hash_json
 
@@ -161,7 +161,7 @@ def chat_sequences(tokenizer, conversations: list, indices: list[int], seq_len: 
 CORPUS_FILES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow"}
 
 
-def read_documents(cfg: DataConfig, cache_dir: str):
+def read_documents(cfg: TextDataConfig, cache_dir: str):
     """(the documents as a ``datasets.Dataset`` with the text in ``cfg.text_column``, a
     fingerprint of their content: what decides whether a tokenized copy is reused)."""
     import datasets
@@ -225,13 +225,13 @@ def first_bad_json_line(files: list[str]) -> str | None:
     return None
 
 
-def _dataset_key(cfg: DataConfig, tok_hash: str, documents: str) -> str:
+def _dataset_key(cfg: TextDataConfig, tok_hash: str, documents: str) -> str:
     fields = {k: v for k, v in asdict(cfg).items() if k in ("train_size", "test_size", "test_fraction", "seed", "seq_len", "source",
                                                                "path", "text_column", "chat_column")}
     return hash_json({"data": fields, "tokenizer": tok_hash, "documents": documents})[:10]
 
 
-def held_out_count(cfg: DataConfig, sequences: int) -> int:
+def held_out_count(cfg: TextDataConfig, sequences: int) -> int:
     """``data.test_size`` sequences, or with 0 a fraction of the corpus's ``sequences``
     (``data.test_fraction``, at least one), logged."""
     if cfg.test_size:
@@ -242,7 +242,7 @@ def held_out_count(cfg: DataConfig, sequences: int) -> int:
     return n
 
 
-def build_token_dataset(cfg: DataConfig, tokenizer, docs, work_dir: str):
+def build_token_dataset(cfg: TextDataConfig, tokenizer, docs, work_dir: str):
     """The HF DatasetDict of ``input_ids`` sequences for ``train`` and ``heldout``: the
     documents tokenized and cut in a batched map (to Arrow under ``work_dir``), then a
     seeded choice of held-out and training sequences."""
@@ -294,7 +294,7 @@ def build_token_dataset(cfg: DataConfig, tokenizer, docs, work_dir: str):
     return datasets.DatasetDict({"train": seqs.select(train), "heldout": seqs.select(held)})
 
 
-def load_tokens(cfg: DataConfig, root: str, tokenizer) -> TokenData:
+def load_tokens(cfg: TextDataConfig, root: str, tokenizer) -> TokenData:
     """Build once (saved under ``<root>/datasets/``), then read back."""
     import datasets
 
