@@ -1,7 +1,7 @@
 # `make run`   set up .venv, then run all three stages on the built-in MNIST-1D default
 # `make test`  set up .venv, then lint and run the default test suite (no `slow` tests)
 # `make bench` set up .venv, then run the benchmarks under bench/
-# `make lock`  resolve requirements.lock anew (pyproject.toml + requirements/*.in)
+# `make lock`  resolve requirements.lock (pyproject.toml + requirements/*.in), keeping current pins
 PY      := .venv/bin/python
 LOCK    := requirements.lock
 STAMP   := .venv/.installed-$(shell cat pyproject.toml $(LOCK) | cksum | cut -d' ' -f1)
@@ -34,6 +34,9 @@ $(STAMP): pyproject.toml $(LOCK)
 # Resolve the whole environment again (needs the package index; run, then commit the lock).
 lock:
 	test -x .venv/bin/uv || { test -x $(PY) || python3 -m venv .venv; $(PY) -m pip install -q uv; }
+	# the current pins are preferences: only what the change needs is resolved anew
+	# (`make lock UPGRADE=1` resolves everything to the newest versions)
+	$(if $(UPGRADE),rm -f $(LOCK).tmp,cp $(LOCK) $(LOCK).tmp)
 	$(UV) pyproject.toml requirements/base.in --extra dev -o $(LOCK).tmp
 	# the data-only packages without their own requirements (see requirements/data.in)
 	$(UV) --no-deps --no-header requirements/data.in -o $(LOCK).data
@@ -42,12 +45,18 @@ lock:
 run: $(STAMP)
 	$(PY) -m pipeline.run $(ARGS)
 
+# two test processes (pytest-xdist): most tests are bound by one core (imports, Numba
+# compiles, subprocesses starting); tests sharing an expensive fixture stay in one process
+# (tests/conftest.py schedules them). TEST_WORKERS=0 runs the suite in this process.
+TEST_WORKERS ?= 2
+XDIST := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS))
+
 test: $(STAMP)
 	$(PY) -m ruff check pipeline stages tests bench
-	$(PY) -m pytest -m "not slow" --durations=15 $(ARGS)
+	$(PY) -m pytest -m "not slow" $(XDIST) --durations=15 $(ARGS)
 
 test-all: $(STAMP)
-	$(PY) -m pytest $(ARGS)
+	$(PY) -m pytest $(XDIST) $(ARGS)
 
 bench: $(STAMP)
 	@for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done

@@ -232,7 +232,8 @@ def audit_cache(reader: CacheReader, labels: np.ndarray, temperature: float, sch
            "temperature": temperature, "splits": {}}
     if m.sequences:
         out["sequences"] = m.sequences
-        out["vocab"] = m.vocab
+    if m.task:
+        out["task"] = m.task
     per_shard: dict[int, int] = {}
     for name, tasks in per_split.items():
         stats = [next(results) for _ in tasks]

@@ -30,6 +30,7 @@ from pipeline.cache.format import (
     array_specs,
     check_narrow,
     check_top_p,
+    check_value_bits,
     row_bytes,
 )
 from pipeline.cache.storage import Storage
@@ -56,29 +57,28 @@ class RowSource(Protocol):
 
 
 def plan_manifest(cache, *, rows: int, num_classes: int, splits: dict[str, tuple[int, int]], fingerprint: dict,
-                  index: SequenceIndex | None = None, vocab: dict | None = None) -> Manifest:
+                  index: SequenceIndex | None = None, task: dict | None = None) -> Manifest:
     """The manifest of a new cache from the cache section (``cache.*``): representations,
     dtype, layout. ``cache.chunk_rows`` is lowered so a chunk of the widest representation
-    stays under 8 MiB (a `full` row of a 49,152-token vocabulary is 96 KiB)."""
+    stays under 8 MiB (a `full` row of a 49,152-token vocabulary is 96 KiB). ``task``: the
+    task's own manifest fields (:attr:`Manifest.task`)."""
     modes = sorted(plain(cache.modes))
     if "topk" in modes and cache.k > num_classes:
         raise ConfigError(f"cache.k={cache.k} is more than the teacher's {num_classes} outputs: lower cache.k")
-    narrow = bool(getattr(cache, "narrow", False))
+    narrow = cache.narrow
     if narrow:
         check_narrow(num_classes, cache.samples if "sampled" in modes else 0, "cache")
-    bits = int(getattr(cache, "value_bits", 16))
-    if bits not in (16, 8, 4):
-        raise ConfigError(f"cache.value_bits={bits}: expected 16 (values in cache.dtype), 8 or 4 (quantized)")
+    bits = check_value_bits(cache.value_bits, None, "cache")  # (ignored without topk)
     m = Manifest(backend=plain(cache.format), modes=modes, dtype=plain(cache.dtype), num_classes=num_classes, rows=rows,
                  chunk_rows=cache.chunk_rows, shard_rows=0, splits={k: list(v) for k, v in splits.items()},
                  fingerprint=fingerprint, k=cache.k if "topk" in modes else 0,
                  samples=cache.samples if "sampled" in modes else 0, temperatures=list(cache.temperatures),
                  sample_temperature=cache.sample_temperature, compression=plain(cache.zstd),
                  narrow=narrow, value_bits=bits if "topk" in modes else 16,
-                 top_p=check_top_p(getattr(cache, "top_p", 0.0), modes, "cache"))
+                 top_p=check_top_p(cache.top_p, modes, "cache"))
     if index is not None:
         index.describe(m)
-        m.vocab = dict(vocab or {})
+    m.task = dict(task or {})
     widest = max(row_bytes(m, (mode,)) for mode in m.modes)
     m.chunk_rows = min(cache.chunk_rows, max(1, MAX_CHUNK_BYTES // max(widest, 1)))
     if m.chunk_rows < cache.chunk_rows:

@@ -482,14 +482,20 @@ def shared_problems(cfg: Config) -> list[str]:
         p.append(f"cache.budget_bytes_per_token={cfg.cache.budget_bytes_per_token}: bytes per token, > 0 (0: no plan)")
     _positive(p, "derive.k", cfg.derive.k)
     _positive(p, "derive.samples", cfg.derive.samples)
-    if cfg.derive.value_bits not in (16, 8, 4):
-        p.append(f"derive.value_bits={cfg.derive.value_bits}: 16, 8 or 4")
-    if cfg.cache.value_bits not in (16, 8, 4):
-        p.append(f"cache.value_bits={cfg.cache.value_bits}: 16 (values in cache.dtype), 8 or 4 (quantized)")
+    from pipeline.cache.format import (  # (the checks the capture and derive make)
+        check_top_p,
+        check_value_bits,
+    )
+
     for section in ("cache", "derive"):
-        top_p = getattr(cfg, section).top_p
-        if top_p and not 0 < top_p < 1:
-            p.append(f"{section}.top_p={top_p}: the mass each adaptive top-k row keeps, in (0, 1); 0 keeps all k")
+        for check, value in ((check_value_bits, getattr(cfg, section).value_bits),
+                             (check_top_p, getattr(cfg, section).top_p)):
+            try:
+                check(value, None, section)
+            except ConfigError as e:
+                p.append(str(e))
+    if not 0 <= cfg.loss.k <= cfg.cache.k:
+        p.append(f"loss.k={cfg.loss.k}: must be in 0..cache.k={cfg.cache.k} (0 uses all cached logits)")
     for name in ("batch_size", "lr", "shuffle_window", "grad_accum"):
         _positive(p, f"train.{name}", getattr(cfg.train, name))
     for name in ("steps", "checkpoint_every", "clip_norm", "warmup_steps"):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import posixpath
 from dataclasses import replace
 
 import dask
@@ -38,6 +39,7 @@ from pipeline.cache.format import (
     SAMPLED_CNT,
     SAMPLED_ENT,
     SAMPLED_IDX,
+    TASK_FILES,
     TOP1,
     TOPK_IDX,
     TOPK_VAL,
@@ -45,6 +47,7 @@ from pipeline.cache.format import (
     array_specs,
     check_narrow,
     check_top_p,
+    check_value_bits,
 )
 from pipeline.errors import CacheError, ConfigError
 from pipeline.representations import host_arrays, represent, topk_arrays
@@ -71,8 +74,7 @@ def child_manifest(parent: Manifest, mode: str, k: int, dtype: str, temperatures
             capture["top_p"] = top_p
     if mode == "sampled":
         capture |= {"samples": samples, "sample_temperature": parent.sample_temperature}
-    if value_bits not in (16, 8, 4) or (value_bits < 16 and mode != "topk"):
-        raise ConfigError(f"derive.value_bits={value_bits}: 16, or 8 / 4 for a topk derive")
+    check_value_bits(value_bits, [mode], "derive")
     fields["capture"] = capture
     top_p = check_top_p(top_p, [mode], "derive")
     if narrow:
@@ -176,8 +178,8 @@ def derive_cache(reader: CacheReader, child: Manifest, target: str, *, storage_o
         return dask.delayed(_derive_shard)(ids[rows], {n: a[rows] for n, a in arrays.items()}, child, shard.index,
                                            list(m.temperatures))
 
-    with CacheWriter(storage=Storage(target, storage_options), manifest=child, overwrite=overwrite,
-                     verify=verify, index=index) as writer:
+    storage = Storage(target, storage_options)
+    with CacheWriter(storage=storage, manifest=child, overwrite=overwrite, verify=verify, index=index) as writer:
         # batches of shards nobody else holds (claims held while computing: never wait then),
         # then, one at a time, those another process was writing (waiting holds no claim)
         claimed = writer.claim(wait=False)
@@ -187,7 +189,19 @@ def derive_cache(reader: CacheReader, child: Manifest, target: str, *, storage_o
         for shard in writer.claim():
             (out,) = dask.compute(job(shard), scheduler=scheduler)
             writer.submit(shard, out)
+    copy_task_files(reader.storage, storage)
     return writer.manifest
+
+
+def copy_task_files(parent: Storage, child: Storage) -> None:
+    """The capturing task's files (TASK_FILES) go with the derived cache, unread."""
+    if not parent.exists(TASK_FILES):
+        return
+    folder = parent.path(TASK_FILES).rstrip("/") + "/"
+    for path in sorted(parent.fs.find(folder)):
+        rel = posixpath.join(TASK_FILES, path[len(folder):])
+        if not Storage.temporary_of(rel):
+            child.write_atomic(parent.read_bytes(rel), rel)
 
 
 def completed_topk(val: np.ndarray, idx: np.ndarray, lse: np.ndarray, c: int, temperature: float) -> np.ndarray:
@@ -247,8 +261,7 @@ def derive_report(parent: CacheReader, target: str, temperature: float, storage_
 def derive_for_run(d, cache, temperature: float, reader: CacheReader, scheduler=None, verify: bool = False) -> dict:
     """Stage 2's ``derive.*`` settings (``d``) applied to ``reader``, written with the
     ``cache.*`` section's storage options; returns the report."""
-    narrow, bits, samples = bool(getattr(d, "narrow", False)), int(getattr(d, "value_bits", 16)), d.samples
-    top_p = float(getattr(d, "top_p", 0.0) or 0.0)
+    narrow, bits, samples, top_p = d.narrow, d.value_bits, d.samples, d.top_p
     size = {"topk": d.k, "sampled": samples}.get(d.mode, "")
     target = d.path or (f"{reader.path.rstrip('/')}-{d.mode}{size}-{d.dtype.value}"
                         f"{f'-p{top_p:g}' if top_p else ''}{f'-q{bits}' if bits < 16 else ''}{'-narrow' if narrow else ''}")

@@ -3,8 +3,15 @@ fitted MNIST-1D teacher (with its dataset and a captured cache) that tests copy 
 
 from __future__ import annotations
 
+import os
+
 from pipeline.run import set_environment_defaults
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # one of `make test`'s two processes on two cores: one thread each for torch and Numba
+    # (and the processes a test starts), rather than two each contending for both cores
+    for var in ("OMP_NUM_THREADS", "NUMBA_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(var, "1")
 set_environment_defaults()  # as the CLI does, before torch and Numba load
 
 import numpy as np  # noqa: E402
@@ -14,6 +21,36 @@ from pipeline.config import register  # noqa: E402
 from tests.support import run_cli, seed_root, write_cache  # noqa: E402
 
 register()
+
+# `make test` runs the suite in two processes (pytest-xdist). The test files below share an
+# expensive module-scoped fixture (the real GGUF teacher and its cache, the CLI's token cache,
+# the uninterrupted reference capture, the S3 server, a full CLI run): each goes to one
+# process whole, so the fixture is built once; every other test is handed out on its own.
+# The longest go first, so no process is left with one of them at the end.
+SHARED = ("tests/tasks/test_lm.py", "tests/test_trust.py", "tests/tasks/test_lm_cli.py", "tests/cache/test_s3.py",
+          "tests/test_cli.py")
+FIRST = ("tests/tasks/test_lm.py", "tests/test_trust.py", "tests/tasks/test_lm_cli.py",
+         "tests/test_student_resume.py", "tests/cache/test_s3.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {path: i for i, path in enumerate(FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::", 1)[0], len(FIRST)))  # (stable: the rest in order)
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """xdist's own ``loadgroup`` cannot group here (it renames ``item._nodeid``, which pytest 9
+    no longer reads), so the grouping is a scheduler: a SHARED file is one unit of work,
+    any other test a unit of its own, in collection order."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SharedFixtureScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return path if path in SHARED else nodeid
+
+    config.option.loadscopereorder = False
+    return SharedFixtureScheduling(config, log)
 
 
 @pytest.fixture

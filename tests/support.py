@@ -30,6 +30,18 @@ SMALL = ["data.train_size=400", "data.test_size=200", "data.transfer_size=1500",
          "train.epochs=1", "cache.chunk_rows=256", "cache.shard_chunks=2"]
 
 
+# task=lm on a few hundred tokens: 6 training sequences of at most 48 tokens, 4 held out
+LM_SMALL = ["task=lm", "data.train_size=6", "data.test_size=4", "data.seq_len=48", "cache.chunk_rows=32",
+         "cache.shard_chunks=2", "cache.k=16", "cache.samples=8", "train.steps=1", "train.batch_size=3",
+         "lm.eval_batch_size=2"]
+
+
+def lm_small(*overrides: str) -> list[str]:
+    """LM_SMALL with ``overrides`` replacing its values of the same keys."""
+    keys = {o.split("=", 1)[0] for o in overrides}
+    return [a for a in LM_SMALL if a.split("=", 1)[0] not in keys] + list(overrides)
+
+
 @dataclass
 class Cli:
     """What a run of the CLI left: its exit code and what it printed."""

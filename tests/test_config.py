@@ -70,6 +70,19 @@ def test_cli_rejects_bad_values_before_any_work(tmp_path):
     assert not (tmp_path / "datasets").exists()  # nothing was generated
 
 
+def test_representation_settings_are_checked_by_the_checks_stage_1_and_stage_2_make():
+    """cache.* / derive.* value_bits and top_p: before any work, by the same functions the
+    capture and the derive call (pipeline/cache/format.py), with the same messages."""
+    from pipeline.tasks import validate
+
+    with pytest.raises(ConfigError) as e:
+        validate(compose_config("cache.value_bits=5", "derive.top_p=1.5", "loss.k=65"))
+    msg = str(e.value)
+    assert "3 problem(s)" in msg and "cache.value_bits=5: 16 (values in cache.dtype), 8 or 4" in msg
+    assert "derive.top_p=1.5: the probability mass each adaptive top-k row keeps" in msg
+    assert "loss.k=65: must be in 0..cache.k=64" in msg
+
+
 def test_a_renamed_key_fails_naming_its_new_name(tmp_path):
     from tests.support import run_cli
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from pipeline.cache import open_cache
+from pipeline.cache.format import task_file
 from pipeline.derive import child_manifest, completed_topk, derive_cache, derive_report
 from tests.support import run_cli, write_cache
 
@@ -109,16 +110,21 @@ def test_subsampled_draws_are_unbiased():
 
 def test_a_token_cache_derives_with_its_sequence_index(tmp_path, tiny_logits):
     """A chat-like token cache (rows at some positions of each sequence): the derived cache
-    carries the same offsets, positions and teacher tokenizer, so students read it the same way."""
+    carries the same offsets, positions and teacher tokenizer, so students read it the same
+    way, and the capturing task's fields and files, which the format does not read."""
     offsets = np.array([0, 30, 70, 100])
     positions = np.concatenate([np.arange(3, 33), np.arange(40) * 2, np.arange(5, 35)]).astype(np.int32)
     parent_path = str(tmp_path / "parent")
     tokenizer = b'{"model": {"type": "BPE", "vocab": {"a": 0}}}'
     write_cache(parent_path, tiny_logits, dtype="float32", offsets=offsets, positions=positions, tokenizer=tokenizer)
     parent = open_cache(parent_path)
+    parent.manifest.task = {"vocab": {"tokenizer_size": 7}}  # (as a task's plan would hold them)
+    parent.storage.write_atomic(b'{"heldout_nll": 1.5}', task_file("teacher_eval.json"))
     derive_cache(parent, child_manifest(parent.manifest, "topk", 3, "float32", [1.0], parent_path),
                  str(tmp_path / "child"))
     child = open_cache(str(tmp_path / "child"))
+    assert child.manifest.task == {"vocab": {"tokenizer_size": 7}}
+    assert child.storage.read_bytes(task_file("teacher_eval.json")) == b'{"heldout_nll": 1.5}'
     np.testing.assert_array_equal(child.offsets, offsets)
     np.testing.assert_array_equal(child.positions, positions)
     assert child.tokenizer_json == tokenizer.decode() and child.manifest.tokenizer_sha256

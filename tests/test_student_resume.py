@@ -20,9 +20,8 @@ ARGS = ["stage=3", "student=mlp", "train.epochs=60"]
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1"}
 
 
-def _results(root) -> dict:
-    (path,) = sorted(glob.glob(str(root / "runs" / "*" / "results.json")))[-1:]
-    (row,) = json.load(open(path))["students"]
+def _results(run_dir) -> dict:
+    (row,) = json.load(open(run_dir / "results.json"))["students"]
     return row
 
 
@@ -30,8 +29,14 @@ def test_interrupted_student_resumes_to_the_same_result(seeded):
     tmp_path = seeded
     run_cli(tmp_path, "stage=1")
     env = dict(os.environ, OMP_WAIT_POLICY="passive", **ONE_THREAD)
-    p = subprocess.Popen([sys.executable, "-m", "pipeline.run", f"paths.root={tmp_path}", *SMALL, *ARGS],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    cli = [sys.executable, "-m", "pipeline.run", f"paths.root={tmp_path}", *SMALL, *ARGS]
+    runs = tmp_path / "runs"
+    # the uninterrupted run, from scratch (train.resume=false: it keeps no state), beside the
+    # killed one: one thread each, on a core each
+    log = open(tmp_path / "fresh.log", "w+")  # (a file, not a pipe nobody reads while it runs)
+    fresh = subprocess.Popen([*cli, "train.resume=false", f"hydra.run.dir={runs / 'fresh'}"],
+                             stdout=log, stderr=subprocess.STDOUT, env=env)
+    p = subprocess.Popen(cli, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     pattern = str(tmp_path / "students" / "*" / "*" / "state.pt")
     deadline = time.monotonic() + 300
     while not glob.glob(pattern) and time.monotonic() < deadline:
@@ -43,10 +48,9 @@ def test_interrupted_student_resumes_to_the_same_result(seeded):
     epoch_at_kill = torch.load(state, weights_only=False)["stream"]["epoch"]
     assert 1 <= epoch_at_kill < 60
 
-    proc = run_cli(tmp_path, *ARGS, env_extra=ONE_THREAD)
+    proc = run_cli(tmp_path, *ARGS, f"hydra.run.dir={runs / 'resumed'}", env_extra=ONE_THREAD)
     assert "resuming from" in proc.stdout + proc.stderr
-    resumed = _results(tmp_path)
-    run_cli(tmp_path, *ARGS, "train.resume=false", env_extra=ONE_THREAD)  # from scratch, never interrupted
-    fresh = _results(tmp_path)
+    assert fresh.wait(timeout=600) == 0, open(log.name).read()[-3000:]
+    resumed, fresh = _results(runs / "resumed"), _results(runs / "fresh")
     assert resumed["steps"] == fresh["steps"] == 60 * 8
     assert resumed["test_acc"] == fresh["test_acc"] and resumed["agreement"] == fresh["agreement"]

@@ -31,9 +31,9 @@ def capture_settings(cache, precision: str) -> dict:
     out = {"modes": modes, "dtype": plain(cache.dtype), "precision": plain(precision)}
     if "topk" in modes:
         out |= {"k": cache.k, "temperatures": list(cache.temperatures)}
-        if getattr(cache, "value_bits", 16) < 16:  # named only when quantized: other caches keep their keys
+        if cache.value_bits < 16:  # named only when quantized: other caches keep their keys
             out["value_bits"] = cache.value_bits
-        if getattr(cache, "top_p", 0.0):  # adaptive rows, likewise named only when on
+        if cache.top_p:  # adaptive rows, likewise named only when on
             out["top_p"] = float(cache.top_p)
     if "sampled" in modes:
         out |= {"samples": cache.samples, "sample_temperature": cache.sample_temperature}
@@ -44,7 +44,7 @@ def layout_settings(cache) -> dict:
     """How a cache is stored (not what it holds): part of its folder's key."""
     out = {"format": plain(cache.format), "chunk_rows": cache.chunk_rows, "shard_chunks": cache.shard_chunks,
            "zstd": plain(cache.zstd)}
-    if getattr(cache, "narrow", False):  # named only when on: the folders of other caches keep their keys
+    if cache.narrow:  # named only when on: the folders of other caches keep their keys
         out["narrow"] = True
     return out
 

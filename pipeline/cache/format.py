@@ -59,12 +59,14 @@ from dataclasses import asdict, dataclass, field
 from pipeline.cache.storage import Storage
 from pipeline.errors import CacheError, CacheNotFound, ConfigError
 
-FORMAT_VERSION = 6  # 2: kdcache.json, per-object sizes in commit records, top1 on sampled-only caches;
+FORMAT_VERSION = 7  # 2: kdcache.json, per-object sizes in commit records, top1 on sampled-only caches;
 # 3: the Zarr group in zarr/ beside the index; one fingerprint schema for every task;
 # 4: positions.npy, sequence caches with rows at some of their tokens only;
 # 5: tokenizer.json, the teacher tokenizer (each token's bytes: its span in the text);
 # 6: draws by the inverse CDF at sorted uniforms (the fused CPU row pass and the torch path
-#    alike), top-K ties by lower id, adaptive top-k rows (top_p)
+#    alike), top-K ties by lower id, adaptive top-k rows (top_p);
+# 7: the manifest's ``task`` fields and the ``task/`` folder, which the format carries for the
+#    capturing task without reading them (task=lm's vocabulary and teacher evaluation)
 MANIFEST = "manifest.json"
 MARKER = "kdcache.json"  # written first, never changed: "this folder is a cache" + its plan
 OFFSETS = "offsets.npy"  # sequence tasks: sequence i owns rows offsets[i]:offsets[i + 1]
@@ -76,6 +78,7 @@ TOKENIZER = "tokenizer.json"
 INDEX_DIGESTS = {OFFSETS: "offsets_sha256", POSITIONS: "positions_sha256",  # index file -> its manifest field
                  TOKENIZER: "tokenizer_sha256"}
 COMMITS = "commits"  # one small record per committed shard, written after the shard itself
+TASK_FILES = "task"  # the capturing task's own files beside the cache: carried (derived caches too), never read
 GROUP = "zarr"  # the Zarr backend's group, beside the index files
 IDS, LOGITS = "ids", "logits"
 TOPK_IDX, TOPK_VAL, LSE = "topk_idx", "topk_val", "lse"
@@ -87,7 +90,8 @@ TOP1 = "top1"
 ARRAYS = (IDS, LOGITS, TOPK_IDX, TOPK_VAL, TOPK_Q, LSE, SAMPLED_IDX, SAMPLED_CNT, SAMPLED_ENT, TOP1)
 # Every top-level entry a cache folder can hold: what `cache.overwrite=true` may delete
 # (``locks/`` is kept; anything else, a user's file, is never touched).
-CACHE_ENTRIES = {MARKER, MANIFEST, OFFSETS, POSITIONS, TOKENIZER, COMMITS, GROUP, "shards", "teacher_eval.json",
+CACHE_ENTRIES = {MARKER, MANIFEST, OFFSETS, POSITIONS, TOKENIZER, COMMITS, GROUP, "shards", TASK_FILES,
+                 "teacher_eval.json",  # (where version 6 kept task=lm's teacher evaluation)
                  "zarr.json", *ARRAYS}  # (the last two: where version 2 kept its arrays)
 MODES = ("full", "topk", "sampled")
 DTYPES = ("float16", "bfloat16", "float32")
@@ -158,13 +162,14 @@ class Manifest:
     # sequence tasks (rows are tokens): the number of sequences, the sha256 of the (S + 1,)
     # int64 ``offsets`` array stored beside the manifest (OFFSETS), of the (N,) int32
     # ``positions`` when rows are some tokens only (POSITIONS; "" when every token has a row),
-    # of the teacher's ``tokenizer.json`` (TOKENIZER; "" where none was recorded), and the
-    # vocabulary: {"logit_width": teacher output width (= num_classes), "tokenizer_size": len(tokenizer)}
+    # of the teacher's ``tokenizer.json`` (TOKENIZER; "" where none was recorded)
     sequences: int = 0
     offsets_sha256: str = ""
     positions_sha256: str = ""
     tokenizer_sha256: str = ""
-    vocab: dict = field(default_factory=dict)
+    # the capturing task's own fields (JSON), part of the plan, carried without being read here
+    # (task=lm: {"vocab": {"logit_width": ..., "tokenizer_size": ...}}); its files: TASK_FILES
+    task: dict = field(default_factory=dict)
 
     def missing_shards(self) -> list[int]:
         return [s.index for s in self.shards if s.status != "committed"]
@@ -210,14 +215,27 @@ def check_narrow(num_classes: int, samples: int, section: str) -> None:
 
 
 def check_top_p(top_p: float, modes, section: str) -> float:
-    """``<section>.top_p``: 0 (off) or a mass in (0, 1) for an adaptive top-k."""
+    """``<section>.top_p``: 0 (off) or a mass in (0, 1) for an adaptive top-k (``modes``
+    None: the range alone, before the representations are known)."""
     top_p = float(top_p or 0.0)
     if top_p and not 0.0 < top_p < 1.0:
         raise ConfigError(f"{section}.top_p={top_p}: the probability mass each adaptive top-k row keeps, in (0, 1) "
                          "(0.9: stop at the fewest entries holding 90%); 0 keeps all K")
-    if top_p and "topk" not in modes:
+    if top_p and modes is not None and "topk" not in modes:
         raise ConfigError(f"{section}.top_p={top_p} cuts top-k rows; the {section} holds {list(modes)}: add topk")
     return top_p
+
+
+def check_value_bits(bits: int, modes, section: str) -> int:
+    """``<section>.value_bits``: 16 (top-k values in the cache dtype), 8 or 4 (quantized),
+    the last two for a top-k representation (``modes`` None: the value alone)."""
+    if bits not in (16, 8, 4):
+        raise ConfigError(f"{section}.value_bits={bits}: 16 (values in {section}.dtype), 8 or 4 (quantized top-k "
+                          "values)")
+    if bits < 16 and modes is not None and "topk" not in modes:
+        raise ConfigError(f"{section}.value_bits={bits} quantizes top-k values; the {section} holds {list(modes)}: "
+                          f"set {section}.value_bits=16 or add topk")
+    return bits
 
 
 def narrow_arrays(m: Manifest) -> set[str]:
@@ -272,6 +290,11 @@ def dequantize(codes, params, bits: int, k: int):
     out = params[:, :1] - codes.astype(np.float32) * params[:, 1:2]
     out[codes == (1 << bits) - 1] = -np.inf
     return out
+
+
+def task_file(name: str) -> str:
+    """Where the capturing task keeps its file ``name`` in the cache (under TASK_FILES)."""
+    return f"{TASK_FILES}/{name}"
 
 
 def plan_shards(rows: int, shard_rows: int) -> list[ShardRecord]:

@@ -62,7 +62,7 @@ log = logging.getLogger(__name__)
 _DONE = object()
 _SAME = ("fingerprint", "rows", "shard_rows", "chunk_rows", "backend", "modes", "dtype", "k", "samples",
          "temperatures", "sample_temperature", "compression", "splits", "sequences", "offsets_sha256", "positions_sha256",
-         "tokenizer_sha256", "vocab", "narrow", "value_bits", "top_p")
+         "tokenizer_sha256", "task", "narrow", "value_bits", "top_p")
 WRITE_FIX = "free space or fix the permissions, then re-run stage 1: committed shards are kept"
 
 def same_plan(a: Manifest, b: Manifest) -> bool:

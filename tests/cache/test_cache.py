@@ -228,16 +228,17 @@ def test_an_adaptive_topk_cache_reads_back_its_kept_prefix_and_stores_less(tmp_p
 
 
 def test_narrow_is_refused_for_a_vocabulary_or_a_draw_count_it_cannot_hold():
-    from types import SimpleNamespace
+    import dataclasses
 
     from pipeline.capture import plan_manifest
+    from pipeline.config import CacheConfig, CacheMode
 
-    cache = SimpleNamespace(modes=["topk", "sampled"], k=4, samples=8, narrow=True, format="zarr", dtype="float16",
-                            chunk_rows=64, shard_chunks=2, temperatures=[1.0], sample_temperature=1.0, zstd="ints")
+    cache = CacheConfig(modes=[CacheMode.topk, CacheMode.sampled], k=4, samples=8, narrow=True, chunk_rows=64,
+                        shard_chunks=2, temperatures=[1.0], sample_temperature=1.0)
     with pytest.raises(ValueError, match="holds 65535 classes; the teacher has 70000"):
         plan_manifest(cache, rows=10, num_classes=70000, splits={"train": (0, 10)}, fingerprint={})
     with pytest.raises(ValueError, match="cache.samples=300 can reach more than 255"):
-        plan_manifest(SimpleNamespace(**{**vars(cache), "samples": 300}), rows=10, num_classes=100,
+        plan_manifest(dataclasses.replace(cache, samples=300), rows=10, num_classes=100,
                       splits={"train": (0, 10)}, fingerprint={})
     assert plan_manifest(cache, rows=10, num_classes=65535, splits={"train": (0, 10)}, fingerprint={}).narrow
 

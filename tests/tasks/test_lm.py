@@ -5,11 +5,7 @@ read-back, the sequence stream, one step with each sparse loss, vocabulary misma
 from __future__ import annotations
 
 import dataclasses
-import glob
-import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -33,20 +29,11 @@ from pipeline.tasks.lm import (
 )
 from pipeline.tasks.lm.models import load_teacher
 from pipeline.tasks.lm.text import TokenData, load_tokens
-from tests.support import compose_config, run_cli
+from tests.support import LM_SMALL as SMALL
+from tests.support import compose_config
+from tests.support import lm_small as small
 
 LENGTHS = [48, 20, 48, 7, 33, 48, 2, 40]  # train: the first 6, held out: the last 2
-SMALL = ["task=lm", "data.train_size=6", "data.test_size=4", "data.seq_len=48", "cache.chunk_rows=32",
-         "cache.shard_chunks=2", "cache.k=16", "cache.samples=8", "train.steps=1", "train.batch_size=3",
-         "lm.eval_batch_size=2"]
-
-
-def small(*overrides: str) -> list[str]:
-    """SMALL with ``overrides`` replacing its values of the same keys."""
-    keys = {o.split("=", 1)[0] for o in overrides}
-    return [a for a in SMALL if a.split("=", 1)[0] not in keys] + list(overrides)
-
-
 @pytest.fixture(scope="module")
 def teacher():
     cfg = compose_config(*SMALL)
@@ -102,7 +89,7 @@ def test_capture_caches_every_real_token_once_and_no_padding(teacher, lm_cache):
     r = open_cache(url)
     m = r.manifest
     assert m.rows == sum(LENGTHS) and m.sequences == len(LENGTHS) and len(m.shards) > 3
-    assert m.vocab == {"logit_width": 49152, "tokenizer_size": len(teacher.tokenizer)}
+    assert m.task == {"vocab": {"logit_width": 49152, "tokenizer_size": len(teacher.tokenizer)}}
     np.testing.assert_array_equal(r.offsets, data.offsets)
     np.testing.assert_array_equal(r.ids.compute(), np.repeat(np.arange(len(LENGTHS)), LENGTHS))
     # the teacher's tokenizer beside the manifest: each cached token's bytes (its byte span)
@@ -339,7 +326,7 @@ def test_truncate_mapping_moves_unmapped_mass_to_the_tail():
                           {TOPK_IDX: idx.int().numpy(), TOPK_VAL: val.numpy(), LSE: lse[:, None].numpy()},
                           np.ones(n, bool), np.array([0]))
     spec = type("S", (), {"vocab_map": "truncate"})()
-    reader = type("R", (), {"manifest": type("M", (), {"num_classes": width, "vocab": {}})()})()
+    reader = type("R", (), {"manifest": type("M", (), {"num_classes": width, "task": {}})()})()
     vmap = vocab_map(spec, reader, vs)
     mapped = map_batch(batch, vmap).teacher
     s = torch.from_numpy(rng.standard_normal((n, vs)).astype(np.float32))
@@ -356,18 +343,6 @@ def test_truncate_mapping_moves_unmapped_mass_to_the_tail():
     assert (idx >= vs).any()  # the case was exercised
 
 
-def test_the_cli_runs_task_lm(tiny_lm, tmp_path):
-    """All three stages through the real CLI, on a few hundred tokens (the tiny teacher: the
-    GGUF teacher's capture and evaluation are lm_cache's, through the same task methods)."""
-    out = run_cli(tmp_path, *SMALL, *tiny_lm, "lm.variants=[labels,topk_kl:8,sampled_kl]", small=False)
-    assert "| causal_lm | topk_kl:8 | 52 |" in out.stdout and "| teacher |" in out.stdout
-    assert "10% keep less than" in out.stdout
-    from transformers import LlamaForCausalLM
-
-    saved = glob.glob(str(tmp_path / "runs" / "*" / "students" / "causal_lm" / "topk_kl-8"))
-    assert len(saved) == 1 and LlamaForCausalLM.from_pretrained(saved[0]).config.vocab_size == 49152
-
-
 def test_full_rows_are_refused_above_the_size_limit_after_printing_the_projection(teacher, lm_cache, caplog):
     from pipeline.capture import check_size
 
@@ -378,46 +353,6 @@ def test_full_rows_are_refused_above_the_size_limit_after_printing_the_projectio
                                                                   r"cache.modes=\[topk\]"):
         check_size(m, cfg.cache.max_full_gb)
     assert "projected cache size" in caplog.text and "98304 B/row" in caplog.text
-
-
-def test_a_gguf_teachers_tokenizer_and_config_are_converted_once(tmp_path, monkeypatch, caplog):
-    """The GGUF metadata is parsed into Hugging Face JSON files once (keyed by the file's
-    hash and the transformers version) and read from there after: the same tokenizer (its
-    full serialized form, chat template, special tokens). Where the folder cannot be
-    written, the GGUF file is read as before, with a warning."""
-    import transformers
-
-    from pipeline.tasks.lm.models import load_tokenizer, tokenizer_hash
-
-    cfg = compose_config("task=lm").teacher
-    calls = []
-    real = transformers.AutoTokenizer.from_pretrained.__func__
-
-    def spy(cls, *args, **kwargs):
-        calls.append("gguf" if "gguf_file" in kwargs else "json")
-        return real(cls, *args, **kwargs)
-
-    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", classmethod(spy))
-    blocked = tmp_path / "a-file"
-    blocked.write_text("")
-    direct = load_tokenizer(cfg, str(blocked))  # nowhere to keep it: read from the GGUF file
-    assert calls == ["gguf"] and "could not keep" in caplog.text
-    home = str(tmp_path / "home")
-    monkeypatch.setenv("KD_CACHE_HOME", home)  # paths.conversions' default, read when the config is composed
-    assert compose_config("task=lm").paths.conversions == home
-    calls.clear()
-    first = load_tokenizer(cfg, home)
-    assert calls == ["gguf", "json"]  # converted, then read as JSON
-    (folder,) = (tmp_path / "home" / "gguf").iterdir()
-    assert folder.name.endswith(f"-transformers-{transformers.__version__}") and (folder / "config.json").is_file()
-    calls.clear()
-    again = load_tokenizer(cfg, home)
-    assert calls == ["json"]
-    for tok in (first, again):
-        assert tokenizer_hash(tok) == tokenizer_hash(direct)
-        assert tok.chat_template == direct.chat_template and tok.all_special_tokens == direct.all_special_tokens
-        assert (tok.pad_token_id, tok.eos_token_id, tok.bos_token_id) == (
-            direct.pad_token_id, direct.eos_token_id, direct.bos_token_id)
 
 
 def test_the_fingerprint_names_a_changed_tokenizer_or_precision(teacher, lm_cache):
@@ -476,7 +411,7 @@ def test_a_many_to_one_vocab_map_is_refused(tmp_path):
     m = np.arange(40) % 30
     np.save(tmp_path / "map.npy", m)
     spec = type("S", (), {"vocab_map": str(tmp_path / "map.npy")})()
-    reader = type("R", (), {"manifest": type("M", (), {"num_classes": 40, "vocab": {}})()})()
+    reader = type("R", (), {"manifest": type("M", (), {"num_classes": 40, "task": {}})()})()
     with pytest.raises(ValueError, match="several teacher ids to one student id"):
         vocab_map(spec, reader, 30)
 
@@ -514,66 +449,6 @@ def test_full_rows_capture_for_a_token_cache(lm_cache, full_cache):
     np.testing.assert_array_equal(np.take_along_axis(logits, idx.astype(np.int64), 1), val)
 
 
-TINY = ["student.causal_lm.kwargs.hidden_size=32", "student.causal_lm.kwargs.intermediate_size=64",
-        "student.causal_lm.kwargs.num_hidden_layers=1"]
-# one thread each: bit-equal weights across processes need the same reduction order
-ONE_THREAD = dict(OMP_WAIT_POLICY="passive", OMP_NUM_THREADS="1", NUMBA_NUM_THREADS="1")
-
-
-@pytest.fixture(scope="module")
-def cli_root(tmp_path_factory, tiny_lm):
-    """A paths.root whose token cache stage 1 wrote once, through the CLI, from the tiny
-    teacher, for the CLI training tests (each writes its run folders under its own tmp_path)."""
-    root = tmp_path_factory.mktemp("cli")
-    run_cli(root, *SMALL, *tiny_lm, "stage=1", "lm.variants=[topk_kl]", small=False)
-    return root
-
-
-def runs_in(tmp_path) -> str:
-    return "hydra.run.dir=" + str(tmp_path / "runs") + "/${now:%H-%M-%S}-${pid:}"
-
-
-def test_an_lm_student_killed_mid_training_resumes_to_the_same_steps_and_weights(cli_root, tiny_lm, tmp_path):
-    """The one training loop gives LM students what classifier students had: a kill after
-    a checkpoint (every 2 steps here) resumes to the uninterrupted run's steps and weights."""
-    import signal
-    import time
-
-    from safetensors.torch import load_file
-
-    args = [*small("train.steps=40", "train.checkpoint_every=2"), *TINY, *tiny_lm, f"paths.root={cli_root}",
-            "lm.variants=[topk_kl]", runs_in(tmp_path)]
-    env = {**os.environ, **ONE_THREAD}
-
-    def cli(*extra, check=True):
-        proc = subprocess.run([sys.executable, "-m", "pipeline.run", *args, *extra], capture_output=True, text=True,
-                              timeout=600, env=env)
-        assert not check or proc.returncode == 0, proc.stderr[-3000:]
-        return proc
-
-    p = subprocess.Popen([sys.executable, "-m", "pipeline.run", *args, "stage=3"], stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL, env=env)
-    pattern = str(cli_root / "students" / "*" / "*" / "state.pt")
-    deadline = time.monotonic() + 300
-    while not glob.glob(pattern) and time.monotonic() < deadline and p.poll() is None:
-        time.sleep(0.01)
-    p.send_signal(signal.SIGKILL)
-    assert p.wait() == -signal.SIGKILL  # killed, not finished
-    (state,) = glob.glob(pattern)
-    assert 0 < torch.load(state, weights_only=False)["step"] < 40
-
-    resumed = cli("stage=3")
-    assert "resuming from" in resumed.stdout + resumed.stderr
-    cli("stage=3", "train.resume=false")  # from scratch, never interrupted
-    saved = sorted(glob.glob(str(tmp_path / "runs" / "*" / "students" / "causal_lm" / "topk_kl" / "model.safetensors")))
-    assert len(saved) == 2
-    a, b = (load_file(f) for f in saved)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    steps = [json.load(open(os.path.join(os.path.dirname(f), "..", "..", "..", "results.json")))["students"][0]["steps"]
-             for f in saved]
-    assert steps == [40, 40]
-
-
 def test_a_pretrained_student_starts_from_its_weights_and_saves_a_loadable_folder(lm_cache, tmp_path):
     """student=hf_causal_lm: a model folder (here a tiny Llama saved by save_pretrained) is
     the starting point: with lr=0 the trained student equals it, and what stage 3 saves is a
@@ -602,35 +477,11 @@ def test_a_pretrained_student_starts_from_its_weights_and_saves_a_loadable_folde
                                                  torch.device("cpu"))
 
 
-def test_a_teacher_layer_student_is_the_teachers_tensors_for_the_chosen_layers(tmp_path):
-    """student.init=teacher_layers from a safetensors teacher (a tiny Llama of 4 layers): the
-    student's tensors are the teacher's (layers in the order listed); with every layer it
-    computes the teacher's logits; a bad layer list names the teacher's range."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from pipeline.tasks.lm.models import teacher_layer_student
-
-    folder = tmp_path / "teacher"
-    torch.manual_seed(3)
-    tiny = LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False))
-    tiny.save_pretrained(folder)
-    cfg = compose_config(*SMALL, "teacher=hf_causal_lm", f"teacher.path={folder}").teacher
-    student = teacher_layer_student(cfg, [3, 1])
-    assert student.config.num_hidden_layers == 2
-    full = tiny.state_dict()
-    for name, value in student.state_dict().items():
-        assert torch.equal(value, full[name.replace("layers.0.", "layers.3.")]), name  # layers.1 stays layers.1
-    ids = torch.randint(0, 300, (2, 9))
-    assert torch.equal(teacher_layer_student(cfg, [0, 1, 2, 3])(input_ids=ids).logits, tiny(input_ids=ids).logits)
-    with pytest.raises(ValueError, match=r"distinct indices of the teacher's 4 layers \(0..3\)"):
-        teacher_layer_student(cfg, [0, 4])
-
-
 def test_a_teacher_layer_student_of_the_gguf_teacher_trains_and_reloads(teacher, lm_cache, tmp_path):
     """student=teacher_layers from SmolLM2's GGUF file: the chosen layers' tensors are the
-    dequantized teacher's (compared with transformers' own full load), it trains from the
-    cache, and what stage 3 saves is a folder from_pretrained loads, equal to the trained student."""
+    dequantized teacher's (compared with transformers' own full load, the module's teacher,
+    which holds them in bfloat16: the same values rounded as it rounds them), it trains from
+    the cache, and what stage 3 saves is a folder from_pretrained loads, equal to the trained student."""
     from transformers import AutoModelForCausalLM
 
     from pipeline.tasks.lm.models import build_student
@@ -641,9 +492,11 @@ def test_a_teacher_layer_student_of_the_gguf_teacher_trains_and_reloads(teacher,
     spec = student_cfg.student["teacher_layers"]
     home = student_cfg.paths.conversions
     start = build_student(spec, 0, 48, 0, student_cfg.teacher, home)
-    reference = load_teacher(student_cfg.teacher, home).model.state_dict()
+    reference = teacher.model.state_dict()
+    assert {v.dtype for v in reference.values()} == {torch.bfloat16}
     for name, value in start.state_dict().items():
-        assert torch.equal(value, reference[name.replace("layers.1.", "layers.29.")]), name
+        assert value.dtype == torch.float32
+        assert torch.equal(value.to(torch.bfloat16), reference[name.replace("layers.1.", "layers.29.")]), name
     row = LanguageModel(student_cfg).train_variant("teacher_layers", spec, Variant("sampled_kl"), data,
                                                   open_cache(url), torch.device("cpu"), save_dir=str(tmp_path / "out"))
     saved = AutoModelForCausalLM.from_pretrained(row["checkpoint"])
@@ -651,13 +504,6 @@ def test_a_teacher_layer_student_of_the_gguf_teacher_trains_and_reloads(teacher,
     moved = [k for k, v in saved.state_dict().items() if not torch.equal(v, start.state_dict()[k])]
     assert moved  # one step changed the weights it started from
     assert np.isfinite(row["heldout_perplexity"]) and row["heldout_bits_per_byte"] > 0
-
-
-def test_teacher_layers_without_layers_is_refused():
-    from pipeline.tasks import validate
-
-    with pytest.raises(ValueError, match=r"init=teacher_layers takes the teacher's layers"):
-        validate(compose_config(*SMALL, "student=teacher_layers", "student.teacher_layers.layers=[]"))
 
 
 def test_the_cache_trains_a_student_inside_transformers_trainer(lm_cache, tmp_path):
@@ -693,36 +539,3 @@ def test_the_cache_trains_a_student_inside_transformers_trainer(lm_cache, tmp_pa
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(losses) == 16 and np.mean(losses[-4:]) < 0.9 * np.mean(losses[:4]), losses
-
-
-def test_two_processes_train_like_one_process_with_twice_the_batch(cli_root, tiny_lm, tmp_path):
-    """torchrun --nproc_per_node=2 stage=3 (gloo on CPU): each process reads its own half of
-    every batch of 6 sequences and DistributedDataParallel averages the gradients, so it
-    ends where one process with the whole batch of 6 does. Equal up to float rounding when
-    the halves hold as many tokens (here every training sequence is 48 long): tolerance 1e-3
-    relative on the last loss and the held-out perplexity."""
-    import socket
-
-    args = [*small("train.steps=8"), *TINY, *tiny_lm, f"paths.root={cli_root}", "lm.variants=[topk_kl]", "train.resume=false",
-            runs_in(tmp_path)]
-    env = {**os.environ, **ONE_THREAD}
-
-    def run(*cmd):
-        proc = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, timeout=600, env=env)
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-        return proc
-
-    run("-m", "pipeline.run", *args, "stage=3", "train.batch_size=6")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    run("-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={port}",
-        "-m", "pipeline.run", *args, "stage=3", "train.batch_size=3")
-    rows = {}
-    for path in glob.glob(str(tmp_path / "runs" / "*" / "results.json")):
-        (row,) = json.load(open(path))["students"]
-        rows[row["processes"]] = row
-    one, two = rows[1], rows[2]
-    assert one["steps"] == two["steps"] == 8
-    assert two["final_loss"] == pytest.approx(one["final_loss"], rel=1e-3)
-    assert two["heldout_perplexity"] == pytest.approx(one["heldout_perplexity"], rel=1e-3)

@@ -195,8 +195,6 @@ class Classify(Task):
             p.append(f"students {bad} are causal LMs: task=classify trains linear, mlp, cnn or a _target_ module")
         if "topk" in [m.value for m in cfg.cache.modes] and cfg.cache.k > cfg.data.num_classes:
             p.append(f"cache.k={cfg.cache.k} is larger than data.num_classes={cfg.data.num_classes}")
-        if cfg.loss.k > cfg.cache.k:
-            p.append(f"loss.k={cfg.loss.k}: must be in 0..cache.k={cfg.cache.k} (0 uses all cached logits)")
 
     # -- data, teacher, cache -----------------------------------------------------------------
     def load_data(self) -> Splits:

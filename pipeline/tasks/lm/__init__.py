@@ -122,8 +122,6 @@ class LanguageModel(Task):
         for k, s in cfg.student.items():
             if s.tokenizer and s.tokenizer.startswith("bpe:") and not s.tokenizer[4:].isdigit():
                 p.append(f"student.{k}.tokenizer={s.tokenizer!r}: bpe:<vocabulary size>, e.g. bpe:8000")
-        if not 0 <= cfg.loss.k <= cfg.cache.k:
-            p.append(f"loss.k={cfg.loss.k}: must be in 0..cache.k={cfg.cache.k} (0 uses all cached logits)")
         if cfg.teacher.batch_size <= 0:
             p.append(f"teacher.batch_size={cfg.teacher.batch_size}: must be > 0 (sequences per forward)")
         if cfg.data.seq_len < 2:
@@ -207,7 +205,7 @@ class LanguageModel(Task):
         m = plan_manifest(self.cfg.cache, rows=int(index.offsets[-1]), num_classes=width,
                           splits={name: data.rows(name) for name in data.sequences},
                           fingerprint=make_fingerprint(fields), index=index,
-                          vocab={"logit_width": width, "tokenizer_size": len(teacher.tokenizer)})
+                          task={"vocab": {"logit_width": width, "tokenizer_size": len(teacher.tokenizer)}})
         log.info("capture plan: %d token rows (of %d tokens) in %d sequences, logit width %d", m.rows,
                  len(data.tokens), m.sequences, width)
         return m, index

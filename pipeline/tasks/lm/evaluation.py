@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from pipeline.cache import CacheReader, Storage
-from pipeline.cache.format import LSE, TOPK_IDX, TOPK_VAL
+from pipeline.cache.format import LSE, TOPK_IDX, TOPK_VAL, task_file
 from pipeline.losses import select_teacher, torch_topk_kl
 from pipeline.sequence_stream import SequenceStream
 from pipeline.tasks.lm.objective import next_token_nll, student_logits, to_student
@@ -21,7 +21,7 @@ from pipeline.tasks.lm.text import TokenData
 
 log = logging.getLogger(__name__)
 
-TEACHER_EVAL = "teacher_eval.json"  # the teacher's held-out perplexity, beside the cache
+TEACHER_EVAL = task_file("teacher_eval.json")  # the teacher's held-out perplexity, beside the cache
 
 def scored_positions(data: TokenData, i: int) -> np.ndarray:
     """The positions of sequence i whose next-token prediction is scored: those with a cache

@@ -59,7 +59,7 @@ def bytes_per_token(v: Variant, reader: CacheReader) -> int:
 def vocab_map(spec, reader: CacheReader, student_vocab: int) -> np.ndarray | None:
     """None when the student's vocabulary is the teacher's; else teacher id -> student id (-1: none)."""
     width = reader.manifest.num_classes
-    tok = reader.manifest.vocab.get("tokenizer_size", width)
+    tok = reader.manifest.task.get("vocab", {}).get("tokenizer_size", width)
     if student_vocab == width and not spec.vocab_map:
         return None
     if not spec.vocab_map:
