@@ -3,8 +3,9 @@
 The YAML files under ``pipeline/conf/`` are merged on top of these schemas, so an
 unknown key or a value of the wrong type fails while Hydra composes the config,
 before any work starts. :func:`pipeline.tasks.validate` then checks ranges and
-cross-field rules (the shared ones here, each task's in its plug-in) and reports every
-problem at once.
+cross-field rules (the shared ones in :mod:`pipeline.validation`, each task's in its
+plug-in) and reports every problem at once. What the process environment says (torchrun's
+rank and world size) is resolved here once, at the entry point (:class:`Processes`).
 """
 
 from __future__ import annotations
@@ -344,18 +345,6 @@ class LMConfig:
     fused_head_rows: int = 1024  # rows per chunk
 
 
-# Keys that moved: an override of the old name fails before composition, naming the new one.
-RENAMED = {"train.fused_head": "lm.fused_head", "train.fused_head_rows": "lm.fused_head_rows"}
-
-
-def check_renamed(overrides: list[str]) -> None:
-    """Refuse command-line overrides of renamed keys, naming the key that replaced each."""
-    for o in overrides:
-        key = o.split("=", 1)[0].lstrip("+~")
-        if key in RENAMED:
-            raise ConfigError(f"{key} is now {RENAMED[key]}: write {RENAMED[key]}={o.split('=', 1)[-1]}")
-
-
 @dataclass
 class Config:
     task: Task = Task.classify
@@ -379,7 +368,6 @@ class Config:
     lm: LMConfig = field(default_factory=LMConfig)
 
 
-STAGES = ("all", "1", "2", "3")
 # each task's schema of the sections whose group options differ by task (see DataConfig)
 SECTIONS = {
     "classify": {"data": ClassifyDataConfig, "teacher": ClassifyTeacherConfig, "student": ClassifyStudentConfig},
@@ -415,95 +403,6 @@ def conversions_home() -> str:
     if os.environ.get("KD_CACHE_HOME"):
         return os.path.expanduser(os.environ["KD_CACHE_HOME"])
     return os.path.join(os.path.expanduser(os.environ.get("XDG_CACHE_HOME") or "~/.cache"), "kd-pipeline")
-
-
-def _positive(problems: list[str], where: str, value: float) -> None:
-    if value <= 0:
-        problems.append(f"{where}={value}: must be > 0")
-
-
-def section_problems(cfg: Config) -> list[str]:
-    """Group options of another task (``data=shakespeare`` with task=classify): each is an
-    option whose fields that task does not read."""
-    task = cfg.task.value
-    p = []
-    for section, schema in SECTIONS[task].items():
-        values = cfg.student.items() if section == "student" else [("", getattr(cfg, section))]
-        for key, value in values:
-            if not isinstance(value, schema):
-                other = next(t for t, s in SECTIONS.items() if isinstance(value, s[section]))
-                where = f"student.{key}" if key else section
-                p.append(f"{where} is a task={other} option ({type(value).__name__}); task={task} reads "
-                         f"{schema.__name__}: pick one of its {section} options (conf/{section}/*.yaml), or "
-                         f"task={other}")
-    return p
-
-
-def shared_problems(cfg: Config) -> list[str]:
-    """Range and cross-field problems of the settings every task shares (each task checks
-    its own: :func:`pipeline.tasks.validate` reports both at once)."""
-    p: list[str] = []
-    if "://" in cfg.paths.root:
-        p.append(f"paths.root={cfg.paths.root!r}: must be a local folder (run folders, datasets and checkpoints "
-                 "live there); put the cache on object storage with cache.path=s3://bucket/prefix")
-    if cfg.stage not in STAGES:
-        p.append(f"stage={cfg.stage!r}: expected one of {list(STAGES)}")
-    if cfg.data.source is DataSource.disk and not cfg.data.path:
-        p.append("data.path is required with data.source=disk (a save_to_disk folder or parquet/arrow files)")
-    if cfg.data.source is DataSource.corpus and not cfg.data.path:
-        p.append("data.path is required with data.source=corpus (a save_to_disk folder, or .jsonl / .parquet / "
-                 ".arrow files or a folder of them)")
-    if not cfg.student:
-        p.append("no student selected: pick one or more, e.g. student=mlp or student=[linear,mlp]")
-    _positive(p, "loss.temperature", cfg.loss.temperature)
-    for name in ("alpha", "lam", "k"):
-        if getattr(cfg.loss, name) < 0:
-            p.append(f"loss.{name}={getattr(cfg.loss, name)}: must be >= 0")
-    if not 0 <= cfg.loss.beta <= 1:
-        p.append(f"loss.beta={cfg.loss.beta}: must be in [0, 1] (0 = forward KL, 1 = reverse KL)")
-    if cfg.loss.alpha == 0 and cfg.loss.lam == 0:
-        p.append("loss.alpha and loss.lam are both 0: nothing to train on")
-    for name in ("chunk_rows", "shard_chunks", "k", "samples", "sample_temperature", "max_full_gb"):
-        _positive(p, f"cache.{name}", getattr(cfg.cache, name))
-    if not cfg.cache.modes or len(set(cfg.cache.modes)) != len(cfg.cache.modes):
-        p.append(f"cache.modes={[m.value for m in cfg.cache.modes]}: list each of full, topk, sampled at most once")
-    if any(t <= 0 for t in cfg.cache.temperatures) or not cfg.cache.temperatures:
-        p.append(f"cache.temperatures={cfg.cache.temperatures}: need at least one, all > 0")
-    if cfg.cache.samples > 65535:
-        p.append(f"cache.samples={cfg.cache.samples}: at most 65535 (counts are stored as uint16)")
-    if not 1 <= cfg.cache.zstd_level <= 22:
-        p.append(f"cache.zstd_level={cfg.cache.zstd_level}: must be in 1..22")
-    if cfg.derive.mode not in (None, "topk", "full", "sampled", "auto"):
-        p.append(f"derive.mode={cfg.derive.mode!r}: expected topk, full (the logits in derive.dtype), sampled "
-                 "(fewer draws of a sampled cache) or auto (the plan for cache.budget_bytes_per_token)")
-    if cfg.derive.mode == "auto" and cfg.cache.budget_bytes_per_token <= 0:
-        p.append("derive.mode=auto derives what the planner picks for a budget: set cache.budget_bytes_per_token")
-    if cfg.cache.budget_bytes_per_token < 0:
-        p.append(f"cache.budget_bytes_per_token={cfg.cache.budget_bytes_per_token}: bytes per token, > 0 (0: no plan)")
-    _positive(p, "derive.k", cfg.derive.k)
-    _positive(p, "derive.samples", cfg.derive.samples)
-    from pipeline.cache.format import (  # (the checks the capture and derive make)
-        check_top_p,
-        check_value_bits,
-    )
-
-    for section in ("cache", "derive"):
-        for check, value in ((check_value_bits, getattr(cfg, section).value_bits),
-                             (check_top_p, getattr(cfg, section).top_p)):
-            try:
-                check(value, None, section)
-            except ConfigError as e:
-                p.append(str(e))
-    if not 0 <= cfg.loss.k <= cfg.cache.k:
-        p.append(f"loss.k={cfg.loss.k}: must be in 0..cache.k={cfg.cache.k} (0 uses all cached logits)")
-    for name in ("batch_size", "lr", "shuffle_window", "grad_accum"):
-        _positive(p, f"train.{name}", getattr(cfg.train, name))
-    for name in ("steps", "checkpoint_every", "clip_norm", "warmup_steps"):
-        if getattr(cfg.train, name) < 0:
-            p.append(f"train.{name}={getattr(cfg.train, name)}: must be >= 0")
-    if cfg.train.steps == 0 and cfg.train.epochs <= 0:
-        p.append(f"train.epochs={cfg.train.epochs} with train.steps=0: set one of them > 0")
-    return p
 
 
 @dataclass(frozen=True)

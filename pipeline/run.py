@@ -17,9 +17,10 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.cache.storage import check_writable, explain_os_error
-from pipeline.config import Config, Processes, check_renamed, register, resolve_processes
+from pipeline.config import Config, Processes, register, resolve_processes
 from pipeline.errors import UserError
 from pipeline.tasks import validate
+from pipeline.validation import check_renamed
 
 # Set before torch or Numba load (neither is imported above the stages): the entry point
 # owns the process's environment, the library never changes it.

@@ -39,7 +39,7 @@ def task_for(cfg, processes=None) -> Task:
 def validate(cfg: Config) -> Config:
     """Check ranges and cross-field rules: the shared ones and the task's own; raise one
     ValueError listing every problem."""
-    from pipeline.config import section_problems, shared_problems
+    from pipeline.validation import section_problems, shared_problems
 
     p = section_problems(cfg)  # (the checks below read the task's own fields)
     if p:
