@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import posixpath
 from dataclasses import replace
 
 import dask
@@ -36,6 +35,7 @@ from pipeline.cache.format import (
     IDS,
     LOGITS,
     LSE,
+    REPRESENTATION_ARRAYS,
     SAMPLED_CNT,
     SAMPLED_ENT,
     SAMPLED_IDX,
@@ -163,10 +163,9 @@ def derive_cache(reader: CacheReader, child: Manifest, target: str, *, storage_o
     representation :func:`derive_source` picks), ``in_flight`` shards at a time."""
     m = reader.manifest
     source = derive_source(m, child.modes[0], child.k, child.temperatures, child.samples)
-    names = {"full": (LOGITS,), "topk": (TOPK_IDX, TOPK_VAL, LSE),
-             "sampled": (SAMPLED_IDX, SAMPLED_CNT, SAMPLED_ENT, *((TOP1,) if TOP1 in reader.arrays else
-                                                                  (TOPK_IDX,) if TOPK_IDX in reader.arrays else ()))}
-    arrays = {n: reader.arrays[n] for n in names[source]}
+    argmax = (TOP1,) if TOP1 in reader.arrays else (TOPK_IDX,) if TOPK_IDX in reader.arrays else ()
+    names = REPRESENTATION_ARRAYS[source] + (argmax if source == "sampled" else ())
+    arrays = {n: reader.arrays[n] for n in names}
     ids = reader.ids
     index = None
     if child.sequences:  # a token cache's, its tokenizer with it
@@ -195,11 +194,7 @@ def derive_cache(reader: CacheReader, child: Manifest, target: str, *, storage_o
 
 def copy_task_files(parent: Storage, child: Storage) -> None:
     """The capturing task's files (TASK_FILES) go with the derived cache, unread."""
-    if not parent.exists(TASK_FILES):
-        return
-    folder = parent.path(TASK_FILES).rstrip("/") + "/"
-    for path in sorted(parent.fs.find(folder)):
-        rel = posixpath.join(TASK_FILES, path[len(folder):])
+    for rel in sorted(parent.listing(TASK_FILES)):
         if not Storage.temporary_of(rel):
             child.write_atomic(parent.read_bytes(rel), rel)
 

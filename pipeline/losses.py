@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import kernels
+from pipeline.cache.format import REPRESENTATION_ARRAYS
 from pipeline.distances import distance_spec
 from pipeline.errors import ConfigError
 
@@ -234,8 +235,7 @@ def uld_loss(student: torch.Tensor, p, tail, *, temperature: float = 1.0, mask=N
 
 
 # the arrays of each representation the objective reads, in the order its kernel takes them
-TERM_ARRAYS = {"full": ("logits",), "topk": ("topk_idx", "topk_val", "lse"),
-               "sampled": ("sampled_idx", "sampled_cnt", "sampled_ent")}
+TERM_ARRAYS = REPRESENTATION_ARRAYS
 
 
 def teacher_arrays(m, loss) -> tuple[tuple[str, ...], int]:

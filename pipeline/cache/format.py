@@ -88,6 +88,9 @@ TOPK_Q = "topk_q"
 SAMPLED_IDX, SAMPLED_CNT, SAMPLED_ENT = "sampled_idx", "sampled_cnt", "sampled_ent"
 TOP1 = "top1"
 ARRAYS = (IDS, LOGITS, TOPK_IDX, TOPK_VAL, TOPK_Q, LSE, SAMPLED_IDX, SAMPLED_CNT, SAMPLED_ENT, TOP1)
+# each representation's row arrays, in the order the distance kernels take them
+REPRESENTATION_ARRAYS = {"full": (LOGITS,), "topk": (TOPK_IDX, TOPK_VAL, LSE),
+                         "sampled": (SAMPLED_IDX, SAMPLED_CNT, SAMPLED_ENT)}
 # Every top-level entry a cache folder can hold: what `cache.overwrite=true` may delete
 # (``locks/`` is kept; anything else, a user's file, is never touched).
 CACHE_ENTRIES = {MARKER, MANIFEST, OFFSETS, POSITIONS, TOKENIZER, COMMITS, GROUP, "shards", TASK_FILES,

@@ -136,13 +136,14 @@ class Storage:
             return key[:-len(".partial")].rsplit(".", 1)[0]
         return None
 
-    def listing(self) -> dict[str, int]:
-        """Every object under the cache (relative path -> size in bytes), in one listing."""
-        if not self.exists():
+    def listing(self, *parts: str) -> dict[str, int]:
+        """Every object under the cache, or under its folder ``parts`` (path relative to the
+        cache -> size in bytes), in one listing."""
+        if not self.exists(*parts):
             return {}
         prefix = self.root.rstrip("/") + "/"
-        found = self.fs.find(self.root, detail=True)
-        self._fresh(self.root)  # the listing must not answer later questions from a cache
+        found = self.fs.find(self.path(*parts), detail=True)
+        self._fresh(self.path(*parts))  # the listing must not answer later questions from a cache
         return {p[len(prefix):]: int(info.get("size") or 0) for p, info in found.items()}
 
     def top_level(self) -> set[str]:

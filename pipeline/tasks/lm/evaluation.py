@@ -48,7 +48,10 @@ def teacher_heldout_nll(model, data: TokenData, batch_size: int, device: torch.d
 
 def read_teacher_eval(storage: Storage) -> dict:
     """The teacher's held-out evaluation stored beside the cache ({} before stage 1 wrote it)."""
-    return json.loads(storage.read_bytes(TEACHER_EVAL)) if storage.exists(TEACHER_EVAL) else {}
+    try:
+        return json.loads(storage.read_bytes(TEACHER_EVAL))  # (one request, not an exists() first)
+    except FileNotFoundError:
+        return {}
 
 
 
