@@ -41,13 +41,14 @@ def validate(cfg: Config) -> Config:
     ValueError listing every problem."""
     from pipeline.validation import section_problems, shared_problems
 
-    p = section_problems(cfg)  # (the checks below read the task's own fields)
-    if p:
-        raise ConfigError("invalid config (" + str(len(p)) + " problem(s)):\n  - " + "\n  - ".join(p))
+    def refuse(p: list[str]) -> None:
+        if p:
+            raise ConfigError("invalid config (" + str(len(p)) + " problem(s)):\n  - " + "\n  - ".join(p))
+
+    refuse(section_problems(cfg))  # first: the checks below read the task's own fields
     p = shared_problems(cfg)
     registry()[plain(cfg.task)].validate(cfg, p)
-    if p:
-        raise ConfigError("invalid config (" + str(len(p)) + " problem(s)):\n  - " + "\n  - ".join(p))
+    refuse(p)
     return cfg
 
 
