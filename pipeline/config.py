@@ -75,6 +75,24 @@ class CacheMode(str, Enum):
     sampled = "sampled"
 
 
+class DeriveMode(str, Enum):
+    """What stage 2 derives from a cache (``derive.mode``)."""
+
+    full = "full"  # the logits in another dtype
+    topk = "topk"
+    sampled = "sampled"  # fewer draws of a sampled cache
+    auto = "auto"  # what the planner picks for cache.budget_bytes_per_token
+
+
+class Stage(Enum):
+    """``stage=``: 1, 2 or 3 (or their names), or all three in turn."""
+
+    all = 0
+    capture = 1
+    audit = 2
+    distill = 3
+
+
 class DataSource(str, Enum):
     mnist1d = "mnist1d"
     disk = "disk"
@@ -307,9 +325,7 @@ class TrainConfig:
 class DeriveConfig:
     """Stage 2 can turn a full cache into a smaller one: ``stage=2 derive.mode=topk derive.k=32``."""
 
-    # topk | full (full: another dtype) | sampled (fewer draws of a sampled cache) | auto (what the
-    # planner picks for cache.budget_bytes_per_token)
-    mode: str | None = None
+    mode: DeriveMode | None = None  # unset: derive nothing
     k: int = 32
     samples: int = 16  # mode=sampled: draws kept per row, a subset of the parent's
     dtype: LogitDtype = LogitDtype.float16
@@ -348,7 +364,7 @@ class LMConfig:
 @dataclass
 class Config:
     task: Task = Task.classify
-    stage: str = "all"  # all | 1 | 2 | 3
+    stage: Stage = Stage.all  # 1 (capture), 2 (audit), 3 (distill), or all
     # stage 1: decode and hash every committed shard before resuming (damaged ones are
     # captured again); stage 2: the same check, reported
     verify: bool = False

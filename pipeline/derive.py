@@ -256,16 +256,16 @@ def derive_report(parent: CacheReader, target: str, temperature: float, storage_
 def derive_for_run(d, cache, temperature: float, reader: CacheReader, scheduler=None, verify: bool = False) -> dict:
     """Stage 2's ``derive.*`` settings (``d``) applied to ``reader``, written with the
     ``cache.*`` section's storage options; returns the report."""
-    narrow, bits, samples, top_p = d.narrow, d.value_bits, d.samples, d.top_p
-    size = {"topk": d.k, "sampled": samples}.get(d.mode, "")
-    target = d.path or (f"{reader.path.rstrip('/')}-{d.mode}{size}-{d.dtype.value}"
+    mode, narrow, bits, samples, top_p = d.mode.value, d.narrow, d.value_bits, d.samples, d.top_p
+    size = {"topk": d.k, "sampled": samples}.get(mode, "")
+    target = d.path or (f"{reader.path.rstrip('/')}-{mode}{size}-{d.dtype.value}"
                         f"{f'-p{top_p:g}' if top_p else ''}{f'-q{bits}' if bits < 16 else ''}{'-narrow' if narrow else ''}")
     temps = sorted({*cache.temperatures, temperature})
-    if "full" not in reader.manifest.modes and d.mode == "topk":
+    if "full" not in reader.manifest.modes and mode == "topk":
         temps = sorted({temperature} & set(reader.manifest.temperatures)) or [temperature]
-    child = child_manifest(reader.manifest, d.mode, d.k, d.dtype.value, temps, reader.path, narrow, bits, samples,
+    child = child_manifest(reader.manifest, mode, d.k, d.dtype.value, temps, reader.path, narrow, bits, samples,
                            top_p)
-    log.info("deriving %s (K=%d, %s) from %s into %s", d.mode, d.k, d.dtype.value, reader.path, target)
+    log.info("deriving %s (K=%d, %s) from %s into %s", mode, d.k, d.dtype.value, reader.path, target)
     derive_cache(reader, child, target, storage_options=cache.storage_options, scheduler=scheduler,
                  overwrite=cache.overwrite, verify=verify)
     return derive_report(reader, target, temperature, cache.storage_options)

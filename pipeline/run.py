@@ -17,10 +17,10 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.cache.storage import check_writable, explain_os_error
-from pipeline.config import Config, Processes, register, resolve_processes
+from pipeline.config import Config, Processes, Stage, register, resolve_processes
 from pipeline.errors import UserError
 from pipeline.tasks import validate
-from pipeline.validation import check_renamed
+from pipeline.validation import check_overrides
 
 # Set before torch or Numba load (neither is imported above the stages): the entry point
 # owns the process's environment, the library never changes it.
@@ -74,7 +74,7 @@ register()
 def dispatch(cfg: Config, run_dir: str, processes: Processes) -> None:
     from stages import audit, capture, distill
 
-    steps = {"1": [capture], "2": [audit], "3": [distill]}
+    steps = {Stage.capture: [capture], Stage.audit: [audit], Stage.distill: [distill]}
     for module in steps.get(cfg.stage, [capture, audit, distill]):
         module.main(cfg, run_dir, processes)
 
@@ -101,9 +101,9 @@ def main(dcfg: DictConfig) -> None:
 
 def check_arguments(argv: list[str]) -> None:
     """What must be caught before Hydra composes anything: overrides of renamed keys (Hydra
-    would only say the key is unknown) and an unwritable ``paths.root``."""
+    would only say the key is unknown), an unknown stage and an unwritable ``paths.root``."""
     try:
-        check_renamed([a for a in argv if not a.startswith("-")])
+        check_overrides([a for a in argv if not a.startswith("-")])
     except UserError as e:
         print(f"[pipeline.run][ERROR] - {type(e).__name__}: {e}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -76,10 +76,10 @@ def process_group(device: torch.device, processes: Processes) -> tuple[int, int]
     if processes.torchrun and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         log.info("process %d of %d (%s)", dist.get_rank(), dist.get_world_size(), dist.get_backend())
-    return _joined_group()
+    return joined_group()
 
 
-def _joined_group() -> tuple[int, int]:
+def joined_group() -> tuple[int, int]:
     import torch.distributed as dist
 
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
@@ -140,7 +140,7 @@ def train(model: nn.Module, stream, steps: int, loss_fn: Callable[[nn.Module, ob
 
     batches = batches or (lambda: stream)
     device = next(model.parameters()).device
-    rank, world = _joined_group()  # a task joins the group (process_group) when its students train across processes
+    rank, world = joined_group()  # a task joins the group (process_group) when its students train across processes
     net = model  # what the loss calls: across processes, a DistributedDataParallel that averages gradients
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"

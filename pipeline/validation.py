@@ -5,21 +5,26 @@ ranges and cross-field rules of the settings every task shares (each task checks
 
 from __future__ import annotations
 
-from pipeline.config import SECTIONS, Config, DataSource
+from pipeline.config import SECTIONS, Config, DataSource, DeriveMode, Stage
 from pipeline.errors import ConfigError
-
-STAGES = ("all", "1", "2", "3")
 
 # Keys that moved: an override of the old name fails before composition, naming the new one.
 RENAMED = {"train.fused_head": "lm.fused_head", "train.fused_head_rows": "lm.fused_head_rows"}
 
 
-def check_renamed(overrides: list[str]) -> None:
-    """Refuse command-line overrides of renamed keys, naming the key that replaced each."""
+def check_overrides(overrides: list[str]) -> None:
+    """Refuse, before Hydra composes them, command-line overrides of renamed keys (naming
+    the key that replaced each) and a ``stage`` that is none (Hydra would list the enum's
+    names only, not the numbers users write)."""
     for o in overrides:
-        key = o.split("=", 1)[0].lstrip("+~")
+        key, _, value = o.partition("=")
+        key = key.lstrip("+~")
         if key in RENAMED:
-            raise ConfigError(f"{key} is now {RENAMED[key]}: write {RENAMED[key]}={o.split('=', 1)[-1]}")
+            raise ConfigError(f"{key} is now {RENAMED[key]}: write {RENAMED[key]}={value}")
+        names = {s.name for s in Stage} | {str(s.value) for s in Stage if s is not Stage.all}
+        if key == "stage" and "," not in value and value not in names:
+            raise ConfigError(f"stage={value}: expected 1 (capture), 2 (audit), 3 (distill) or all (the three "
+                              "in turn)")
 
 
 def _positive(problems: list[str], where: str, value: float) -> None:
@@ -51,8 +56,6 @@ def shared_problems(cfg: Config) -> list[str]:
     if "://" in cfg.paths.root:
         p.append(f"paths.root={cfg.paths.root!r}: must be a local folder (run folders, datasets and checkpoints "
                  "live there); put the cache on object storage with cache.path=s3://bucket/prefix")
-    if cfg.stage not in STAGES:
-        p.append(f"stage={cfg.stage!r}: expected one of {list(STAGES)}")
     if cfg.data.source is DataSource.disk and not cfg.data.path:
         p.append("data.path is required with data.source=disk (a save_to_disk folder or parquet/arrow files)")
     if cfg.data.source is DataSource.corpus and not cfg.data.path:
@@ -78,10 +81,7 @@ def shared_problems(cfg: Config) -> list[str]:
         p.append(f"cache.samples={cfg.cache.samples}: at most 65535 (counts are stored as uint16)")
     if not 1 <= cfg.cache.zstd_level <= 22:
         p.append(f"cache.zstd_level={cfg.cache.zstd_level}: must be in 1..22")
-    if cfg.derive.mode not in (None, "topk", "full", "sampled", "auto"):
-        p.append(f"derive.mode={cfg.derive.mode!r}: expected topk, full (the logits in derive.dtype), sampled "
-                 "(fewer draws of a sampled cache) or auto (the plan for cache.budget_bytes_per_token)")
-    if cfg.derive.mode == "auto" and cfg.cache.budget_bytes_per_token <= 0:
+    if cfg.derive.mode is DeriveMode.auto and cfg.cache.budget_bytes_per_token <= 0:
         p.append("derive.mode=auto derives what the planner picks for a budget: set cache.budget_bytes_per_token")
     if cfg.cache.budget_bytes_per_token < 0:
         p.append(f"cache.budget_bytes_per_token={cfg.cache.budget_bytes_per_token}: bytes per token, > 0 (0: no plan)")

@@ -10,7 +10,7 @@ import os
 
 from pipeline.audit import audit_cache, format_audit, plot_audit
 from pipeline.cluster import scheduler
-from pipeline.config import Config, Processes
+from pipeline.config import Config, DeriveMode, Processes
 from pipeline.derive import derive_for_run
 from pipeline.errors import CacheError, ConfigError
 from pipeline.planner import describe, plan
@@ -36,10 +36,10 @@ def main(cfg: Config, run_dir: str, processes: Processes | None = None) -> dict:
             report["plan"] = {"budget": p["budget"], "choice": c and {"name": c.name, "settings": c.settings,
                                                                       "bytes_per_token": c.bytes_per_token},
                               "fits": [{"name": x.name, "bytes_per_token": x.bytes_per_token} for x in p["fits"]]}
-            if derive.mode == "auto":
+            if derive.mode is DeriveMode.auto:
                 if c is None:
                     raise ConfigError(describe(p))
-                derive = dataclasses.replace(derive, **c.settings)
+                derive = dataclasses.replace(derive, **{**c.settings, "mode": DeriveMode(c.settings["mode"])})
         if derive.mode:
             report["derive"] = derive_for_run(derive, cfg.cache, cfg.loss.temperature, reader, sched, verify=cfg.verify)
     report["cache"] = reader.path

@@ -8,6 +8,7 @@ import logging
 import os
 
 from pipeline.config import Config, Processes
+from pipeline.students import train_students
 from pipeline.tasks import task_for
 from pipeline.training import is_main_process, leave_process_group
 
@@ -18,7 +19,7 @@ def main(cfg: Config, run_dir: str, processes: Processes | None = None) -> list[
     task = task_for(cfg, processes)
     data = task.load_data()
     reader = task.open_cache(data)
-    rows = task.train_students(data, reader, run_dir)
+    rows = train_students(task, data, reader, run_dir)
     if not is_main_process():  # under torchrun, rank 0 reports
         leave_process_group()
         return rows

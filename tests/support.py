@@ -176,3 +176,11 @@ def write_cache(path, logits: np.ndarray, *, dtype: str = "float16", chunk_rows:
             arrays["ids"] = ids[shard.start:shard.stop]
             w.submit(shard, arrays)
     return w.manifest
+
+
+def train_variant(task, name: str, spec, variant, data, reader, device=None, save_dir: str | None = None) -> dict:
+    """One LM student variant through the engine's student run (what stage 3 does for each)."""
+    from pipeline.students import train_student
+
+    run = task.student_run(name, spec, variant, data, reader, device or torch.device("cpu"))
+    return train_student(run, reader, task.cfg.train, root=task.root, save_dir=save_dir)

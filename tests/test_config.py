@@ -4,7 +4,7 @@ import sys
 import pytest
 from hydra.errors import ConfigCompositionException, MissingConfigException
 
-from pipeline.config import Processes, StudentArch, resolve_processes
+from pipeline.config import Processes, Stage, StudentArch, resolve_processes
 from pipeline.errors import ConfigError
 from pipeline.tasks import validate
 from tests.support import compose_config
@@ -12,7 +12,7 @@ from tests.support import compose_config
 
 def test_default_config_composes_and_validates():
     cfg = validate(compose_config())
-    assert cfg.stage == "all"
+    assert cfg.stage is Stage.all and cfg.derive.mode is None
     assert set(cfg.student) == {"linear", "mlp"}
     assert cfg.student["mlp"].arch is StudentArch.mlp
     assert cfg.data.transfer_size == 100_000 and cfg.data.train_size == 4000 and cfg.data.test_size == 1000
@@ -54,11 +54,11 @@ def test_invalid_enum_value_names_the_choices():
 
 
 def test_validate_reports_every_problem_at_once():
-    cfg = compose_config("loss.temperature=-1", "train.epochs=0", "stage=4", "data.train_size=0")
+    cfg = compose_config("loss.temperature=-1", "train.epochs=0", "cache.zstd_level=30", "data.train_size=0")
     with pytest.raises(ValueError) as e:
         validate(cfg)
     msg = str(e.value)
-    for needle in ("loss.temperature", "train.epochs", "stage='4'", "data.train_size", "4 problem"):
+    for needle in ("loss.temperature", "train.epochs", "cache.zstd_level=30", "data.train_size", "4 problem"):
         assert needle in msg
 
 
@@ -89,6 +89,23 @@ def test_a_renamed_key_fails_naming_its_new_name(tmp_path):
     proc = run_cli(tmp_path, "task=lm", "train.fused_head=false", code=2)
     assert "ConfigError: train.fused_head is now lm.fused_head: write lm.fused_head=false" in proc.stderr
     assert compose_config("task=lm", "lm.fused_head=false").lm.fused_head is False
+
+
+def test_stages_and_derive_modes_are_closed_sets(tmp_path):
+    """``stage`` and ``derive.mode`` are enums: a stage by number or name, anything else
+    refused in one line listing the numbers; an unknown derive mode fails at composition."""
+    from pipeline.config import DeriveMode, Stage
+    from pipeline.validation import check_overrides
+    from tests.support import run_cli
+
+    assert compose_config("stage=2").stage is compose_config("stage=audit").stage is Stage.audit
+    assert compose_config().stage is Stage.all
+    assert compose_config("derive.mode=topk").derive.mode is DeriveMode.topk
+    with pytest.raises(Exception, match="derive.mode"):
+        compose_config("derive.mode=top")
+    check_overrides(["stage=3", "stage=all", "stage=distill", "stage=1,2"])
+    proc = run_cli(tmp_path, "stage=4", code=2)
+    assert "ConfigError: stage=4: expected 1 (capture), 2 (audit), 3 (distill) or all" in proc.stderr
 
 
 def test_cli_unknown_group_option_exits_nonzero(tmp_path):

@@ -1,25 +1,24 @@
-"""The task plug-in interface, and what every task shares: the cache's location and
-checked opening, and training a student against the cache with resume."""
+"""The task plug-in interface, and what every task shares: the cache's location, its
+capture through the one engine, its checked opening."""
 
 from __future__ import annotations
 
 import logging
 import os
 import shutil
-import time
 import uuid
-from dataclasses import asdict
+from collections.abc import Iterable
 
 import numpy as np
 
 from pipeline.cache import CacheReader, Storage, cache_location, open_cache
+from pipeline.cache.fingerprint import capture_settings
 from pipeline.cache.format import Manifest, SequenceIndex
 from pipeline.cache.storage import explain_os_error
 from pipeline.capture import RowSource, capture
 from pipeline.config import Config, Processes, resolve_processes, resolve_root
 from pipeline.device import choose_device
-from pipeline.hashing import hash_json
-from pipeline.training import train
+from pipeline.students import StudentRun
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +93,9 @@ class Task:
         raise NotImplementedError
 
     # -- students (stage 3) ---------------------------------------------------------------
-    def train_students(self, data, reader: CacheReader, run_dir: str) -> list[dict]:
+    def student_runs(self, data, reader: CacheReader, device) -> Iterable[StudentRun]:
+        """The students to train, one :class:`pipeline.students.StudentRun` (one results
+        row) each, built when asked for: :func:`pipeline.students.train_students` trains them."""
         raise NotImplementedError
 
     def results(self, rows: list[dict], reader: CacheReader) -> tuple[dict, str]:
@@ -105,39 +106,9 @@ class Task:
         """Anything shared across runs of this cache (a leaderboard)."""
 
     # -- shared -----------------------------------------------------------------------------
-    def student_identity(self, spec, loss) -> dict:
-        """Everything that defines a trained student: its architecture, the loss and its
-        settings, the training settings (seed and device included: numerics differ; not
-        ``resume`` or ``checkpoint_every``, which only say whether and how often to save)."""
-        train_cfg = {k: v for k, v in asdict(self.cfg.train).items() if k not in ("resume", "checkpoint_every")}
-        return {"student": asdict(spec), "loss": asdict(loss), "train": train_cfg}
-
-    def state_path(self, reader: CacheReader, name: str, identity: dict) -> str | None:
-        """Where a student's training state lives between runs: keyed by the cache and the
-        student's identity, so only the same run resumes it."""
-        if not self.cfg.train.resume:
-            return None
-        cache = os.path.basename(reader.path.rstrip("/"))
-        return os.path.join(self.root, "students", cache, f"{name}-{hash_json(identity)[:12]}", "state.pt")
-
-    def fit(self, model, stream, steps: int, loss_fn, *, desc: str, batches=None, state_path: str | None = None
-            ) -> tuple[int, float, float]:
-        """Train ``model`` with the run's optimizer settings; (steps, last loss, seconds)."""
-        t = self.cfg.train
-        t0 = time.perf_counter()
-        done, loss = train(model, stream, steps, loss_fn, lr=t.lr, weight_decay=t.weight_decay, desc=desc,
-                           batches=batches, state_path=state_path, checkpoint_every=t.checkpoint_every,
-                           accumulate=t.grad_accum, clip_norm=t.clip_norm, warmup_steps=t.warmup_steps,
-                           precision=t.precision.value)
-        if done != steps:
-            raise RuntimeError(f"{desc}: {done} optimizer steps instead of {steps}")
-        return done, loss, time.perf_counter() - t0
-
-    def steps(self, stream) -> int:
-        """``train.steps`` when set, else ``train.epochs`` passes of ``stream`` (in optimizer
-        steps of ``train.grad_accum`` batches)."""
-        t = self.cfg.train
-        return t.steps or max(t.epochs * len(stream) // t.grad_accum, 1)
+    def capture_settings(self) -> dict:
+        """The cache's representation settings (the fingerprint's ``capture`` field)."""
+        return capture_settings(self.cfg.cache, self.cfg.teacher.precision)
 
 
 def save_dataset_atomic(dsd, path: str) -> None:

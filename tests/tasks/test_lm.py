@@ -30,7 +30,7 @@ from pipeline.tasks.lm import (
 from pipeline.tasks.lm.models import load_teacher
 from pipeline.tasks.lm.text import TokenData, load_tokens
 from tests.support import LM_SMALL as SMALL
-from tests.support import compose_config
+from tests.support import compose_config, train_variant
 from tests.support import lm_small as small
 
 LENGTHS = [48, 20, 48, 7, 33, 48, 2, 40]  # train: the first 6, held out: the last 2
@@ -164,7 +164,7 @@ def test_the_sequence_stream_serves_each_sequence_once_with_its_rows(lm_cache):
 def test_one_training_step_with_each_loss(lm_cache, variant):
     cfg, data, url = lm_cache
     r = open_cache(url)
-    row = LanguageModel(cfg).train_variant("causal_lm", cfg.student["causal_lm"], Variant.parse(variant), data, r,
+    row = train_variant(LanguageModel(cfg), "causal_lm", cfg.student["causal_lm"], Variant.parse(variant), data, r,
                                            torch.device("cpu"))
     assert row["steps"] == 1 and np.isfinite(row["final_loss"]) and row["final_loss"] > 0
     assert np.isfinite(row["heldout_perplexity"]) and row["heldout_tokens"] == 40 - 1 + 2 - 1
@@ -220,7 +220,7 @@ def test_a_student_with_another_vocabulary_is_refused_naming_both_sizes(lm_cache
     cfg, data, url = lm_cache
     spec = dataclasses.replace(cfg.student["causal_lm"], kwargs={**cfg.student["causal_lm"].kwargs, "vocab_size": 32000})
     with pytest.raises(ValueError, match=r"32000 ids but the teacher's logits are 49152 wide .*tokenizer has 49152"):
-        LanguageModel(cfg).train_variant("causal_lm", spec, Variant("topk_kl"), data, open_cache(url),
+        train_variant(LanguageModel(cfg), "causal_lm", spec, Variant("topk_kl"), data, open_cache(url),
                                          torch.device("cpu"))
 
 
@@ -259,7 +259,7 @@ def test_a_student_with_its_own_tokenizer_trains_from_the_smollm2_cache(lm_cache
     spec = student_cfg.student["causal_lm"]
     task = LanguageModel(student_cfg)
     reader = open_cache(url)
-    rows = {v: task.train_variant("causal_lm", spec, Variant.parse(v), data, reader, torch.device("cpu"),
+    rows = {v: train_variant(task, "causal_lm", spec, Variant.parse(v), data, reader, torch.device("cpu"),
                                   save_dir=str(tmp_path / "out"))
             for v in ("labels", "topk_kl", "sampled_kl", "uld_topk", "uld_sampled")}
     cross = task.student_tokens(spec, reader, data)
@@ -291,7 +291,7 @@ def test_a_student_with_its_own_tokenizer_trains_from_the_smollm2_cache(lm_cache
     assert len(AutoTokenizer.from_pretrained(saved)) == 300
     assert AutoModelForCausalLM.from_pretrained(saved).get_output_embeddings().weight.shape[0] == 300
     moving = compose_config(*small("train.steps=3"), f"paths.root={tmp_path}", "student.causal_lm.tokenizer=bpe:300")
-    row = LanguageModel(moving).train_variant("causal_lm", moving.student["causal_lm"], Variant("topk_kl"), data,
+    row = train_variant(LanguageModel(moving), "causal_lm", moving.student["causal_lm"], Variant("topk_kl"), data,
                                               reader, torch.device("cpu"))
     assert row["steps"] == 3 and np.isfinite(row["final_loss"])
 
@@ -463,7 +463,7 @@ def test_a_pretrained_student_starts_from_its_weights_and_saves_a_loadable_folde
     student_cfg = compose_config(*SMALL, f"paths.root={tmp_path}", "student=hf_causal_lm",
                                  f"student.hf_causal_lm.path={folder}", "train.lr=0.0")
     spec = student_cfg.student["hf_causal_lm"]
-    row = LanguageModel(student_cfg).train_variant("hf_causal_lm", spec, Variant("topk_kl"), data, open_cache(url),
+    row = train_variant(LanguageModel(student_cfg), "hf_causal_lm", spec, Variant("topk_kl"), data, open_cache(url),
                                                   torch.device("cpu"), save_dir=str(tmp_path / "out"))
     assert row["steps"] == 1 and row["params"] == sum(p.numel() for p in LlamaForCausalLM.from_pretrained(folder)
                                                       .parameters())
@@ -473,7 +473,7 @@ def test_a_pretrained_student_starts_from_its_weights_and_saves_a_loadable_folde
         assert torch.equal(a, b), k
     with pytest.raises(FileNotFoundError, match="holds no config.json"):
         bad = dataclasses.replace(spec, path=str(tmp_path))
-        LanguageModel(student_cfg).train_variant("x", bad, Variant("labels"), data, open_cache(url),
+        train_variant(LanguageModel(student_cfg), "x", bad, Variant("labels"), data, open_cache(url),
                                                  torch.device("cpu"))
 
 
@@ -497,7 +497,7 @@ def test_a_teacher_layer_student_of_the_gguf_teacher_trains_and_reloads(teacher,
     for name, value in start.state_dict().items():
         assert value.dtype == torch.float32
         assert torch.equal(value.to(torch.bfloat16), reference[name.replace("layers.1.", "layers.29.")]), name
-    row = LanguageModel(student_cfg).train_variant("teacher_layers", spec, Variant("sampled_kl"), data,
+    row = train_variant(LanguageModel(student_cfg), "teacher_layers", spec, Variant("sampled_kl"), data,
                                                   open_cache(url), torch.device("cpu"), save_dir=str(tmp_path / "out"))
     saved = AutoModelForCausalLM.from_pretrained(row["checkpoint"])
     assert saved.config.num_hidden_layers == 2 and row["steps"] == 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import asdict
 
 import numpy as np
@@ -16,16 +17,17 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.cache import CacheReader, cache_key, fingerprint_fields, make_fingerprint
-from pipeline.cache.fingerprint import capture_settings, layout_settings
+from pipeline.cache.fingerprint import layout_settings
 from pipeline.cache.format import LOGITS, TOP1, TOPK_IDX
 from pipeline.capture import plan_manifest
 from pipeline.config import DataSource, StudentArch
-from pipeline.device import autocast, choose_device
+from pipeline.device import autocast
 from pipeline.errors import ConfigError
 from pipeline.hashing import hash_json, hash_state_dict, plain
 from pipeline.leaderboard import update_leaderboard
 from pipeline.losses import distill_loss, select_teacher, teacher_arrays
 from pipeline.stream import CacheStream, Resumable
+from pipeline.students import Fit, StudentRun, student_identity
 from pipeline.tasks.base import Task
 from pipeline.tasks.classify.data import Splits, load_splits
 from pipeline.tasks.classify.models import (
@@ -205,9 +207,6 @@ class Classify(Task):
         t = asdict(self.cfg.teacher)
         return {k: t[k] for k in ("name", "_target_", "kwargs", "checkpoint", "channels", "fit")}
 
-    def capture_settings(self) -> dict:
-        return capture_settings(self.cfg.cache, self.cfg.teacher.precision)
-
     def cache_key(self, splits: Splits) -> str:
         ident = {"teacher": self.teacher_identity(), "data": asdict(self.cfg.data), "capture": self.capture_settings(),
                  "layout": layout_settings(self.cfg.cache)}
@@ -239,30 +238,18 @@ class Classify(Task):
         return splits.concat()[1]  # a classifier cache's row r holds sample r
 
     # -- students -------------------------------------------------------------------------------
-    def train_students(self, splits: Splits, reader: CacheReader, run_dir: str) -> list[dict]:
+    def student_runs(self, splits: Splits, reader: CacheReader, device) -> Iterator[StudentRun]:
+        """Each student twice from the same initial weights, for the same steps: distilled
+        from the cache, and on the labels alone (its baseline); compared on the test split."""
         if self.processes.torchrun:
             raise ConfigError("multi-process student training (torchrun) is built for task=lm; train classifier "
                              "students in one process (they take minutes), or one sweep job per process (-m)")
+        cfg = self.cfg
         t_pred = teacher_test_predictions(reader)
         x_all, y_all = splits.concat()  # once: every student joins the cache's ids to these
-        return [self.train_student(name, spec, splits, x_all, y_all, reader, run_dir, t_pred)
-                for name, spec in self.cfg.student.items()]
-
-    def train_student(self, name: str, spec, splits: Splits, x_all: np.ndarray, y_all: np.ndarray,
-                      reader: CacheReader, run_dir: str, t_pred: np.ndarray) -> dict:
-        """Distilled and labels-only runs of one student, with equal optimizer steps."""
-        cfg = self.cfg
         width, num_classes = splits["train"].x.shape[1], reader.num_classes
         arrays, lse_column = teacher_arrays(reader.manifest, cfg.loss)
-        stream = CacheStream(reader, splits=TRAIN_SPLITS, batch_size=cfg.train.batch_size, seed=cfg.train.seed,
-                             shuffle_window=cfg.train.shuffle_window, arrays=arrays)
-        steps = self.steps(stream)
-        device = choose_device(cfg.train.device)
-
-        def batches():  # the rest of the stream's epoch, joined with inputs and labels by id
-            for batch in stream:
-                ids = batch.pop("ids")
-                yield torch.from_numpy(x_all[ids]), torch.from_numpy(y_all[ids]), batch
+        test = splits["test"]
 
         def loss_fn(model, batch):
             x, y, t = batch
@@ -272,39 +259,34 @@ class Classify(Task):
             logits = model(x.to(device, non_blocking=True)).float()  # (B, C); a no-op unless under bf16 autocast
             return distill_loss(logits, y.to(device, non_blocking=True), t, cfg.loss)
 
-        torch.manual_seed(cfg.train.seed)
-        student = build_student(spec, width, num_classes).to(device)
-        identity = self.student_identity(spec, cfg.loss)
-        state = self.state_path(reader, f"{name}-{cfg.loss.distance.value}", identity)
-        _, _, seconds = self.fit(student, stream, steps, loss_fn, desc=f"{name}: distill", batches=batches,
-                                 state_path=state)
+        def evaluate(models: dict) -> dict:
+            s_test, b_test = predict(models["distilled"], test.x), predict(models["labels_only"], test.x)
+            return {"test_acc": accuracy(s_test, test.y), "labels_only_acc": accuracy(b_test, test.y),
+                    "teacher_acc": float((t_pred == test.y).mean()),
+                    "agreement": float((s_test.argmax(1) == t_pred).mean()),
+                    "labels_only_agreement": float((b_test.argmax(1) == t_pred).mean())}
 
-        torch.manual_seed(cfg.train.seed)
-        baseline = build_student(spec, width, num_classes).to(device)  # same initial weights
-        labels = LabelStream(splits["train"].x, splits["train"].y, cfg.train.batch_size, cfg.train.seed)
-        self.fit(baseline, labels, steps, ce_loss, desc=f"{name}: labels only")
+        for name, spec in cfg.student.items():
+            stream = CacheStream(reader, splits=TRAIN_SPLITS, batch_size=cfg.train.batch_size, seed=cfg.train.seed,
+                                 shuffle_window=cfg.train.shuffle_window, arrays=arrays)
 
-        test = splits["test"]
-        s_test, b_test = predict(student, test.x), predict(baseline, test.x)
-        meta = {"student": name, "arch": spec.arch.value, "hidden": list(spec.hidden), "cache": reader.path}
-        save_checkpoint(student, os.path.join(run_dir, "students", name, "distilled"), meta)
-        save_checkpoint(baseline, os.path.join(run_dir, "students", name, "labels_only"), meta)
-        return {
-            "student": name,
-            "key": f"{name}-{hash_json(identity)[:12]}",  # the leaderboard's row: one per distinct student
-            "settings": flatten_settings(identity),
-            "arch": spec.arch.value,
-            "loss": cfg.loss.distance.value,
-            "test_acc": accuracy(s_test, test.y),
-            "labels_only_acc": accuracy(b_test, test.y),
-            "teacher_acc": float((t_pred == test.y).mean()),
-            "agreement": float((s_test.argmax(1) == t_pred).mean()),
-            "labels_only_agreement": float((b_test.argmax(1) == t_pred).mean()),
-            "params": count_params(student),
-            "steps": steps,
-            "train_rows": stream.rows,
-            "seconds": round(seconds, 2),
-        }
+            def batches(stream=stream):  # the rest of the stream's epoch, joined with inputs and labels by id
+                for batch in stream:
+                    ids = batch.pop("ids")
+                    yield torch.from_numpy(x_all[ids]), torch.from_numpy(y_all[ids]), batch
+
+            models = []
+            for _ in range(2):  # the student and its baseline: the same initial weights
+                torch.manual_seed(cfg.train.seed)
+                models.append(build_student(spec, width, num_classes).to(device))
+            labels = LabelStream(splits["train"].x, splits["train"].y, cfg.train.batch_size, cfg.train.seed)
+            meta = {"student": name, "arch": spec.arch.value, "hidden": list(spec.hidden), "cache": reader.path}
+            yield StudentRun(
+                name=name, label=cfg.loss.distance.value, identity=student_identity(spec, cfg.loss, cfg.train),
+                fits=[Fit("distilled", models[0], stream, loss_fn, batches),
+                      Fit("labels_only", models[1], labels, ce_loss, resumable=False)],
+                evaluate=evaluate, save=lambda model, folder, meta=meta: save_checkpoint(model, folder, meta),
+                row={"arch": spec.arch.value, "loss": cfg.loss.distance.value, "train_rows": stream.rows})
 
     def results(self, rows: list[dict], reader: CacheReader) -> tuple[dict, str]:
         loss = {k: plain(v) for k, v in vars(self.cfg.loss).items()}
@@ -314,15 +296,6 @@ class Classify(Task):
         update_leaderboard(os.path.join(self.root, "leaderboards", os.path.basename(reader.path.rstrip("/"))), rows)
 
 
-def flatten_settings(identity: dict) -> dict:
-    """A student's identity flattened to ``section.field: value`` (the leaderboard's columns)."""
-    out = {}
-    for section, values in identity.items():
-        for k, v in values.items():
-            out[f"{section}.{k}"] = plain(v)
-    return out
-
-
 def format_results(rows: list[dict]) -> str:
     lines = [f"teacher test accuracy: {rows[0]['teacher_acc']:.4f}" if rows else "no students",
              "| student | loss | distilled acc | labels-only acc | gain | agreement w/ teacher | params | distill time |",
@@ -330,7 +303,7 @@ def format_results(rows: list[dict]) -> str:
     for r in rows:
         lines.append(f"| {r['student']} | {r['loss']} | {r['test_acc']:.4f} | {r['labels_only_acc']:.4f} | "
                      f"{100 * (r['test_acc'] - r['labels_only_acc']):+.1f} pt | {r['agreement']:.4f} | "
-                     f"{r['params']:,} | {r['seconds']:.1f}s |")
+                     f"{r['params']:,} | {r['train_s']:.1f}s |")
     return "\n".join(lines)
 
 

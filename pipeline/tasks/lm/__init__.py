@@ -20,7 +20,7 @@ import dataclasses
 import functools
 import json
 import logging
-import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,7 +28,7 @@ import torch
 
 from pipeline.cache import CacheReader, Storage, cache_key, fingerprint_fields, make_fingerprint
 from pipeline.cache import open_cache as open_cache_at
-from pipeline.cache.fingerprint import capture_settings, layout_settings
+from pipeline.cache.fingerprint import layout_settings
 from pipeline.capture import plan_manifest
 from pipeline.config import DataSource, StudentArch
 from pipeline.device import choose_device
@@ -37,6 +37,7 @@ from pipeline.errors import CacheError, ConfigError
 from pipeline.fused_head import FUSED_DISTANCES
 from pipeline.losses import teacher_arrays
 from pipeline.sequence_stream import SequenceStream
+from pipeline.students import Fit, StudentRun, student_identity
 from pipeline.tasks.base import Task
 from pipeline.tasks.lm.alignment import (
     CrossTokenizer,
@@ -49,7 +50,7 @@ from pipeline.tasks.lm.alignment import (
 from pipeline.tasks.lm.evaluation import (  # noqa: F401 (the task's public names)
     TEACHER_EVAL,
     bits_per_byte,
-    evaluate,
+    evaluate_student,
     format_lm_results,
     heldout_bytes,
     read_teacher_eval,
@@ -88,7 +89,7 @@ from pipeline.tasks.lm.rows import (  # noqa: F401
     teacher_logits,
 )
 from pipeline.tasks.lm.text import TokenData, load_tokens
-from pipeline.training import process_group
+from pipeline.training import joined_group
 
 log = logging.getLogger(__name__)
 
@@ -153,9 +154,6 @@ class LanguageModel(Task):
     def tokenizer(self):
         """The teacher's tokenizer, loaded once (the model is not)."""
         return load_tokenizer(self.cfg.teacher, self.cfg.paths.conversions)
-
-    def capture_settings(self) -> dict:
-        return capture_settings(self.cfg.cache, self.cfg.teacher.precision)
 
     def cache_key(self, data: TokenData) -> str:
         t = dataclasses.asdict(self.cfg.teacher)
@@ -241,13 +239,14 @@ class LanguageModel(Task):
             return [Variant.parse(v) for v in self.cfg.lm.variants]
         return [Variant("labels"), Variant(self.cfg.loss.distance.value, self.cfg.loss.k)]
 
-    def train_students(self, data: TokenData, reader: CacheReader, run_dir: str) -> list[dict]:
-        device = choose_device(self.cfg.train.device)
-        return [self.train_variant(name, spec, v, data, reader, device, os.path.join(run_dir, "students"))
-                for name, spec in self.cfg.student.items() for v in self.variants()]
+    def student_runs(self, data: TokenData, reader: CacheReader, device) -> Iterator[StudentRun]:
+        """Each student once per variant, from the same initialisation on the same sequences."""
+        for name, spec in self.cfg.student.items():
+            for v in self.variants():
+                yield self.student_run(name, spec, v, data, reader, device)
 
-    def train_variant(self, name: str, spec, v: Variant, data: TokenData, reader: CacheReader,
-                      device: torch.device, save_dir: str | None = None) -> dict:
+    def student_run(self, name: str, spec, v: Variant, data: TokenData, reader: CacheReader,
+                    device: torch.device) -> StudentRun:
         cfg = self.cfg
         loss = v.loss(cfg.loss)
         cross = self.student_tokens(spec, reader, data)
@@ -268,7 +267,7 @@ class LanguageModel(Task):
                                      loss.temperature)
             eval_adapter = adapter.projecting(proj, 1.0)
         arrays, lse_column = teacher_arrays(reader.manifest, loss)
-        rank, world = process_group(device, self.processes)
+        rank, world = joined_group()
         # the fused head (no (B, L, V) logits): one process (DistributedDataParallel averages
         # gradients through the model's own forward), a distance it has a fused form of
         fused = cfg.lm.fused_head and world == 1 and (loss.lam <= 0 or loss.distance.value in FUSED_DISTANCES)
@@ -278,32 +277,33 @@ class LanguageModel(Task):
         stream = SequenceStream(reader, data.tokens, split="train", batch_size=cfg.train.batch_size,
                                 seed=cfg.train.seed, arrays=arrays, rank=rank, world_size=world,
                                 token_offsets=data.offsets)
-        steps = self.steps(stream)
-        identity = self.student_identity(spec, loss) | {"weights": student_weights(spec, cfg.teacher)}
-        state = self.state_path(reader, f"{name}-{v.label.replace(':', '-')}", identity)
-        done, final, seconds = self.fit(
-            student, stream, steps, lambda model, batch: sequence_loss(model, batch, loss, lse_column, adapter, device,
-                                                                       fused, cfg.lm.fused_head_rows),
-            desc=f"{name}: {v.label}", state_path=state)
-        row = {"student": name, "variant": v.label, "bytes_per_token": bytes_per_token(v, reader), "steps": done,
-               "params": sum(p.numel() for p in student.parameters()), "train_s": seconds, "processes": world,
-               "tokens_per_s": done * cfg.train.batch_size * world * cfg.data.seq_len / seconds, "final_loss": final}
+        row = {"variant": v.label, "bytes_per_token": bytes_per_token(v, reader)}
         if cross is not None:
             row |= {"tokenizer": spec.tokenizer, "vocabulary": width, "projection": spec.projection.value,
                     "aligned_fraction": cross.tokens.aligned_fraction(*data.sequences["train"])}
-        if rank != 0:
-            return row  # rank 0 evaluates and saves the student
-        row |= evaluate(student, self.eval_reader(data) or reader, data, cfg.lm.eval_batch_size, eval_adapter, device)
-        n_bytes = self.heldout_bytes(data) if cross is None else cross.tokens.predicted_bytes(*data.sequences["heldout"])
-        row["heldout_bits_per_byte"] = bits_per_byte(row["heldout_nll"], row["heldout_tokens"], n_bytes)
-        if save_dir:  # a standard HF folder (config.json + model.safetensors)
-            row["checkpoint"] = os.path.join(save_dir, name, v.label.replace(":", "-"))
-            student.save_pretrained(row["checkpoint"])
+
+        def evaluate(models: dict) -> dict:
+            ev = evaluate_student(models[v.label], self.eval_reader(data) or reader, data, cfg.lm.eval_batch_size,
+                                  eval_adapter, device)
+            n_bytes = self.heldout_bytes(data) if cross is None else cross.tokens.predicted_bytes(
+                *data.sequences["heldout"])
+            ev["heldout_bits_per_byte"] = bits_per_byte(ev["heldout_nll"], ev["heldout_tokens"], n_bytes)
+            log.info("%s %s: held-out perplexity %.2f, %.4f bits/byte, KL %.4f", name, v.label,
+                     ev["heldout_perplexity"], ev["heldout_bits_per_byte"], ev["heldout_kl_topk"] or float("nan"))
+            return ev
+
+        def save(model, folder: str) -> None:  # a standard HF folder (config.json + model.safetensors)
+            model.save_pretrained(folder)
             if cross is not None:
-                cross.tokenizer.save_pretrained(row["checkpoint"])  # the student reads its own tokens
-        log.info("%s %s: held-out perplexity %.2f, %.4f bits/byte, KL %.4f", name, v.label, row["heldout_perplexity"],
-                 row["heldout_bits_per_byte"], row["heldout_kl_topk"] or float("nan"))
-        return row
+                cross.tokenizer.save_pretrained(folder)  # the student reads its own tokens
+
+        return StudentRun(
+            name=name, label=v.label,
+            identity=student_identity(spec, loss, cfg.train) | {"weights": student_weights(spec, cfg.teacher)},
+            fits=[Fit(v.label, student, stream, lambda model, batch: sequence_loss(
+                model, batch, loss, lse_column, adapter, device, fused, cfg.lm.fused_head_rows))],
+            evaluate=evaluate, save=save, row=row,
+            throughput=("tokens_per_s", cfg.train.batch_size * cfg.train.grad_accum * cfg.data.seq_len))
 
     def eval_reader(self, data: TokenData) -> CacheReader | None:
         """``lm.eval_cache`` opened and checked against the run's data and teacher as the

@@ -57,7 +57,7 @@ def read_teacher_eval(storage: Storage) -> dict:
 
 
 @torch.no_grad()
-def evaluate(student, reader: CacheReader, data: TokenData, batch_size: int, adapter, device) -> dict:
+def evaluate_student(student, reader: CacheReader, data: TokenData, batch_size: int, adapter, device) -> dict:
     """Held-out perplexity (of the student's tokens), and KL(teacher || student) over the
     cached top-K + tail at T=1 at the positions with a teacher row (with another tokenizer:
     the aligned ones, the rows projected onto the student's ids)."""
