@@ -19,6 +19,7 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
+from pipeline.cache.format import REPRESENTATIONS
 from pipeline.distances import DISTANCES
 from pipeline.errors import ConfigError
 
@@ -69,10 +70,9 @@ class Compression(str, Enum):
     none = "none"
 
 
-class CacheMode(str, Enum):
-    full = "full"
-    topk = "topk"
-    sampled = "sampled"
+# the cache's representations, as pipeline/cache/format.py declares them
+CacheMode = Enum("CacheMode", [(name, name) for name in REPRESENTATIONS], type=str, module=__name__,
+                 qualname="CacheMode")
 
 
 class DeriveMode(str, Enum):

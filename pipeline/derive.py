@@ -35,7 +35,7 @@ from pipeline.cache.format import (
     IDS,
     LOGITS,
     LSE,
-    REPRESENTATION_ARRAYS,
+    REPRESENTATIONS,
     SAMPLED_CNT,
     SAMPLED_ENT,
     SAMPLED_IDX,
@@ -164,7 +164,7 @@ def derive_cache(reader: CacheReader, child: Manifest, target: str, *, storage_o
     m = reader.manifest
     source = derive_source(m, child.modes[0], child.k, child.temperatures, child.samples)
     argmax = (TOP1,) if TOP1 in reader.arrays else (TOPK_IDX,) if TOPK_IDX in reader.arrays else ()
-    names = REPRESENTATION_ARRAYS[source] + (argmax if source == "sampled" else ())
+    names = REPRESENTATIONS[source].arrays + (argmax if source == "sampled" else ())
     arrays = {n: reader.arrays[n] for n in names}
     ids = reader.ids
     index = None

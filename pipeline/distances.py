@@ -23,7 +23,7 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class DistanceSpec:
     name: str
-    reads: str  # the cache representation it trains from: full | topk | sampled
+    reads: str  # the cache representation it trains from (pipeline/cache/format.py REPRESENTATIONS)
     summary: str  # one line: the README's table and the config's error messages
     # the function of pipeline.kernels that returns (loss, grad) on CPU; None: the torch rows
     # on every device (no fused head form)
@@ -65,7 +65,6 @@ _DECLARED = [
 ]
 
 DISTANCES: dict[str, DistanceSpec] = {d.name: d for d in _DECLARED}
-REPRESENTATIONS = ("full", "topk", "sampled")  # (tests/test_registry.py holds every `reads` to these)
 
 
 def distance_spec(name) -> DistanceSpec:

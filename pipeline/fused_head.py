@@ -24,10 +24,11 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import kernels
+from pipeline.cache.format import REPRESENTATIONS
 from pipeline.distances import distance_spec, names
 from pipeline.errors import ConfigError
 from pipeline.kernels import sparse
-from pipeline.losses import TERM_ARRAYS, teacher_term
+from pipeline.losses import teacher_term
 
 FUSED_DISTANCES = names(fused=True)  # those with a Numba kernel
 
@@ -107,7 +108,7 @@ def _chunk_cpu(z, labels, has_label, tmask, teacher, name, cfg, w_ce, w_t):
     grad = None
     if tmask.any():
         spec = distance_spec(name)
-        arrays = (np.asarray(teacher[a]) for a in TERM_ARRAYS[spec.reads])
+        arrays = (np.asarray(teacher[a]) for a in REPRESENTATIONS[spec.reads].arrays)
         loss, grad = getattr(kernels, spec.kernel)(zn, *arrays, temperature=cfg.temperature, beta=cfg.beta,
                                                    mask=tmask, reduction="sum", coef=w_t)
     add = grad is not None

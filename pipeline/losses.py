@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import kernels
-from pipeline.cache.format import REPRESENTATION_ARRAYS
+from pipeline.cache.format import REPRESENTATIONS
 from pipeline.distances import distance_spec
 from pipeline.errors import ConfigError
 
@@ -162,7 +162,7 @@ def _dispatch(student: torch.Tensor, arrays: tuple, torch_rows: Callable, kernel
 def distance_term(name, student: torch.Tensor, arrays: tuple, *, temperature: float = 1.0, beta: float = 0.5,
                   mask=None, weights=None, reduction: str = "mean", coef: float = 1.0) -> torch.Tensor:
     """``coef`` times the distance ``name`` between (B, V) student logits and the teacher
-    ``arrays`` its representation holds (:data:`TERM_ARRAYS`), by its declaration
+    ``arrays`` its representation holds (:data:`pipeline.cache.format.REPRESENTATIONS`), by its declaration
     (:mod:`pipeline.distances`): its Numba kernel on CPU, its torch rows elsewhere."""
     spec = distance_spec(name)
     reference = globals()[spec.reference]
@@ -234,10 +234,6 @@ def uld_loss(student: torch.Tensor, p, tail, *, temperature: float = 1.0, mask=N
 # --- the objective: which cache arrays a distance reads, and the loss over them -------------
 
 
-# the arrays of each representation the objective reads, in the order its kernel takes them
-TERM_ARRAYS = REPRESENTATION_ARRAYS
-
-
 def teacher_arrays(m, loss) -> tuple[tuple[str, ...], int]:
     """The cache arrays ``loss`` (a ``loss.*`` section) trains from, and which column of
     ``lse`` holds its temperature; nothing when ``loss.lam`` is 0 (labels alone). A cache
@@ -255,11 +251,11 @@ def teacher_arrays(m, loss) -> tuple[tuple[str, ...], int]:
                               f"{m.temperatures}; use one of them, or re-capture with cache.temperatures")
         if not 0 <= loss.k <= m.k:
             raise ConfigError(f"loss.k={loss.k}: the cache holds the top {m.k} logits per row (0 uses all)")
-        return TERM_ARRAYS[need], m.temperatures.index(T)
+        return REPRESENTATIONS[need].arrays, m.temperatures.index(T)
     if need == "sampled" and T != m.sample_temperature:
         raise ConfigError(f"loss.temperature={T} but the cache's samples were drawn at T={m.sample_temperature}: "
                           f"set loss.temperature={m.sample_temperature}")
-    return TERM_ARRAYS[need], 0
+    return REPRESENTATIONS[need].arrays, 0
 
 
 def select_teacher(arrays: dict, lse_column: int, k: int = 0) -> dict:
@@ -281,7 +277,7 @@ def teacher_term(student: torch.Tensor, teacher: dict, cfg, mask=None, *, reduct
     them (lam is folded into the kernel: its gradient needs no rescaling pass). ``coef``
     replaces lam, ``reduction`` the mean (the fused head sums its chunks, each scaled)."""
     spec = distance_spec(cfg.distance)
-    arrays = tuple(teacher[a] for a in TERM_ARRAYS[spec.reads])
+    arrays = tuple(teacher[a] for a in REPRESENTATIONS[spec.reads].arrays)
     if spec.reads == "full" and tuple(arrays[0].shape) != tuple(student.shape):
         raise ConfigError(f"teacher logits {tuple(arrays[0].shape)} and student logits {tuple(student.shape)} "
                           "differ: the student's class count must equal the cache's")

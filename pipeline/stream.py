@@ -39,20 +39,14 @@ import numpy as np
 
 from pipeline.cache import CacheReader
 from pipeline.cache.backends import backend
+from pipeline.cache.decode import bf16_arrays, decode_rows, decoders
 from pipeline.cache.format import (
     IDS,
     REPAIR,
-    TOPK_Q,
     TOPK_VAL,
     CacheDamaged,
     array_specs,
-    bf16_arrays,
-    dequantize,
-    narrow_arrays,
-    quantized,
-    widen,
 )
-from pipeline.cache.reader import bf16_bits_to_float32
 from pipeline.errors import CacheError, ConfigError
 from pipeline.kernels._base import all_finite
 
@@ -192,25 +186,18 @@ class CacheRows(Resumable):
         m = reader.manifest
         self.prefetch = prefetch
         self._read = backend(m.backend).block_reader(reader.storage, m)
-        # quantized top-k values need their rows' (largest, step): read beside them, dropped after
-        self._quantized = quantized(m) and TOPK_VAL in self.arrays
-        self._drop_q = self._quantized and TOPK_Q not in self.arrays
-        if self._drop_q:
-            self.arrays = (*self.arrays, TOPK_Q)
+        # decoded per batch as readers see them (pipeline/cache/decode.py); what a decoder reads
+        # beside its array (quantized values: their rows' largest and step) is read, then dropped
+        self._decoders = {n: d for n, d in decoders(m).items() if n in self.arrays}
+        self._drop = [e for d in self._decoders.values() for e in d.extras if e not in self.arrays]
+        self.arrays = (*self.arrays, *self._drop)
         self._specs = {n: array_specs(m)[n] for n in self.arrays}  # stored row shape and dtype
-        self._bf16 = bf16_arrays(m) & set(self.arrays)  # decoded to float32 per batch
-        self._narrow = narrow_arrays(m) & set(self.arrays)  # widened per batch
+        self._bf16 = bf16_arrays(m) & set(self.arrays)  # stored as bits: checked as bits
 
     def _decode(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        for n in self._bf16:
-            arrays[n] = bf16_bits_to_float32(arrays[n])
-        for n in self._narrow:
-            arrays[n] = widen(n, arrays[n])
-        if self._quantized:
-            m = self.reader.manifest
-            arrays[TOPK_VAL] = dequantize(arrays[TOPK_VAL], arrays[TOPK_Q], m.value_bits, m.k)
-            if self._drop_q:
-                del arrays[TOPK_Q]
+        decode_rows(arrays, self._decoders)
+        for n in self._drop:
+            del arrays[n]
         return arrays
 
 

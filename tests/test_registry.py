@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 
 from pipeline import kernels, losses
+from pipeline.cache.format import REPRESENTATIONS
 from pipeline.config import Distance
-from pipeline.distances import DISTANCES, REPRESENTATIONS
+from pipeline.distances import DISTANCES
 from pipeline.fused_head import FUSED_DISTANCES
 from tests.support import compose_config
 
@@ -48,7 +49,7 @@ def test_a_distance_reading_what_the_cache_lacks_says_what_to_capture():
     for name, spec in DISTANCES.items():
         loss = compose_config(f"loss={name}", "loss.temperature=1").loss
         if spec.reads == "full":
-            assert losses.teacher_arrays(m, loss) == (losses.TERM_ARRAYS["full"], 0)
+            assert losses.teacher_arrays(m, loss) == (REPRESENTATIONS["full"].arrays, 0)
         else:
             with pytest.raises(ValueError, match=rf"trains from the '{spec.reads}' representation.*"
                                                  rf"cache.modes=\[{spec.reads}\]"):

@@ -78,7 +78,7 @@ def test_a_sampled_only_cache_carries_the_exact_argmax(tmp_path):
 def test_quantized_topk_values_read_back_within_half_a_step(bits, k):
     """Each value within step / 2 of the original (step = (largest - smallest finite) /
     (2**bits - 2)), the largest exactly, -inf as -inf; ties, a flat row, an odd K."""
-    from pipeline.cache.format import dequantize
+    from pipeline.cache.decode import dequantize
     from pipeline.representations import quantize_topk
 
     g = torch.Generator().manual_seed(bits * 100 + k)

@@ -29,11 +29,11 @@ stay K wide, so shards, chunks and readers are those of any top-k cache; ``topk_
 zstd-compressed too, which stores the padding in next to nothing.
 
 A ``narrow`` cache (manifest field) stores the int32 id arrays as uint16 (65,535 = the -1
-padding) and ``sampled_cnt`` as uint8; readers widen them back (:func:`widen`).
+padding) and ``sampled_cnt`` as uint8; readers widen them back (:mod:`pipeline.cache.decode`).
 With ``value_bits`` 8 or 4, ``topk_val`` (N, K) uint8 (N, ceil(K/2) at 4 bits, two codes per
 byte, even entries in the low half) holds codes below each row's largest logit, and
 ``topk_q`` (N, 2) float32 that largest value and the step: value = largest - code * step, the
-top code -inf; readers decode them (:func:`dequantize`).
+top code -inf; readers decode them (:mod:`pipeline.cache.decode`).
 
 ``kdcache.json`` is written first, into an empty or new folder, and never changed: it marks
 the folder as a cache of this project (stage 1 writes nowhere else) and holds the plan (the
@@ -54,6 +54,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 from pipeline.cache.storage import Storage
@@ -88,22 +89,18 @@ TOPK_Q = "topk_q"
 SAMPLED_IDX, SAMPLED_CNT, SAMPLED_ENT = "sampled_idx", "sampled_cnt", "sampled_ent"
 TOP1 = "top1"
 ARRAYS = (IDS, LOGITS, TOPK_IDX, TOPK_VAL, TOPK_Q, LSE, SAMPLED_IDX, SAMPLED_CNT, SAMPLED_ENT, TOP1)
-# each representation's row arrays, in the order the distance kernels take them
-REPRESENTATION_ARRAYS = {"full": (LOGITS,), "topk": (TOPK_IDX, TOPK_VAL, LSE),
-                         "sampled": (SAMPLED_IDX, SAMPLED_CNT, SAMPLED_ENT)}
 # Every top-level entry a cache folder can hold: what `cache.overwrite=true` may delete
 # (``locks/`` is kept; anything else, a user's file, is never touched).
 CACHE_ENTRIES = {MARKER, MANIFEST, OFFSETS, POSITIONS, TOKENIZER, COMMITS, GROUP, "shards", TASK_FILES,
                  "teacher_eval.json",  # (where version 6 kept task=lm's teacher evaluation)
                  "zarr.json", *ARRAYS}  # (the last two: where version 2 kept its arrays)
-MODES = ("full", "topk", "sampled")
 DTYPES = ("float16", "bfloat16", "float32")
 # bfloat16 has no NumPy dtype: it is stored as its raw uint16 bit pattern.
 STORAGE_DTYPE = {"float16": "float16", "bfloat16": "uint16", "float32": "float32"}
 ITEMSIZE = {"int64": 8, "int32": 4, "uint16": 2, "uint8": 1, "float16": 2, "float32": 4}
 # ``narrow`` caches store class ids as uint16 (at most 65,535 classes; NARROW_PAD stands for the
 # -1 padding of sampled ids) and draw counts as uint8 (at most 255 draws); readers see int32
-# ids and uint16 counts either way (:func:`widen`)
+# ids and uint16 counts either way (pipeline/cache/decode.py)
 NARROW_PAD = 65535
 
 
@@ -156,7 +153,7 @@ class Manifest:
     complete: bool = False
     compression: str = "ints"  # all | ints | none: which arrays carry zstd
     narrow: bool = False  # ids uint16, counts uint8 (see NARROW_PAD)
-    value_bits: int = 16  # topk_val: 16 = in the cache dtype; 8 or 4 = quantized (see TOPK_Q, dequantize)
+    value_bits: int = 16  # topk_val: 16 = in the cache dtype; 8 or 4 = quantized (see TOPK_Q and pipeline/cache/decode.py)
     # adaptive top-k: each row keeps its smallest prefix of the top-K whose probability at
     # temperatures[0] reaches top_p, the rest padding (id -1, value -inf; 0 = every row keeps K)
     top_p: float = 0.0
@@ -187,23 +184,55 @@ class Manifest:
         return cls(**d)
 
 
-def array_specs(m: Manifest) -> dict[str, tuple[tuple[int, ...], str]]:
+Specs = dict[str, tuple[tuple[int, ...], str]]  # array name -> (shape of one row, storage dtype)
+
+
+@dataclass(frozen=True)
+class Representation:
+    """One way a cache holds the teacher's rows (a manifest ``mode``): the arrays the
+    distances read, in the order their kernels take them, and ``specs(m)``: every array it
+    stores for manifest ``m``, each row's shape and storage dtype. How each is made from
+    logits: :mod:`pipeline.representations`; read back: :mod:`pipeline.cache.decode`."""
+
+    name: str
+    arrays: tuple[str, ...]
+    specs: Callable[[Manifest], Specs]
+
+
+def _ids(m: Manifest) -> str:
+    return "uint16" if m.narrow else "int32"
+
+
+def _topk_specs(m: Manifest) -> Specs:
+    specs = {TOPK_IDX: ((m.k,), _ids(m)), TOPK_VAL: ((m.k,), STORAGE_DTYPE[m.dtype]),
+             LSE: ((len(m.temperatures),), "float32")}
+    if m.value_bits < 16:  # codes, two 4-bit ones per byte at 4 bits
+        specs |= {TOPK_VAL: ((m.k if m.value_bits == 8 else (m.k + 1) // 2,), "uint8"), TOPK_Q: ((2,), "float32")}
+    return specs
+
+
+def _sampled_specs(m: Manifest) -> Specs:
+    specs = {SAMPLED_IDX: ((m.samples,), _ids(m)), SAMPLED_CNT: ((m.samples,), "uint8" if m.narrow else "uint16"),
+             SAMPLED_ENT: ((), "float32")}
+    if not {"full", "topk"} & set(m.modes):  # the argmax is not otherwise known exactly
+        specs[TOP1] = ((), _ids(m))
+    return specs
+
+
+REPRESENTATIONS = {r.name: r for r in (
+    Representation("full", (LOGITS,), lambda m: {LOGITS: ((m.num_classes,), STORAGE_DTYPE[m.dtype])}),
+    Representation("topk", (TOPK_IDX, TOPK_VAL, LSE), _topk_specs),
+    Representation("sampled", (SAMPLED_IDX, SAMPLED_CNT, SAMPLED_ENT), _sampled_specs),
+)}
+MODES = tuple(REPRESENTATIONS)
+
+
+def array_specs(m: Manifest) -> Specs:
     """Every array of a cache: name -> (shape of one row, storage dtype)."""
-    val = STORAGE_DTYPE[m.dtype]
-    specs: dict[str, tuple[tuple[int, ...], str]] = {IDS: ((), "int64")}
-    if "full" in m.modes:
-        specs[LOGITS] = ((m.num_classes,), val)
-    ids = "uint16" if m.narrow else "int32"
-    if "topk" in m.modes:
-        specs |= {TOPK_IDX: ((m.k,), ids), TOPK_VAL: ((m.k,), val), LSE: ((len(m.temperatures),), "float32")}
-        if m.value_bits < 16:  # codes, two 4-bit ones per byte at 4 bits
-            specs |= {TOPK_VAL: ((m.k if m.value_bits == 8 else (m.k + 1) // 2,), "uint8"),
-                      TOPK_Q: ((2,), "float32")}
-    if "sampled" in m.modes:
-        specs |= {SAMPLED_IDX: ((m.samples,), ids), SAMPLED_CNT: ((m.samples,), "uint8" if m.narrow else "uint16"),
-                  SAMPLED_ENT: ((), "float32")}
-        if not {"full", "topk"} & set(m.modes):  # the argmax is not otherwise known exactly
-            specs[TOP1] = ((), ids)
+    specs: Specs = {IDS: ((), "int64")}
+    for mode in MODES:
+        if mode in m.modes:
+            specs |= REPRESENTATIONS[mode].specs(m)
     return specs
 
 
@@ -241,23 +270,6 @@ def check_value_bits(bits: int, modes, section: str) -> int:
     return bits
 
 
-def narrow_arrays(m: Manifest) -> set[str]:
-    """The arrays a narrow cache stores in fewer bits than readers see them."""
-    return {TOPK_IDX, SAMPLED_IDX, SAMPLED_CNT, TOP1} if m.narrow else set()
-
-
-def widen(name: str, a):
-    """A narrow array as readers see it: ids int32 (NARROW_PAD back to -1), counts uint16."""
-    import numpy as np
-
-    if name == SAMPLED_CNT:
-        return a.astype(np.uint16)
-    out = a.astype(np.int32)
-    if name in (SAMPLED_IDX, TOPK_IDX):
-        out[out == NARROW_PAD] = -1
-    return out
-
-
 def row_bytes(m: Manifest, modes: tuple[str, ...] | None = None) -> int:
     """Uncompressed bytes per cached row, over ``modes`` (default: the manifest's)."""
     sub = Manifest(**{**asdict(m), "modes": list(modes or m.modes), "shards": []})
@@ -266,33 +278,6 @@ def row_bytes(m: Manifest, modes: tuple[str, ...] | None = None) -> int:
         if name != IDS:
             total += ITEMSIZE[dtype] * (shape[0] if shape else 1)
     return total
-
-
-def bf16_arrays(m: Manifest) -> set[str]:
-    if m.dtype != "bfloat16":
-        return set()
-    return {LOGITS} if quantized(m) else {LOGITS, TOPK_VAL}
-
-
-def quantized(m: Manifest) -> bool:
-    """Whether ``topk_val`` holds quantized codes (``value_bits`` 8 or 4)."""
-    return "topk" in m.modes and m.value_bits < 16
-
-
-def dequantize(codes, params, bits: int, k: int):
-    """(N, K) float32 top-k values from their codes and each row's (largest, step): value =
-    largest - code * step; the top code (2**bits - 1) stands for -inf."""
-    import numpy as np
-
-    codes = np.asarray(codes)
-    if bits == 4:
-        both = np.empty((len(codes), 2 * codes.shape[1]), np.uint8)
-        both[:, 0::2], both[:, 1::2] = codes & 15, codes >> 4
-        codes = both[:, :k]
-    params = np.asarray(params, np.float32)
-    out = params[:, :1] - codes.astype(np.float32) * params[:, 1:2]
-    out[codes == (1 << bits) - 1] = -np.inf
-    return out
 
 
 def task_file(name: str) -> str:

@@ -3,7 +3,6 @@ any array is touched; arrays come back as lazy Dask arrays chunked like the stor
 
 from __future__ import annotations
 
-import functools
 import logging
 from dataclasses import dataclass
 
@@ -12,6 +11,7 @@ import numpy as np
 
 from pipeline.cache.backends import backend
 from pipeline.cache.commits import merge_commits, read_commits
+from pipeline.cache.decode import decoders
 from pipeline.cache.fingerprint import check_fingerprint
 from pipeline.cache.format import (
     IDS,
@@ -19,28 +19,16 @@ from pipeline.cache.format import (
     OFFSETS,
     POSITIONS,
     REPAIR,
-    SAMPLED_CNT,
     TOKENIZER,
-    TOPK_Q,
-    TOPK_VAL,
     Manifest,
-    bf16_arrays,
-    dequantize,
-    narrow_arrays,
-    quantized,
     read_index_file,
     read_manifest,
-    widen,
 )
 from pipeline.cache.health import damaged_shards, describe
 from pipeline.cache.storage import Storage
 from pipeline.errors import CacheError, ConfigError
 
 log = logging.getLogger(__name__)
-
-
-def bf16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
-    return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
 @dataclass
@@ -145,15 +133,11 @@ def open_cache(path: str, *, expected: dict | None = None, allow_partial: bool =
         raise CacheError(f"cache {path!r} is not marked complete; re-run stage 1 with the same config to finish it")
     _check_shards_present(storage, m)
     arrays = backend(m.backend).dask_arrays(storage, m)
-    for name in bf16_arrays(m) & set(arrays):
-        arrays[name] = arrays[name].map_blocks(bf16_bits_to_float32, dtype=np.float32)
-    if quantized(m):  # topk_val as float32 values, decoded from its codes and topk_q
-        codes = arrays[TOPK_VAL]
-        arrays[TOPK_VAL] = da.map_blocks(functools.partial(dequantize, bits=m.value_bits, k=m.k), codes,
-                                         arrays[TOPK_Q], dtype=np.float32, chunks=(codes.chunks[0], (m.k,)))
-    for name in narrow_arrays(m) & set(arrays):
-        arrays[name] = arrays[name].map_blocks(functools.partial(widen, name),
-                                               dtype=np.uint16 if name == SAMPLED_CNT else np.int32)
+    stored = dict(arrays)
+    for name, d in decoders(m).items():  # as readers see them (pipeline/cache/decode.py)
+        a = stored[name]
+        arrays[name] = da.map_blocks(d.fn, a, *(stored[e] for e in d.extras), dtype=np.dtype(d.dtype),
+                                     chunks=a.chunks if d.width is None else (a.chunks[0], (d.width,)))
     return CacheReader(storage, m, arrays)
 
 

@@ -16,6 +16,7 @@ from zarr.core.buffer.cpu import NDBuffer
 from zarr.core.sync import sync
 
 from pipeline.cache.chunk_reader import ChunkReader, plain_layout
+from pipeline.cache.decode import bf16_arrays
 from pipeline.cache.format import (
     GROUP,
     IDS,
@@ -24,7 +25,6 @@ from pipeline.cache.format import (
     Manifest,
     ShardRecord,
     array_specs,
-    bf16_arrays,
 )
 from pipeline.cache.storage import Storage
 
