@@ -8,8 +8,13 @@ measured alternately.
 Each repeat runs the bare forward, then stage 1 (then, on CPU, stage 1 with the torch
 composition); the ratio is of the fastest of each over the repeats (default 3: the teacher
 forward alone varies by up to 10% from one pass to the next on a shared 2-core machine), and
-each repeat's own ratio is printed too. The last line is one JSON object with
-overhead_ratio and tokens_per_s.
+each repeat's own ratio is printed too. It also times this machine's matmuls at the teacher's
+own shapes (its linear layers, a batch's rows) in the resolved precision and gives the
+capture's achieved teacher FLOP/s over that figure: ``capture_vs_matmul`` (1.0: the capture
+runs the teacher as fast as this machine multiplies its matrices). ``--precisions
+auto,fp32,bf16`` measures each teacher precision in turn and gives ``auto_vs_fastest``: the
+default's stage 1 time over the fastest explicit precision's. The last line is one JSON
+object (the first precision's figures, the machine it ran on).
 """
 
 from __future__ import annotations
@@ -19,7 +24,9 @@ import json
 import shutil
 import tempfile
 import time
+from collections import Counter
 
+import numpy as np
 import torch
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
@@ -27,7 +34,7 @@ from omegaconf import OmegaConf
 import pipeline.capture
 from pipeline.cache import ShardRecord
 from pipeline.config import register
-from pipeline.device import choose_device
+from pipeline.device import choose_device, machine
 from pipeline.representations import represent, represent_torch
 from pipeline.tasks import validate
 from pipeline.tasks.lm import LanguageModel, TokenRows
@@ -46,48 +53,104 @@ def bare_forward(model, data, batch_size: int, pad_id: int, device) -> None:
         torch.cuda.synchronize(device)
 
 
-def main(overrides: list[str], repeats: int = 3) -> dict:
+def teacher_matmuls(model) -> list[tuple[int, int, int]]:
+    """The model's linear layers as (in, out, how many): its matmuls."""
+    counts = Counter((m.in_features, m.out_features) for m in model.modules() if isinstance(m, torch.nn.Linear))
+    return [(k, n, c) for (k, n), c in counts.items()]
+
+
+def forward_flops(model, data) -> float:
+    """The teacher's forward FLOPs over the cached tokens: 2 per weight of every matmul per
+    token, and the attention's scores and weighted sums (4 x hidden x context per layer)."""
+    config = model.config
+    lengths = np.diff(data.offsets).astype(np.float64)
+    context = float((lengths * (lengths + 1) / 2).sum())  # sum over tokens of the positions attended
+    weights = sum(k * n * c for k, n, c in teacher_matmuls(model))
+    return 2.0 * weights * float(lengths.sum()) + 4.0 * config.hidden_size * config.num_hidden_layers * context
+
+
+def matmul_gflops(matmuls: list[tuple[int, int, int]], dtype: torch.dtype, rows: int, reps: int = 3) -> float:
+    """This machine's speed on the teacher's own matmuls, (rows, in) @ (in, out) each as often
+    as the model has it, in ``dtype``: the fastest of ``reps`` passes."""
+    g = torch.Generator().manual_seed(0)
+    pairs = [(torch.randn(rows, k, generator=g).to(dtype), torch.randn(k, n, generator=g).to(dtype), c)
+             for k, n, c in matmuls]
+    flops = sum(2.0 * rows * k * n * c for k, n, c in matmuls)
+    best = float("inf")
+    for rep in range(reps + 1):
+        t = 0.0
+        for a, b, c in pairs:
+            t0 = time.perf_counter()
+            a @ b
+            t += (time.perf_counter() - t0) * c
+        if rep:  # the first pass warms the kernels up
+            best = min(best, t)
+    return flops / best / 1e9
+
+
+def measure(cfg, tmp: str, repeats: int, torch_composition: bool) -> dict:
+    """Bare forward and stage 1, alternately, for the run's teacher precision (auto resolved)."""
+    teacher = load_teacher(cfg.teacher, cfg.paths.conversions)
+    precision, label = teacher.identity["precision"], cfg.teacher.precision.value
+    task = LanguageModel(cfg)
+    _ = task.tokenizer  # loaded once: a fixed cost per run, not per token
+    device = choose_device(cfg.teacher.device)
+    model = teacher.model.to(device)
+    data = load_tokens(cfg.data, tmp, teacher.tokenizer)
+    bare, full, composed = [], [], []
+    for r in range(repeats):
+        t0 = time.perf_counter()
+        bare_forward(model, data, cfg.teacher.batch_size, teacher.pad_id, device)
+        bare.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        task.capture(teacher, data, f"{tmp}/cache-{label}-{r}")
+        full.append(time.perf_counter() - t0)
+        if torch_composition and device.type == "cpu":  # the torch composition the fused row pass replaced
+            pipeline.capture.represent = represent_torch
+            t0 = time.perf_counter()
+            task.capture(teacher, data, f"{tmp}/torch-{label}-{r}")
+            composed.append(time.perf_counter() - t0)
+            pipeline.capture.represent = represent
+    tokens = int(data.offsets[-1])
+    rows = min(cfg.teacher.batch_size * cfg.data.seq_len, 512)  # a batch's rows (cut: GEMM speed has saturated)
+    limit = matmul_gflops(teacher_matmuls(model), next(model.parameters()).dtype, rows)
+    achieved = forward_flops(model, data) / min(full) / 1e9
+    return {"precision": precision, "tokens": tokens, "bare_forward_s": min(bare), "stage1_s": min(full),
+            "overhead_ratio": min(full) / min(bare), "tokens_per_s": tokens / min(full),
+            "capture_gflops": achieved, "matmul_gflops": limit, "capture_vs_matmul": achieved / limit,
+            "torch_composition_ratio": min(composed) / min(bare) if composed else None,
+            "paired_ratios": [f / b for f, b in zip(full, bare, strict=True)]}
+
+
+def main(overrides: list[str], repeats: int = 3, precisions: tuple[str, ...] = ("auto",)) -> dict:
     register()
     tmp = tempfile.mkdtemp(prefix="bench-lm-")
-    with initialize_config_module(config_module="pipeline.conf", version_base=None):
-        cfg = validate(OmegaConf.to_object(compose(config_name="config", overrides=[
-            "task=lm", "data.train_size=48", "data.test_size=8", f"paths.root={tmp}", *overrides])))
     try:
-        teacher = load_teacher(cfg.teacher, cfg.paths.conversions)
-        task = LanguageModel(cfg)
-        _ = task.tokenizer  # loaded once: a fixed cost per run, not per token
-        device = choose_device(cfg.teacher.device)
-        model = teacher.model.to(device)
-        data = load_tokens(cfg.data, tmp, teacher.tokenizer)
-        bare, full, composed = [], [], []
-        for r in range(repeats):
-            t0 = time.perf_counter()
-            bare_forward(model, data, cfg.teacher.batch_size, teacher.pad_id, device)
-            bare.append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            task.capture(teacher, data, f"{tmp}/cache-{r}")
-            full.append(time.perf_counter() - t0)
-            if device.type == "cpu":  # the torch composition the fused row pass replaced, for comparison
-                pipeline.capture.represent = represent_torch
-                t0 = time.perf_counter()
-                task.capture(teacher, data, f"{tmp}/torch-{r}")
-                composed.append(time.perf_counter() - t0)
-                pipeline.capture.represent = represent
+        runs = {}
+        for p in precisions:  # one after the other, each with its own alternating repeats
+            with initialize_config_module(config_module="pipeline.conf", version_base=None):
+                cfg = validate(OmegaConf.to_object(compose(config_name="config", overrides=[
+                    "task=lm", "data.train_size=48", "data.test_size=8", f"paths.root={tmp}",
+                    f"teacher.precision={p}", *overrides])))
+            runs[p] = r = measure(cfg, tmp, repeats, torch_composition=p == precisions[0])
+            print(f"teacher.precision={p} ({r['precision']}): bare forward {r['bare_forward_s']:.2f}s  stage 1 "
+                  f"{r['stage1_s']:.2f}s  overhead x{r['overhead_ratio']:.3f} ({r['tokens_per_s']:.0f} tokens/s); "
+                  f"the capture's teacher FLOP/s {r['capture_gflops']:.1f} G = x{r['capture_vs_matmul']:.3f} this "
+                  f"machine's matmuls at the teacher's shapes ({r['matmul_gflops']:.1f} G)"
+                  + (f"; torch composition instead of the fused row pass x{r['torch_composition_ratio']:.3f}"
+                     if r["torch_composition_ratio"] else ""), flush=True)
+            print("  each repeat: " + "  ".join(f"x{x:.3f}" for x in r["paired_ratios"]), flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    tokens = int(data.offsets[-1])
-    res = {"tokens": tokens, "modes": sorted(m.value for m in cfg.cache.modes), "k": cfg.cache.k,
-           "samples": cfg.cache.samples, "precision": cfg.teacher.precision.value, "device": str(device),
-           "bare_forward_s": min(bare), "stage1_s": min(full), "overhead_ratio": min(full) / min(bare),
-           "tokens_per_s": tokens / min(full),
-           "torch_composition_ratio": min(composed) / min(bare) if composed else None,
-           "paired_ratios": [f / b for f, b in zip(full, bare, strict=True)]}
-    print(f"bare forward {min(bare):.2f}s  stage 1 {min(full):.2f}s  overhead x{res['overhead_ratio']:.3f} "
-          f"({res['tokens_per_s']:.0f} tokens/s)"
-          + (f"; with the torch composition instead of the fused row pass x{res['torch_composition_ratio']:.3f}"
-             if composed else ""))
-    each = "  ".join(f"{f:.2f}/{b:.2f}s x{r:.3f}" for f, b, r in zip(full, bare, res["paired_ratios"], strict=True))
-    print("each repeat: " + each)
+    first = runs[precisions[0]]
+    res = {**first, "machine": machine(), "device": str(choose_device(cfg.teacher.device)),
+           "modes": sorted(m.value for m in cfg.cache.modes), "k": cfg.cache.k, "samples": cfg.cache.samples}
+    if len(runs) > 1:  # the default against the fastest explicit precision, same run
+        fastest = min((r["stage1_s"] for p, r in runs.items() if p != "auto"), default=None)
+        res["precisions"] = runs
+        if "auto" in runs and fastest:
+            res["auto_vs_fastest"] = runs["auto"]["stage1_s"] / fastest
+            print(f"auto's stage 1 over the fastest explicit precision's: x{res['auto_vs_fastest']:.3f}")
     print(json.dumps(res))
     return res
 
@@ -95,5 +158,6 @@ def main(overrides: list[str], repeats: int = 3) -> dict:
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--precisions", default="auto", help="teacher precisions, each measured in turn: auto,fp32,bf16")
     args, overrides = ap.parse_known_args()
-    main(overrides, args.repeats)
+    main(overrides, args.repeats, tuple(args.precisions.split(",")))

@@ -47,13 +47,14 @@ def main(overrides: list[str], repeats: int = 3) -> dict:
     device = choose_device(cfg.teacher.device)
     teacher = teacher.to(device).eval()
     x, _ = splits.concat()
+    precision = Classify(cfg).teacher_precision(splits)  # auto: as stage 1 resolves it
     tmp = tempfile.mkdtemp(prefix="bench-stage1-")
     bare, full = [], []
     try:
-        bare_forward(teacher, x[:cfg.teacher.batch_size], cfg.teacher.batch_size, device, cfg.teacher.precision.value)
+        bare_forward(teacher, x[:cfg.teacher.batch_size], cfg.teacher.batch_size, device, precision)
         for r in range(repeats):
             t0 = time.perf_counter()
-            bare_forward(teacher, x, cfg.teacher.batch_size, device, cfg.teacher.precision.value)
+            bare_forward(teacher, x, cfg.teacher.batch_size, device, precision)
             bare.append(time.perf_counter() - t0)
             cache = f"{tmp}/cache-{r}"
             t0 = time.perf_counter()
@@ -63,7 +64,7 @@ def main(overrides: list[str], repeats: int = 3) -> dict:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     res = {"rows": len(x), "classes": splits.num_classes, "modes": sorted(m.value for m in cfg.cache.modes),
-           "format": cfg.cache.format.value, "device": str(device), "bare_forward_s": min(bare),
+           "format": cfg.cache.format.value, "device": str(device), "precision": precision, "bare_forward_s": min(bare),
            "stage1_s": min(full), "overhead_ratio": min(full) / min(bare)}
     print(f"bare forward {min(bare):.3f}s  stage 1 {min(full):.3f}s  overhead x{res['overhead_ratio']:.3f}")
     print(json.dumps(res))

@@ -66,6 +66,8 @@ def child_manifest(parent: Manifest, mode: str, k: int, dtype: str, temperatures
     fields = dict(parent.fingerprint["fields"])
     capture = {"modes": [mode], "dtype": dtype, "num_classes": parent.num_classes,
                "derived_from": parent.fingerprint["digest"]}
+    if "precision" in fields.get("capture", {}):  # the teacher's: a reader with teacher.precision=auto adopts it
+        capture["precision"] = fields["capture"]["precision"]
     if mode == "topk":
         capture |= {"k": k, "temperatures": list(temperatures)}
         if value_bits < 16:

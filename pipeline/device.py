@@ -1,9 +1,14 @@
-"""Device choice with a CPU fallback, and the matching autocast context."""
+"""Device choice with a CPU fallback, the precision a model runs in (``auto``: measured on
+this machine), and the matching autocast context."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import os
+import platform
+import time
 
 import torch
 
@@ -44,3 +49,109 @@ def autocast(device: torch.device, precision: str):
     if device.type == "cpu" and precision == "fp16":
         raise ConfigError("precision=fp16 is not supported on CPU; use fp32 or bf16")
     return torch.autocast(device_type=device.type, dtype=_AUTOCAST_DTYPES[precision])
+
+
+PRECISION_MEMO = "precision.json"  # what precision=auto measured, per machine (under paths.conversions)
+PROBE_ROWS = 32  # rows of each probe matmul: a short batch, as a decoding or small-batch forward has
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def resolve_precision(requested: str, device: torch.device, shapes: list[tuple[int, int]],
+                      memo: str | None = None) -> str:
+    """The precision a model runs in: ``requested`` unless it is ``auto``. ``auto`` on CUDA
+    is bf16 where the device supports it, else fp32. On CPU it is measured: the faster of
+    fp32 and bf16 on matmuls of the model's own ``shapes`` ((in, out) features), kept in the
+    JSON file ``memo`` per processor, torch version, thread count and shapes, so each machine
+    measures once. (A processor that reports AVX-512 BF16 can still run bfloat16 matmuls
+    slower than float32: the flag is not the answer, the clock is.)"""
+    if requested != "auto":
+        return requested
+    if device.type == "cuda":
+        chosen = "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+        log.info("precision=auto -> %s (%s)", chosen, torch.cuda.get_device_name(device))
+        return chosen
+    key = json.dumps({"cpu": cpu_name(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+                      "shapes": [list(s) for s in shapes]}, sort_keys=True)
+    known = _read_memo(memo)
+    if key in known:
+        chosen = known[key]["precision"]
+        log.info("precision=auto -> %s (measured earlier on this machine, %s)", chosen, memo)
+        return chosen
+    flops = 2 * PROBE_ROWS * sum(k * n for k, n in shapes)
+    fp32 = matmul_seconds("fp32", shapes)
+    rates = {"fp32": flops / fp32 / 1e9, "bf16": flops / matmul_seconds("bf16", shapes, limit=2 * fp32) / 1e9}
+    chosen = max(rates, key=rates.get)
+    log.info("precision=auto -> %s: matmuls of the model's shapes run at %s on %s", chosen,
+             ", ".join(f"{p} {r:.1f} GFLOP/s" for p, r in rates.items()), cpu_name())
+    if memo:
+        _write_memo(memo, known | {key: {"precision": chosen, "gflops": rates}})
+    return chosen
+
+
+def matmul_seconds(precision: str, shapes: list[tuple[int, int]], rows: int = PROBE_ROWS, reps: int = 3,
+                   limit: float = float("inf")) -> float:
+    """The fastest of ``reps`` passes over one (rows, in) @ (in, out) matmul per shape, in
+    ``precision``, after a warm-up on the first shape; one pass slower than ``limit``
+    seconds ends the measurement (it has lost already)."""
+    g = torch.Generator().manual_seed(0)
+    dtype = _DTYPES[precision]
+    pairs = [(torch.randn(rows, k, generator=g).to(dtype), torch.randn(k, n, generator=g).to(dtype)) for k, n in shapes]
+    pairs[0][0][:1] @ pairs[0][1]  # warm-up: the kernels' first-call set-up
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for a, b in pairs:
+            a @ b
+        best = min(best, time.perf_counter() - t0)
+        if best > limit:
+            break
+    return best
+
+
+def cpu_name() -> str:
+    """The processor's model name (``/proc/cpuinfo`` on Linux), else what Python reports."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine() -> dict:
+    """What a measurement ran on: the processor, its vector extensions (as torch uses them
+    and as the CPU reports the ones that matter for bfloat16), threads, and the GPU if any."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        flags = []
+    out = {"cpu": cpu_name(), "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+           "cpu_flags": [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags],
+           "threads": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        out["gpu"] = torch.cuda.get_device_name()
+    return out
+
+
+def _read_memo(path: str | None) -> dict:
+    if not path or not os.path.exists(path):
+        return {}
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        log.warning("ignoring %s: not a readable JSON file of precision measurements", path)
+        return {}
+
+
+def _write_memo(path: str, data: dict) -> None:
+    from pipeline.cache.storage import write_file_atomic
+
+    try:
+        write_file_atomic(path, json.dumps(data, indent=2).encode())
+    except OSError as e:  # a read-only home: measured again next time
+        log.warning("could not keep the precision measurement in %s (%s)", path, e)

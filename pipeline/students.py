@@ -21,7 +21,7 @@ from torch import nn
 
 from pipeline.cache import CacheReader
 from pipeline.config import TrainConfig
-from pipeline.device import choose_device
+from pipeline.device import PRECISION_MEMO, choose_device, resolve_precision
 from pipeline.hashing import hash_json, plain
 from pipeline.training import joined_group, process_group, train
 
@@ -93,25 +93,36 @@ def count_steps(train_cfg: TrainConfig, stream) -> int:
     return t.steps or max(t.epochs * len(stream) // t.grad_accum, 1)
 
 
+def linear_shapes(model: nn.Module, most: int = 6) -> list[tuple[int, int]]:
+    """A model's distinct linear layers as (in, out) features (outputs cut at 2,048: a
+    vocabulary head's speed per FLOP is its slice's): what ``precision=auto`` measures."""
+    shapes = dict.fromkeys((m.in_features, min(m.out_features, 2048)) for m in model.modules()
+                           if isinstance(m, nn.Linear))
+    return list(shapes)[:most] or [(512, 512)]
+
+
 def fit(model: nn.Module, stream, steps: int, loss_fn, train_cfg: TrainConfig, *, desc: str, batches=None,
-        state: str | None = None) -> tuple[float, float]:
+        state: str | None = None, memo: str | None = None) -> tuple[float, float]:
     """Train ``model`` for ``steps`` optimizer steps with the run's optimizer settings;
-    (last loss, seconds)."""
+    (last loss, seconds). ``train.precision=auto`` is measured on the model's linear layers
+    (kept in ``memo``, :func:`pipeline.device.resolve_precision`)."""
     t = train_cfg
+    device = next(model.parameters()).device
+    precision = resolve_precision(t.precision.value, device, linear_shapes(model), memo)
     t0 = time.perf_counter()
     done, loss = train(model, stream, steps, loss_fn, lr=t.lr, weight_decay=t.weight_decay, desc=desc,
                        batches=batches, state_path=state, checkpoint_every=t.checkpoint_every,
                        accumulate=t.grad_accum, clip_norm=t.clip_norm, warmup_steps=t.warmup_steps,
-                       precision=t.precision.value)
+                       precision=precision)
     if done != steps:
         raise RuntimeError(f"{desc}: {done} optimizer steps instead of {steps}")
     return loss, time.perf_counter() - t0
 
 
 def train_student(run: StudentRun, reader: CacheReader, train_cfg: TrainConfig, *, root: str,
-                  save_dir: str | None = None) -> dict:
+                  save_dir: str | None = None, memo: str | None = None) -> dict:
     """Fit each of ``run``'s models for the same steps, then (rank 0) evaluate and save
-    them; the results row."""
+    them; the results row. ``memo``: where ``train.precision=auto`` keeps its measurement."""
     rank, world = joined_group()
     student = run.fits[0]
     steps = count_steps(train_cfg, student.stream)
@@ -121,7 +132,7 @@ def train_student(run: StudentRun, reader: CacheReader, train_cfg: TrainConfig, 
         if f.resumable and train_cfg.resume:
             state = state_path(root, reader, f"{run.name}-{run.label.replace(':', '-')}", run.identity)
         loss, took = fit(f.model, f.stream, steps, f.loss, train_cfg, desc=f"{run.name}: {f.label}",
-                         batches=f.batches, state=state)
+                         batches=f.batches, state=state, memo=memo)
         models[f.label] = f.model
         if f is student:
             final, seconds = loss, took
@@ -147,8 +158,9 @@ def train_students(task, data, reader: CacheReader, run_dir: str) -> list[dict]:
     """Every student the task's config names, one results row each (stage 3)."""
     device = choose_device(task.cfg.train.device)
     process_group(device, task.processes)
-    return [train_student(run, reader, task.cfg.train, root=task.root, save_dir=os.path.join(run_dir, "students"))
-            for run in task.student_runs(data, reader, device)]
+    memo = os.path.join(task.cfg.paths.conversions, PRECISION_MEMO)
+    return [train_student(run, reader, task.cfg.train, root=task.root, save_dir=os.path.join(run_dir, "students"),
+                          memo=memo) for run in task.student_runs(data, reader, device)]
 
 
 __all__ = ["Fit", "StudentRun", "count_steps", "fit", "flatten_settings", "state_path", "student_identity",

@@ -13,11 +13,11 @@ import numpy as np
 
 from pipeline.cache import CacheReader, Storage, cache_location, open_cache
 from pipeline.cache.fingerprint import capture_settings
-from pipeline.cache.format import Manifest, SequenceIndex
+from pipeline.cache.format import MARKER, Manifest, SequenceIndex, identify
 from pipeline.cache.storage import explain_os_error
 from pipeline.capture import RowSource, capture
 from pipeline.config import Config, Processes, resolve_processes, resolve_root
-from pipeline.device import choose_device
+from pipeline.device import PRECISION_MEMO, choose_device, resolve_precision
 from pipeline.students import StudentRun
 
 log = logging.getLogger(__name__)
@@ -106,9 +106,44 @@ class Task:
         """Anything shared across runs of this cache (a leaderboard)."""
 
     # -- shared -----------------------------------------------------------------------------
-    def capture_settings(self) -> dict:
-        """The cache's representation settings (the fingerprint's ``capture`` field)."""
-        return capture_settings(self.cfg.cache, self.cfg.teacher.precision)
+    def capture_settings(self, precision: str) -> dict:
+        """The cache's representation settings (the fingerprint's ``capture`` field) for a
+        teacher running in ``precision`` (the configured value in the cache's folder key,
+        ``auto`` included; the resolved one in its fingerprint)."""
+        return capture_settings(self.cfg.cache, precision)
+
+    def teacher_precision(self, data) -> str:
+        """``teacher.precision``; for ``auto``, the precision the cache at this run's location
+        was captured in (so every stage, on any machine, reads what stage 1 wrote), else the
+        faster on this machine (:func:`pipeline.device.resolve_precision`, on the teacher's
+        matmul shapes)."""
+        configured = self.cfg.teacher.precision.value
+        if configured != "auto":
+            return configured
+        if "_precision" not in self.__dict__:
+            url = self.cache_url(data)
+            recorded = captured_precision(Storage(url, self.cfg.cache.storage_options))
+            if recorded:
+                log.info("teacher.precision=auto -> %s, the precision the cache at %s was captured in", recorded, url)
+            self._precision = recorded or resolve_precision(
+                "auto", choose_device(self.cfg.teacher.device), self.matmul_shapes(data),
+                memo=os.path.join(self.cfg.paths.conversions, PRECISION_MEMO))
+        return self._precision
+
+    def matmul_shapes(self, data) -> list[tuple[int, int]]:
+        """The teacher's matmuls, as (in, out) features: what ``precision=auto`` measures."""
+        raise NotImplementedError
+
+
+def captured_precision(storage: Storage) -> str | None:
+    """The teacher precision recorded in the plan of the cache at ``storage`` (None: no
+    cache there, or one that records none; a path that cannot hold one is the capture's to
+    explain)."""
+    try:
+        _, plan, _ = identify(storage, MARKER)
+    except OSError:
+        return None
+    return plan.fingerprint.get("fields", {}).get("capture", {}).get("precision") if plan else None
 
 
 def save_dataset_atomic(dsd, path: str) -> None:

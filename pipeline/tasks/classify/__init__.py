@@ -208,13 +208,22 @@ class Classify(Task):
         return {k: t[k] for k in ("name", "_target_", "kwargs", "checkpoint", "channels", "fit")}
 
     def cache_key(self, splits: Splits) -> str:
-        ident = {"teacher": self.teacher_identity(), "data": asdict(self.cfg.data), "capture": self.capture_settings(),
+        ident = {"teacher": self.teacher_identity(), "data": asdict(self.cfg.data),
+                 "capture": self.capture_settings(self.cfg.teacher.precision.value),
                  "layout": layout_settings(self.cfg.cache)}
         return cache_key(self.cfg.data.name, self.cfg.teacher.name, ident)
 
     def expected_fields(self, splits: Splits) -> dict:
         return fingerprint_fields(dataset=splits.content_hash(), teacher=self.teacher_identity(),
-                                  capture=self.capture_settings())
+                                  capture=self.capture_settings(self.teacher_precision(splits)))
+
+    def matmul_shapes(self, splits: Splits) -> list[tuple[int, int]]:
+        """The built-in CNN's convolutions as the matmuls they are (kernel x channels in ->
+        channels out) and its head; a user's module, a square matmul of its batch's width."""
+        if self.cfg.teacher._target_ is not None:
+            return [(512, 512)]
+        c, width = self.cfg.teacher.channels, splits["train"].x.shape[1]
+        return [(5, c), (3 * c, c), (3 * c, c), (c * ((((width - 1) // 2) // 2) + 1), splits.num_classes)]
 
     def open_cache(self, splits: Splits, num_classes: int | None = None) -> CacheReader:
         return super().open_cache(splits, num_classes=self.cfg.data.num_classes)
@@ -231,8 +240,8 @@ class Classify(Task):
                              fingerprint=make_fingerprint(fields)), None
 
     def rows(self, teacher, splits: Splits, device) -> SampleRows:
-        t = self.cfg.teacher
-        return SampleRows(teacher.to(device).eval(), splits.concat()[0], t.batch_size, t.precision.value, device)
+        return SampleRows(teacher.to(device).eval(), splits.concat()[0], self.cfg.teacher.batch_size,
+                          self.teacher_precision(splits), device)
 
     def row_labels(self, splits: Splits, reader: CacheReader) -> np.ndarray:
         return splits.concat()[1]  # a classifier cache's row r holds sample r

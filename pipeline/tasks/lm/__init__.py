@@ -64,7 +64,9 @@ from pipeline.tasks.lm.models import (
     load_tokenizer,
     pad_id,
     student_weights,
+    teacher_config,
     teacher_identity,
+    teacher_shapes,
     tokenizer_hash,
 )
 from pipeline.tasks.lm.objective import (  # noqa: F401
@@ -158,14 +160,19 @@ class LanguageModel(Task):
     def cache_key(self, data: TokenData) -> str:
         t = dataclasses.asdict(self.cfg.teacher)
         ident = {"teacher": {k: t[k] for k in ("name", "path", "gguf_file", "precision")},
-                 "data": data.content_hash(), "capture": self.capture_settings(),
+                 "data": data.content_hash(), "capture": self.capture_settings(t["precision"].value),
                  "layout": layout_settings(self.cfg.cache)}
         return cache_key(self.cfg.data.name, self.cfg.teacher.name, ident)
 
     def expected_fields(self, data: TokenData) -> dict:
         """From the tokenizer and the weight files' hash: the model is never loaded."""
-        return fingerprint_fields(dataset=data.content_hash(), teacher=teacher_identity(self.cfg.teacher, self.tokenizer),
-                                  capture=self.capture_settings())
+        precision = self.teacher_precision(data)
+        return fingerprint_fields(dataset=data.content_hash(),
+                                  teacher=teacher_identity(self.cfg.teacher, self.tokenizer, precision),
+                                  capture=self.capture_settings(precision))
+
+    def matmul_shapes(self, data: TokenData) -> list[tuple[int, int]]:
+        return teacher_shapes(teacher_config(self.cfg.teacher, self.cfg.paths.conversions))
 
     def open_cache(self, data: TokenData, num_classes: int | None = None) -> CacheReader:
         return self.checked_reader(super().open_cache(data), data)
@@ -193,12 +200,12 @@ class LanguageModel(Task):
         return dataclasses.replace(data.index, tokenizer=text)
 
     def load_teacher(self, data: TokenData) -> LMTeacher:
-        return load_teacher(self.cfg.teacher, self.cfg.paths.conversions)
+        return load_teacher(self.cfg.teacher, self.cfg.paths.conversions, self.teacher_precision(data))
 
     def plan(self, teacher: LMTeacher, data: TokenData):
         width = teacher.model.get_output_embeddings().weight.shape[0]
         fields = fingerprint_fields(dataset=data.content_hash(), teacher=teacher.identity,
-                                    capture=self.capture_settings())
+                                    capture=self.capture_settings(teacher.identity["precision"]))
         index = self.index(data)
         m = plan_manifest(self.cfg.cache, rows=int(index.offsets[-1]), num_classes=width,
                           splits={name: data.rows(name) for name in data.sequences},

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline.device import PRECISION_MEMO, choose_device, resolve_precision
 from pipeline.errors import ConfigError, DataError, DataNotFound
 from pipeline.hashing import hash_files
 
@@ -160,30 +161,49 @@ def pad_id(tokenizer) -> int:
     return 0 if pad is None else pad
 
 
-def load_teacher(cfg_teacher, conversions: str | None = None) -> LMTeacher:
-    """The teacher model (eval mode, weights in the configured precision) and its tokenizer."""
+def load_teacher(cfg_teacher, conversions: str | None = None, precision: str | None = None) -> LMTeacher:
+    """The teacher model (eval mode, weights in ``precision``: default the section's, ``auto``
+    measured on the teacher's shapes) and its tokenizer."""
     from transformers import AutoModelForCausalLM
 
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg_teacher.precision.value]
     t0 = time.perf_counter()
     folder, gguf, meta = teacher_files(cfg_teacher, conversions)
+    config = _config(folder, gguf, meta)
+    precision = precision or cfg_teacher.precision.value
+    if precision == "auto":
+        precision = resolve_precision("auto", choose_device(cfg_teacher.device), teacher_shapes(config),
+                                      memo=os.path.join(conversions, PRECISION_MEMO) if conversions else None)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     tokenizer = _tokenizer(folder, gguf, meta)
     kw = {"gguf_file": gguf} if gguf else {}
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, local_files_only=True,
-                                                 config=_config(folder, gguf, meta), **kw).eval()
-    ident = teacher_identity(cfg_teacher, tokenizer)
-    log.info("teacher %s loaded from %s in %.1fs: %d parameters, logit width %d, tokenizer size %d",
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, local_files_only=True, config=config,
+                                                 **kw).eval()
+    ident = teacher_identity(cfg_teacher, tokenizer, precision)
+    log.info("teacher %s loaded from %s in %.1fs: %d parameters, logit width %d, tokenizer size %d, %s",
              gguf or folder.name, folder, time.perf_counter() - t0, sum(p.numel() for p in model.parameters()),
-             model.config.vocab_size, len(tokenizer))
+             model.config.vocab_size, len(tokenizer), precision)
     return LMTeacher(model, tokenizer, ident)
 
 
-def teacher_identity(cfg_teacher, tokenizer) -> dict:
+def teacher_config(cfg_teacher, conversions: str | None = None):
+    """The teacher's transformers config (its weights are not read)."""
+    return _config(*teacher_files(cfg_teacher, conversions))
+
+
+def teacher_shapes(config) -> list[tuple[int, int]]:
+    """A causal LM's matmuls as (in, out) features: its MLP's up and down projections and
+    (a slice of) its vocabulary head: what ``precision=auto`` measures."""
+    h = config.hidden_size
+    i = getattr(config, "intermediate_size", None) or 4 * h
+    return [(h, i), (i, h), (h, min(config.vocab_size, 2048))]
+
+
+def teacher_identity(cfg_teacher, tokenizer, precision: str) -> dict:
     """What changes the teacher's logits, known without loading the model: its weight
-    files, its tokenizer, the precision it runs in."""
+    files, its tokenizer, the precision it runs in (resolved: never ``auto``)."""
     folder, gguf = teacher_source(cfg_teacher)
     return {"name": cfg_teacher.name, "weights": weights_hash(folder, gguf), "tokenizer": tokenizer_hash(tokenizer),
-            "precision": cfg_teacher.precision.value}
+            "precision": precision}
 
 
 def build_student(spec, vocab_size: int, seq_len: int, seed: int, cfg_teacher=None,
