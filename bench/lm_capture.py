@@ -69,22 +69,27 @@ def forward_flops(model, data) -> float:
     return 2.0 * weights * float(lengths.sum()) + 4.0 * config.hidden_size * config.num_hidden_layers * context
 
 
-def matmul_gflops(matmuls: list[tuple[int, int, int]], dtype: torch.dtype, rows: int, reps: int = 3) -> float:
+def matmul_gflops(matmuls: list[tuple[int, int, int]], dtype: torch.dtype, rows: int, reps: int = 3,
+                  budget_s: float = 30.0) -> float:
     """This machine's speed on the teacher's own matmuls, (rows, in) @ (in, out) each as often
-    as the model has it, in ``dtype``: the fastest of ``reps`` passes."""
+    as the model has it, in ``dtype``: the fastest of ``reps`` passes (after a warm-up on a
+    few rows of each), fewer once ``budget_s`` is spent (a slow dtype: one pass says it)."""
     g = torch.Generator().manual_seed(0)
     pairs = [(torch.randn(rows, k, generator=g).to(dtype), torch.randn(k, n, generator=g).to(dtype), c)
              for k, n, c in matmuls]
+    for a, b, _ in pairs:
+        a[:8] @ b  # warm-up: each shape's kernels set up
     flops = sum(2.0 * rows * k * n * c for k, n, c in matmuls)
-    best = float("inf")
-    for rep in range(reps + 1):
+    best, start = float("inf"), time.perf_counter()
+    for _ in range(reps):
         t = 0.0
         for a, b, c in pairs:
             t0 = time.perf_counter()
             a @ b
             t += (time.perf_counter() - t0) * c
-        if rep:  # the first pass warms the kernels up
-            best = min(best, t)
+        best = min(best, t)
+        if time.perf_counter() - start > budget_s:
+            break
     return flops / best / 1e9
 
 

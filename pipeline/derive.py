@@ -92,20 +92,18 @@ def derive_source(parent: Manifest, mode: str, k: int, temperatures: list[float]
     """Which of the parent's representations a derive reads: ``full`` when it has it, else
     its ``topk`` (for a top-k as wide or narrower, at temperatures it holds) or its
     ``sampled`` rows (for fewer draws). Anything else is refused, saying what would do."""
-    if "full" in parent.modes and mode in ("topk", "full"):
-        return "full"
-    if mode == "topk" and "topk" in parent.modes:
+    source = next((r for r in REPRESENTATIONS[mode].sources if r in parent.modes), None)
+    if source == "topk":
         missing = sorted(set(temperatures) - set(parent.temperatures))
         if k > parent.k or missing:
             raise ConfigError(f"derive.k={k} at temperatures {sorted(temperatures)} from a top-{parent.k} cache with "
                              f"the logsumexp at {parent.temperatures}: a top-k derive keeps at most the parent's K "
                              "and its temperatures (set loss.temperature to one of them)")
-        return "topk"
-    if mode == "sampled" and "sampled" in parent.modes:
-        if not 0 < samples <= parent.samples:
-            raise ConfigError(f"derive.samples={samples}: a sampled derive keeps a subset of the parent's "
-                             f"{parent.samples} draws per row: choose 1..{parent.samples}")
-        return "sampled"
+    if source == "sampled" and not 0 < samples <= parent.samples:
+        raise ConfigError(f"derive.samples={samples}: a sampled derive keeps a subset of the parent's "
+                         f"{parent.samples} draws per row: choose 1..{parent.samples}")
+    if source:
+        return source
     raise ConfigError(f"derive.mode={mode} from a cache holding {parent.modes}: full logits derive top-k or another "
                      "dtype; a top-K cache derives a narrower top-k; a sampled cache derives fewer draws")
 

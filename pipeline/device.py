@@ -52,17 +52,19 @@ def autocast(device: torch.device, precision: str):
 
 
 PRECISION_MEMO = "precision.json"  # what precision=auto measured, per machine (under paths.conversions)
-PROBE_ROWS = 32  # rows of each probe matmul: a short batch, as a decoding or small-batch forward has
+PROBE_ROWS = 32
+BF16_MARGIN = 1.2  # precision=auto picks bf16 only where its matmuls run this much faster than fp32's  # rows of each probe matmul: a short batch, as a decoding or small-batch forward has
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def resolve_precision(requested: str, device: torch.device, shapes: list[tuple[int, int]],
                       memo: str | None = None) -> str:
     """The precision a model runs in: ``requested`` unless it is ``auto``. ``auto`` on CUDA
-    is bf16 where the device supports it, else fp32. On CPU it is measured: the faster of
-    fp32 and bf16 on matmuls of the model's own ``shapes`` ((in, out) features), kept in the
-    JSON file ``memo`` per processor, torch version, thread count and shapes, so each machine
-    measures once. (A processor that reports AVX-512 BF16 can still run bfloat16 matmuls
+    is bf16 where the device supports it, else fp32. On CPU it is measured: bf16 where its
+    matmuls of the model's own ``shapes`` ((in, out) features) run :data:`BF16_MARGIN` times
+    as fast as fp32's (a near tie is fp32, which rounds less, so the processes of one job
+    agree), else fp32; kept in the JSON file ``memo`` per processor, torch version, thread
+    count and shapes, so each machine measures once. (A processor that reports AVX-512 BF16 can still run bfloat16 matmuls
     slower than float32: the flag is not the answer, the clock is.)"""
     if requested != "auto":
         return requested
@@ -80,7 +82,8 @@ def resolve_precision(requested: str, device: torch.device, shapes: list[tuple[i
     flops = 2 * PROBE_ROWS * sum(k * n for k, n in shapes)
     fp32 = matmul_seconds("fp32", shapes)
     rates = {"fp32": flops / fp32 / 1e9, "bf16": flops / matmul_seconds("bf16", shapes, limit=2 * fp32) / 1e9}
-    chosen = max(rates, key=rates.get)
+    # bf16 rounds: it must be clearly faster (a near tie goes to fp32, the same way on every run)
+    chosen = "bf16" if rates["bf16"] >= BF16_MARGIN * rates["fp32"] else "fp32"
     log.info("precision=auto -> %s: matmuls of the model's shapes run at %s on %s", chosen,
              ", ".join(f"{p} {r:.1f} GFLOP/s" for p, r in rates.items()), cpu_name())
     if memo:

@@ -17,8 +17,9 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.cache.storage import check_writable, explain_os_error
-from pipeline.config import Config, Processes, Stage, register, resolve_processes
+from pipeline.config import Config, Stage, register
 from pipeline.errors import UserError
+from pipeline.processes import Processes, resolve_processes
 from pipeline.tasks import validate
 from pipeline.validation import check_overrides
 

@@ -27,9 +27,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from pipeline.cache.storage import write_file_atomic
-from pipeline.config import Processes
 from pipeline.device import autocast
 from pipeline.errors import DataError
+from pipeline.processes import Processes
 
 log = logging.getLogger(__name__)
 

@@ -10,10 +10,11 @@ import os
 
 from pipeline.audit import audit_cache, format_audit, plot_audit
 from pipeline.cluster import scheduler
-from pipeline.config import Config, DeriveMode, Processes
+from pipeline.config import Config, DeriveMode
 from pipeline.derive import derive_for_run
 from pipeline.errors import CacheError, ConfigError
 from pipeline.planner import describe, plan
+from pipeline.processes import Processes
 from pipeline.tasks import task_for
 
 log = logging.getLogger(__name__)

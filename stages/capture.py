@@ -8,7 +8,8 @@ import logging
 import torch
 
 from pipeline.cache.storage import check_writable
-from pipeline.config import Config, Processes
+from pipeline.config import Config
+from pipeline.processes import Processes
 from pipeline.tasks import task_for
 
 log = logging.getLogger(__name__)

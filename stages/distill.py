@@ -7,7 +7,8 @@ import json
 import logging
 import os
 
-from pipeline.config import Config, Processes
+from pipeline.config import Config
+from pipeline.processes import Processes
 from pipeline.students import train_students
 from pipeline.tasks import task_for
 from pipeline.training import is_main_process, leave_process_group

@@ -4,8 +4,9 @@ import sys
 import pytest
 from hydra.errors import ConfigCompositionException, MissingConfigException
 
-from pipeline.config import Processes, Stage, StudentArch, resolve_processes
+from pipeline.config import Stage, StudentArch
 from pipeline.errors import ConfigError
+from pipeline.processes import Processes, resolve_processes
 from pipeline.tasks import validate
 from tests.support import compose_config
 

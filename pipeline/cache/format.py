@@ -197,6 +197,9 @@ class Representation:
     name: str
     arrays: tuple[str, ...]
     specs: Callable[[Manifest], Specs]
+    # the parent representations stage 2 derives it from, the first one a parent holds
+    # (:func:`pipeline.derive.derive_source` checks that parent's rows suffice)
+    sources: tuple[str, ...] = ()
 
 
 def _ids(m: Manifest) -> str:
@@ -220,9 +223,9 @@ def _sampled_specs(m: Manifest) -> Specs:
 
 
 REPRESENTATIONS = {r.name: r for r in (
-    Representation("full", (LOGITS,), lambda m: {LOGITS: ((m.num_classes,), STORAGE_DTYPE[m.dtype])}),
-    Representation("topk", (TOPK_IDX, TOPK_VAL, LSE), _topk_specs),
-    Representation("sampled", (SAMPLED_IDX, SAMPLED_CNT, SAMPLED_ENT), _sampled_specs),
+    Representation("full", (LOGITS,), lambda m: {LOGITS: ((m.num_classes,), STORAGE_DTYPE[m.dtype])}, ("full",)),
+    Representation("topk", (TOPK_IDX, TOPK_VAL, LSE), _topk_specs, ("full", "topk")),
+    Representation("sampled", (SAMPLED_IDX, SAMPLED_CNT, SAMPLED_ENT), _sampled_specs, ("sampled",)),
 )}
 MODES = tuple(REPRESENTATIONS)
 

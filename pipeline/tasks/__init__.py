@@ -28,7 +28,7 @@ def registry() -> dict[str, type[Task]]:
 
 def task_for(cfg, processes=None) -> Task:
     """The plug-in of ``cfg.task``, bound to the run's config (and where this process
-    stands in its job, :class:`pipeline.config.Processes`)."""
+    stands in its job, :class:`pipeline.processes.Processes`)."""
     name = plain(cfg.task)
     tasks = registry()
     if name not in tasks:

@@ -16,8 +16,9 @@ from pipeline.cache.fingerprint import capture_settings
 from pipeline.cache.format import MARKER, Manifest, SequenceIndex, identify
 from pipeline.cache.storage import explain_os_error
 from pipeline.capture import RowSource, capture
-from pipeline.config import Config, Processes, resolve_processes, resolve_root
+from pipeline.config import Config, resolve_root
 from pipeline.device import PRECISION_MEMO, choose_device, resolve_precision
+from pipeline.processes import Processes, resolve_processes
 from pipeline.students import StudentRun
 
 log = logging.getLogger(__name__)
