@@ -25,11 +25,11 @@ register()
 # `make test` runs the suite in two processes (pytest-xdist). The test files below share an
 # expensive module-scoped fixture (the real GGUF teacher and its cache, the CLI's token cache,
 # the uninterrupted reference capture, the S3 server, a full CLI run) or compile the same
-# Numba kernels (the distances: compiled once, the second process would compile them too
-# before the first had saved them): each goes to one process whole; every other test is
+# Numba kernels (the distances, stage 1's row pass: compiled once, the second process would
+# compile them too before the first had saved them): each goes to one process whole; every other test is
 # handed out on its own. The longest go first, so no process is left with one at the end.
 SHARED = ("tests/tasks/test_lm.py", "tests/test_trust.py", "tests/tasks/test_lm_cli.py", "tests/cache/test_s3.py",
-          "tests/test_cli.py", "tests/kernels/test_distances.py")
+          "tests/test_cli.py", "tests/kernels/test_distances.py", "tests/kernels/test_teacher_rows.py")
 FIRST = ("tests/tasks/test_lm.py", "tests/test_trust.py", "tests/tasks/test_lm_cli.py",
          "tests/kernels/test_distances.py", "tests/test_student_resume.py", "tests/cache/test_s3.py")
 
