@@ -28,6 +28,7 @@ from collections import Counter
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
@@ -71,21 +72,21 @@ def forward_flops(model, data) -> float:
 
 def matmul_gflops(matmuls: list[tuple[int, int, int]], dtype: torch.dtype, rows: int, reps: int = 3,
                   budget_s: float = 30.0) -> float:
-    """This machine's speed on the teacher's own matmuls, (rows, in) @ (in, out) each as often
-    as the model has it, in ``dtype``: the fastest of ``reps`` passes (after a warm-up on a
+    """This machine's speed on the teacher's own linear layers, (rows, in) inputs through each
+    (out, in) weight as often as the model has it, in ``dtype``: the fastest of ``reps`` passes (after a warm-up on a
     few rows of each), fewer once ``budget_s`` is spent (a slow dtype: one pass says it)."""
     g = torch.Generator().manual_seed(0)
-    pairs = [(torch.randn(rows, k, generator=g).to(dtype), torch.randn(k, n, generator=g).to(dtype), c)
-             for k, n, c in matmuls]
-    for a, b, _ in pairs:
-        a[:8] @ b  # warm-up: each shape's kernels set up
+    pairs = [(torch.randn(rows, k, generator=g).to(dtype), torch.randn(n, k, generator=g).to(dtype), c)
+             for k, n, c in matmuls]  # weights (out, in), as the model's linear layers hold them
+    for a, w, _ in pairs:
+        F.linear(a[:8], w)  # warm-up: each shape's kernels set up
     flops = sum(2.0 * rows * k * n * c for k, n, c in matmuls)
     best, start = float("inf"), time.perf_counter()
     for _ in range(reps):
         t = 0.0
-        for a, b, c in pairs:
+        for a, w, c in pairs:
             t0 = time.perf_counter()
-            a @ b
+            F.linear(a, w)
             t += (time.perf_counter() - t0) * c
         best = min(best, t)
         if time.perf_counter() - start > budget_s:

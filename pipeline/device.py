@@ -53,6 +53,7 @@ def autocast(device: torch.device, precision: str):
 
 PRECISION_MEMO = "precision.json"  # what precision=auto measured, per machine (under paths.conversions)
 PROBE_ROWS = 32
+PROBE_VERSION = 2  # 2: linear layers' (out, in) weights, as models hold them (1 timed (in, out) matmuls)
 BF16_MARGIN = 1.2  # precision=auto picks bf16 only where its matmuls run this much faster than fp32's  # rows of each probe matmul: a short batch, as a decoding or small-batch forward has
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -73,7 +74,7 @@ def resolve_precision(requested: str, device: torch.device, shapes: list[tuple[i
         log.info("precision=auto -> %s (%s)", chosen, torch.cuda.get_device_name(device))
         return chosen
     key = json.dumps({"cpu": cpu_name(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-                      "shapes": [list(s) for s in shapes]}, sort_keys=True)
+                      "shapes": [list(s) for s in shapes], "probe": PROBE_VERSION}, sort_keys=True)
     known = _read_memo(memo)
     if key in known:
         chosen = known[key]["precision"]
@@ -93,18 +94,19 @@ def resolve_precision(requested: str, device: torch.device, shapes: list[tuple[i
 
 def matmul_seconds(precision: str, shapes: list[tuple[int, int]], rows: int = PROBE_ROWS, reps: int = 3,
                    limit: float = float("inf")) -> float:
-    """The fastest of ``reps`` passes over one (rows, in) @ (in, out) matmul per shape, in
-    ``precision``, after a warm-up on the first shape; one pass slower than ``limit``
-    seconds ends the measurement (it has lost already)."""
+    """The fastest of ``reps`` passes over one linear layer per shape ((rows, in) inputs,
+    (out, in) weights: the layout and kernel a model's ``nn.Linear`` uses), in ``precision``,
+    after a warm-up on the first shape; one pass slower than ``limit`` seconds ends the
+    measurement (it has lost already)."""
     g = torch.Generator().manual_seed(0)
     dtype = _DTYPES[precision]
-    pairs = [(torch.randn(rows, k, generator=g).to(dtype), torch.randn(k, n, generator=g).to(dtype)) for k, n in shapes]
-    pairs[0][0][:1] @ pairs[0][1]  # warm-up: the kernels' first-call set-up
+    pairs = [(torch.randn(rows, k, generator=g).to(dtype), torch.randn(n, k, generator=g).to(dtype)) for k, n in shapes]
+    torch.nn.functional.linear(pairs[0][0][:1], pairs[0][1])  # warm-up: the kernels' first-call set-up
     best = float("inf")
     for _ in range(reps):
         t0 = time.perf_counter()
-        for a, b in pairs:
-            a @ b
+        for a, w in pairs:
+            torch.nn.functional.linear(a, w)
         best = min(best, time.perf_counter() - t0)
         if best > limit:
             break
