@@ -28,14 +28,13 @@ from collections import Counter
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
 import pipeline.capture
 from pipeline.cache import ShardRecord
 from pipeline.config import register
-from pipeline.device import choose_device, machine
+from pipeline.device import choose_device, machine, matmul_seconds
 from pipeline.representations import represent, represent_torch
 from pipeline.tasks import validate
 from pipeline.tasks.lm import LanguageModel, TokenRows
@@ -70,28 +69,12 @@ def forward_flops(model, data) -> float:
     return 2.0 * weights * float(lengths.sum()) + 4.0 * config.hidden_size * config.num_hidden_layers * context
 
 
-def matmul_gflops(matmuls: list[tuple[int, int, int]], dtype: torch.dtype, rows: int, reps: int = 3,
-                  budget_s: float = 30.0) -> float:
+def matmul_gflops(matmuls: list[tuple[int, int, int]], precision: str, rows: int) -> float:
     """This machine's speed on the teacher's own linear layers, (rows, in) inputs through each
-    (out, in) weight as often as the model has it, in ``dtype``: the fastest of ``reps`` passes (after a warm-up on a
-    few rows of each), fewer once ``budget_s`` is spent (a slow dtype: one pass says it)."""
-    g = torch.Generator().manual_seed(0)
-    pairs = [(torch.randn(rows, k, generator=g).to(dtype), torch.randn(n, k, generator=g).to(dtype), c)
-             for k, n, c in matmuls]  # weights (out, in), as the model's linear layers hold them
-    for a, w, _ in pairs:
-        F.linear(a[:8], w)  # warm-up: each shape's kernels set up
-    flops = sum(2.0 * rows * k * n * c for k, n, c in matmuls)
-    best, start = float("inf"), time.perf_counter()
-    for _ in range(reps):
-        t = 0.0
-        for a, w, c in pairs:
-            t0 = time.perf_counter()
-            F.linear(a, w)
-            t += (time.perf_counter() - t0) * c
-        best = min(best, t)
-        if time.perf_counter() - start > budget_s:
-            break
-    return flops / best / 1e9
+    (out, in) weight as often as the model has it, timed as ``precision=auto`` times them
+    (:func:`pipeline.device.matmul_seconds`; a shape slower than 5 s a pass is timed once)."""
+    seconds = sum(matmul_seconds(precision, [(k, n)], rows, limit=5.0) * c for k, n, c in matmuls)
+    return sum(2.0 * rows * k * n * c for k, n, c in matmuls) / seconds / 1e9
 
 
 def measure(cfg, tmp: str, repeats: int, torch_composition: bool) -> dict:
@@ -119,7 +102,7 @@ def measure(cfg, tmp: str, repeats: int, torch_composition: bool) -> dict:
             pipeline.capture.represent = represent
     tokens = int(data.offsets[-1])
     rows = min(cfg.teacher.batch_size * cfg.data.seq_len, 512)  # a batch's rows (cut: GEMM speed has saturated)
-    limit = matmul_gflops(teacher_matmuls(model), next(model.parameters()).dtype, rows)
+    limit = matmul_gflops(teacher_matmuls(model), precision, rows)
     achieved = forward_flops(model, data) / min(full) / 1e9
     return {"precision": precision, "tokens": tokens, "bare_forward_s": min(bare), "stage1_s": min(full),
             "overhead_ratio": min(full) / min(bare), "tokens_per_s": tokens / min(full),

@@ -55,7 +55,7 @@ PRECISION_MEMO = "precision.json"  # what precision=auto measured, per machine (
 PROBE_ROWS = 32
 PROBE_VERSION = 2  # 2: linear layers' (out, in) weights, as models hold them (1 timed (in, out) matmuls)
 BF16_MARGIN = 1.2  # precision=auto picks bf16 only where its matmuls run this much faster than fp32's  # rows of each probe matmul: a short batch, as a decoding or small-batch forward has
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_precision(requested: str, device: torch.device, shapes: list[tuple[int, int]],

@@ -107,8 +107,9 @@ def fit(model: nn.Module, stream, steps: int, loss_fn, train_cfg: TrainConfig, *
     (last loss, seconds). ``train.precision=auto`` is measured on the model's linear layers
     (kept in ``memo``, :func:`pipeline.device.resolve_precision`)."""
     t = train_cfg
-    device = next(model.parameters()).device
-    precision = resolve_precision(t.precision.value, device, linear_shapes(model), memo)
+    precision = t.precision.value
+    if precision == "auto":  # (the layer walk only where it is measured)
+        precision = resolve_precision(precision, next(model.parameters()).device, linear_shapes(model), memo)
     t0 = time.perf_counter()
     done, loss = train(model, stream, steps, loss_fn, lr=t.lr, weight_decay=t.weight_decay, desc=desc,
                        batches=batches, state_path=state, checkpoint_every=t.checkpoint_every,
