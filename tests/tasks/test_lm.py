@@ -489,24 +489,29 @@ def test_a_pretrained_student_starts_from_its_weights_and_saves_a_loadable_folde
 
 def test_a_teacher_layer_student_of_the_gguf_teacher_trains_and_reloads(teacher, lm_cache, tmp_path):
     """student=teacher_layers from SmolLM2's GGUF file: the chosen layers' tensors are the
-    dequantized teacher's (equal to transformers' own full load in float32, the module's
-    teacher), it trains from the cache, and what stage 3 saves is a folder from_pretrained
-    loads, equal to the trained student."""
+    dequantized teacher's, read from the weights converted once (transformers' own full load
+    in float32, which the module's teacher loaded from too) and equal to the GGUF file's
+    tensors dequantized one by one where nothing is converted; it trains from the cache, and
+    what stage 3 saves is a folder from_pretrained loads, equal to the trained student."""
     from transformers import AutoModelForCausalLM
 
-    from pipeline.tasks.lm.models import build_student
+    from pipeline.tasks.lm.models import build_student, teacher_files, teacher_layer_student, weight_files
 
     cfg, data, url = lm_cache
     student_cfg = compose_config(*SMALL, f"paths.root={tmp_path}", "student=teacher_layers",
                                  "student.teacher_layers.layers=[0,29]")
     spec = student_cfg.student["teacher_layers"]
     home = student_cfg.paths.conversions
+    folder, gguf, meta = teacher_files(student_cfg.teacher, home)
+    assert weight_files(student_cfg.teacher, home) == (meta, None) and (meta / "model.safetensors").is_file()
     start = build_student(spec, 0, 48, 0, student_cfg.teacher, home)
     reference = teacher.model.state_dict()
     assert {v.dtype for v in reference.values()} == {torch.float32}
+    direct = teacher_layer_student(student_cfg.teacher, [0, 29], None).state_dict()  # from the GGUF file itself
     for name, value in start.state_dict().items():
         assert value.dtype == torch.float32
         assert torch.equal(value, reference[name.replace("layers.1.", "layers.29.")]), name
+        assert torch.equal(value, direct[name]), name
     row = train_variant(LanguageModel(student_cfg), "teacher_layers", spec, Variant("sampled_kl"), data,
                         open_cache(url), torch.device("cpu"), save_dir=str(tmp_path / "out"))
     saved = AutoModelForCausalLM.from_pretrained(row["checkpoint"])

@@ -110,6 +110,51 @@ def gguf_metadata(folder: Path, gguf: str, conversions: str | None) -> Path | No
     return target
 
 
+def gguf_weights(folder: Path, gguf: str, meta: Path) -> Path | None:
+    """``meta`` (a GGUF file's converted tokenizer and config, :func:`gguf_metadata`) with
+    the file's weights dequantized once into float32 safetensors beside them: a Hugging Face
+    folder that loads like any other. transformers re-reads and dequantizes a GGUF file on
+    every load, 20-25 s for SmolLM2-135M on a 2-core CPU, most of it mapping tensor names,
+    against about a second for the safetensors. The weights are transformers' own full
+    load of the file, saved as they are; the teacher's identity stays the GGUF file's hash.
+    None (the GGUF file is read as before) where the folder cannot be written."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    target = meta / "model.safetensors"
+    if target.is_file():  # (it appears whole: written beside it, then renamed into place)
+        return meta
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=gguf, dtype=torch.float32,
+                                                 local_files_only=True, config=_config(folder, gguf, meta))
+    tmp = meta / f".model.safetensors.{os.getpid()}"
+    try:
+        state, seen = {}, set()
+        for name, value in model.state_dict().items():  # tied tensors once, by their first name (the embeddings)
+            if value.data_ptr() not in seen:
+                seen.add(value.data_ptr())
+                state[name] = value.contiguous()
+        save_file(state, str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, target)
+    except OSError as e:
+        log.warning("could not keep %s's dequantized weights under %s (%s); reading the GGUF file on every load "
+                    "(set paths.conversions to a writable folder with room for the float32 weights)", gguf, meta, e)
+        return None
+    finally:
+        tmp.unlink(missing_ok=True)
+    log.info("dequantized %s's weights once into %s (%.0f MB, %.0fs)", gguf, target, target.stat().st_size / 1e6,
+             time.perf_counter() - t0)
+    return meta
+
+
+def weight_files(cfg_teacher, conversions: str | None = None) -> tuple[Path, str | None]:
+    """(folder, gguf file name or None) to load the teacher's weights from: a GGUF teacher's
+    converted folder (:func:`gguf_weights`) where ``conversions`` can hold it."""
+    folder, gguf, meta = teacher_files(cfg_teacher, conversions)
+    converted = gguf_weights(folder, gguf, meta) if gguf and meta is not None else None
+    return (converted, None) if converted is not None else (folder, gguf)
+
+
 def teacher_files(cfg_teacher, conversions: str | None = None) -> tuple[Path, str | None, Path | None]:
     """(folder, gguf file name or None, the GGUF's converted tokenizer and config or None),
     converted GGUF metadata kept under ``conversions`` (:func:`gguf_metadata`)."""
@@ -175,8 +220,9 @@ def load_teacher(cfg_teacher, conversions: str | None = None, precision: str | N
                                       memo=os.path.join(conversions, PRECISION_MEMO) if conversions else None)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     tokenizer = _tokenizer(folder, gguf, meta)
-    kw = {"gguf_file": gguf} if gguf else {}
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, local_files_only=True, config=config,
+    weights, weights_gguf = weight_files(cfg_teacher, conversions)
+    kw = {"gguf_file": weights_gguf} if weights_gguf else {}
+    model = AutoModelForCausalLM.from_pretrained(str(weights), dtype=dtype, local_files_only=True, config=config,
                                                  **kw).eval()
     ident = teacher_identity(cfg_teacher, tokenizer, precision)
     log.info("teacher %s loaded from %s in %.1fs: %d parameters, logit width %d, tokenizer size %d, %s",
@@ -237,8 +283,8 @@ def teacher_layer_student(cfg_teacher, layers: list[int], conversions: str | Non
     """A student made of the teacher's embeddings, final norm and output head and its
     decoder layers ``layers`` (in that order), the DistilBERT / Minitron initialisation.
 
-    Only those tensors are read from the teacher's files (safetensors by name, GGUF tensors
-    dequantized one by one), into a model built from the teacher's config with
+    Only those tensors are read from the teacher's files (safetensors by name, a GGUF file's
+    converted weights, or its tensors dequantized one by one where none are kept), into a model built from the teacher's config with
     ``len(layers)`` layers; the teacher model itself is never built. Per-layer config lists
     (e.g. ``layer_types``) keep the chosen layers' entries."""
     from transformers import AutoModelForCausalLM
@@ -260,6 +306,7 @@ def teacher_layer_student(cfg_teacher, layers: list[int], conversions: str | Non
         m = LAYER.match(name)
         wanted[f"{m[1]}{layers[int(m[2])]}{m[3]}" if m else name] = name
     t0 = time.perf_counter()
+    folder, gguf = weight_files(cfg_teacher, conversions)
     if gguf:
         tensors = read_gguf_tensors(folder / gguf, teacher_config, wanted)
     else:
