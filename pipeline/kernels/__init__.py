@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 
+import numba
 import numpy as np
 
 from pipeline.distances import distance_spec, names
@@ -64,6 +65,12 @@ def _finish(loss, grad, bad, reduction: str, scale: float, what: str):
     return float(loss.sum() * scale), grad
 
 
+def _blocks() -> int:
+    """How many row blocks (each with a scratch row) a softmax kernel splits its rows into:
+    four per thread, so a slow block does not leave a thread idle for long."""
+    return 4 * numba.get_num_threads()
+
+
 def _check_temperature(temperature: float) -> float:
     if not temperature > 0:
         raise ConfigError(f"temperature={temperature}: must be > 0")
@@ -91,7 +98,7 @@ def _dense(rows, student: np.ndarray, teacher: np.ndarray, params: tuple, mask, 
 
 
 def kl(student, teacher, *, temperature=1.0, beta=0.5, mask=None, weights=None, reduction="mean", coef=1.0):
-    return _dense(dense.kl_rows, student, teacher, (_check_temperature(temperature),), mask, weights, reduction,
+    return _dense(dense.kl_rows, student, teacher, (_check_temperature(temperature), _blocks()), mask, weights, reduction,
                   coef)
 
 
@@ -108,7 +115,7 @@ def js(student, teacher, *, temperature=1.0, beta=0.5, mask=None, weights=None, 
     if beta in (0.0, 1.0):
         return (kl if beta == 0.0 else reverse_kl)(student, teacher, temperature=temperature, mask=mask,
                                                     weights=weights, reduction=reduction, coef=coef)
-    return _dense(dense.js_rows, student, teacher, (_check_temperature(temperature), float(beta)), mask, weights,
+    return _dense(dense.js_rows, student, teacher, (_check_temperature(temperature), float(beta), _blocks()), mask, weights,
                   reduction, coef)
 
 
@@ -126,7 +133,7 @@ def euclidean(student, teacher, *, temperature=1.0, beta=0.5, mask=None, weights
 
 
 def tv(student, teacher, *, temperature=1.0, beta=0.5, mask=None, weights=None, reduction="mean", coef=1.0):
-    return _dense(dense.tv_rows, student, teacher, (_check_temperature(temperature),), mask, weights, reduction,
+    return _dense(dense.tv_rows, student, teacher, (_check_temperature(temperature), _blocks()), mask, weights, reduction,
                   coef)
 
 

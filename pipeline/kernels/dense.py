@@ -16,6 +16,11 @@ logits (finite at +-1e4):
 ``js`` is TRL's generalized Jensen-Shannon: b=0 is forward KL, b=1 reverse KL (exactly, as
 special cases), b=0.5 the symmetric JS, bounded by T^2 log 2.
 
+Each exp is computed once: the softmax kernels keep the teacher's exps in ``grad`` and the
+student's in a scratch row per block of rows (``blocks`` blocks: the caller passes a few per
+thread), so KL, JS and TV take two exps an element and reverse KL (whose teacher enters only
+through its normaliser) keeps the student's in ``grad`` alone.
+
 Every kernel takes ``w`` (B,) row weights (0 skips the row: masked padding) and ``scale``,
 writes ``loss[i] = w_i * L_i`` and ``grad[i] = scale * w_i * dL_i/ds``, and sets
 ``bad[i] = 1`` where the teacher row is not finite.
@@ -26,18 +31,39 @@ from __future__ import annotations
 import math
 
 import numba as nb
+import numpy as np
 
-from pipeline.kernels._base import FASTMATH, is_finite, like, row_max, tval, vexp, vlog, zero_row
+from pipeline.kernels._base import (
+    FASTMATH,
+    is_finite,
+    like,
+    row_max,
+    shifted,
+    tval,
+    vexp,
+    vlog,
+    zero_row,
+)
 
 _EPS = 1e-8
 _JIT = {"parallel": True, "cache": True, "fastmath": FASTMATH}
 
 
+@nb.njit(inline="always")
+def _blocks(n, c, blocks, dtype):
+    """Rows in ``blocks`` contiguous blocks (a few per thread), each with a scratch row of C
+    values: the softmax kernels keep the student's exps there, so no pass computes an exp
+    twice. (The caller counts the threads: ``numba.get_num_threads`` in a kernel stops
+    Numba caching it.)"""
+    count = max(min(n, blocks), 1)
+    return count, np.empty((count, c), dtype)
+
+
 @nb.njit(inline="always", fastmath=FASTMATH)
-def _softmax_start(s, t, table, inv_t, w, loss, grad, bad, i):
+def _softmax_start(s, t, table, inv_t, w, loss, grad, es, i):
     """The common start of the softmax kernels for row i: skip a masked row, else return
-    the row maxima and the sums of exp((x - max)/T), with the teacher's terms left in
-    ``grad``. Returns (go, s_max, t_max, s_sum, t_sum)."""
+    the row maxima and the sums of exp((x - max)/T), with the teacher's exps left in
+    ``grad[i]`` and the student's in ``es``. Returns (go, s_max, t_max, s_sum, t_sum)."""
     zero = like(s, 0.0)
     if w[i] == 0.0:
         zero_row(loss, grad, i)
@@ -49,32 +75,37 @@ def _softmax_start(s, t, table, inv_t, w, loss, grad, bad, i):
         e = vexp((tval(t, i, j, table) - t_max) * inv_t)
         grad[i, j] = e
         t_sum += e
-        s_sum += vexp((s[i, j] - s_max) * inv_t)
+        f = vexp((s[i, j] - s_max) * inv_t)
+        es[j] = f
+        s_sum += f
     return True, s_max, t_max, s_sum, t_sum
 
 
 @nb.njit(**_JIT)
-def kl_rows(s, t, table, temperature, w, scale, loss, grad, bad):
+def kl_rows(s, t, table, temperature, blocks, w, scale, loss, grad, bad):
     n, c = s.shape
     inv_t = like(s, 1.0 / temperature)
     T = like(s, temperature)
-    for i in nb.prange(n):
-        go, s_max, t_max, s_sum, t_sum = _softmax_start(s, t, table, inv_t, w, loss, grad, bad, i)
-        if not go:
-            continue
-        s_lse, t_lse = vlog(s_sum), vlog(t_sum)
-        r_t = like(s, 1.0) / t_sum
-        g = like(s, scale * w[i]) * T
-        acc = like(s, 0.0)
-        for j in range(c):
-            p = grad[i, j] * r_t
-            log_p = (tval(t, i, j, table) - t_max) * inv_t - t_lse
-            log_q = (s[i, j] - s_max) * inv_t - s_lse
-            acc += p * (log_p - log_q)
-            grad[i, j] = g * (vexp(log_q) - p)
-        if not is_finite(acc):  # a NaN or infinite teacher value ends here
-            bad[i] = 1
-        loss[i] = w[i] * T * T * acc
+    count, scratch = _blocks(n, c, blocks, s.dtype)
+    for b in nb.prange(count):
+        es = scratch[b]
+        for i in range(b * n // count, (b + 1) * n // count):
+            go, s_max, t_max, s_sum, t_sum = _softmax_start(s, t, table, inv_t, w, loss, grad, es, i)
+            if not go:
+                continue
+            r_t, r_s = like(s, 1.0) / t_sum, like(s, 1.0) / s_sum
+            s_lse, t_lse = vlog(s_sum), vlog(t_sum)
+            g = like(s, scale * w[i]) * T
+            acc = like(s, 0.0)
+            for j in range(c):
+                p = grad[i, j] * r_t
+                log_p = shifted(tval(t, i, j, table), t_max, inv_t) - t_lse
+                log_q = shifted(s[i, j], s_max, inv_t) - s_lse
+                acc += p * (log_p - log_q)
+                grad[i, j] = g * (es[j] * r_s - p)
+            if not is_finite(acc):  # a NaN or infinite teacher value ends here
+                bad[i] = 1
+            loss[i] = w[i] * T * T * acc
 
 
 @nb.njit(**_JIT)
@@ -83,21 +114,29 @@ def reverse_kl_rows(s, t, table, temperature, w, scale, loss, grad, bad):
     inv_t = like(s, 1.0 / temperature)
     T = like(s, temperature)
     for i in nb.prange(n):
-        go, s_max, t_max, s_sum, t_sum = _softmax_start(s, t, table, inv_t, w, loss, grad, bad, i)
-        if not go:
+        if w[i] == 0.0:
+            zero_row(loss, grad, i)
             continue
+        s_max, t_max = row_max(s, t, i, table)
+        s_sum = like(s, 0.0)
+        t_sum = like(s, 0.0)
+        for j in range(c):  # the teacher enters only through its normaliser: the student's exps in grad
+            t_sum += vexp((tval(t, i, j, table) - t_max) * inv_t)
+            e = vexp((s[i, j] - s_max) * inv_t)
+            grad[i, j] = e
+            s_sum += e
+        r_s = like(s, 1.0) / s_sum
         s_lse, t_lse = vlog(s_sum), vlog(t_sum)
         acc = like(s, 0.0)
-        for j in range(c):  # q kept in grad; KL_r = sum q (log q - log p)
-            log_p = (tval(t, i, j, table) - t_max) * inv_t - t_lse
-            log_q = (s[i, j] - s_max) * inv_t - s_lse
-            q = vexp(log_q)
-            grad[i, j] = q
-            acc += q * (log_q - log_p)
-        g = like(s, scale * w[i]) * T
+        for j in range(c):  # KL_r = sum q (log q - log p)
+            log_p = shifted(tval(t, i, j, table), t_max, inv_t) - t_lse
+            log_q = shifted(s[i, j], s_max, inv_t) - s_lse
+            acc += grad[i, j] * (log_q - log_p)
+        acc *= r_s
+        g = like(s, scale * w[i]) * T * r_s
         for j in range(c):
-            log_p = (tval(t, i, j, table) - t_max) * inv_t - t_lse
-            log_q = (s[i, j] - s_max) * inv_t - s_lse
+            log_p = shifted(tval(t, i, j, table), t_max, inv_t) - t_lse
+            log_q = shifted(s[i, j], s_max, inv_t) - s_lse
             grad[i, j] = g * grad[i, j] * (log_q - log_p - acc)
         if not is_finite(acc):  # a NaN or infinite teacher value ends here
             bad[i] = 1
@@ -105,37 +144,39 @@ def reverse_kl_rows(s, t, table, temperature, w, scale, loss, grad, bad):
 
 
 @nb.njit(**_JIT)
-def js_rows(s, t, table, temperature, beta, w, scale, loss, grad, bad):
+def js_rows(s, t, table, temperature, beta, blocks, w, scale, loss, grad, bad):
     n, c = s.shape
     inv_t = like(s, 1.0 / temperature)
     T = like(s, temperature)
     b = like(s, beta)
     b1 = like(s, 1.0 - beta)
-    for i in nb.prange(n):
-        go, s_max, t_max, s_sum, t_sum = _softmax_start(s, t, table, inv_t, w, loss, grad, bad, i)
-        if not go:
-            continue
-        s_lse, t_lse = vlog(s_sum), vlog(t_sum)
-        r_t = like(s, 1.0) / t_sum
-        acc = like(s, 0.0)
-        g_bar = like(s, 0.0)
-        for j in range(c):  # g_j = (1-b)(log q - log m) kept in grad; sum q g
-            p = grad[i, j] * r_t
-            log_p = (tval(t, i, j, table) - t_max) * inv_t - t_lse
-            log_q = (s[i, j] - s_max) * inv_t - s_lse
-            q = vexp(log_q)
-            log_m = vlog(max(b * p + b1 * q, like(s, 1e-37)))  # m below 1e-37: p and q add nothing
-            acc += b * p * (log_p - log_m) + b1 * q * (log_q - log_m)
-            gj = b1 * (log_q - log_m)
-            grad[i, j] = gj
-            g_bar += q * gj
-        g = like(s, scale * w[i]) * T
-        for j in range(c):
-            q = vexp((s[i, j] - s_max) * inv_t - s_lse)
-            grad[i, j] = g * q * (grad[i, j] - g_bar)
-        if not is_finite(acc):  # a NaN or infinite teacher value ends here
-            bad[i] = 1
-        loss[i] = w[i] * T * T * acc
+    count, scratch = _blocks(n, c, blocks, s.dtype)
+    for blk in nb.prange(count):
+        es = scratch[blk]
+        for i in range(blk * n // count, (blk + 1) * n // count):
+            go, s_max, t_max, s_sum, t_sum = _softmax_start(s, t, table, inv_t, w, loss, grad, es, i)
+            if not go:
+                continue
+            s_lse, t_lse = vlog(s_sum), vlog(t_sum)
+            r_t, r_s = like(s, 1.0) / t_sum, like(s, 1.0) / s_sum
+            acc = like(s, 0.0)
+            g_bar = like(s, 0.0)
+            for j in range(c):  # g_j = (1-b)(log q - log m) kept in grad; sum q g
+                p = grad[i, j] * r_t
+                q = es[j] * r_s
+                log_p = shifted(tval(t, i, j, table), t_max, inv_t) - t_lse
+                log_q = shifted(s[i, j], s_max, inv_t) - s_lse
+                log_m = vlog(max(b * p + b1 * q, like(s, 1e-37)))  # m below 1e-37: p and q add nothing
+                acc += b * p * (log_p - log_m) + b1 * q * (log_q - log_m)
+                gj = b1 * (log_q - log_m)
+                grad[i, j] = gj
+                g_bar += q * gj
+            g = like(s, scale * w[i]) * T * r_s
+            for j in range(c):
+                grad[i, j] = g * es[j] * (grad[i, j] - g_bar)
+            if not is_finite(acc):  # a NaN or infinite teacher value ends here
+                bad[i] = 1
+            loss[i] = w[i] * T * T * acc
 
 
 @nb.njit(**_JIT)
@@ -205,33 +246,34 @@ def euclidean_rows(s, t, table, w, scale, loss, grad, bad):
 
 
 @nb.njit(**_JIT)
-def tv_rows(s, t, table, temperature, w, scale, loss, grad, bad):
+def tv_rows(s, t, table, temperature, blocks, w, scale, loss, grad, bad):
     """Total variation T^2 * 1/2 sum |q - p|; its gradient T q_j (g_j - sum_k q_k g_k) with
     g = sign(q - p) / 2 (0 where q = p: the subgradient torch's abs takes)."""
     n, c = s.shape
     inv_t = like(s, 1.0 / temperature)
     T = like(s, temperature)
     half = like(s, 0.5)
-    for i in nb.prange(n):
-        go, s_max, t_max, s_sum, t_sum = _softmax_start(s, t, table, inv_t, w, loss, grad, bad, i)
-        if not go:
-            continue
-        r_t = like(s, 1.0) / t_sum
-        r_s = like(s, 1.0) / s_sum
-        acc = like(s, 0.0)
-        g_bar = like(s, 0.0)
-        for j in range(c):  # g_j kept in grad; sum q g
-            p = grad[i, j] * r_t
-            q = vexp((s[i, j] - s_max) * inv_t) * r_s
-            d = q - p
-            acc += abs(d)
-            gj = half if d > 0 else (-half if d < 0 else like(s, 0.0))
-            grad[i, j] = gj
-            g_bar += q * gj
-        g = like(s, scale * w[i]) * T
-        for j in range(c):
-            q = vexp((s[i, j] - s_max) * inv_t) * r_s
-            grad[i, j] = g * q * (grad[i, j] - g_bar)
-        if not is_finite(acc):  # a NaN or infinite teacher value ends here
-            bad[i] = 1
-        loss[i] = w[i] * T * T * half * acc
+    count, scratch = _blocks(n, c, blocks, s.dtype)
+    for b in nb.prange(count):
+        es = scratch[b]
+        for i in range(b * n // count, (b + 1) * n // count):
+            go, s_max, t_max, s_sum, t_sum = _softmax_start(s, t, table, inv_t, w, loss, grad, es, i)
+            if not go:
+                continue
+            r_t = like(s, 1.0) / t_sum
+            r_s = like(s, 1.0) / s_sum
+            acc = like(s, 0.0)
+            g_bar = like(s, 0.0)
+            for j in range(c):  # g_j kept in grad; sum q g
+                q = es[j] * r_s
+                d = q - grad[i, j] * r_t
+                acc += abs(d)
+                gj = half if d > 0 else (-half if d < 0 else like(s, 0.0))
+                grad[i, j] = gj
+                g_bar += q * gj
+            g = like(s, scale * w[i]) * T * r_s
+            for j in range(c):
+                grad[i, j] = g * es[j] * (grad[i, j] - g_bar)
+            if not is_finite(acc):  # a NaN or infinite teacher value ends here
+                bad[i] = 1
+            loss[i] = w[i] * T * T * half * acc

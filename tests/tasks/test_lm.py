@@ -495,7 +495,12 @@ def test_a_teacher_layer_student_of_the_gguf_teacher_trains_and_reloads(teacher,
     what stage 3 saves is a folder from_pretrained loads, equal to the trained student."""
     from transformers import AutoModelForCausalLM
 
-    from pipeline.tasks.lm.models import build_student, teacher_files, teacher_layer_student, weight_files
+    from pipeline.tasks.lm.models import (
+        build_student,
+        teacher_files,
+        teacher_layer_student,
+        weight_files,
+    )
 
     cfg, data, url = lm_cache
     student_cfg = compose_config(*SMALL, f"paths.root={tmp_path}", "student=teacher_layers",
