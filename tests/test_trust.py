@@ -418,6 +418,8 @@ def test_flipped_byte_raises_naming_array_object_and_rows(cache32):
     with pytest.raises(ValueError, match=r"array 'logits', object 'zarr/logits/c/1/0' \(rows 32:48\): chunk 0 does not "
                                          r"match its crc32c.*stage=1 verify=true"):
         _stream_all(cache32)
+    with pytest.raises(ValueError, match=r"'zarr/logits/c/1/0' \(rows 32:48\): chunk 0 does not match its crc32c"):
+        open_cache(cache32).logits.compute()  # whole chunks, read straight into the block
     with pytest.raises(ValueError, match=r"1 damaged shard\(s\):\n  shard 1 \(rows 32:64\): .*'logits', object "
                                          r"'zarr/logits/c/1/0'.*stage=1 verify=true"):
         open_cache(cache32).verify()  # stage 2's verify names it too, with the same fix
