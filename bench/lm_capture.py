@@ -12,8 +12,9 @@ each repeat's own ratio is printed too. It also times this machine's matmuls at 
 own shapes (its linear layers, a batch's rows) in the resolved precision and gives the
 capture's achieved teacher FLOP/s over that figure: ``capture_vs_matmul`` (1.0: the capture
 runs the teacher as fast as this machine multiplies its matrices). ``--precisions
-auto,fp32,bf16`` measures each teacher precision in turn and gives ``auto_vs_fastest``: the
-default's stage 1 time over the fastest explicit precision's. The last line is one JSON
+auto,fp32,bf16`` measures each teacher precision, after one untimed warm-up capture each,
+alternately repeat by repeat, and gives ``auto_vs_fastest``: the default's stage 1 time over
+the fastest explicit precision's. The last line is one JSON
 object (the first precision's figures, the machine it ran on).
 """
 
@@ -77,51 +78,74 @@ def matmul_gflops(matmuls: list[tuple[int, int, int]], precision: str, rows: int
     return sum(2.0 * rows * k * n * c for k, n, c in matmuls) / seconds / 1e9
 
 
-def measure(cfg, tmp: str, repeats: int, torch_composition: bool) -> dict:
-    """Bare forward and stage 1, alternately, for the run's teacher precision (auto resolved)."""
-    teacher = load_teacher(cfg.teacher, cfg.paths.conversions)
-    precision, label = teacher.identity["precision"], cfg.teacher.precision.value
-    task = LanguageModel(cfg)
-    _ = task.tokenizer  # loaded once: a fixed cost per run, not per token
-    device = choose_device(cfg.teacher.device)
-    model = teacher.model.to(device)
-    data = load_tokens(cfg.data, tmp, teacher.tokenizer)
-    bare, full, composed = [], [], []
-    for r in range(repeats):
+class Measured:
+    """One teacher precision's bare forward and stage 1 (auto resolved), timed a repeat at a
+    time so that several precisions alternate, repeat by repeat, on the same machine."""
+
+    def __init__(self, cfg, tmp: str, torch_composition: bool):
+        self.cfg, self.tmp, self.torch_composition = cfg, tmp, torch_composition
+        self.teacher = load_teacher(cfg.teacher, cfg.paths.conversions)
+        self.precision, self.label = self.teacher.identity["precision"], cfg.teacher.precision.value
+        self.task = LanguageModel(cfg)
+        _ = self.task.tokenizer  # loaded once: a fixed cost per run, not per token
+        self.device = choose_device(cfg.teacher.device)
+        self.model = self.teacher.model.to(self.device)
+        self.data = load_tokens(cfg.data, tmp, self.teacher.tokenizer)
+        self.bare, self.full, self.composed = [], [], []
+
+    @torch.inference_mode()
+    def warm_up(self) -> None:
+        """One untimed bare forward and capture: first-call costs (kernel compilation, the
+        allocator's first pages) out of every timed repeat."""
+        bare_forward(self.model, self.data, self.cfg.teacher.batch_size, self.teacher.pad_id, self.device)
+        self.task.capture(self.teacher, self.data, f"{self.tmp}/warm-{self.label}")
+
+    @torch.inference_mode()
+    def repeat(self, r: int) -> None:
         t0 = time.perf_counter()
-        bare_forward(model, data, cfg.teacher.batch_size, teacher.pad_id, device)
-        bare.append(time.perf_counter() - t0)
+        bare_forward(self.model, self.data, self.cfg.teacher.batch_size, self.teacher.pad_id, self.device)
+        self.bare.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        task.capture(teacher, data, f"{tmp}/cache-{label}-{r}")
-        full.append(time.perf_counter() - t0)
-        if torch_composition and device.type == "cpu":  # the torch composition the fused row pass replaced
+        self.task.capture(self.teacher, self.data, f"{self.tmp}/cache-{self.label}-{r}")
+        self.full.append(time.perf_counter() - t0)
+        if self.torch_composition and self.device.type == "cpu":  # the torch composition the row pass replaced
             pipeline.capture.represent = represent_torch
             t0 = time.perf_counter()
-            task.capture(teacher, data, f"{tmp}/torch-{label}-{r}")
-            composed.append(time.perf_counter() - t0)
+            self.task.capture(self.teacher, self.data, f"{self.tmp}/torch-{self.label}-{r}")
+            self.composed.append(time.perf_counter() - t0)
             pipeline.capture.represent = represent
-    tokens = int(data.offsets[-1])
-    rows = min(cfg.teacher.batch_size * cfg.data.seq_len, 512)  # a batch's rows (cut: GEMM speed has saturated)
-    limit = matmul_gflops(teacher_matmuls(model), precision, rows)
-    achieved = forward_flops(model, data) / min(full) / 1e9
-    return {"precision": precision, "tokens": tokens, "bare_forward_s": min(bare), "stage1_s": min(full),
-            "overhead_ratio": min(full) / min(bare), "tokens_per_s": tokens / min(full),
-            "capture_gflops": achieved, "matmul_gflops": limit, "capture_vs_matmul": achieved / limit,
-            "torch_composition_ratio": min(composed) / min(bare) if composed else None,
-            "paired_ratios": [f / b for f, b in zip(full, bare, strict=True)]}
+
+    def result(self) -> dict:
+        bare, full, composed, data = self.bare, self.full, self.composed, self.data
+        tokens = int(data.offsets[-1])
+        rows = min(self.cfg.teacher.batch_size * self.cfg.data.seq_len, 512)  # a batch's rows (GEMM speed saturates)
+        limit = matmul_gflops(teacher_matmuls(self.model), self.precision, rows)
+        achieved = forward_flops(self.model, data) / min(full) / 1e9
+        return {"precision": self.precision, "tokens": tokens, "bare_forward_s": min(bare), "stage1_s": min(full),
+                "overhead_ratio": min(full) / min(bare), "tokens_per_s": tokens / min(full),
+                "capture_gflops": achieved, "matmul_gflops": limit, "capture_vs_matmul": achieved / limit,
+                "torch_composition_ratio": min(composed) / min(bare) if composed else None,
+                "paired_ratios": [f / b for f, b in zip(full, bare, strict=True)]}
 
 
 def main(overrides: list[str], repeats: int = 3, precisions: tuple[str, ...] = ("auto",)) -> dict:
     register()
     tmp = tempfile.mkdtemp(prefix="bench-lm-")
     try:
-        runs = {}
-        for p in precisions:  # one after the other, each with its own alternating repeats
+        measured = {}
+        for p in precisions:
             with initialize_config_module(config_module="pipeline.conf", version_base=None):
                 cfg = validate(OmegaConf.to_object(compose(config_name="config", overrides=[
                     "task=lm", "data.train_size=48", "data.test_size=8", f"paths.root={tmp}",
                     f"teacher.precision={p}", *overrides])))
-            runs[p] = r = measure(cfg, tmp, repeats, torch_composition=p == precisions[0])
+            measured[p] = Measured(cfg, tmp, torch_composition=p == precisions[0])
+            measured[p].warm_up()
+        for r in range(repeats):  # the precisions alternate, repeat by repeat
+            for m in measured.values():
+                m.repeat(r)
+        runs = {}
+        for p, m in measured.items():
+            runs[p] = r = m.result()
             print(f"teacher.precision={p} ({r['precision']}): bare forward {r['bare_forward_s']:.2f}s  stage 1 "
                   f"{r['stage1_s']:.2f}s  overhead x{r['overhead_ratio']:.3f} ({r['tokens_per_s']:.0f} tokens/s); "
                   f"the capture's teacher FLOP/s {r['capture_gflops']:.1f} G = x{r['capture_vs_matmul']:.3f} this "
