@@ -98,7 +98,7 @@ def _dense(rows, student: np.ndarray, teacher: np.ndarray, params: tuple, mask, 
 
 
 def kl(student, teacher, *, temperature=1.0, beta=0.5, mask=None, weights=None, reduction="mean", coef=1.0):
-    return _dense(dense.kl_rows, student, teacher, (_check_temperature(temperature), _blocks()), mask, weights, reduction,
+    return _dense(dense.kl_rows, student, teacher, (_check_temperature(temperature),), mask, weights, reduction,
                   coef)
 
 

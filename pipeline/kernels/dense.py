@@ -16,10 +16,10 @@ logits (finite at +-1e4):
 ``js`` is TRL's generalized Jensen-Shannon: b=0 is forward KL, b=1 reverse KL (exactly, as
 special cases), b=0.5 the symmetric JS, bounded by T^2 log 2.
 
-Each exp is computed once: the softmax kernels keep the teacher's exps in ``grad`` and the
+No exp is computed twice where it need not be: the softmax kernels keep the teacher's exps in ``grad`` and the
 student's in a scratch row per block of rows (``blocks`` blocks: the caller passes a few per
-thread), so KL, JS and TV take two exps an element and reverse KL (whose teacher enters only
-through its normaliser) keeps the student's in ``grad`` alone.
+thread), so JS and TV take two exps an element and reverse KL (whose teacher enters only
+through its normaliser) keeps the student's in ``grad`` alone. KL takes three (see kl_rows).
 
 Every kernel takes ``w`` (B,) row weights (0 skips the row: masked padding) and ``scale``,
 writes ``loss[i] = w_i * L_i`` and ``grad[i] = scale * w_i * dL_i/ds``, and sets
@@ -82,30 +82,39 @@ def _softmax_start(s, t, table, inv_t, w, loss, grad, es, i):
 
 
 @nb.njit(**_JIT)
-def kl_rows(s, t, table, temperature, blocks, w, scale, loss, grad, bad):
+def kl_rows(s, t, table, temperature, w, scale, loss, grad, bad):
+    """Three exps an element, not two: with the student's exps kept and log q used only in
+    the row sum, LLVM distributes p over t - t_max and hoists p * t_max out of the sum even
+    through :func:`shifted` in some compiles (a cached one here), and a one-hot teacher at
+    +-1e4 loses 1e-4 in float32. Taking q from log q ties it to the gradient's store."""
     n, c = s.shape
     inv_t = like(s, 1.0 / temperature)
     T = like(s, temperature)
-    count, scratch = _blocks(n, c, blocks, s.dtype)
-    for b in nb.prange(count):
-        es = scratch[b]
-        for i in range(b * n // count, (b + 1) * n // count):
-            go, s_max, t_max, s_sum, t_sum = _softmax_start(s, t, table, inv_t, w, loss, grad, es, i)
-            if not go:
-                continue
-            r_t, r_s = like(s, 1.0) / t_sum, like(s, 1.0) / s_sum
-            s_lse, t_lse = vlog(s_sum), vlog(t_sum)
-            g = like(s, scale * w[i]) * T
-            acc = like(s, 0.0)
-            for j in range(c):
-                p = grad[i, j] * r_t
-                log_p = shifted(tval(t, i, j, table), t_max, inv_t) - t_lse
-                log_q = shifted(s[i, j], s_max, inv_t) - s_lse
-                acc += p * (log_p - log_q)
-                grad[i, j] = g * (es[j] * r_s - p)
-            if not is_finite(acc):  # a NaN or infinite teacher value ends here
-                bad[i] = 1
-            loss[i] = w[i] * T * T * acc
+    for i in nb.prange(n):
+        if w[i] == 0.0:
+            zero_row(loss, grad, i)
+            continue
+        s_max, t_max = row_max(s, t, i, table)
+        s_sum = like(s, 0.0)
+        t_sum = like(s, 0.0)
+        for j in range(c):  # the teacher's exps in grad
+            e = vexp((tval(t, i, j, table) - t_max) * inv_t)
+            grad[i, j] = e
+            t_sum += e
+            s_sum += vexp((s[i, j] - s_max) * inv_t)
+        s_lse, t_lse = vlog(s_sum), vlog(t_sum)
+        r_t = like(s, 1.0) / t_sum
+        g = like(s, scale * w[i]) * T
+        acc = like(s, 0.0)
+        for j in range(c):
+            p = grad[i, j] * r_t
+            log_p = shifted(tval(t, i, j, table), t_max, inv_t) - t_lse
+            log_q = shifted(s[i, j], s_max, inv_t) - s_lse
+            acc += p * (log_p - log_q)
+            grad[i, j] = g * (vexp(log_q) - p)
+        if not is_finite(acc):  # a NaN or infinite teacher value ends here
+            bad[i] = 1
+        loss[i] = w[i] * T * T * acc
 
 
 @nb.njit(**_JIT)
