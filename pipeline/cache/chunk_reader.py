@@ -116,9 +116,15 @@ class ChunkReader:
         checked = view.view()
         checked.flags.writeable = False  # (google_crc32c takes read-only buffers)
         if got != len(view) or len(tail) != 4 or google_crc32c.value(checked) != int.from_bytes(tail, "little"):
-            raise self._damaged(shard, (start, stop), f"chunk {(start // rows) % self.per_shard} does not match its "
-                                "crc32c checksum")
+            raise self._bad_chunk(shard, start)
         return True
+
+    def _bad_chunk(self, shard: int, start: int) -> CacheDamaged:
+        """The chunk holding row ``start`` does not match its checksum."""
+        rows = self.chunk_shape[0]
+        first = (start // rows) * rows
+        return self._damaged(shard, (first, first + rows),
+                             f"chunk {(start // rows) % self.per_shard} does not match its crc32c checksum")
 
     def read(self, start: int, stop: int, out: np.ndarray) -> bool:
         """Rows ``[start, stop)``, inside one inner chunk, into ``out``; False: not handled."""
@@ -133,8 +139,7 @@ class ChunkReader:
             return True
         raw = np.frombuffer(self._read(self._path(shard), int(offset), int(offset + nbytes)), dtype=np.uint8)
         if len(raw) != nbytes or not _crc_ok(raw):
-            first = (start // rows) * rows
-            raise self._damaged(shard, (first, first + rows), f"chunk {inner} does not match its crc32c checksum")
+            raise self._bad_chunk(shard, start)
         payload = np.frombuffer(self.codec.decode(raw[:-4]), dtype=np.uint8) if self.codec else raw[:-4]
         chunk = payload.view(self.dtype.newbyteorder("<")).reshape(self.chunk_shape)
         lo = start - (start // rows) * rows

@@ -81,6 +81,14 @@ def _softmax_start(s, t, table, inv_t, w, loss, grad, es, i):
     return True, s_max, t_max, s_sum, t_sum
 
 
+@nb.njit(inline="always", fastmath=FASTMATH)
+def _centred_grad(grad, es, i, g, g_bar):
+    """The gradient T q_j (g_j - sum_k q_k g_k) of JS and TV from g_j kept in ``grad[i]``,
+    the student's exps in ``es`` and ``g`` = scale w T / (sum of those exps)."""
+    for j in range(grad.shape[1]):
+        grad[i, j] = g * es[j] * (grad[i, j] - g_bar)
+
+
 @nb.njit(**_JIT)
 def kl_rows(s, t, table, temperature, w, scale, loss, grad, bad):
     """Three exps an element, not two: with the student's exps kept and log q used only in
@@ -180,9 +188,7 @@ def js_rows(s, t, table, temperature, beta, blocks, w, scale, loss, grad, bad):
                 gj = b1 * (log_q - log_m)
                 grad[i, j] = gj
                 g_bar += q * gj
-            g = like(s, scale * w[i]) * T * r_s
-            for j in range(c):
-                grad[i, j] = g * es[j] * (grad[i, j] - g_bar)
+            _centred_grad(grad, es, i, like(s, scale * w[i]) * T * r_s, g_bar)
             if not is_finite(acc):  # a NaN or infinite teacher value ends here
                 bad[i] = 1
             loss[i] = w[i] * T * T * acc
@@ -280,9 +286,7 @@ def tv_rows(s, t, table, temperature, blocks, w, scale, loss, grad, bad):
                 gj = half if d > 0 else (-half if d < 0 else like(s, 0.0))
                 grad[i, j] = gj
                 g_bar += q * gj
-            g = like(s, scale * w[i]) * T * r_s
-            for j in range(c):
-                grad[i, j] = g * es[j] * (grad[i, j] - g_bar)
+            _centred_grad(grad, es, i, like(s, scale * w[i]) * T * r_s, g_bar)
             if not is_finite(acc):  # a NaN or infinite teacher value ends here
                 bad[i] = 1
             loss[i] = w[i] * T * T * half * acc

@@ -508,7 +508,7 @@ def test_a_teacher_layer_student_of_the_gguf_teacher_trains_and_reloads(teacher,
     spec = student_cfg.student["teacher_layers"]
     home = student_cfg.paths.conversions
     folder, gguf, meta = teacher_files(student_cfg.teacher, home)
-    assert weight_files(student_cfg.teacher, home) == (meta, None) and (meta / "model.safetensors").is_file()
+    assert weight_files(folder, gguf, meta) == (meta, None) and (meta / "model.safetensors").is_file()
     start = build_student(spec, 0, 48, 0, student_cfg.teacher, home)
     reference = teacher.model.state_dict()
     assert {v.dtype for v in reference.values()} == {torch.float32}

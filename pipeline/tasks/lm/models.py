@@ -147,10 +147,10 @@ def gguf_weights(folder: Path, gguf: str, meta: Path) -> Path | None:
     return meta
 
 
-def weight_files(cfg_teacher, conversions: str | None = None) -> tuple[Path, str | None]:
-    """(folder, gguf file name or None) to load the teacher's weights from: a GGUF teacher's
-    converted folder (:func:`gguf_weights`) where ``conversions`` can hold it."""
-    folder, gguf, meta = teacher_files(cfg_teacher, conversions)
+def weight_files(folder: Path, gguf: str | None, meta: Path | None) -> tuple[Path, str | None]:
+    """(folder, gguf file name or None) to load the teacher's weights from, given
+    :func:`teacher_files`: a GGUF teacher's converted folder (:func:`gguf_weights`) where
+    its metadata was kept."""
     converted = gguf_weights(folder, gguf, meta) if gguf and meta is not None else None
     return (converted, None) if converted is not None else (folder, gguf)
 
@@ -220,7 +220,7 @@ def load_teacher(cfg_teacher, conversions: str | None = None, precision: str | N
                                       memo=os.path.join(conversions, PRECISION_MEMO) if conversions else None)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     tokenizer = _tokenizer(folder, gguf, meta)
-    weights, weights_gguf = weight_files(cfg_teacher, conversions)
+    weights, weights_gguf = weight_files(folder, gguf, meta)
     kw = {"gguf_file": weights_gguf} if weights_gguf else {}
     model = AutoModelForCausalLM.from_pretrained(str(weights), dtype=dtype, local_files_only=True, config=config,
                                                  **kw).eval()
@@ -284,8 +284,9 @@ def teacher_layer_student(cfg_teacher, layers: list[int], conversions: str | Non
     decoder layers ``layers`` (in that order), the DistilBERT / Minitron initialisation.
 
     Only those tensors are read from the teacher's files (safetensors by name, a GGUF file's
-    converted weights, or its tensors dequantized one by one where none are kept), into a model built from the teacher's config with
-    ``len(layers)`` layers; the teacher model itself is never built. Per-layer config lists
+    converted weights, or its tensors dequantized one by one where none are kept), into a
+    model built from the teacher's config with ``len(layers)`` layers; the teacher model
+    itself is never built. Per-layer config lists
     (e.g. ``layer_types``) keep the chosen layers' entries."""
     from transformers import AutoModelForCausalLM
 
@@ -306,7 +307,7 @@ def teacher_layer_student(cfg_teacher, layers: list[int], conversions: str | Non
         m = LAYER.match(name)
         wanted[f"{m[1]}{layers[int(m[2])]}{m[3]}" if m else name] = name
     t0 = time.perf_counter()
-    folder, gguf = weight_files(cfg_teacher, conversions)
+    folder, gguf = weight_files(folder, gguf, meta)
     if gguf:
         tensors = read_gguf_tensors(folder / gguf, teacher_config, wanted)
     else:
