@@ -104,3 +104,28 @@ def tiny_lm(tmp_path_factory):
     cfg = compose_config("task=lm")
     load_tokenizer(cfg.teacher, cfg.paths.conversions).save_pretrained(folder)
     return ["teacher=hf_causal_lm", f"teacher.path={folder}", "teacher.precision=fp32"]
+
+
+@pytest.fixture(scope="session")
+def lm_tokens(tmp_path_factory, tiny_lm):
+    """A ``paths.root`` whose ``datasets/`` holds task=lm's small run (tests.support.LM_SMALL:
+    Shakespeare, SmolLM2's tokenizer, which the tiny teacher shares) tokenized: once for the
+    whole test run, by whichever of the two test processes asks first (a file lock beside
+    their temporary folders). Tokenizing all of Shakespeare takes 10 s; the tests copy the
+    result into their own roots (:func:`tests.support.seed_root`). Read it; never write."""
+    import fcntl
+
+    from pipeline.tasks.lm.models import load_tokenizer
+    from pipeline.tasks.lm.text import load_tokens
+    from tests.support import LM_SMALL, compose_config
+
+    shared = tmp_path_factory.getbasetemp().parent  # (xdist: both processes' folders are in it)
+    root = shared / "lm-tokens"
+    with open(shared / "lm-tokens.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (root / "done").is_file():
+            cfg = compose_config(*LM_SMALL)
+            load_tokens(cfg.data, str(root), load_tokenizer(cfg.teacher, cfg.paths.conversions))
+            (root / "done").write_text("")
+    return root
+

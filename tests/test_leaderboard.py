@@ -1,5 +1,6 @@
 """The leaderboard: a sweep of students x losses from one cache, and concurrent updates."""
 
+import functools
 import glob
 import json
 import multiprocessing as mp
@@ -42,15 +43,16 @@ def test_sweep_of_two_students_by_two_losses_fills_the_leaderboard(seeded):
     assert "loss.temperature" in header and "train.epochs" in header and "train.seed" not in header
 
 
-def _add(args):
-    folder, i = args
-    update_leaderboard(folder, [{"student": f"s{i}", "loss": "kl", "test_acc": i / 10, "labels_only_acc": 0.1,
-                                 "teacher_acc": 0.9, "params": 10 * (i + 1)}])
+def _row(i: int) -> dict:
+    return {"student": f"s{i}", "loss": "kl", "test_acc": i / 10, "labels_only_acc": 0.1, "teacher_acc": 0.9,
+            "params": 10 * (i + 1)}
 
 
 def test_concurrent_updates_lose_no_row(tmp_path):
+    # (the pool runs update_leaderboard itself, so its processes import pipeline.leaderboard
+    # alone, not this module and the test helpers: a third of the time)
     with mp.get_context("spawn").Pool(4) as pool:
-        pool.map(_add, [(str(tmp_path), i) for i in range(8)])
+        pool.map(functools.partial(update_leaderboard, str(tmp_path)), [[_row(i)] for i in range(8)])
     board = json.load(open(tmp_path / "leaderboard.json"))
     assert sorted(r["student"] for r in board) == [f"s{i}" for i in range(8)]
     assert [r["test_acc"] for r in board] == sorted((r["test_acc"] for r in board), reverse=True)

@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import io
 from collections import OrderedDict
+from typing import TYPE_CHECKING
 
-import dask.array as da
 import numpy as np
 import pyarrow as pa
-from dask import delayed
 
 from pipeline.cache.format import CacheDamaged, Manifest, ShardRecord, array_specs
 from pipeline.cache.storage import Storage
+
+if TYPE_CHECKING:
+    import dask.array as da
 
 _ARROW = {"int64": pa.int64(), "int32": pa.int32(), "uint16": pa.uint16(), "uint8": pa.uint8(), "float16": pa.float16(),
           "float32": pa.float32()}
@@ -115,6 +117,9 @@ def block_reader(storage: Storage, m: Manifest, keep: int = 4):
 
 def dask_arrays(storage: Storage, m: Manifest) -> dict[str, da.Array]:
     """One Dask block per record batch (``chunk_rows`` rows), read lazily."""
+    import dask.array as da  # (here: stage 1 writes without it)
+    from dask import delayed
+
     out = {}
     for name, (shape, dtype) in array_specs(m).items():
         blocks = []

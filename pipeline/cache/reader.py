@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import dask.array as da
 import numpy as np
 
 from pipeline.cache.backends import backend
@@ -27,6 +27,9 @@ from pipeline.cache.format import (
 from pipeline.cache.health import damaged_shards, describe
 from pipeline.cache.storage import Storage
 from pipeline.errors import CacheError, ConfigError
+
+if TYPE_CHECKING:
+    import dask.array as da
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +135,8 @@ def open_cache(path: str, *, expected: dict | None = None, allow_partial: bool =
     if not m.complete and not allow_partial:
         raise CacheError(f"cache {path!r} is not marked complete; re-run stage 1 with the same config to finish it")
     _check_shards_present(storage, m)
+    import dask.array as da
+
     arrays = backend(m.backend).dask_arrays(storage, m)
     stored = dict(arrays)
     for name, d in decoders(m).items():  # as readers see them (pipeline/cache/decode.py)

@@ -7,10 +7,10 @@ bit pattern (NumPy has no bfloat16) with ``logical_dtype: bfloat16`` in their at
 
 from __future__ import annotations
 
-import dask.array as da
+from typing import TYPE_CHECKING
+
 import numpy as np
 import zarr
-from dask.base import tokenize
 from zarr.codecs import Crc32cCodec, ZstdCodec
 from zarr.core.buffer.cpu import NDBuffer
 from zarr.core.sync import sync
@@ -27,6 +27,9 @@ from pipeline.cache.format import (
     array_specs,
 )
 from pipeline.cache.storage import Storage
+
+if TYPE_CHECKING:
+    import dask.array as da
 
 
 def create(storage: Storage, m: Manifest, zstd_level: int, missing_only: bool = False) -> None:
@@ -168,6 +171,9 @@ class RowSource:
 
 def dask_arrays(storage: Storage, m: Manifest) -> dict[str, da.Array]:
     """One Dask block per Zarr chunk, read by :class:`RowSource`."""
+    import dask.array as da  # (here: stage 1 writes without it, and starts a second sooner)
+    from dask.base import tokenize
+
     group = zarr.open_group(storage.zarr_store(GROUP, read_only=True), mode="r")
     out = {}
     for name, (shape, _) in array_specs(m).items():

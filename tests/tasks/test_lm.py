@@ -29,7 +29,7 @@ from pipeline.tasks.lm import (
 )
 from pipeline.tasks.lm.models import load_teacher
 from pipeline.tasks.lm.text import TokenData, load_tokens
-from tests.support import compose_config, lm_small, train_variant
+from tests.support import compose_config, lm_small, seed_root, train_variant
 
 
 def small(*overrides: str) -> list[str]:
@@ -49,10 +49,11 @@ def teacher():
 
 
 @pytest.fixture(scope="module")
-def lm_cache(teacher, tmp_path_factory):
+def lm_cache(teacher, lm_tokens, tmp_path_factory):
     """Sequences of uneven lengths cut from the real tokenized text (so batches pad), in
     shards of 64 rows (so sequences straddle shard boundaries), captured for real."""
     root = str(tmp_path_factory.mktemp("lm"))
+    seed_root(root, lm_tokens)
     cfg = compose_config(*SMALL, f"paths.root={root}")
     full = load_tokens(cfg.data, root, teacher.tokenizer)
     seqs = [full.sequence(i)[:n] for i, n in enumerate(LENGTHS)]

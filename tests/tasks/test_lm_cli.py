@@ -15,12 +15,13 @@ import torch
 
 from tests.support import LM_SMALL as SMALL
 from tests.support import lm_small as small
-from tests.support import run_cli
+from tests.support import run_cli, seed_root
 
 
-def test_the_cli_runs_task_lm(tiny_lm, tmp_path):
+def test_the_cli_runs_task_lm(tiny_lm, lm_tokens, tmp_path):
     """All three stages through the real CLI, on a few hundred tokens (the tiny teacher: the
     GGUF teacher's capture and evaluation are lm_cache's, through the same task methods)."""
+    seed_root(tmp_path, lm_tokens)
     out = run_cli(tmp_path, *SMALL, *tiny_lm, "lm.variants=[labels,topk_kl:8,sampled_kl]", small=False)
     assert "| causal_lm | topk_kl:8 | 52 |" in out.stdout and "| teacher |" in out.stdout
     assert "10% keep less than" in out.stdout
@@ -37,10 +38,11 @@ ONE_THREAD = dict(OMP_WAIT_POLICY="passive", OMP_NUM_THREADS="1", NUMBA_NUM_THRE
 
 
 @pytest.fixture(scope="module")
-def cli_root(tmp_path_factory, tiny_lm):
+def cli_root(tmp_path_factory, tiny_lm, lm_tokens):
     """A paths.root whose token cache stage 1 wrote once, through the CLI, from the tiny
     teacher, for the CLI training tests (each writes its run folders under its own tmp_path)."""
     root = tmp_path_factory.mktemp("cli")
+    seed_root(root, lm_tokens)
     run_cli(root, *SMALL, *tiny_lm, "stage=1", "lm.variants=[topk_kl]", small=False)
     return root
 
@@ -57,7 +59,7 @@ def test_an_lm_student_killed_mid_training_resumes_to_the_same_steps_and_weights
 
     from safetensors.torch import load_file
 
-    args = [*small("train.steps=40", "train.checkpoint_every=2"), *TINY, *tiny_lm, f"paths.root={cli_root}",
+    args = [*small("train.steps=16", "train.checkpoint_every=2"), *TINY, *tiny_lm, f"paths.root={cli_root}",
             "lm.variants=[topk_kl]", runs_in(tmp_path)]
     env = {**os.environ, **ONE_THREAD}
 
@@ -81,7 +83,7 @@ def test_an_lm_student_killed_mid_training_resumes_to_the_same_steps_and_weights
     p.send_signal(signal.SIGKILL)
     assert p.wait() == -signal.SIGKILL  # killed, not finished
     (state,) = glob.glob(pattern)
-    assert 0 < torch.load(state, weights_only=False)["step"] < 40
+    assert 0 < torch.load(state, weights_only=False)["step"] < 16
 
     resumed = cli("stage=3")
     assert "resuming from" in resumed.stdout + resumed.stderr
@@ -92,7 +94,7 @@ def test_an_lm_student_killed_mid_training_resumes_to_the_same_steps_and_weights
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     steps = [json.load(open(os.path.join(os.path.dirname(f), "..", "..", "..", "results.json")))["students"][0]["steps"]
              for f in saved]
-    assert steps == [40, 40]
+    assert steps == [16, 16]
 
 
 def test_two_processes_train_like_one_process_with_twice_the_batch(cli_root, tiny_lm, tmp_path):
@@ -112,7 +114,7 @@ def test_two_processes_train_like_one_process_with_twice_the_batch(cli_root, tin
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
         return proc
 
-    run("-m", "pipeline.run", *args, "stage=3", "train.batch_size=6")
+    run_cli(cli_root, *args, "stage=3", "train.batch_size=6", small=False)  # one process: this one
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
