@@ -119,7 +119,9 @@ def lm_tokens(tmp_path_factory, tiny_lm):
     from pipeline.tasks.lm.text import load_tokens
     from tests.support import LM_SMALL, compose_config
 
-    shared = tmp_path_factory.getbasetemp().parent  # (xdist: both processes' folders are in it)
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # this run's folder, holding each test process's own (gw0, gw1)
     root = shared / "lm-tokens"
     with open(shared / "lm-tokens.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
