@@ -490,8 +490,9 @@ def test_a_pretrained_student_starts_from_its_weights_and_saves_a_loadable_folde
 
 def test_a_teacher_layer_student_of_the_gguf_teacher_trains_and_reloads(teacher, lm_cache, tmp_path):
     """student=teacher_layers from SmolLM2's GGUF file: the chosen layers' tensors are the
-    dequantized teacher's, read from the weights converted once (transformers' own full load
-    in float32, which the module's teacher loaded from too) and equal to the GGUF file's
+    dequantized teacher's, read from the weights converted once (float32, as transformers
+    loads the file: tests/tasks/test_lm_models.py; the module's teacher loaded from them
+    too) and equal to the GGUF file's
     tensors dequantized one by one where nothing is converted; it trains from the cache, and
     what stage 3 saves is a folder from_pretrained loads, equal to the trained student."""
     from transformers import AutoModelForCausalLM

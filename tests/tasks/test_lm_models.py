@@ -1,6 +1,7 @@
 """tasks/lm/models.py without the module teacher of tests/tasks/test_lm.py: a GGUF
-teacher's tokenizer and config converted once, teacher-layer students from a small
-safetensors teacher, their config check."""
+teacher's tokenizer and config converted once, a GGUF file's weights converted as
+transformers loads them, teacher-layer students from a small safetensors teacher, their
+config check."""
 
 from __future__ import annotations
 
@@ -49,6 +50,62 @@ def test_a_gguf_teachers_tokenizer_and_config_are_converted_once(tmp_path, monke
         assert tok.chat_template == direct.chat_template and tok.all_special_tokens == direct.all_special_tokens
         assert (tok.pad_token_id, tok.eos_token_id, tok.bos_token_id) == (
             direct.pad_token_id, direct.eos_token_id, direct.bos_token_id)
+
+
+def tiny_gguf(path, tied: bool) -> None:
+    """A 2-layer Llama as a GGUF file (llama.cpp's tensor names, most tensors Q8_0): random
+    values, no tokenizer; with ``tied`` no output matrix (the embeddings are the head)."""
+    import gguf
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    layers, d, ff, heads, kv, vocab = 2, 64, 96, 4, 2, 128
+    w = gguf.GGUFWriter(str(path), "llama")
+    for add, value in ((w.add_context_length, 64), (w.add_embedding_length, d), (w.add_block_count, layers),
+                       (w.add_feed_forward_length, ff), (w.add_head_count, heads), (w.add_head_count_kv, kv),
+                       (w.add_rope_dimension_count, d // heads), (w.add_layer_norm_rms_eps, 1e-5),
+                       (w.add_vocab_size, vocab)):
+        add(value)
+    q8 = gguf.GGMLQuantizationType.Q8_0
+
+    def tensor(name, shape, quantized=True):
+        a = rng.standard_normal(shape).astype(np.float32)
+        w.add_tensor(name, gguf.quants.quantize(a, q8), raw_dtype=q8) if quantized else w.add_tensor(name, a)
+
+    tensor("token_embd.weight", (vocab, d))
+    tensor("output_norm.weight", (d,), quantized=False)
+    if not tied:
+        tensor("output.weight", (vocab, d))
+    for i in range(layers):
+        for name, shape in (("attn_q", (d, d)), ("attn_k", (kv * d // heads, d)), ("attn_v", (kv * d // heads, d)),
+                            ("attn_output", (d, d)), ("ffn_gate", (ff, d)), ("ffn_up", (ff, d)), ("ffn_down", (d, ff))):
+            tensor(f"blk.{i}.{name}.weight", shape)
+        tensor(f"blk.{i}.attn_norm.weight", (d,), quantized=False)
+        tensor(f"blk.{i}.ffn_norm.weight", (d,), quantized=False)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_a_gguf_files_weights_convert_to_what_transformers_loads(tmp_path, tied):
+    """gguf_state_dict (one read of the file, every tensor dequantized by name) equals
+    transformers' own full load of the GGUF file, tensor by tensor, exactly (Q8_0 and float
+    tensors; Llama's q/k permutation undone), tied tensors once, under their first name."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from pipeline.tasks.lm.models import gguf_state_dict
+
+    tiny_gguf(tmp_path / "tiny.gguf", tied)
+    config = AutoConfig.from_pretrained(str(tmp_path), gguf_file="tiny.gguf")
+    assert config.tie_word_embeddings == tied
+    reference = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="tiny.gguf", dtype=torch.float32,
+                                                     config=config).state_dict()
+    got = gguf_state_dict(tmp_path / "tiny.gguf", config)
+    assert set(got) == set(reference) - ({"lm_head.weight"} if tied else set())
+    for name, value in got.items():
+        assert value.dtype == torch.float32 and torch.equal(value, reference[name]), name
 
 
 def test_a_teacher_layer_student_is_the_teachers_tensors_for_the_chosen_layers(tmp_path):
