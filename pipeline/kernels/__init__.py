@@ -65,7 +65,7 @@ def _finish(loss, grad, bad, reduction: str, scale: float, what: str):
     return float(loss.sum() * scale), grad
 
 
-def _blocks() -> int:
+def _block_count() -> int:
     """How many row blocks (each with a scratch row) a softmax kernel splits its rows into:
     four per thread, so a slow block does not leave a thread idle for long."""
     return 4 * numba.get_num_threads()
@@ -115,7 +115,7 @@ def js(student, teacher, *, temperature=1.0, beta=0.5, mask=None, weights=None, 
     if beta in (0.0, 1.0):
         return (kl if beta == 0.0 else reverse_kl)(student, teacher, temperature=temperature, mask=mask,
                                                     weights=weights, reduction=reduction, coef=coef)
-    return _dense(dense.js_rows, student, teacher, (_check_temperature(temperature), float(beta), _blocks()), mask, weights,
+    return _dense(dense.js_rows, student, teacher, (_check_temperature(temperature), float(beta), _block_count()), mask, weights,
                   reduction, coef)
 
 
@@ -133,7 +133,7 @@ def euclidean(student, teacher, *, temperature=1.0, beta=0.5, mask=None, weights
 
 
 def tv(student, teacher, *, temperature=1.0, beta=0.5, mask=None, weights=None, reduction="mean", coef=1.0):
-    return _dense(dense.tv_rows, student, teacher, (_check_temperature(temperature), _blocks()), mask, weights, reduction,
+    return _dense(dense.tv_rows, student, teacher, (_check_temperature(temperature), _block_count()), mask, weights, reduction,
                   coef)
 
 

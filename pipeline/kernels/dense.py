@@ -82,11 +82,16 @@ def _softmax_start(s, t, table, inv_t, w, loss, grad, es, i):
 
 
 @nb.njit(inline="always", fastmath=FASTMATH)
-def _centred_grad(grad, es, i, g, g_bar):
-    """The gradient T q_j (g_j - sum_k q_k g_k) of JS and TV from g_j kept in ``grad[i]``,
-    the student's exps in ``es`` and ``g`` = scale w T / (sum of those exps)."""
+def _centred_end(grad, es, i, g, g_bar, acc, value, loss, bad):
+    """The end of a JS or TV row: the gradient T q_j (g_j - sum_k q_k g_k) from g_j kept in
+    ``grad[i]``, the student's exps in ``es`` and ``g`` = scale w T / (sum of those exps);
+    the row flagged where its sum ``acc`` is not finite (a NaN or infinite teacher value
+    ends there); its loss ``value``."""
     for j in range(grad.shape[1]):
         grad[i, j] = g * es[j] * (grad[i, j] - g_bar)
+    if not is_finite(acc):
+        bad[i] = 1
+    loss[i] = value
 
 
 @nb.njit(**_JIT)
@@ -188,10 +193,7 @@ def js_rows(s, t, table, temperature, beta, blocks, w, scale, loss, grad, bad):
                 gj = b1 * (log_q - log_m)
                 grad[i, j] = gj
                 g_bar += q * gj
-            _centred_grad(grad, es, i, like(s, scale * w[i]) * T * r_s, g_bar)
-            if not is_finite(acc):  # a NaN or infinite teacher value ends here
-                bad[i] = 1
-            loss[i] = w[i] * T * T * acc
+            _centred_end(grad, es, i, like(s, scale * w[i]) * T * r_s, g_bar, acc, w[i] * T * T * acc, loss, bad)
 
 
 @nb.njit(**_JIT)
@@ -269,9 +271,9 @@ def tv_rows(s, t, table, temperature, blocks, w, scale, loss, grad, bad):
     T = like(s, temperature)
     half = like(s, 0.5)
     count, scratch = _blocks(n, c, blocks, s.dtype)
-    for b in nb.prange(count):
-        es = scratch[b]
-        for i in range(b * n // count, (b + 1) * n // count):
+    for blk in nb.prange(count):
+        es = scratch[blk]
+        for i in range(blk * n // count, (blk + 1) * n // count):
             go, s_max, t_max, s_sum, t_sum = _softmax_start(s, t, table, inv_t, w, loss, grad, es, i)
             if not go:
                 continue
@@ -286,7 +288,5 @@ def tv_rows(s, t, table, temperature, blocks, w, scale, loss, grad, bad):
                 gj = half if d > 0 else (-half if d < 0 else like(s, 0.0))
                 grad[i, j] = gj
                 g_bar += q * gj
-            _centred_grad(grad, es, i, like(s, scale * w[i]) * T * r_s, g_bar)
-            if not is_finite(acc):  # a NaN or infinite teacher value ends here
-                bad[i] = 1
-            loss[i] = w[i] * T * T * half * acc
+            _centred_end(grad, es, i, like(s, scale * w[i]) * T * r_s, g_bar, acc, w[i] * T * T * half * acc, loss,
+                         bad)

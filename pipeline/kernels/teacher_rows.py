@@ -345,8 +345,8 @@ def teacher_rows(x, k, inv_t, sample_col, uniforms, tables, top_idx, top_val, ls
             m, wsum, probe = _online_pass(row, inv_t, sample_col, sub_max, part, ref, sums)
         base = np.float32(0.0) if fast else m  # the sums are of exp((x - base) / T)
         if k > 0:
-            _top_k(row, k, sub_max, top_idx, top_val, np.int64(i))  # (i is uint64 in the parallel loop's
-            # own compile and int64 in the typing pass: one type, one compile of _top_k, not two)
+            # (i is uint64 in the parallel loop's own compile, int64 in the typing pass: one type, one compile)
+            _top_k(row, k, sub_max, top_idx, top_val, np.int64(i))
             top1[i] = top_idx[i, 0]
         else:  # the first index of the maximum
             arg = 0

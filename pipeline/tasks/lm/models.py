@@ -151,26 +151,29 @@ def gguf_state_dict(path: Path, config) -> dict[str, torch.Tensor]:
 
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
-    names, seen = [], set()
-    for name, p in skeleton.named_parameters(remove_duplicate=False):  # (a tied tensor: its first name)
-        if id(p) not in seen:
-            seen.add(id(p))
-            names.append(name)
-    names += [n for n, _ in skeleton.named_buffers() if n in skeleton.state_dict()]  # persistent buffers
-    tensors = read_gguf_tensors(path, config, {n: n for n in names})
     shapes = {n: tuple(v.shape) for n, v in skeleton.state_dict().items()}
+    names = saved_names(skeleton)
+    tensors = read_gguf_tensors(path, config, {n: n for n in names})
     if set(tensors) == set(names) and all(tuple(tensors[n].shape) == shapes[n] for n in names):
         return {n: tensors[n].contiguous() for n in names}
     log.info("%s: %d of the model's %d tensors found by name; loading it through transformers", path.name,
              len(set(tensors) & set(names)), len(names))
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32,
                                                  local_files_only=True, config=config)
-    state, ptrs = {}, set()
-    for name, value in model.state_dict().items():
-        if value.data_ptr() not in ptrs:
-            ptrs.add(value.data_ptr())
-            state[name] = value.contiguous()
-    return state
+    state = model.state_dict()
+    return {n: state[n].contiguous() for n in saved_names(model)}
+
+
+def saved_names(model: torch.nn.Module) -> list[str]:
+    """The names of ``model``'s state dict with each tied tensor once, under its first name
+    (the embeddings, not ``lm_head``), as they are saved and read back by name."""
+    names, seen = [], set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) not in seen:
+            seen.add(id(p))
+            names.append(name)
+    state = model.state_dict(keep_vars=True)
+    return names + [n for n, _ in model.named_buffers() if n in state]  # (persistent buffers)
 
 
 def weight_files(folder: Path, gguf: str | None, meta: Path | None) -> tuple[Path, str | None]:
