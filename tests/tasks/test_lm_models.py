@@ -15,13 +15,16 @@ from tests.support import compose_config
 def test_a_gguf_teachers_tokenizer_and_config_are_converted_once(tmp_path, monkeypatch, caplog):
     """The GGUF metadata is parsed into Hugging Face JSON files once (keyed by the file's
     hash and the transformers version) and read from there after: the same tokenizer (its
-    full serialized form, chat template, special tokens). Where the folder cannot be
-    written, the GGUF file is read as before, with a warning."""
+    full serialized form, chat template, special tokens) and config. Where the folder cannot
+    be written, the GGUF file is read as before, with a warning. On a small GGUF file with a
+    byte-level BPE tokenizer (the built-in teacher's conversion runs in the session's LM
+    fixtures)."""
     import transformers
 
-    from pipeline.tasks.lm.models import load_tokenizer, tokenizer_hash
+    from pipeline.tasks.lm.models import load_tokenizer, teacher_config, tokenizer_hash
 
-    cfg = compose_config("task=lm").teacher
+    tiny_gguf(tmp_path / "teacher" / "tiny.gguf", tied=True, tokenizer=True)
+    cfg = compose_config("task=lm", f"teacher.path={tmp_path / 'teacher'}", "teacher.gguf_file=tiny.gguf").teacher
     calls = []
     real = transformers.AutoTokenizer.from_pretrained.__func__
 
@@ -34,6 +37,8 @@ def test_a_gguf_teachers_tokenizer_and_config_are_converted_once(tmp_path, monke
     blocked.write_text("")
     direct = load_tokenizer(cfg, str(blocked))  # nowhere to keep it: read from the GGUF file
     assert calls == ["gguf"] and "could not keep" in caplog.text
+    assert len(direct) == len(TOKENS) and direct.chat_template == CHAT_TEMPLATE
+    assert direct.decode(direct("the thin theme").input_ids) == "the thin theme"
     home = str(tmp_path / "home")
     monkeypatch.setenv("KD_CACHE_HOME", home)  # paths.conversions' default, read when the config is composed
     assert compose_config("task=lm").paths.conversions == home
@@ -50,17 +55,41 @@ def test_a_gguf_teachers_tokenizer_and_config_are_converted_once(tmp_path, monke
         assert tok.chat_template == direct.chat_template and tok.all_special_tokens == direct.all_special_tokens
         assert (tok.pad_token_id, tok.eos_token_id, tok.bos_token_id) == (
             direct.pad_token_id, direct.eos_token_id, direct.bos_token_id)
+    kept, read = (teacher_config(cfg, where).to_dict() for where in (home, str(blocked)))
+    assert kept.pop("_name_or_path") != read.pop("_name_or_path") and kept == read
 
 
-def tiny_gguf(path, tied: bool) -> None:
+# a byte-level BPE vocabulary: the 256 bytes as GPT-2 spells them, a few merges, ChatML's specials
+MERGES = ["t h", "th e", "Ġ th", "Ġth e", "Ġth i", "Ġthi n", "m e", "Ġthe me"]
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# GPT-2's spelling of the 256 bytes: the printable ones as themselves, the others from U+0100 on
+PRINTABLE = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+BYTES = [chr(b) for b in PRINTABLE] + [chr(256 + i) for i in range(256 - len(PRINTABLE))]
+TOKENS = [*SPECIALS, *BYTES, *("".join(m.split()) for m in MERGES)]
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def tiny_gguf(path, tied: bool, tokenizer: bool = False) -> None:
     """A 2-layer Llama as a GGUF file (llama.cpp's tensor names, most tensors Q8_0): random
-    values, no tokenizer; with ``tied`` no output matrix (the embeddings are the head)."""
+    values; with ``tied`` no output matrix (the embeddings are the head); with ``tokenizer``
+    a byte-level BPE tokenizer (TOKENS, MERGES, a chat template), else none."""
     import gguf
     import numpy as np
 
     rng = np.random.default_rng(0)
-    layers, d, ff, heads, kv, vocab = 2, 64, 96, 4, 2, 128
+    layers, d, ff, heads, kv, vocab = 2, 64, 96, 4, 2, len(TOKENS) if tokenizer else 128
+    path.parent.mkdir(parents=True, exist_ok=True)
     w = gguf.GGUFWriter(str(path), "llama")
+    if tokenizer:
+        w.add_tokenizer_model("gpt2")
+        w.add_token_list(TOKENS)
+        w.add_token_types([gguf.TokenType.CONTROL] * len(SPECIALS) + [gguf.TokenType.NORMAL] * (len(TOKENS) - 3))
+        w.add_token_merges(MERGES)
+        w.add_bos_token_id(1)
+        w.add_eos_token_id(2)
+        w.add_pad_token_id(0)
+        w.add_chat_template(CHAT_TEMPLATE)
     for add, value in ((w.add_context_length, 64), (w.add_embedding_length, d), (w.add_block_count, layers),
                        (w.add_feed_forward_length, ff), (w.add_head_count, heads), (w.add_head_count_kv, kv),
                        (w.add_rope_dimension_count, d // heads), (w.add_layer_norm_rms_eps, 1e-5),
