@@ -72,38 +72,69 @@ def _is_finite(x):
     return lambda x: (_f64_as_i64(x) & np.int64(0x7FF0000000000000)) != np.int64(0x7FF0000000000000)
 
 
-@nb.njit(inline="always", fastmath=FASTMATH)
-def exp32(x):
-    x = min(max(x, np.float32(-87.3)), np.float32(88.7))
-    n = np.float32(math.floor(x * np.float32(1.4426950408889634) + np.float32(0.5)))  # floor gives int64
-    r = x - n * np.float32(0.693359375) - n * np.float32(-2.12194440e-4)
-    p = np.float32(1.9875691500e-4)
-    p = p * r + np.float32(1.3981999507e-3)
-    p = p * r + np.float32(8.3334519073e-3)
-    p = p * r + np.float32(4.1665795894e-2)
-    p = p * r + np.float32(1.6666665459e-1)
-    p = p * r + np.float32(5.0000001201e-1)
-    p = p * r * r + r + np.float32(1.0)
-    return p * _i32_as_f32((np.int32(n) + np.int32(127)) << np.int32(23))
+def _f32(value: float) -> ir.Constant:
+    """A float32 constant: ``value`` rounded to float32 as NumPy rounds it."""
+    return ir.Constant(ir.FloatType(), float(np.float32(value)))
 
 
-@nb.njit(inline="always", fastmath=FASTMATH)
-def log32(x):
-    """log for finite x > 0 (0 -> about -88.7, the kernels never rely on it)."""
-    bits = _f32_as_i32(max(x, np.float32(1.1754944e-38)))
-    e = ((bits >> np.int32(23)) & np.int32(255)) - np.int32(127)
-    m = _i32_as_f32((bits & np.int32(0x007FFFFF)) | np.int32(0x3F800000))  # mantissa in [1, 2)
-    big = np.int32(m > np.float32(1.41421356))  # fold m into [0.71, 1.41], branch-free
-    m = m * (np.float32(1.0) - np.float32(0.5) * np.float32(big))
-    e = e + big
-    z = (m - np.float32(1.0)) / (m + np.float32(1.0))  # log m = 2 atanh z, |z| < 0.172
-    z2 = z * z
-    s = np.float32(2.0 / 9.0)
-    s = s * z2 + np.float32(2.0 / 7.0)
-    s = s * z2 + np.float32(2.0 / 5.0)
-    s = s * z2 + np.float32(2.0 / 3.0)
-    s = s * z2 + np.float32(2.0)
-    return z * s + np.float32(e) * np.float32(0.6931471805599453)
+def _i32(value: int) -> ir.Constant:
+    return ir.Constant(ir.IntType(32), value)
+
+
+def _select_max(builder, x, lo):  # Numba's max(x, lo): lo where lo >= x, else x (a NaN x stays)
+    return builder.select(builder.fcmp_ordered(">=", lo, x), lo, x)
+
+
+def _poly(builder, r, coefficients):  # Horner: ((c0 r + c1) r + c2) ...
+    p = _f32(coefficients[0])
+    for c in coefficients[1:]:
+        p = builder.fadd(builder.fmul(p, r), _f32(c))
+    return p
+
+
+# exp32 and log32 are intrinsics: they emit their LLVM instructions at each call site, so a
+# kernel compiles without typing their bodies again at every use (inlined Numba IR took most
+# of a float32 softmax kernel's compile); LLVM sees the same straight-line code either way.
+@intrinsic
+def exp32(typingctx, x):
+    """exp for float32: Cody-Waite range reduction (x = n ln 2 + r, ln 2 in two parts) and a
+    minimax polynomial for exp(r), scaled by 2^n through the exponent bits; max relative
+    error ~6e-8 on [-87, 88], inputs clamped there."""
+    def codegen(context, builder, sig, args):
+        (x,) = args
+        f32 = ir.FloatType()
+        x = _select_max(builder, x, _f32(-87.3))
+        hi = _f32(88.7)
+        x = builder.select(builder.fcmp_ordered("<=", hi, x), hi, x)  # Numba's min(x, hi)
+        floor = builder.module.declare_intrinsic("llvm.floor", [f32])
+        n = builder.call(floor, [builder.fadd(builder.fmul(x, _f32(1.4426950408889634)), _f32(0.5))])
+        r = builder.fsub(builder.fsub(x, builder.fmul(n, _f32(0.693359375))), builder.fmul(n, _f32(-2.12194440e-4)))
+        p = _poly(builder, r, (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2,
+                               1.6666665459e-1, 5.0000001201e-1))
+        p = builder.fadd(builder.fadd(builder.fmul(builder.fmul(p, r), r), r), _f32(1.0))
+        scale = builder.shl(builder.add(builder.fptosi(n, ir.IntType(32)), _i32(127)), _i32(23))
+        return builder.fmul(p, builder.bitcast(scale, f32))
+    return types.float32(types.float32), codegen
+
+
+@intrinsic
+def log32(typingctx, x):
+    """log for finite float32 x > 0 (0 -> about -88.7, the kernels never rely on it): the
+    exponent/mantissa split, the mantissa folded into [0.71, 1.41] branch-free, and
+    log m = 2 atanh z, z = (m - 1) / (m + 1), |z| < 0.172, as a series (~1e-7)."""
+    def codegen(context, builder, sig, args):
+        (x,) = args
+        f32, i32 = ir.FloatType(), ir.IntType(32)
+        bits = builder.bitcast(_select_max(builder, x, _f32(1.1754944e-38)), i32)
+        e = builder.sub(builder.and_(builder.ashr(bits, _i32(23)), _i32(255)), _i32(127))
+        m = builder.bitcast(builder.or_(builder.and_(bits, _i32(0x007FFFFF)), _i32(0x3F800000)), f32)
+        big = builder.zext(builder.fcmp_ordered(">", m, _f32(1.41421356)), i32)
+        m = builder.fmul(m, builder.fsub(_f32(1.0), builder.fmul(_f32(0.5), builder.sitofp(big, f32))))
+        e = builder.add(e, big)
+        z = builder.fdiv(builder.fsub(m, _f32(1.0)), builder.fadd(m, _f32(1.0)))
+        s = _poly(builder, builder.fmul(z, z), (2.0 / 9.0, 2.0 / 7.0, 2.0 / 5.0, 2.0 / 3.0, 2.0))
+        return builder.fadd(builder.fmul(z, s), builder.fmul(builder.sitofp(e, f32), _f32(0.6931471805599453)))
+    return types.float32(types.float32), codegen
 
 
 def vexp(x):  # pragma: no cover - replaced by the overload in compiled code
