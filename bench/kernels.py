@@ -1,6 +1,7 @@
 """Distance kernels: forward + backward of each Numba kernel (through the autograd bridge,
 as stage 3 calls it) against the plain torch implementation of the same loss, side by side
-in one run, 2 threads each, plus the memory-copy bandwidth measured in the same run.
+in one run, 2 threads each, plus the memory-copy bandwidth measured in the same run: every
+dense distance of the registry, top-k KL (K=64) and sampled KL (32 draws a row).
 
     .venv/bin/python bench/kernels.py [--quick]
 
@@ -20,10 +21,18 @@ import numba
 import numpy as np
 import torch
 
-from pipeline.losses import distance_loss, topk_kl_loss, torch_distance, torch_topk_kl
+from pipeline.device import machine
+from pipeline.kernels import DENSE
+from pipeline.losses import (
+    distance_loss,
+    sampled_kl_loss,
+    topk_kl_loss,
+    torch_distance,
+    torch_sampled_kl,
+    torch_topk_kl,
+)
 
 SIZES = [(4096, 10), (4096, 1000), (512, 32000), (64, 128000)]
-DENSE = ["kl", "reverse_kl", "js", "mse", "cosine", "euclidean"]
 
 
 def best_time(fn, repeats: int, min_seconds: float = 0.2) -> float:
@@ -81,6 +90,32 @@ def bench_topk(b: int, c: int, repeats: int) -> tuple[float, float]:
     return best_time(numba_step, repeats), best_time(torch_step, repeats)
 
 
+def bench_sampled(b: int, c: int, repeats: int) -> tuple[float, float]:
+    """sampled_kl over 32 draws a row from the teacher's softmax at T=2 (distinct ids with
+    their counts, as the cache holds them; unused slots -1 with count 0)."""
+    rng = np.random.default_rng(b + c)
+    n = min(32, c)
+    s = torch.tensor(rng.standard_normal((b, c), dtype=np.float32) * 3, requires_grad=True)
+    p = torch.softmax(torch.tensor(rng.standard_normal((b, c), dtype=np.float32) * 3) / 2.0, -1)
+    draws = torch.multinomial(p, n, replacement=True, generator=torch.Generator().manual_seed(0))
+    ids, counts = np.full((b, n), -1, np.int32), np.zeros((b, n), np.uint16)
+    for i, row in enumerate(draws.numpy()):
+        u, k = np.unique(row, return_counts=True)
+        ids[i, :len(u)], counts[i, :len(u)] = u, k
+    entropy = -(p * p.clamp_min(1e-30).log()).sum(-1)
+    idx, cnt = torch.from_numpy(ids), torch.from_numpy(counts.astype(np.int32))
+
+    def numba_step():
+        s.grad = None
+        sampled_kl_loss(s, ids, counts, entropy, temperature=2.0).backward()
+
+    def torch_step():
+        s.grad = None
+        torch_sampled_kl(s, idx, cnt, entropy, 2.0).mean().backward()
+
+    return best_time(numba_step, repeats), best_time(torch_step, repeats)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="fewer repeats (noisier)")
@@ -100,13 +135,14 @@ def main() -> None:
                 fraction.setdefault(name, {})[key] = 3 * b * c * 4 / t_nb / bw
             print(f"{name:11s} {key:10s} numba {t_nb * 1e3:8.3f} ms  torch {t_torch * 1e3:8.3f} ms  "
                   f"x{t_torch / t_nb:5.2f}", flush=True)
-        t_nb, t_torch = bench_topk(b, c, repeats)
-        speedup.setdefault("topk_kl", {})[key] = t_torch / t_nb
-        print(f"{'topk_kl':11s} {key:10s} numba {t_nb * 1e3:8.3f} ms  torch {t_torch * 1e3:8.3f} ms  "
-              f"x{t_torch / t_nb:5.2f}", flush=True)
+        for name, bench in (("topk_kl", bench_topk), ("sampled_kl", bench_sampled)):
+            t_nb, t_torch = bench(b, c, repeats)
+            speedup.setdefault(name, {})[key] = t_torch / t_nb
+            print(f"{name:11s} {key:10s} numba {t_nb * 1e3:8.3f} ms  torch {t_torch * 1e3:8.3f} ms  "
+                  f"x{t_torch / t_nb:5.2f}", flush=True)
     out = {"speedup": {k: {s: round(v, 3) for s, v in d.items()} for k, d in speedup.items()},
            "bandwidth_fraction": {k: {s: round(v, 3) for s, v in d.items()} for k, d in fraction.items()},
-           "copy_gbps": round(bw / 1e9, 2), "threads": 2}
+           "copy_gbps": round(bw / 1e9, 2), "threads": 2, "machine": machine()}
     print(json.dumps(out))
 
 
