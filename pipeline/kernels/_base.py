@@ -219,6 +219,22 @@ def max_and_total(s, i, inv_t):
     return s_max, total
 
 
+@nb.njit(inline="always", fastmath=FASTMATH)
+def max_and_exps(s, i, inv_t, out):
+    """Row i's maximum and softmax normaliser, as :func:`max_and_total`, with each
+    exp((s - max) * inv_t) kept in ``out[i]``: one exp an element where the softmax is
+    needed again (the sparse kernels' gradients)."""
+    s_max = like(s, -np.inf)
+    for j in range(s.shape[1]):
+        s_max = max(s_max, s[i, j])
+    total = like(s, 0.0)
+    for j in range(s.shape[1]):
+        e = vexp((s[i, j] - s_max) * inv_t)
+        out[i, j] = e
+        total += e
+    return s_max, total
+
+
 def teacher_view(teacher: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The teacher array as the kernels read it, and the table that decodes it."""
     if teacher.dtype == np.float16:

@@ -17,9 +17,17 @@ cached entropy H makes it a KL, not a cross-entropy), and T (q_j - w_j) of its g
 from __future__ import annotations
 
 import numba as nb
-import numpy as np
 
-from pipeline.kernels._base import FASTMATH, is_finite, like, max_and_total, vexp, vlog, zero_row
+from pipeline.kernels._base import (
+    FASTMATH,
+    is_finite,
+    like,
+    max_and_exps,
+    max_and_total,
+    vexp,
+    vlog,
+    zero_row,
+)
 
 _JIT = {"parallel": True, "cache": True, "fastmath": FASTMATH}
 
@@ -34,14 +42,7 @@ def topk_kl_rows(s, idx, val, lse, temperature, w, scale, loss, grad, bad):
             bad[i] = w[i] != 0.0
             zero_row(loss, grad, i)
             continue
-        s_max = like(s, -np.inf)
-        for j in range(c):
-            s_max = max(s_max, s[i, j])
-        total = like(s, 0.0)
-        for j in range(c):  # one exp per element: e_j kept in grad
-            e = vexp((s[i, j] - s_max) * inv_t)
-            grad[i, j] = e
-            total += e
+        s_max, total = max_and_exps(s, i, inv_t, grad)
         for r in range(k):  # mark the K classes negative: the tail sum below skips them
             if idx[i, r] >= 0:
                 grad[i, idx[i, r]] = -like(s, 1.0)
@@ -89,11 +90,12 @@ def sampled_kl_rows(s, idx, cnt, ent, temperature, w, scale, loss, grad, bad):
         if w[i] == 0.0:
             zero_row(loss, grad, i)
             continue
-        s_max, total = max_and_total(s, i, inv_t)
+        s_max, total = max_and_exps(s, i, inv_t, grad)
         s_lse = vlog(total)
         g = like(s, scale * w[i] * temperature)
+        f = g / total
         for j in range(c):
-            grad[i, j] = g * vexp((s[i, j] - s_max) * inv_t - s_lse)
+            grad[i, j] *= f
         draws = 0.0
         for r in range(m):
             draws += cnt[i, r]
