@@ -3,9 +3,10 @@
 - ``vexp``/``vlog``: exp and log that LLVM can vectorise. Numba here has no SVML, so
   ``math.exp`` on float32 is a scalar libm call per value; these are Cody-Waite range
   reduction + a minimax polynomial (exp, max relative error ~6e-8 on [-87, 88]) and an
-  exponent/mantissa split + a series in atanh form (log, ~1e-7), written with integer
-  bit casts so a loop over them becomes SIMD. float64 inputs keep ``math.exp``/``math.log``
-  (exact reference path, used by gradcheck).
+  exponent/mantissa split + a series in atanh form (log, ~1e-7), with integer bit casts,
+  emitted as LLVM instructions at each call site (Numba intrinsics), so a loop over them
+  becomes SIMD and a kernel does not type their bodies again at every use. float64 inputs
+  keep ``math.exp``/``math.log`` (exact reference path, used by gradcheck).
 - ``like(a, x)``: the constant x in a's float type, so float32 kernels stay float32.
 - ``tval``: reads a teacher value that may be float16, passed as its uint16 bits (Numba
   has no float16 on CPU), through a 65,536-entry table: no upcast copy of the batch.
