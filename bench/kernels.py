@@ -55,20 +55,27 @@ def copy_bandwidth(repeats: int) -> float:
     return 2 * src.nbytes / best_time(lambda: np.copyto(dst, src), repeats)  # read + write
 
 
+def side_by_side(s: torch.Tensor, numba_loss, torch_rows, repeats: int) -> tuple[float, float]:
+    """Best times of forward + backward: the Numba kernel's loss through the autograd bridge,
+    and the torch rows' mean, both from the same student logits ``s``."""
+
+    def numba_step():
+        s.grad = None
+        numba_loss(s).backward()
+
+    def torch_step():
+        s.grad = None
+        torch_rows(s).mean().backward()
+
+    return best_time(numba_step, repeats), best_time(torch_step, repeats)
+
+
 def bench_dense(name: str, b: int, c: int, repeats: int) -> tuple[float, float]:
     rng = np.random.default_rng(b + c)
     s = torch.tensor(rng.standard_normal((b, c), dtype=np.float32) * 3, requires_grad=True)
     t = torch.tensor(rng.standard_normal((b, c), dtype=np.float32) * 3)
-
-    def numba_step():
-        s.grad = None
-        distance_loss(name, s, t, temperature=2.0).backward()
-
-    def torch_step():
-        s.grad = None
-        torch_distance(name, s, t, 2.0).mean().backward()
-
-    return best_time(numba_step, repeats), best_time(torch_step, repeats)
+    return side_by_side(s, lambda x: distance_loss(name, x, t, temperature=2.0),
+                        lambda x: torch_distance(name, x, t, 2.0), repeats)
 
 
 def bench_topk(b: int, c: int, repeats: int) -> tuple[float, float]:
@@ -78,16 +85,8 @@ def bench_topk(b: int, c: int, repeats: int) -> tuple[float, float]:
     full = torch.tensor(rng.standard_normal((b, c), dtype=np.float32) * 3)
     val, idx = torch.topk(full, k)
     lse = torch.logsumexp(full / 2.0, -1)
-
-    def numba_step():
-        s.grad = None
-        topk_kl_loss(s, idx, val, lse, temperature=2.0).backward()
-
-    def torch_step():
-        s.grad = None
-        torch_topk_kl(s, idx, val, lse, 2.0).mean().backward()
-
-    return best_time(numba_step, repeats), best_time(torch_step, repeats)
+    return side_by_side(s, lambda x: topk_kl_loss(x, idx, val, lse, temperature=2.0),
+                        lambda x: torch_topk_kl(x, idx, val, lse, 2.0), repeats)
 
 
 def bench_sampled(b: int, c: int, repeats: int) -> tuple[float, float]:
@@ -104,16 +103,8 @@ def bench_sampled(b: int, c: int, repeats: int) -> tuple[float, float]:
         ids[i, :len(u)], counts[i, :len(u)] = u, k
     entropy = -(p * p.clamp_min(1e-30).log()).sum(-1)
     idx, cnt = torch.from_numpy(ids), torch.from_numpy(counts.astype(np.int32))
-
-    def numba_step():
-        s.grad = None
-        sampled_kl_loss(s, ids, counts, entropy, temperature=2.0).backward()
-
-    def torch_step():
-        s.grad = None
-        torch_sampled_kl(s, idx, cnt, entropy, 2.0).mean().backward()
-
-    return best_time(numba_step, repeats), best_time(torch_step, repeats)
+    return side_by_side(s, lambda x: sampled_kl_loss(x, ids, counts, entropy, temperature=2.0),
+                        lambda x: torch_sampled_kl(x, idx, cnt, entropy, 2.0), repeats)
 
 
 def main() -> None:
