@@ -70,19 +70,22 @@ def side_by_side(s: torch.Tensor, numba_loss, torch_rows, repeats: int) -> tuple
     return best_time(numba_step, repeats), best_time(torch_step, repeats)
 
 
-def bench_dense(name: str, b: int, c: int, repeats: int) -> tuple[float, float]:
+def logits(b: int, c: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded (B, C) student logits (requiring grad) and teacher logits, both N(0, 3^2)."""
     rng = np.random.default_rng(b + c)
     s = torch.tensor(rng.standard_normal((b, c), dtype=np.float32) * 3, requires_grad=True)
-    t = torch.tensor(rng.standard_normal((b, c), dtype=np.float32) * 3)
+    return s, torch.tensor(rng.standard_normal((b, c), dtype=np.float32) * 3)
+
+
+def bench_dense(name: str, b: int, c: int, repeats: int) -> tuple[float, float]:
+    s, t = logits(b, c)
     return side_by_side(s, lambda x: distance_loss(name, x, t, temperature=2.0),
                         lambda x: torch_distance(name, x, t, 2.0), repeats)
 
 
 def bench_topk(b: int, c: int, repeats: int) -> tuple[float, float]:
-    rng = np.random.default_rng(b + c)
     k = min(64, c)
-    s = torch.tensor(rng.standard_normal((b, c), dtype=np.float32) * 3, requires_grad=True)
-    full = torch.tensor(rng.standard_normal((b, c), dtype=np.float32) * 3)
+    s, full = logits(b, c)
     val, idx = torch.topk(full, k)
     lse = torch.logsumexp(full / 2.0, -1)
     return side_by_side(s, lambda x: topk_kl_loss(x, idx, val, lse, temperature=2.0),
@@ -92,10 +95,9 @@ def bench_topk(b: int, c: int, repeats: int) -> tuple[float, float]:
 def bench_sampled(b: int, c: int, repeats: int) -> tuple[float, float]:
     """sampled_kl over 32 draws a row from the teacher's softmax at T=2 (distinct ids with
     their counts, as the cache holds them; unused slots -1 with count 0)."""
-    rng = np.random.default_rng(b + c)
     n = min(32, c)
-    s = torch.tensor(rng.standard_normal((b, c), dtype=np.float32) * 3, requires_grad=True)
-    p = torch.softmax(torch.tensor(rng.standard_normal((b, c), dtype=np.float32) * 3) / 2.0, -1)
+    s, t = logits(b, c)
+    p = torch.softmax(t / 2.0, -1)
     draws = torch.multinomial(p, n, replacement=True, generator=torch.Generator().manual_seed(0))
     ids, counts = np.full((b, n), -1, np.int32), np.zeros((b, n), np.uint16)
     for i, row in enumerate(draws.numpy()):

@@ -492,9 +492,9 @@ def test_a_teacher_layer_student_of_the_gguf_teacher_trains_and_reloads(teacher,
     """student=teacher_layers from SmolLM2's GGUF file: the chosen layers' tensors are the
     dequantized teacher's, read from the weights converted once (float32, as transformers
     loads the file: tests/tasks/test_lm_models.py; the module's teacher loaded from them
-    too) and equal to the GGUF file's
-    tensors dequantized one by one where nothing is converted; it trains from the cache, and
-    what stage 3 saves is a folder from_pretrained loads, equal to the trained student."""
+    too) and equal to the GGUF file's tensors dequantized one by one where nothing is
+    converted; it trains from the cache, and what stage 3 saves is a folder from_pretrained
+    loads, equal to the trained student."""
     from transformers import AutoModelForCausalLM
 
     from pipeline.tasks.lm.models import (

@@ -84,7 +84,7 @@ def tiny_gguf(path, tied: bool, tokenizer: bool = False) -> None:
     if tokenizer:
         w.add_tokenizer_model("gpt2")
         w.add_token_list(TOKENS)
-        w.add_token_types([gguf.TokenType.CONTROL] * len(SPECIALS) + [gguf.TokenType.NORMAL] * (len(TOKENS) - 3))
+        w.add_token_types([gguf.TokenType.CONTROL] * len(SPECIALS) + [gguf.TokenType.NORMAL] * (len(TOKENS) - len(SPECIALS)))
         w.add_token_merges(MERGES)
         w.add_bos_token_id(1)
         w.add_eos_token_id(2)

@@ -373,14 +373,12 @@ def read_checkpoint_tensors(folder: Path, wanted: dict[str, str]) -> dict[str, t
 def read_gguf_tensors(path: Path, teacher_config, wanted: dict[str, str]) -> dict[str, torch.Tensor]:
     """The tensors named in ``wanted`` (Hugging Face teacher name -> new name) from a GGUF
     file, each dequantized on its own, with gguf's name map and transformers' tensor fix-ups
-    (e.g. Llama's q/k permutation), in float32. The file's tensor table comes from
-    transformers' GGUF header reader, which skips the vocabulary (gguf's ``GGUFReader``
+    (e.g. Llama's q/k permutation), in float32. The file's tensor table and byte ranges come
+    from transformers' GGUF header reader, which skips the vocabulary (gguf's ``GGUFReader``
     parses all of it: 4-5 s for SmolLM2's 49k tokens and merges)."""
-    import math
-
     import numpy as np
     from gguf import MODEL_ARCH_NAMES, GGMLQuantizationType, dequantize, get_tensor_name_map
-    from transformers.integrations.gguf.reader import GgufHeader
+    from transformers.integrations.gguf.reader import GgufHeader, load_gguf_state_dict
     from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
 
     header = GgufHeader.from_file(str(path))
@@ -396,15 +394,13 @@ def read_gguf_tensors(path: Path, teacher_config, wanted: dict[str, str]) -> dic
             gguf_names[f"{g}.{suffix}"] = hf
     settings = teacher_config.to_dict()
     processor = TENSOR_PROCESSORS.get(header.architecture, TensorProcessor)(config=settings)
-    blob = np.memmap(path, mode="r", dtype=np.uint8)
     out = {}
-    for t in header.tensors:
-        if t.name in gguf_names:
-            start, rows = header.data_start + t.offset, math.prod(t.shape[:-1])
-            raw = blob[start:start + t.nbytes].reshape(*t.shape[:-1], t.nbytes // rows)  # rows of bytes
-            w = processor.process(weights=dequantize(raw, GGMLQuantizationType(t.ggml_type)), name=t.name,
+    for name, t in load_gguf_state_dict(header).items():  # unread memory-mapped bytes, by GGUF name
+        if name in gguf_names:
+            raw = t.data.reshape(*t.shape[:-1], -1)  # rows of bytes, as gguf's dequantize takes them
+            w = processor.process(weights=dequantize(raw, GGMLQuantizationType(t.ggml_type)), name=name,
                                   tensor_key_mapping=gguf_names, parsed_parameters={"config": settings}).weights
-            out[wanted[gguf_names[t.name]]] = torch.from_numpy(np.array(w, dtype=np.float32))
+            out[wanted[gguf_names[name]]] = torch.from_numpy(np.array(w, dtype=np.float32))
     return out
 
 
