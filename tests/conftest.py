@@ -135,7 +135,7 @@ def tiny_lm(tmp_path_factory):
         load_tokenizer(cfg.teacher, cfg.paths.conversions).save_pretrained(folder)
 
     folder = once_per_run(tmp_path_factory, "tiny-lm", build)
-    return ["teacher=hf_causal_lm", f"teacher.path={folder}", "teacher.precision=fp32"]
+    return ["teacher=hf_causal_lm", f"teacher.path={folder}"]
 
 
 @pytest.fixture(scope="session")

@@ -13,6 +13,7 @@ gradient (the objective's lambda, folded in so no extra pass rescales the gradie
 from __future__ import annotations
 
 import functools
+from concurrent.futures import ThreadPoolExecutor
 
 import numba
 import numpy as np
@@ -213,6 +214,9 @@ def _exp_tables(inv_t: tuple[float, ...]) -> np.ndarray:
     return t
 
 
+ROWS_PER_THREAD = 16  # fewer rows than this a thread: one thread (starting one costs more)
+
+
 def summarize_rows(x: np.ndarray, k: int, temperatures: list[float], sample_temperature: float | None,
                    uniforms: np.ndarray | None) -> dict[str, np.ndarray]:
     """The fused row pass over (n, C) logits, float32 or bfloat16 bit patterns as uint16
@@ -232,7 +236,20 @@ def summarize_rows(x: np.ndarray, k: int, temperatures: list[float], sample_temp
     out = {"top_idx": np.empty((n, k), np.int32), "top_val": np.empty((n, k), np.float32),
            "lse": np.empty((n, len(temps)), np.float32), "s_idx": np.empty(u.shape, np.int32),
            "s_cnt": np.empty(u.shape, np.int32), "ent": np.zeros(n, np.float32), "top1": np.empty(n, np.int32)}
-    teacher_rows(x, k, inv_t, col, u, tables, out["top_idx"], out["top_val"], out["lse"], out["s_idx"],
-                 out["s_cnt"], out["ent"], out["top1"])
+    names_out = ("top_idx", "top_val", "lse", "s_idx", "s_cnt", "ent", "top1")
+
+    def rows(a: int, b: int) -> None:
+        teacher_rows(x[a:b], k, inv_t, col, u[a:b], tables, *(out[name][a:b] for name in names_out))
+
+    # row ranges on threads (the kernel releases the GIL): a serial kernel compiles in half
+    # the time of a prange one (no parfor lowering), and rows are independent
+    threads = max(1, min(numba.get_num_threads(), n // ROWS_PER_THREAD))
+    if threads == 1:
+        rows(0, n)
+    else:
+        cuts = np.linspace(0, n, threads + 1).astype(int)
+        with ThreadPoolExecutor(threads) as pool:
+            for f in [pool.submit(rows, a, b) for a, b in zip(cuts[:-1], cuts[1:], strict=True)]:
+                f.result()
     out["lse"] = out["lse"][:, [temps.index(t) for t in temperatures]]
     return out

@@ -1,9 +1,9 @@
 """Stage 1's row pass: everything a cache keeps of a teacher's logit row, in one kernel.
 
-For each (C,) row, parallel over rows, the row is read from memory once, by sub-blocks of
-:data:`SUB` logits: their maxima (for the top-K), the sums of ``exp(x / T)`` at each cached
-temperature, and at the sampling temperature each sub-block's sum and ``sum e * z`` for the
-entropy. Two ways, the same sums:
+For each (C,) row (the caller splits the rows over threads), the row is read from memory
+once, by sub-blocks of :data:`SUB` logits: their maxima (for the top-K), the sums of
+``exp(x / T)`` at each cached temperature, and at the sampling temperature each sub-block's
+sum and ``sum e * z`` for the entropy. Two ways, the same sums:
 
 - a bfloat16 row (read as its bits, no float32 copy) gathers ``exp(x / T)`` from a table
   of all 65,536 patterns, in float64, with no maximum subtracted; its sub-block maxima are
@@ -125,6 +125,31 @@ def _select(a, lo, hi, kth):
             lo = i
         else:
             return
+
+
+@nb.njit
+def _sift(a, lo, root, end):
+    """Move a[lo + root] down the max-heap a[lo:lo + end] to where it belongs."""
+    while 2 * root + 1 < end:
+        child = 2 * root + 1
+        if child + 1 < end and a[lo + child] < a[lo + child + 1]:
+            child += 1
+        if not a[lo + root] < a[lo + child]:
+            return
+        a[lo + root], a[lo + child] = a[lo + child], a[lo + root]
+        root = child
+
+
+@nb.njit
+def _sort(a, lo, hi):
+    """Sort a[lo:hi] ascending in place (heapsort: a few lines for Numba to compile, where
+    ``np.sort`` costs seconds of its compile)."""
+    n = hi - lo
+    for root in range(n // 2 - 1, -1, -1):
+        _sift(a, lo, root, n)
+    for end in range(n - 1, 0, -1):
+        a[lo], a[lo + end] = a[lo + end], a[lo]
+        _sift(a, lo, 0, end)
 
 
 @nb.njit(inline="always", fastmath=FASTMATH)
@@ -301,7 +326,8 @@ def _top_k(row, k, sub_max, top_idx, top_val, i):
     kk = min(k, n)  # (fewer only when NaN takes places: a row the caller refuses)
     if n > k:
         _select(cand, 0, n, n - k)
-    top = np.sort(cand[n - kk:n])
+    _sort(cand, n - kk, n)
+    top = cand[n - kk:n]
     for r in range(kk):
         j = ID_MASK - (top[kk - 1 - r] & ID_MASK)
         top_idx[i, r] = j
@@ -310,7 +336,7 @@ def _top_k(row, k, sub_max, top_idx, top_val, i):
         top_idx[i, r], top_val[i, r] = -1, np.nan
 
 
-@nb.njit(parallel=True, cache=True, fastmath=FASTMATH)
+@nb.njit(nogil=True, cache=True, fastmath=FASTMATH)
 def teacher_rows(x, k, inv_t, sample_col, uniforms, tables, top_idx, top_val, lse, s_idx, s_cnt, ent, top1):
     """x (n, C) float32, or uint16 holding bfloat16 bits. k: top-K size (0: none). inv_t (U,)
     float32: 1/T per temperature. sample_col: the column of inv_t to sample and take the
@@ -323,7 +349,7 @@ def teacher_rows(x, k, inv_t, sample_col, uniforms, tables, top_idx, top_val, ls
     n_s = uniforms.shape[1]
     n_b = (c + BLOCK - 1) // BLOCK
     n_sub_row = (c + SUB - 1) // SUB
-    for i in nb.prange(n):
+    for i in range(n):
         row = x[i]
         sub_max = np.empty(n_sub_row, np.float32)
         sums = np.zeros(max(n_t, 1))  # sum of exp((x - base) / T) per temperature
@@ -345,8 +371,7 @@ def teacher_rows(x, k, inv_t, sample_col, uniforms, tables, top_idx, top_val, ls
             m, wsum, probe = _online_pass(row, inv_t, sample_col, sub_max, part, ref, sums)
         base = np.float32(0.0) if fast else m  # the sums are of exp((x - base) / T)
         if k > 0:
-            # (i is uint64 in the parallel loop's own compile, int64 in the typing pass: one type, one compile)
-            _top_k(row, k, sub_max, top_idx, top_val, np.int64(i))
+            _top_k(row, k, sub_max, top_idx, top_val, i)
             top1[i] = top_idx[i, 0]
         else:  # the first index of the maximum
             arg = 0
