@@ -1,9 +1,12 @@
 """Cache I/O: write and read throughput of each backend against raw numpy.save/load on
 the same array in the same run, and bytes per row of each representation.
 
-    .venv/bin/python bench/cache_io.py [--rows 65536] [--classes 1000] [--repeats 3]
-
-The last line is one JSON object (ratios are measured side by side, best of --repeats).
+Two reads of each cache, opened once (as a job opens it, then reads; the opening, manifest
+and checks included, is timed on its own: ``<backend>_open_ms``), both with every checksum
+verified: ``<backend>_read`` is the read every stream uses
+(:meth:`pipeline.stream.CacheRows.read_rows`: rows straight into one buffer, then checked for
+NaN and infinity as every batch is), ``<backend>_dask_read`` the Dask array computed whole
+(blocks read, then concatenated), as whole-cache jobs see it.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ import time
 import numpy as np
 
 from pipeline.cache import CacheWriter, Manifest, Storage, make_fingerprint, open_cache, plan_shards
-from pipeline.cache.format import row_bytes
+from pipeline.cache.format import LOGITS, row_bytes
+from pipeline.stream import CacheRows
 
 
 def manifest(backend: str, rows: int, classes: int, modes=("full",), k=64, samples=64,
@@ -38,8 +42,10 @@ def write_backend(path: str, backend: str, logits: np.ndarray, compression: str)
             w.submit(s, {"ids": np.arange(s.start, s.stop, dtype=np.int64), "logits": logits[s.start:s.stop]})
 
 
-def read_backend(path: str) -> np.ndarray:
-    return open_cache(path).logits.compute()
+def opened(path: str) -> tuple:
+    """The cache opened as a job opens it (manifest, fingerprint and shard checks), and its rows reader."""
+    reader = open_cache(path)
+    return reader, CacheRows(reader, (LOGITS,))
 
 
 def timed(fn, repeats: int) -> float:
@@ -65,7 +71,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=65536)
     ap.add_argument("--classes", type=int, default=1000)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     logits = (rng.standard_normal((args.rows, args.classes)) * 3).astype(np.float16)
@@ -85,11 +91,16 @@ def main() -> None:
                 write_backend(path, backend, logits, compression)
 
             res[f"{name}_write_gbps"] = gb / timed(write, args.repeats)
-            assert np.array_equal(read_backend(path), logits)
-            res[f"{name}_read_gbps"] = gb / timed(lambda path=path: read_backend(path), args.repeats)
+            reader, rows = opened(path)
+            assert np.array_equal(rows.read_rows(0, len(logits))[LOGITS], logits)
+            assert np.array_equal(reader.logits.compute(), logits)
+            res[f"{name}_open_ms"] = 1e3 * timed(lambda path=path: opened(path), args.repeats)
+            res[f"{name}_read_gbps"] = gb / timed(lambda rows=rows: rows.read_rows(0, len(logits)), args.repeats)
+            res[f"{name}_dask_read_gbps"] = gb / timed(lambda reader=reader: reader.logits.compute(), args.repeats)
             res[f"{name}_disk_bytes_per_row"] = round(sum(
                 os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs) / args.rows, 1)
             res[f"{name}_read_vs_npy"] = res[f"{name}_read_gbps"] / res["npy_read_gbps"]
+            res[f"{name}_dask_read_vs_npy"] = res[f"{name}_dask_read_gbps"] / res["npy_read_gbps"]
             res[f"{name}_write_vs_npy"] = res[f"{name}_write_gbps"] / res["npy_write_gbps"]
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -100,7 +111,7 @@ def main() -> None:
         res[f"topk{k}_vs_full_fp16_bytes_c{c}"] = bpr[f"c{c}"][f"topk{k}"] / bpr[f"c{c}"]["full_fp16"]
         res[f"sampled64_vs_full_fp16_bytes_c{c}"] = bpr[f"c{c}"]["sampled64"] / bpr[f"c{c}"]["full_fp16"]
     for key in ("zarr_read_vs_npy", "arrow_read_vs_npy", "zarr_zstd_read_vs_npy", "arrow_zstd_read_vs_npy",
-                "zarr_write_vs_npy", "arrow_write_vs_npy"):
+                "zarr_dask_read_vs_npy", "arrow_dask_read_vs_npy", "zarr_write_vs_npy", "arrow_write_vs_npy"):
         print(f"{key:28s} {res[key]:.3f}")
     print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in res.items()}))
 

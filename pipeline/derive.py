@@ -51,6 +51,7 @@ from pipeline.cache.format import (
 )
 from pipeline.errors import CacheError, ConfigError
 from pipeline.representations import host_arrays, represent, topk_arrays
+from pipeline.stream import CacheRows
 
 log = logging.getLogger(__name__)
 
@@ -215,18 +216,18 @@ def completed_topk(val: np.ndarray, idx: np.ndarray, lse: np.ndarray, c: int, te
 def fidelity(parent: CacheReader, child: CacheReader, rows: tuple[int, int], temperature: float) -> float:
     """Mean KL(p_full || p_derived) at ``temperature`` over ``rows``."""
     start, stop = rows
-    z = parent.logits[start:stop].compute().astype(np.float64) / temperature
+    z = CacheRows(parent, (LOGITS,)).read_rows(start, stop)[LOGITS].astype(np.float64) / temperature
     logp = z - z.max(1, keepdims=True)
     logp -= np.log(np.exp(logp).sum(1, keepdims=True))
     m = child.manifest
     if "topk" in m.modes:
         if temperature not in m.temperatures:
             raise ValueError(f"fidelity at T={temperature} needs the derived lse at T; it has {m.temperatures}")
-        lse = child.arrays["lse"][start:stop, m.temperatures.index(temperature)].compute().astype(np.float64)
-        q = completed_topk(child.arrays["topk_val"][start:stop].compute(), child.arrays["topk_idx"][start:stop]
-                           .compute(), lse, m.num_classes, temperature)
+        got = CacheRows(child, (LSE, TOPK_VAL, TOPK_IDX)).read_rows(start, stop)
+        lse = got[LSE][:, m.temperatures.index(temperature)].astype(np.float64)
+        q = completed_topk(got[TOPK_VAL], got[TOPK_IDX], lse, m.num_classes, temperature)
     else:
-        zq = child.arrays[LOGITS][start:stop].compute().astype(np.float64) / temperature
+        zq = CacheRows(child, (LOGITS,)).read_rows(start, stop)[LOGITS].astype(np.float64) / temperature
         q = np.exp(zq - zq.max(1, keepdims=True))
         q /= q.sum(1, keepdims=True)
     p = np.exp(logp)

@@ -174,7 +174,7 @@ class CacheRows(Resumable):
     """The read path under both streams: the selected arrays (``ids`` always first), the
     backend's block reader, their stored shapes and dtypes, and which are bfloat16 bits."""
 
-    def __init__(self, reader: CacheReader, arrays: tuple[str, ...] | None, prefetch: int):
+    def __init__(self, reader: CacheReader, arrays: tuple[str, ...] | None, prefetch: int = 1):
         self.reader = reader
         self.arrays = (IDS, *[a for a in (reader.arrays if arrays is None else arrays) if a != IDS])
         unknown = [a for a in self.arrays if a not in reader.arrays]
@@ -193,6 +193,18 @@ class CacheRows(Resumable):
         self.arrays = (*self.arrays, *self._drop)
         self._specs = {n: array_specs(m)[n] for n in self.arrays}  # stored row shape and dtype
         self._bf16 = bf16_arrays(m) & set(self.arrays)  # stored as bits: checked as bits
+
+    def read_rows(self, start: int, stop: int) -> dict[str, np.ndarray]:
+        """Rows ``[start, stop)`` of the selected arrays, in memory: read in one call straight
+        into one new buffer each, checked and decoded as every batch is (no Dask blocks to
+        concatenate)."""
+        m = self.reader.manifest
+        if not 0 <= start <= stop <= m.rows:
+            raise ValueError(f"rows {start}:{stop} are outside cache {self.reader.path!r} (0:{m.rows})")
+        out = {n: np.empty((stop - start, *shape), dt) for n, (shape, dt) in self._specs.items()}
+        self._read([r for n in self.arrays for r in split_at_chunks(n, start, stop, out[n], m.chunk_rows)])
+        check_finite(out, self.reader.path, self._bf16, np.arange(start, stop))
+        return self._decode(out)
 
     def _decode(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         decode_rows(arrays, self._decoders)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pipeline.cache import open_cache
-from pipeline.stream import CacheStream
+from pipeline.stream import CacheRows, CacheStream
 from tests.support import write_cache
 
 
@@ -87,6 +87,24 @@ def test_every_backend_and_dtype_streams_the_cached_values(tmp_path, tiny_logits
             seen.append(b["ids"])
         assert sorted(np.concatenate(seen).tolist()) == list(range(100))
     assert len(s._buffers) <= s.prefetch + 2  # the ring, not one buffer per window
+    rows = CacheRows(r, None).read_rows(7, 83)  # in one buffer, across chunk and shard ends
+    assert rows.keys() == whole.keys()
+    for name, values in rows.items():
+        assert values.dtype == whole[name].dtype, name
+        np.testing.assert_array_equal(values, whole[name][7:83], err_msg=name)
+
+
+def test_rows_read_whole_are_checked_and_bounded(tmp_path, tiny_logits):
+    bad = tiny_logits.copy()
+    bad[[5, 70]] = np.nan
+    path = str(tmp_path / "c")
+    write_cache(path, bad)
+    rows = CacheRows(open_cache(path), ("logits",))
+    with pytest.raises(ValueError, match=r"non-finite logits at ids \[5, 70\] \(cache rows \[5, 70\]\)"):
+        rows.read_rows(0, 100)
+    np.testing.assert_array_equal(rows.read_rows(6, 70)["logits"], bad[6:70].astype(np.float16))
+    with pytest.raises(ValueError, match="rows 90:101 are outside cache"):
+        rows.read_rows(90, 101)
 
 
 def test_non_finite_bfloat16_rows_are_named(tmp_path, tiny_logits):
@@ -258,3 +276,22 @@ def test_rows_at_some_positions_land_on_their_positions(tmp_path):
         scored[j, p[p + 1 < lengths[i]]] = True
     np.testing.assert_array_equal(batch.label_mask().numpy(), scored)
     assert scored.sum() == 9
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_the_finiteness_scan_finds_any_nan_or_infinity(dtype):
+    """all_finite scans by blocks of FINITE_BLOCK values: a bad value first, last, on either
+    side of a block's end, or alone in a short tail is found; the largest finite value is not bad."""
+    from pipeline.kernels._base import FINITE_BLOCK, all_finite
+
+    n = 3 * FINITE_BLOCK + 5
+    x = np.random.default_rng(0).standard_normal(n).astype(dtype)
+    assert all_finite(x) and all_finite(x[:0]) and all_finite(x.reshape(-1, 1)[::2])
+    x[7] = np.finfo(dtype).max
+    assert all_finite(x)
+    for bad in (np.nan, np.inf, -np.inf):
+        for at in (0, FINITE_BLOCK - 1, FINITE_BLOCK, n - 1):
+            y = x.copy()
+            y[at] = bad
+            assert not all_finite(y), (bad, at)
+            assert not all_finite(y.reshape(-1, 1))

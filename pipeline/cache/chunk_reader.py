@@ -4,14 +4,17 @@ zarr-python 3.1.6 spends about 1 ms of CPU per read call whatever its size (its 
 pipeline and event-loop hand-offs), more than decoding a 2 MB chunk. The caches written
 here have one fixed layout: ``sharding_indexed`` with the index at the end of each shard
 (``bytes`` + ``crc32c``) and inner chunks ``bytes`` (little-endian), optionally ``zstd``,
-then ``crc32c``. For arrays with exactly that layout, a chunk is one ranged read of the
-shard object, a crc32c check and (for zstd) one decompression, straight into the caller's
-buffer. Anything else (another layout, a chunk never written) returns False and the caller
-goes through zarr. Checksums are always verified: a mismatch raises, naming the object.
+then ``crc32c``. For arrays with exactly that layout, a chunk is its bytes in the shard
+object (memory-mapped locally: the page cache read in place, no copy into a read buffer;
+one ranged read from object storage), a crc32c check and (for zstd) one decompression,
+then one copy into the caller's buffer. Anything else (another layout, a chunk never
+written) returns False and the caller goes through zarr. Checksums are always verified: a
+mismatch raises, naming the object.
 """
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 
 import google_crc32c
@@ -53,14 +56,18 @@ def plain_layout(array) -> tuple[tuple[int, ...], bool] | None:
 class ChunkReader:
     """Rows of one array, read chunk by chunk from its shard objects (see the module doc)."""
 
-    def __init__(self, storage: Storage, name: str, array, layout: tuple[tuple[int, ...], bool], keep: int = 4096):
+    def __init__(self, storage: Storage, name: str, array, layout: tuple[tuple[int, ...], bool], keep: int = 4096,
+                 keep_maps: int = 8):
         self.storage, self.name, self.dtype, self.rows = storage, name, np.dtype(array.dtype), array.shape[0]
         self.chunk_shape, self.zstd = layout
         self.shard_rows = array.metadata.chunk_grid.chunk_shape[0]
         self.per_shard = self.shard_rows // self.chunk_shape[0]
         self.suffix = "/0" * (array.ndim - 1)
         self.indexes: OrderedDict[int, np.ndarray] = OrderedDict()  # the last `keep` shard indexes (16 B/chunk)
-        self.keep = keep
+        self.keep, self.keep_maps = keep, keep_maps
+        # local shard objects memory-mapped, the last few kept (an evicted map is unmapped when
+        # the last view of it, perhaps another thread's, goes: never closed under a reader)
+        self.maps: OrderedDict[int, np.ndarray] = OrderedDict()
         self.codec = Zstd() if self.zstd else None
 
     def _key(self, shard: int) -> str:
@@ -101,23 +108,18 @@ class ChunkReader:
         self.indexes.move_to_end(shard)
         return self.indexes[shard]
 
-    def _read_into(self, shard: int, offset: int, nbytes: int, start: int, stop: int, out: np.ndarray) -> bool:
-        """A whole uncompressed chunk of a local file read straight into ``out`` (one copy, from
-        the page cache), its checksum then checked there; False where that does not apply."""
-        rows = self.chunk_shape[0]
-        if (not self.storage.local or self.zstd or start % rows or stop - start != rows or out.dtype != self.dtype
-                or not out.flags.c_contiguous or out.nbytes != nbytes - 4 or self.dtype.byteorder == ">"):
-            return False
-        view = out.reshape(-1).view(np.uint8)
-        with open(self._path(shard), "rb") as f:
-            f.seek(offset)
-            got = f.readinto(view)
-            tail = f.read(4)
-        checked = view.view()
-        checked.flags.writeable = False  # (google_crc32c takes read-only buffers)
-        if got != len(view) or len(tail) != 4 or google_crc32c.value(checked) != int.from_bytes(tail, "little"):
-            raise self._bad_chunk(shard, start)
-        return True
+    def _chunk(self, shard: int, offset: int, nbytes: int) -> np.ndarray:
+        """A stored chunk's bytes (uint8, checksum included): a view of the memory-mapped shard
+        object locally, else one ranged read."""
+        if not self.storage.local:
+            return np.frombuffer(self._read(self._path(shard), offset, offset + nbytes), dtype=np.uint8)
+        if shard not in self.maps:
+            path = self._path(shard)
+            self.maps[shard] = np.memmap(path, np.uint8, "r") if os.path.getsize(path) else np.empty(0, np.uint8)
+            while len(self.maps) > self.keep_maps:
+                self.maps.popitem(last=False)
+        self.maps.move_to_end(shard)
+        return self.maps[shard][offset:offset + nbytes]
 
     def _bad_chunk(self, shard: int, start: int) -> CacheDamaged:
         """The chunk holding row ``start`` does not match its checksum."""
@@ -135,9 +137,7 @@ class ChunkReader:
         offset, nbytes = self._index(shard)[inner]
         if offset == _MISSING:
             return False  # never written: zarr gives the fill value (NaN), which the stream names
-        if self._read_into(shard, int(offset), int(nbytes), start, stop, out):
-            return True
-        raw = np.frombuffer(self._read(self._path(shard), int(offset), int(offset + nbytes)), dtype=np.uint8)
+        raw = self._chunk(shard, int(offset), int(nbytes))
         if len(raw) != nbytes or not _crc_ok(raw):
             raise self._bad_chunk(shard, start)
         payload = np.frombuffer(self.codec.decode(raw[:-4]), dtype=np.uint8) if self.codec else raw[:-4]

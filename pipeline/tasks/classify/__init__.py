@@ -26,7 +26,7 @@ from pipeline.errors import ConfigError
 from pipeline.hashing import hash_json, hash_state_dict, plain
 from pipeline.leaderboard import update_leaderboard
 from pipeline.losses import distill_loss, select_teacher, teacher_arrays
-from pipeline.stream import CacheStream, Resumable
+from pipeline.stream import CacheRows, CacheStream, Resumable
 from pipeline.students import Fit, StudentRun, student_identity
 from pipeline.tasks.base import Task
 from pipeline.tasks.classify.data import Splits, load_splits
@@ -158,12 +158,11 @@ def teacher_test_predictions(reader: CacheReader) -> np.ndarray:
     logits, as the first top-k id or the ``top1`` array of a sampled-only cache hold it
     (stored float16/bfloat16 logits can tie after rounding: used only when nothing else is)."""
     start, stop = reader.split_range("test")
-    a = reader.arrays
-    if TOPK_IDX in a:
-        return a[TOPK_IDX][start:stop, 0].compute().astype(np.int64)
-    if TOP1 in a:
-        return a[TOP1][start:stop].compute().astype(np.int64)
-    return a[LOGITS][start:stop].compute().argmax(1)
+    name = next(n for n in (TOPK_IDX, TOP1, LOGITS) if n in reader.arrays)
+    rows = CacheRows(reader, (name,)).read_rows(start, stop)[name]
+    if name == TOPK_IDX:
+        return rows[:, 0].astype(np.int64)
+    return rows.astype(np.int64) if name == TOP1 else rows.argmax(1)
 
 
 class Classify(Task):
