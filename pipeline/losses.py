@@ -30,8 +30,8 @@ class _Kernel(torch.autograd.Function):
     def forward(ctx, student: torch.Tensor, call: Callable) -> torch.Tensor:
         loss, grad = call(student.detach().contiguous().numpy())
         ctx.save_for_backward(torch.from_numpy(grad))
-        ctx.per_row = np.ndim(loss) == 1
-        return torch.as_tensor(loss, dtype=student.dtype)
+        ctx.per_row = isinstance(loss, np.ndarray)  # reduction="none": (B,) losses, else a float
+        return torch.from_numpy(loss).to(student.dtype) if ctx.per_row else torch.tensor(loss, dtype=student.dtype)
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
@@ -40,7 +40,7 @@ class _Kernel(torch.autograd.Function):
             return g.unsqueeze(1) * grad, None
         # g == 1 (the usual case: the loss weight is folded into the kernel via `coef`): hand
         # the kernel's gradient over as is; autograd copies it if anything else still holds it
-        return (grad if bool(g == 1) else g * grad), None
+        return (grad if g.item() == 1 else g * grad), None
 
 
 def _np(x) -> np.ndarray | None:

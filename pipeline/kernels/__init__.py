@@ -41,6 +41,8 @@ def _row_weights(n: int, mask, weights, reduction: str, coef: float = 1.0) -> tu
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction={reduction!r}: expected one of {list(REDUCTIONS)}")
     w = np.full(n, float(coef), np.float64)
+    if mask is None and weights is None:  # (every row, weight coef: no reduction to run)
+        return w, 1.0 / n if reduction == "mean" and n and coef else 1.0
     if mask is not None:
         mask = np.asarray(mask)
         if mask.shape != (n,):
