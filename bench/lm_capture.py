@@ -14,8 +14,12 @@ capture's achieved teacher FLOP/s over that figure: ``capture_vs_matmul`` (1.0: 
 runs the teacher as fast as this machine multiplies its matrices). ``--precisions
 auto,fp32,bf16`` measures each teacher precision, after one untimed warm-up capture each,
 alternately repeat by repeat, and gives ``auto_vs_fastest``: the default's stage 1 time over
-the fastest explicit precision's. The last line is one JSON
-object (the first precision's figures, the machine it ran on).
+the fastest explicit precision's. ``--students causal_lm,teacher_layers`` then trains each
+student on the cache just captured, through stage 3's own fit (its loss, fused head and
+optimizer; a warm-up fit, then a timed one), and gives ``step_vs_matmul``: its forward +
+backward FLOP/s (3x the forward's) over this machine's matmuls at the student's own shapes
+in its training precision. The last line is one JSON object (the first precision's
+figures, the students', the machine it ran on).
 """
 
 from __future__ import annotations
@@ -33,10 +37,11 @@ from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
 import pipeline.capture
-from pipeline.cache import ShardRecord
+from pipeline.cache import ShardRecord, open_cache
 from pipeline.config import register
-from pipeline.device import choose_device, machine, matmul_seconds
+from pipeline.device import choose_device, machine, matmul_seconds, resolve_precision
 from pipeline.representations import represent, represent_torch
+from pipeline.students import fit, linear_shapes
 from pipeline.tasks import validate
 from pipeline.tasks.lm import LanguageModel, TokenRows
 from pipeline.tasks.lm.models import load_teacher
@@ -60,11 +65,12 @@ def teacher_matmuls(model) -> list[tuple[int, int, int]]:
     return [(k, n, c) for (k, n), c in counts.items()]
 
 
-def forward_flops(model, data) -> float:
-    """The teacher's forward FLOPs over the cached tokens: 2 per weight of every matmul per
-    token, and the attention's scores and weighted sums (4 x hidden x context per layer)."""
+def forward_flops(model, lengths: np.ndarray) -> float:
+    """A causal LM's forward FLOPs over sequences of ``lengths`` tokens: 2 per weight of every
+    matmul per token, and the attention's scores and weighted sums (4 x hidden x context per
+    layer)."""
     config = model.config
-    lengths = np.diff(data.offsets).astype(np.float64)
+    lengths = np.asarray(lengths, np.float64)
     context = float((lengths * (lengths + 1) / 2).sum())  # sum over tokens of the positions attended
     weights = sum(k * n * c for k, n, c in teacher_matmuls(model))
     return 2.0 * weights * float(lengths.sum()) + 4.0 * config.hidden_size * config.num_hidden_layers * context
@@ -120,7 +126,7 @@ class Measured:
         tokens = int(data.offsets[-1])
         rows = min(self.cfg.teacher.batch_size * self.cfg.data.seq_len, 512)  # a batch's rows (GEMM speed saturates)
         limit = matmul_gflops(teacher_matmuls(self.model), self.precision, rows)
-        achieved = forward_flops(self.model, data) / min(full) / 1e9
+        achieved = forward_flops(self.model, np.diff(data.offsets)) / min(full) / 1e9
         return {"precision": self.precision, "tokens": tokens, "bare_forward_s": min(bare), "stage1_s": min(full),
                 "overhead_ratio": min(full) / min(bare), "tokens_per_s": tokens / min(full),
                 "capture_gflops": achieved, "matmul_gflops": limit, "capture_vs_matmul": achieved / limit,
@@ -128,7 +134,41 @@ class Measured:
                 "paired_ratios": [f / b for f, b in zip(full, bare, strict=True)]}
 
 
-def main(overrides: list[str], repeats: int = 3, precisions: tuple[str, ...] = ("auto",)) -> dict:
+def student_step(cfg, name: str, cache: str, steps: int) -> dict:
+    """Student ``name`` trained on the cache at ``cache`` as stage 3 trains it (the task's
+    student run: its stream, loss and fused head; :func:`pipeline.students.fit`): a
+    warm-up fit of 2 steps (kernel compiles, first allocations), then ``steps`` timed ones.
+    Its FLOP/s, forward + backward (3x the forward's, over the padded batches it ran), over
+    this machine's matmuls at its own linear layers in its training precision."""
+    task = LanguageModel(cfg)
+    data = load_tokens(cfg.data, cfg.paths.root, task.tokenizer)
+    reader = open_cache(cache)
+    device = choose_device(cfg.train.device)
+    run = next(iter(task.student_runs(data, reader, device)))
+    student = run.fits[0]
+    fit(student.model, student.stream, 2, student.loss, cfg.train, desc=f"{name}: warm-up", batches=student.batches)
+    tokens = []  # each batch of the timed fit as the stream padded it: the tokens the model ran
+    source = student.batches or (lambda: student.stream)
+
+    def counted():
+        for batch in source():
+            tokens.append(batch.input_ids.shape)
+            yield batch
+
+    _, seconds = fit(student.model, student.stream, steps, student.loss, cfg.train, desc=f"{name}: timed",
+                     batches=counted)
+    precision = resolve_precision(cfg.train.precision.value, device, linear_shapes(student.model))
+    lengths = np.concatenate([np.full(b, n) for b, n in tokens])
+    achieved = 3.0 * forward_flops(student.model, lengths) / seconds / 1e9
+    rows = min(max(b * n for b, n in tokens), 512)
+    limit = matmul_gflops(teacher_matmuls(student.model), precision, rows)
+    return {"student": name, "params": sum(p.numel() for p in student.model.parameters()), "precision": precision,
+            "steps": steps, "seconds": seconds, "tokens_per_s": sum(lengths) / seconds, "step_gflops": achieved,
+            "matmul_gflops": limit, "step_vs_matmul": achieved / limit}
+
+
+def main(overrides: list[str], repeats: int = 3, precisions: tuple[str, ...] = ("auto",),
+         students: tuple[str, ...] = (), steps: int = 8) -> dict:
     register()
     tmp = tempfile.mkdtemp(prefix="bench-lm-")
     try:
@@ -143,6 +183,20 @@ def main(overrides: list[str], repeats: int = 3, precisions: tuple[str, ...] = (
         for r in range(repeats):  # the precisions alternate, repeat by repeat
             for m in measured.values():
                 m.repeat(r)
+        first = measured[precisions[0]]
+        trained = []
+        for name in students:  # on the first precision's last cache
+            with initialize_config_module(config_module="pipeline.conf", version_base=None):
+                scfg = validate(OmegaConf.to_object(compose(config_name="config", overrides=[
+                    "task=lm", "data.train_size=48", "data.test_size=8", f"paths.root={tmp}",
+                    f"teacher.precision={precisions[0]}", f"student={name}", "lm.variants=[topk_kl]",
+                    "train.resume=false", *overrides])))
+            t = student_step(scfg, name, f"{tmp}/cache-{first.label}-{repeats - 1}", steps)
+            print(f"student {name} ({t['params'] / 1e6:.1f}M parameters, {t['precision']}): {t['steps']} steps in "
+                  f"{t['seconds']:.2f}s ({t['tokens_per_s']:.0f} tokens/s), forward + backward {t['step_gflops']:.1f} "
+                  f"GFLOP/s = x{t['step_vs_matmul']:.3f} this machine's matmuls at its shapes "
+                  f"({t['matmul_gflops']:.1f} G)", flush=True)
+            trained.append(t)
         runs = {}
         for p, m in measured.items():
             runs[p] = r = m.result()
@@ -158,6 +212,9 @@ def main(overrides: list[str], repeats: int = 3, precisions: tuple[str, ...] = (
     first = runs[precisions[0]]
     res = {**first, "machine": machine(), "device": str(choose_device(cfg.teacher.device)),
            "modes": sorted(m.value for m in cfg.cache.modes), "k": cfg.cache.k, "samples": cfg.cache.samples}
+    if trained:
+        res["students"] = trained
+        res |= {f"step_vs_matmul_{t['student']}": t["step_vs_matmul"] for t in trained}
     if len(runs) > 1:  # the default against the fastest explicit precision, same run
         fastest = min((r["stage1_s"] for p, r in runs.items() if p != "auto"), default=None)
         res["precisions"] = runs
@@ -172,5 +229,9 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--precisions", default="auto", help="teacher precisions, each measured in turn: auto,fp32,bf16")
+    ap.add_argument("--students", default="causal_lm,teacher_layers",
+                    help="students whose training step is measured on the cache ('' for none)")
+    ap.add_argument("--steps", type=int, default=8, help="timed optimizer steps per student")
     args, overrides = ap.parse_known_args()
-    main(overrides, args.repeats, tuple(args.precisions.split(",")))
+    main(overrides, args.repeats, tuple(args.precisions.split(",")), tuple(filter(None, args.students.split(","))),
+         args.steps)
