@@ -17,7 +17,7 @@ This module imports neither torch nor Numba: the config is built from it before 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,8 @@ class DistanceSpec:
     # compares teacher and student class by class: needs one vocabulary, or a student
     # tokenizer's projection of the teacher's ids (ULD needs neither)
     by_class: bool = True
+    # loss settings its ``loss=<name>`` option sets (a user's own loss.<key>=... wins)
+    defaults: dict = field(default_factory=dict)
 
     @property
     def fused(self) -> bool:
@@ -53,6 +55,11 @@ _DECLARED = [
     DistanceSpec("euclidean", "full", "L2 distance between the logits", "euclidean", "torch_euclidean",
                  temperature=False),
     DistanceSpec("tv", "full", "T^2 total variation, 1/2 sum |p_T - q_T| (bounded by T^2)", "tv", "torch_tv"),
+    # DistiLLM's skewed divergences (Ko et al., ICML 2024): the student's side mixed with the teacher's
+    DistanceSpec("skew_kl", "full", "T^2 skew KL, KL(p_T || b p_T + (1-b) q_T), b = loss.beta (0.1 by loss=)", None,
+                 "torch_skew_kl", beta=True, defaults={"beta": 0.1}),
+    DistanceSpec("skew_reverse_kl", "full", "T^2 skew reverse KL, KL(q_T || b q_T + (1-b) p_T), b = loss.beta "
+                 "(0.1 by loss=)", None, "torch_skew_reverse_kl", beta=True, defaults={"beta": 0.1}),
     DistanceSpec("topk_kl", "topk", "T^2 KL over the cached top-K plus one tail bucket (exact lse)", "topk_kl",
                  "torch_topk_kl"),
     DistanceSpec("sampled_kl", "sampled", "T^2 KL estimated without bias from the cached draws (RS-KD)",

@@ -75,6 +75,26 @@ def torch_js(s, t, temperature=1.0, beta=0.5):
     return temperature**2 * d
 
 
+def _skewed(log_a, log_b, beta):
+    """KL(a || beta a + (1 - beta) b) per row, from log-probabilities (beta=1: 0, beta=0: KL(a || b))."""
+    if beta == 0:
+        return (log_a.exp() * (log_a - log_b)).sum(-1)
+    log_m = torch.logaddexp(log_a + np.log(beta), log_b + np.log1p(-beta)) if beta < 1 else log_a
+    return (log_a.exp() * (log_a - log_m)).sum(-1)
+
+
+def torch_skew_kl(s, t, temperature=1.0, beta=0.1):
+    """DistiLLM's skew KL: KL(p || beta p + (1 - beta) q) at temperature T, times T^2."""
+    log_p, log_q = _log_softmaxes(s, t, temperature)
+    return temperature**2 * _skewed(log_p, log_q, beta)
+
+
+def torch_skew_reverse_kl(s, t, temperature=1.0, beta=0.1):
+    """DistiLLM's skew reverse KL: KL(q || beta q + (1 - beta) p) at temperature T, times T^2."""
+    log_p, log_q = _log_softmaxes(s, t, temperature)
+    return temperature**2 * _skewed(log_q, log_p, beta)
+
+
 def torch_mse(s, t, temperature=1.0, beta=0.5):
     return ((s - t.to(s.dtype)) ** 2).mean(-1)
 

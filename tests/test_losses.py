@@ -45,3 +45,51 @@ def test_coef_scales_loss_and_gradient_like_a_multiplier():
     (la + a.sum()).backward()
     (lb + b.sum()).backward()
     torch.testing.assert_close(a.grad, b.grad)
+
+
+def _skew_reference(a: list[float], b: list[float], beta: float, temperature: float) -> float:
+    """T^2 KL(A || beta A + (1 - beta) B) for softmaxes A, B of logit rows a, b at T, in
+    float64 NumPy, written from the definition."""
+    import numpy as np
+
+    def softmax(x):
+        z = np.asarray(x, np.float64) / temperature
+        e = np.exp(z - z.max())
+        return e / e.sum()
+
+    pa, pb = softmax(a), softmax(b)
+    m = beta * pa + (1 - beta) * pb
+    return float(temperature**2 * (pa * np.log(pa / m)).sum())
+
+
+def test_the_skewed_kls_equal_their_definition_and_meet_kl_at_the_ends():
+    """skew_kl = KL(p || b p + (1-b) q) and skew_reverse_kl = KL(q || b q + (1-b) p) on
+    hand-made rows (a sharp one, a flat one, equal rows); b=0 is forward or reverse KL
+    exactly, b=1 gives 0; the gradient is checked against finite differences."""
+    import pytest
+
+    t = torch.tensor([[4.0, 0.0, -2.0, 1.0], [0.5, 0.5, 0.5, 0.5], [1.0, -1.0, 3.0, 0.0]], dtype=torch.float64)
+    s = torch.tensor([[0.0, 2.0, -1.0, 1.0], [3.0, -3.0, 0.0, 0.0], [1.0, -1.0, 3.0, 0.0]], dtype=torch.float64)
+    for beta in (0.1, 0.5, 0.9):
+        for temperature in (1.0, 2.0):
+            got_f = torch_distance("skew_kl", s, t, temperature, beta)
+            got_r = torch_distance("skew_reverse_kl", s, t, temperature, beta)
+            for i in range(3):
+                assert got_f[i].item() == pytest.approx(_skew_reference(t[i], s[i], beta, temperature), rel=1e-12)
+                assert got_r[i].item() == pytest.approx(_skew_reference(s[i], t[i], beta, temperature), rel=1e-12)
+            assert abs(got_f[2].item()) < 1e-15 and abs(got_r[2].item()) < 1e-15  # equal rows: 0 (to rounding)
+    torch.testing.assert_close(torch_distance("skew_kl", s, t, 2.0, 0.0), torch_distance("kl", s, t, 2.0))
+    torch.testing.assert_close(torch_distance("skew_reverse_kl", s, t, 2.0, 0.0),
+                               torch_distance("reverse_kl", s, t, 2.0))
+    assert torch.equal(torch_distance("skew_kl", s, t, 2.0, 1.0), torch.zeros(3, dtype=torch.float64))
+    x = s.clone().requires_grad_(True)
+    for name in ("skew_kl", "skew_reverse_kl"):
+        assert torch.autograd.gradcheck(lambda v, name=name: torch_distance(name, v, t, 2.0, 0.1), (x,))
+
+
+def test_loss_option_of_a_skewed_kl_sets_its_skew_and_an_override_wins():
+    from tests.support import compose_config
+
+    assert compose_config("loss=skew_kl").loss.beta == 0.1
+    assert compose_config("loss=skew_reverse_kl", "loss.beta=0.3").loss.beta == 0.3
+    assert compose_config("loss=js").loss.beta == 0.5
