@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -39,7 +40,13 @@ from omegaconf import OmegaConf
 import pipeline.capture
 from pipeline.cache import ShardRecord, open_cache
 from pipeline.config import register
-from pipeline.device import choose_device, machine, matmul_seconds, resolve_precision
+from pipeline.device import (
+    PRECISION_MEMO,
+    choose_device,
+    machine,
+    matmul_seconds,
+    resolve_precision,
+)
 from pipeline.representations import represent, represent_torch
 from pipeline.students import fit, linear_shapes
 from pipeline.tasks import validate
@@ -146,7 +153,9 @@ def student_step(cfg, name: str, cache: str, steps: int) -> dict:
     device = choose_device(cfg.train.device)
     run = next(iter(task.student_runs(data, reader, device)))
     student = run.fits[0]
-    fit(student.model, student.stream, 2, student.loss, cfg.train, desc=f"{name}: warm-up", batches=student.batches)
+    memo = os.path.join(cfg.paths.conversions, PRECISION_MEMO)  # train.precision=auto measured once, as stage 3 does
+    fit(student.model, student.stream, 2, student.loss, cfg.train, desc=f"{name}: warm-up", batches=student.batches,
+        memo=memo)
     tokens = []  # each batch of the timed fit as the stream padded it: the tokens the model ran
     source = student.batches or (lambda: student.stream)
 
@@ -156,8 +165,8 @@ def student_step(cfg, name: str, cache: str, steps: int) -> dict:
             yield batch
 
     _, seconds = fit(student.model, student.stream, steps, student.loss, cfg.train, desc=f"{name}: timed",
-                     batches=counted)
-    precision = resolve_precision(cfg.train.precision.value, device, linear_shapes(student.model))
+                     batches=counted, memo=memo)
+    precision = resolve_precision(cfg.train.precision.value, device, linear_shapes(student.model), memo)
     lengths = np.concatenate([np.full(b, n) for b, n in tokens])
     achieved = 3.0 * forward_flops(student.model, lengths) / seconds / 1e9
     rows = min(max(b * n for b, n in tokens), 512)

@@ -70,17 +70,21 @@ def torch_js(s, t, temperature=1.0, beta=0.5):
     if beta in (0, 1):
         return (torch_kl if beta == 0 else torch_reverse_kl)(s, t, temperature)
     log_p, log_q = _log_softmaxes(s, t, temperature)
-    log_m = torch.logaddexp(log_p + np.log(beta), log_q + np.log(1 - beta))
+    log_m = _log_mixture(log_p, log_q, beta)
     d = beta * (log_p.exp() * (log_p - log_m)).sum(-1) + (1 - beta) * (log_q.exp() * (log_q - log_m)).sum(-1)
     return temperature**2 * d
 
 
+def _log_mixture(log_a, log_b, beta):
+    """log(beta a + (1 - beta) b) from log-probabilities; exactly log b at beta=0, log a at 1."""
+    if beta in (0, 1):
+        return log_b if beta == 0 else log_a
+    return torch.logaddexp(log_a + np.log(beta), log_b + np.log(1 - beta))
+
+
 def _skewed(log_a, log_b, beta):
     """KL(a || beta a + (1 - beta) b) per row, from log-probabilities (beta=1: 0, beta=0: KL(a || b))."""
-    if beta == 0:
-        return (log_a.exp() * (log_a - log_b)).sum(-1)
-    log_m = torch.logaddexp(log_a + np.log(beta), log_b + np.log1p(-beta)) if beta < 1 else log_a
-    return (log_a.exp() * (log_a - log_m)).sum(-1)
+    return (log_a.exp() * (log_a - _log_mixture(log_a, log_b, beta))).sum(-1)
 
 
 def torch_skew_kl(s, t, temperature=1.0, beta=0.1):

@@ -79,47 +79,39 @@ class ChunkReader:
     def _damaged(self, shard: int, rows: tuple[int, int], what: str) -> CacheDamaged:
         return CacheDamaged(self.storage.url, self.name, self._key(shard), (rows[0], min(rows[1], self.rows)), what)
 
-    def _read(self, path: str, start: int, stop: int | None) -> bytes:
-        if self.storage.local:
-            with open(path, "rb") as f:
-                if start < 0:
-                    f.seek(start, 2)
-                    return f.read()
-                f.seek(start)
-                return f.read(stop - start)
-        if start < 0:
-            size = self.storage.fs.size(path)
-            start, stop = size + start, size
-        return self.storage.fs.cat_file(path, start=start, end=stop)
+    def _bytes(self, shard: int, start: int, stop: int | None) -> np.ndarray:
+        """Bytes ``[start, stop)`` of a shard object (``start < 0``: the last ``-start``), as
+        uint8: a view of the memory-mapped object locally (each object opened once, the last
+        ``keep_maps`` kept), else one ranged read. Fewer bytes where the object is shorter."""
+        path = self._path(shard)
+        if not self.storage.local:
+            if start < 0:
+                size = self.storage.fs.size(path)
+                start, stop = size + start, size
+            return np.frombuffer(self.storage.fs.cat_file(path, start=start, end=stop), dtype=np.uint8)
+        if shard not in self.maps:
+            self.maps[shard] = np.memmap(path, np.uint8, "r") if os.path.getsize(path) else np.empty(0, np.uint8)
+            while len(self.maps) > self.keep_maps:
+                self.maps.popitem(last=False)
+        self.maps.move_to_end(shard)
+        return self.maps[shard][start:stop]
 
     def _index(self, shard: int) -> np.ndarray:
         if shard not in self.indexes:
             try:
-                raw = np.frombuffer(self._read(self._path(shard), -(self.per_shard * 16 + 4), None), dtype=np.uint8)
+                raw = self._bytes(shard, -(self.per_shard * 16 + 4), None)
             except (FileNotFoundError, OSError) as e:
                 raise self._damaged(shard, (shard * self.shard_rows, (shard + 1) * self.shard_rows),
                                     f"the shard object cannot be read ({e})") from e
             if len(raw) != self.per_shard * 16 + 4 or not _crc_ok(raw):
                 raise self._damaged(shard, (shard * self.shard_rows, (shard + 1) * self.shard_rows),
                                     "the shard index does not match its crc32c checksum (cut or overwritten)")
-            self.indexes[shard] = raw[:-4].view("<u8").reshape(self.per_shard, 2)
+            # a copy: a view would hold the shard's map (and its file) open as long as the index
+            self.indexes[shard] = raw[:-4].view("<u8").reshape(self.per_shard, 2).copy()
             while len(self.indexes) > self.keep:
                 self.indexes.popitem(last=False)
         self.indexes.move_to_end(shard)
         return self.indexes[shard]
-
-    def _chunk(self, shard: int, offset: int, nbytes: int) -> np.ndarray:
-        """A stored chunk's bytes (uint8, checksum included): a view of the memory-mapped shard
-        object locally, else one ranged read."""
-        if not self.storage.local:
-            return np.frombuffer(self._read(self._path(shard), offset, offset + nbytes), dtype=np.uint8)
-        if shard not in self.maps:
-            path = self._path(shard)
-            self.maps[shard] = np.memmap(path, np.uint8, "r") if os.path.getsize(path) else np.empty(0, np.uint8)
-            while len(self.maps) > self.keep_maps:
-                self.maps.popitem(last=False)
-        self.maps.move_to_end(shard)
-        return self.maps[shard][offset:offset + nbytes]
 
     def _bad_chunk(self, shard: int, start: int) -> CacheDamaged:
         """The chunk holding row ``start`` does not match its checksum."""
@@ -137,7 +129,7 @@ class ChunkReader:
         offset, nbytes = self._index(shard)[inner]
         if offset == _MISSING:
             return False  # never written: zarr gives the fill value (NaN), which the stream names
-        raw = self._chunk(shard, int(offset), int(nbytes))
+        raw = self._bytes(shard, int(offset), int(offset + nbytes))
         if len(raw) != nbytes or not _crc_ok(raw):
             raise self._bad_chunk(shard, start)
         payload = np.frombuffer(self.codec.decode(raw[:-4]), dtype=np.uint8) if self.codec else raw[:-4]

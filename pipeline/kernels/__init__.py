@@ -216,7 +216,13 @@ def _exp_tables(inv_t: tuple[float, ...]) -> np.ndarray:
     return t
 
 
-ROWS_PER_THREAD = 16  # fewer rows than this a thread: one thread (starting one costs more)
+ROWS_PER_THREAD = 16  # fewer rows than this a thread: fewer threads
+
+
+@functools.cache
+def _row_pool(threads: int) -> ThreadPoolExecutor:
+    """The threads the row pass runs on, started once per process (not once per batch)."""
+    return ThreadPoolExecutor(threads, thread_name_prefix="row-pass")
 
 
 def summarize_rows(x: np.ndarray, k: int, temperatures: list[float], sample_temperature: float | None,
@@ -238,20 +244,15 @@ def summarize_rows(x: np.ndarray, k: int, temperatures: list[float], sample_temp
     out = {"top_idx": np.empty((n, k), np.int32), "top_val": np.empty((n, k), np.float32),
            "lse": np.empty((n, len(temps)), np.float32), "s_idx": np.empty(u.shape, np.int32),
            "s_cnt": np.empty(u.shape, np.int32), "ent": np.zeros(n, np.float32), "top1": np.empty(n, np.int32)}
-    names_out = ("top_idx", "top_val", "lse", "s_idx", "s_cnt", "ent", "top1")
 
-    def rows(a: int, b: int) -> None:
-        teacher_rows(x[a:b], k, inv_t, col, u[a:b], tables, *(out[name][a:b] for name in names_out))
+    def rows(a: int, b: int) -> None:  # (``out`` in the kernel's argument order)
+        teacher_rows(x[a:b], k, inv_t, col, u[a:b], tables, *(o[a:b] for o in out.values()))
 
     # row ranges on threads (the kernel releases the GIL): a serial kernel compiles in half
     # the time of a prange one (no parfor lowering), and rows are independent
     threads = max(1, min(numba.get_num_threads(), n // ROWS_PER_THREAD))
-    if threads == 1:
-        rows(0, n)
-    else:
-        cuts = np.linspace(0, n, threads + 1).astype(int)
-        with ThreadPoolExecutor(threads) as pool:
-            for f in [pool.submit(rows, a, b) for a, b in zip(cuts[:-1], cuts[1:], strict=True)]:
-                f.result()
+    cuts = np.linspace(0, n, threads + 1).astype(int)
+    for f in [_row_pool(threads).submit(rows, a, b) for a, b in zip(cuts[:-1], cuts[1:], strict=True)]:
+        f.result()
     out["lse"] = out["lse"][:, [temps.index(t) for t in temperatures]]
     return out
