@@ -250,15 +250,16 @@ def euclidean_rows(s, t, table, w, scale, loss, grad, bad):
             zero_row(loss, grad, i)
             continue
         acc = like(s, 0.0)
-        for j in range(c):
+        for j in range(c):  # s - t kept in grad: the second pass scales it in cache, not reading s and t again
             d = s[i, j] - tval(t, i, j, table)
             acc += d * d
+            grad[i, j] = d
         if not is_finite(acc):
             bad[i] = 1
         dist = math.sqrt(acc)
         g = like(s, scale * w[i] / dist if dist > 0 else 0.0)
         for j in range(c):
-            grad[i, j] = g * (s[i, j] - tval(t, i, j, table))
+            grad[i, j] *= g
         loss[i] = w[i] * dist
 
 

@@ -12,6 +12,8 @@ T (q_j - p_j) on the K classes and T q_j (1 - p_tail / q_tail) on the others.
 ``sampled_kl`` (RS-KD): S draws from p_T with counts c_j give w_j = c_j / S, E[w] = p. The
 loss T^2 [sum_j w_j (-log q_j) - H(p_T)] is an unbiased estimate of T^2 KL(p || q) (the
 cached entropy H makes it a KL, not a cross-entropy), and T (q_j - w_j) of its gradient.
+A drawn id outside the student's classes sets ``bad[i] = 2`` (a teacher row that is not
+finite, or holds no draws, sets 1).
 """
 
 from __future__ import annotations
@@ -107,8 +109,11 @@ def sampled_kl_rows(s, idx, cnt, ent, temperature, w, scale, loss, grad, bad):
         for r in range(m):
             if cnt[i, r] == 0:
                 continue
-            wj = cnt[i, r] / draws
             j = idx[i, r]
+            if j < 0 or j >= c:  # not a class of this student: the caller says so
+                bad[i] = 2
+                continue
+            wj = cnt[i, r] / draws
             ce -= wj * ((s[i, j] - s_max) * inv_t - s_lse)
             grad[i, j] -= g * wj
         loss[i] = w[i] * temperature * temperature * (ce - ent[i])

@@ -251,6 +251,14 @@ def test_invalid_inputs_name_the_argument():
         kernels.topk_kl(s, idx, rand((3, 6)), np.zeros(3, np.float32))
     with pytest.raises(ValueError, match=r"outside \[0, 5\)"):
         kernels.topk_kl(s, idx[:, :2] + 4, rand((3, 2)), np.zeros(3, np.float32))
+    ids, counts, ent = np.array([[0, 1], [2, 5], [3, -1]]), np.array([[1, 1], [1, 1], [2, 0]], np.uint16), np.ones(3)
+    with pytest.raises(ValueError, match=r"outside \[0, 5\)"):  # a drawn id past the student's classes
+        kernels.sampled_kl(s, ids, counts, ent)
+    ids[1, 1] = -2
+    with pytest.raises(ValueError, match=r"outside \[0, 5\)"):  # a negative id with a count
+        kernels.sampled_kl(s, ids, counts, ent)
+    ids[1, 1] = 4  # -1 with count 0 is padding: it trains
+    assert np.isfinite(kernels.sampled_kl(s, ids, counts, ent)[0])
     with pytest.raises(ValueError, match="reduction='avg'"):
         kernels.distance("kl", s, t, reduction="avg")
 
