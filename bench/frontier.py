@@ -31,11 +31,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import subprocess
 import sys
-import time
+
+from runs import cli, load, mean_sd, paired, save, train
 
 ROOT_DEFAULT = "data/frontier"
 PARENT = dict(k=128, samples=64)
@@ -65,15 +64,6 @@ REFERENCE = "topk64-fp16"
 BUDGET = 50.0  # bytes per token on disk
 
 
-def cli(*args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_WAIT_POLICY="passive")
-    proc = subprocess.run([sys.executable, "-m", "pipeline.run", "task=lm", *args], capture_output=True, text=True,
-                          env=env)
-    if proc.returncode:
-        sys.exit(f"failed: pipeline.run task=lm {' '.join(args)}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc
-
-
 def folder_bytes(path: str) -> int:
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
 
@@ -93,33 +83,6 @@ def cache_sizes(path: str) -> dict:
     return out
 
 
-def load(path: str) -> dict:
-    return json.load(open(path)) if os.path.exists(path) else {"sizes": {}, "runs": {}}
-
-
-def save(path: str, state: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(state, f, indent=1)
-    os.replace(tmp, path)
-
-
-def train(root: str, name: str, cache: str, variant: str, seed: int, parent: str, extra: list[str]) -> dict:
-    run_dir = os.path.join(root, "runs", f"{name}-s{seed}")
-    t0 = time.perf_counter()
-    cli("stage=3", f"paths.root={root}", f"cache.path={cache}", f"lm.variants=[{variant}]", f"lm.eval_cache={parent}",
-        f"train.seed={seed}", "train.resume=false", f"hydra.run.dir={run_dir}", *extra)
-    (row,) = json.load(open(os.path.join(run_dir, "results.json")))["students"]
-    return {"ppl": row["heldout_perplexity"], "bits_per_byte": row["heldout_bits_per_byte"],
-            "kl": row["heldout_kl_topk"], "seconds": time.perf_counter() - t0}
-
-
-def mean_sd(xs: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (NaN for one value)."""
-    mean = sum(xs) / len(xs)
-    return mean, math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else float("nan")
-
-
 def summary(state: dict) -> dict[str, dict]:
     out = {}
     for name, runs in state["runs"].items():
@@ -128,13 +91,9 @@ def summary(state: dict) -> dict[str, dict]:
         mean, sd = mean_sd(ppl)
         out[name] = {"ppl": mean, "sd": sd, "n": len(ppl), "kl": sum(kl) / len(kl), **state["sizes"][name],
                      "family": REPRESENTATIONS[name][2] if name in REPRESENTATIONS else name}
-        # paired by seed: the same initialisation and batches with the reference cache, so the
-        # seed's own effect (shared by every cache) cancels in the ratio
-        ref = state["runs"].get(REFERENCE, {})
-        ratios = [r["ppl"] / ref[seed]["ppl"] for seed, r in runs.items() if seed in ref]
-        if ratios:
-            paired, paired_sd = mean_sd(ratios)
-            out[name] |= {"paired": paired, "paired_sd": paired_sd}
+        by_seed = paired(runs, state["runs"].get(REFERENCE, {}))  # against the reference cache
+        if by_seed:
+            out[name] |= {"paired": by_seed[0], "paired_sd": by_seed[1]}
     return out
 
 
@@ -187,7 +146,7 @@ def main() -> None:
     root = os.path.abspath(args.root)
     os.makedirs(root, exist_ok=True)
     state_path = os.path.join(root, "frontier.json")
-    state = load(state_path)
+    state = load(state_path, {"sizes": {}, "runs": {}})
     if state.setdefault("overrides", args.overrides) != args.overrides:
         sys.exit(f"{state_path} holds runs with {state['overrides']}, not {args.overrides}: use another --root")
     parent = os.path.join(root, "caches", "parent")
@@ -212,8 +171,8 @@ def main() -> None:
         if str(seed) in runs:
             return
         print(f"stage 3: {name} seed {seed}", file=sys.stderr)
-        runs[str(seed)] = train(root, name, os.path.join(root, "caches", name), REPRESENTATIONS[name][1], seed,
-                                parent, args.overrides)
+        runs[str(seed)] = train(root, os.path.join(root, "runs", f"{name}-s{seed}"), os.path.join(root, "caches", name),
+                                REPRESENTATIONS[name][1], seed, [f"lm.eval_cache={parent}", *args.overrides])
         save(state_path, state)
 
     for seed in range(args.seeds):  # every representation, seed by seed (a partial run is a fair one)
