@@ -257,7 +257,9 @@ class LossConfig:
     alpha: float = 1.0
     lam: float = 1.0
     temperature: float = 2.0  # softmax-based distances (kl, reverse_kl, js, topk_kl, sampled_kl)
-    beta: float = 0.5  # js: 0 = forward KL, 1 = reverse KL, 0.5 = symmetric; skew_kl/skew_reverse_kl: the skew
+    # js: 0 = forward KL, 1 = reverse KL, 0.5 = symmetric; the skewed KLs: the skew. None: the
+    # distance's own (js 0.5, the skewed KLs 0.1: pipeline/distances.py), for lm.variants too
+    beta: float | None = None
     k: int = 0  # topk_kl: use the first k of the cache's K logits (0: all), as a top-k cache would hold
 
 
@@ -407,8 +409,8 @@ def register() -> None:
     for task, sections in SECTIONS.items():
         for section, schema in sections.items():
             store.store(group=f"schemas/{section}", name=task, node=schema)
-    for name, spec in DISTANCES.items():
-        store.store(group="loss", name=name, node={"distance": name, **spec.defaults})
+    for name in DISTANCES:
+        store.store(group="loss", name=name, node={"distance": name})
     if not OmegaConf.has_resolver("pid"):
         OmegaConf.register_new_resolver("pid", os.getpid)
     if not OmegaConf.has_resolver("conversions_home"):

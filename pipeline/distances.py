@@ -35,8 +35,12 @@ class DistanceSpec:
     # compares teacher and student class by class: needs one vocabulary, or a student
     # tokenizer's projection of the teacher's ids (ULD needs neither)
     by_class: bool = True
-    # loss settings its ``loss=<name>`` option sets (a user's own loss.<key>=... wins)
+    # its own values of the loss settings left unset (None): ``beta``
     defaults: dict = field(default_factory=dict)
+
+    def beta_of(self, beta: float | None) -> float:
+        """``loss.beta`` as this distance reads it: the value set, else its own default."""
+        return self.defaults.get("beta", 0.5) if beta is None else beta
 
     @property
     def fused(self) -> bool:
@@ -48,7 +52,7 @@ _DECLARED = [
     DistanceSpec("kl", "full", "T^2 KL(p_T || q_T), forward KL at temperature T", "kl", "torch_kl"),
     DistanceSpec("reverse_kl", "full", "T^2 KL(q_T || p_T), mode-seeking", "reverse_kl", "torch_reverse_kl"),
     DistanceSpec("js", "full", "T^2 generalized Jensen-Shannon (beta=0: KL, 1: reverse KL, 0.5: symmetric)", "js",
-                 "torch_js", beta=True),
+                 "torch_js", beta=True, defaults={"beta": 0.5}),
     DistanceSpec("mse", "full", "mean squared error between the logits", "mse", "torch_mse", temperature=False),
     DistanceSpec("cosine", "full", "1 - cosine similarity of the logits", "cosine", "torch_cosine",
                  temperature=False),
@@ -56,14 +60,26 @@ _DECLARED = [
                  temperature=False),
     DistanceSpec("tv", "full", "T^2 total variation, 1/2 sum |p_T - q_T| (bounded by T^2)", "tv", "torch_tv"),
     # DistiLLM's skewed divergences (Ko et al., ICML 2024): the student's side mixed with the teacher's
-    DistanceSpec("skew_kl", "full", "T^2 skew KL, KL(p_T || b p_T + (1-b) q_T), b = loss.beta (0.1 by loss=)", None,
+    DistanceSpec("skew_kl", "full", "T^2 skew KL, KL(p_T || b p_T + (1-b) q_T), b = loss.beta (default 0.1)", None,
                  "torch_skew_kl", beta=True, defaults={"beta": 0.1}),
     DistanceSpec("skew_reverse_kl", "full", "T^2 skew reverse KL, KL(q_T || b q_T + (1-b) p_T), b = loss.beta "
-                 "(0.1 by loss=)", None, "torch_skew_reverse_kl", beta=True, defaults={"beta": 0.1}),
+                 "(default 0.1)", None, "torch_skew_reverse_kl", beta=True, defaults={"beta": 0.1}),
     DistanceSpec("topk_kl", "topk", "T^2 KL over the cached top-K plus one tail bucket (exact lse)", "topk_kl",
                  "torch_topk_kl"),
     DistanceSpec("sampled_kl", "sampled", "T^2 KL estimated without bias from the cached draws (RS-KD)",
                  "sampled_kl", "torch_sampled_kl"),
+    # the skewed KLs over sparse rows: the top-K's K+1 buckets, or the draws' frequencies
+    DistanceSpec("skew_kl_topk", "topk", "skew KL over the cached top-K plus one tail bucket, b = loss.beta "
+                 "(default 0.1)", "skew_kl_topk", "torch_skew_kl_topk", beta=True, defaults={"beta": 0.1}),
+    DistanceSpec("skew_reverse_kl_topk", "topk", "skew reverse KL over the cached top-K plus one tail bucket, "
+                 "b = loss.beta (default 0.1)", "skew_reverse_kl_topk", "torch_skew_reverse_kl_topk", beta=True,
+                 defaults={"beta": 0.1}),
+    DistanceSpec("skew_kl_sampled", "sampled", "skew KL from the draws' frequencies W, KL(W || b W + (1-b) q), "
+                 "b = loss.beta (default 0.1)", "skew_kl_sampled", "torch_skew_kl_sampled", beta=True,
+                 defaults={"beta": 0.1}),
+    DistanceSpec("skew_reverse_kl_sampled", "sampled", "skew reverse KL to the draws' frequencies, KL(q || b q + "
+                 "(1-b) W), b = loss.beta > 0 (default 0.1)", "skew_reverse_kl_sampled",
+                 "torch_skew_reverse_kl_sampled", beta=True, defaults={"beta": 0.1}),
     # Universal Logit Distillation: L1 between sorted probabilities, no vocabulary correspondence
     DistanceSpec("uld_topk", "topk", "ULD: L1 between sorted probabilities, from the top-K + tail", None,
                  "torch_uld_topk", by_class=False),

@@ -109,7 +109,7 @@ def _chunk_cpu(z, labels, has_label, tmask, teacher, name, cfg, w_ce, w_t):
     if tmask.any():
         spec = distance_spec(name)
         arrays = (np.asarray(teacher[a]) for a in REPRESENTATIONS[spec.reads].arrays)
-        loss, grad = getattr(kernels, spec.kernel)(zn, *arrays, temperature=cfg.temperature, beta=cfg.beta,
+        loss, grad = getattr(kernels, spec.kernel)(zn, *arrays, temperature=cfg.temperature, beta=spec.beta_of(cfg.beta),
                                                    mask=tmask, reduction="sum", coef=w_t)
     add = grad is not None
     if grad is None:

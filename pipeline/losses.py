@@ -126,16 +126,21 @@ def torch_distance(name: str, s: torch.Tensor, t: torch.Tensor, temperature: flo
     return globals()[spec.reference](s, t, temperature, beta)
 
 
+def _student_buckets(log_q: torch.Tensor, at: torch.Tensor, held: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The student's side of a sparse row: log q at the teacher's entries (B, K; ``at`` their
+    ids, clamped) and its mass outside the entries that ``held`` marks, summed directly (no
+    1 - sum(q_k) cancellation)."""
+    kept = torch.zeros_like(log_q, dtype=torch.int32).scatter_add_(1, at, held.int()) > 0
+    return log_q.gather(1, at), log_q.exp().masked_fill(kept, 0).sum(-1)
+
+
 def torch_topk_kl(s: torch.Tensor, idx: torch.Tensor, val: torch.Tensor, lse: torch.Tensor,
                   temperature: float, beta: float = 0.5) -> torch.Tensor:
     log_q = F.log_softmax(s / temperature, dim=-1)
     held = idx >= 0  # -1: padding (an adaptive row's unused entries), skipped
-    at = idx.long().clamp_min(0)
     log_p = torch.where(held, val.to(s.dtype) / temperature - lse.to(s.dtype).unsqueeze(-1), 0)  # (B, K)
     p = torch.where(held, log_p.exp(), 0)
-    log_qk = log_q.gather(1, at)
-    kept = torch.zeros_like(log_q, dtype=torch.int32).scatter_add_(1, at, held.int()) > 0
-    q_tail = log_q.exp().masked_fill(kept, 0).sum(-1)
+    log_qk, q_tail = _student_buckets(log_q, idx.long().clamp_min(0), held)
     p_tail = (1 - p.sum(-1)).clamp_min(0)
     tail = torch.where((p_tail > 0) & (q_tail > 0), p_tail * (p_tail.clamp_min(1e-38).log() - q_tail.log()),
                        torch.zeros_like(p_tail))
@@ -148,6 +153,60 @@ def torch_sampled_kl(s: torch.Tensor, idx: torch.Tensor, cnt: torch.Tensor, ent:
     w = cnt.to(s.dtype)
     w = w / w.sum(-1, keepdim=True).clamp_min(1)  # rows without draws (padding): 0, not 0/0
     return temperature**2 * (-(w * log_q.gather(1, idx.long().clamp_min(0))).sum(-1) - ent.to(s.dtype))
+
+
+TINY = 1e-37  # the skewed KLs' floor under a mixture: a bucket only the other side holds, at b = 0
+
+
+def _bucket_skew(a: torch.Tensor, b: torch.Tensor, beta: float) -> torch.Tensor:
+    """KL(A || beta A + (1 - beta) B) per row between distributions over buckets, given as
+    probabilities (B, n); a bucket A does not hold adds nothing, the mixture is floored at
+    TINY (as the kernels floor it)."""
+    m = (beta * a + (1 - beta) * b).clamp_min(TINY)
+    return torch.where(a > 0, a * (a.clamp_min(TINY).log() - m.log()), 0).sum(-1)
+
+
+def _topk_bucket_pair(s, idx, val, lse, temperature):
+    """A top-K row as K+1 buckets, the K cached classes and the tail (the rest of the
+    vocabulary, the exact logsumexp giving its teacher mass): the teacher's probabilities
+    and the student's (B, K+1), 0 on padding entries."""
+    held = idx >= 0
+    log_qk, q_tail = _student_buckets(F.log_softmax(s / temperature, dim=-1), idx.long().clamp_min(0), held)
+    p = torch.where(held, (val.to(s.dtype) / temperature - lse.to(s.dtype).unsqueeze(-1)).exp(), 0)
+    q = torch.where(held, log_qk.exp(), 0)
+    p_tail = (1 - p.sum(-1)).clamp_min(0)
+    return torch.cat([p, p_tail[:, None]], 1), torch.cat([q, q_tail[:, None]], 1)
+
+
+def _sampled_bucket_pair(s, idx, cnt, temperature):
+    """A sampled row as buckets: the drawn ids, the teacher's side their frequencies (the
+    draws' empirical distribution), and the rest of the vocabulary (teacher 0); (B, S+1)."""
+    held = cnt > 0
+    log_qk, q_rest = _student_buckets(F.log_softmax(s / temperature, dim=-1), idx.long().clamp_min(0), held)
+    w = cnt.to(s.dtype)
+    w = w / w.sum(-1, keepdim=True).clamp_min(1)
+    q = torch.where(held, log_qk.exp(), 0)
+    return torch.cat([w, torch.zeros_like(w[:, :1])], 1), torch.cat([q, q_rest[:, None]], 1)
+
+
+def torch_skew_kl_topk(s, idx, val, lse, temperature=1.0, beta=0.1):
+    p, q = _topk_bucket_pair(s, idx, val, lse, temperature)
+    return temperature**2 * _bucket_skew(p, q, beta)
+
+
+def torch_skew_reverse_kl_topk(s, idx, val, lse, temperature=1.0, beta=0.1):
+    p, q = _topk_bucket_pair(s, idx, val, lse, temperature)
+    return temperature**2 * _bucket_skew(q, p, beta)
+
+
+def torch_skew_kl_sampled(s, idx, cnt, ent, temperature=1.0, beta=0.1):
+    p, q = _sampled_bucket_pair(s, idx, cnt, temperature)
+    return temperature**2 * _bucket_skew(p, q, beta)
+
+
+def torch_skew_reverse_kl_sampled(s, idx, cnt, ent, temperature=1.0, beta=0.1):
+    p, q = _sampled_bucket_pair(s, idx, cnt, temperature)
+    return temperature**2 * _bucket_skew(q, p, beta)
 
 
 def _torch_reduced(student: torch.Tensor, arrays: tuple, torch_rows: Callable, mask, weights,
@@ -305,7 +364,7 @@ def teacher_term(student: torch.Tensor, teacher: dict, cfg, mask=None, *, reduct
     if spec.reads == "full" and tuple(arrays[0].shape) != tuple(student.shape):
         raise ConfigError(f"teacher logits {tuple(arrays[0].shape)} and student logits {tuple(student.shape)} "
                           "differ: the student's class count must equal the cache's")
-    return distance_term(spec.name, student, arrays, temperature=cfg.temperature, beta=cfg.beta, mask=mask,
+    return distance_term(spec.name, student, arrays, temperature=cfg.temperature, beta=spec.beta_of(cfg.beta), mask=mask,
                          reduction=reduction, coef=cfg.lam if coef is None else coef)
 
 

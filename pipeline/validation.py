@@ -67,7 +67,7 @@ def shared_problems(cfg: Config) -> list[str]:
     for name in ("alpha", "lam", "k"):
         if getattr(cfg.loss, name) < 0:
             p.append(f"loss.{name}={getattr(cfg.loss, name)}: must be >= 0")
-    if not 0 <= cfg.loss.beta <= 1:
+    if cfg.loss.beta is not None and not 0 <= cfg.loss.beta <= 1:
         p.append(f"loss.beta={cfg.loss.beta}: must be in [0, 1] (js: 0 = forward KL, 1 = reverse KL; "
                  "skew_kl, skew_reverse_kl: the share of the distribution itself in the mixture)")
     if cfg.loss.alpha == 0 and cfg.loss.lam == 0:

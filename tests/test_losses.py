@@ -87,9 +87,28 @@ def test_the_skewed_kls_equal_their_definition_and_meet_kl_at_the_ends():
         assert torch.autograd.gradcheck(lambda v, name=name: torch_distance(name, v, t, 2.0, 0.1), (x,))
 
 
-def test_loss_option_of_a_skewed_kl_sets_its_skew_and_an_override_wins():
+def test_an_unset_beta_is_the_distances_own_and_a_set_one_wins():
+    """loss.beta left unset trains each distance at its own default (the skewed KLs at 0.1,
+    js at 0.5), through loss=<name> and through an LM variant alike; a set value wins."""
+    import pytest
+
+    from pipeline.losses import teacher_term
+    from pipeline.tasks.lm.objective import Variant
     from tests.support import compose_config
 
-    assert compose_config("loss=skew_kl").loss.beta == 0.1
-    assert compose_config("loss=skew_reverse_kl", "loss.beta=0.3").loss.beta == 0.3
-    assert compose_config("loss=js").loss.beta == 0.5
+    torch.manual_seed(1)
+    s, t = torch.randn(5, 7, dtype=torch.float64), torch.randn(5, 7, dtype=torch.float64)
+
+    def term(loss):
+        return teacher_term(s, {"logits": t}, loss).item()
+
+    def want(name, beta):  # (js runs its Numba kernel: equal to rounding)
+        return pytest.approx(torch_distance(name, s, t, 2.0, beta).mean().item(), rel=1e-12)
+
+    unset = compose_config("loss=skew_kl").loss
+    assert unset.beta is None and term(unset) == want("skew_kl", 0.1)
+    assert term(compose_config("loss=skew_reverse_kl", "loss.beta=0.3").loss) == want("skew_reverse_kl", 0.3)
+    assert term(compose_config("loss=js").loss) == want("js", 0.5)
+    assert term(compose_config("loss=js").loss) != want("js", 0.3)
+    variant = Variant.parse("skew_reverse_kl").loss(compose_config("loss=js").loss)
+    assert variant.beta is None and term(variant) == want("skew_reverse_kl", 0.1)

@@ -194,8 +194,86 @@ def sampled_kl(student: np.ndarray, idx: np.ndarray, counts: np.ndarray, entropy
 
 
 
+def _skewed(student, idx: np.ndarray, pk: np.ndarray, p_rest: np.ndarray, reverse: bool, temperature: float,
+            beta: float, mask, weights, reduction: str, coef: float, what: str):
+    """A skewed KL between bucket distributions (:func:`sparse.skew_rows`): the entries
+    ``idx`` (-1: none) with the teacher's masses ``pk``, and the rest, ``p_rest``."""
+    if not 0.0 <= beta <= 1.0:
+        raise ConfigError(f"beta={beta}: the skew must be in [0, 1] (0: KL or reverse KL, 1: no divergence)")
+    s = _student(student)
+    w, scale = _row_weights(len(s), mask, weights, reduction, coef)
+    loss, grad, bad = np.empty(len(s), s.dtype), np.empty_like(s), np.zeros(len(s), np.uint8)
+    sparse.skew_rows(s, np.ascontiguousarray(idx, np.int32), np.ascontiguousarray(pk, s.dtype),
+                     np.ascontiguousarray(p_rest, s.dtype), _check_temperature(temperature), float(beta),
+                     bool(reverse), w, scale, loss, grad, bad)
+    return _finish(loss, grad, bad, reduction, scale, what)
+
+
+def _topk_masses(student, idx, val, lse, temperature):
+    """The top-K arrays as bucket masses: p_k = exp(v / T - lse) (0 on padding) and the
+    tail's 1 - sum p_k, checked as :func:`topk_kl` checks them."""
+    s = _student(student)
+    n, c = s.shape
+    if idx.ndim != 2 or idx.shape[0] != n or val.shape != idx.shape or np.shape(lse) != (n,):
+        raise ValueError(f"top-k arrays must be idx (B, K), val (B, K), lse (B,) with B={n}; got idx {idx.shape}, "
+                         f"val {val.shape}, lse {np.shape(lse)}")
+    if idx.size and (idx.min() < -1 or idx.max() >= c):
+        raise ConfigError(f"idx holds class ids outside [0, {c}): the student's vocabulary differs from the teacher's")
+    held = idx >= 0
+    with np.errstate(all="ignore"):  # a non-finite value stays so: the kernel names its row
+        pk = np.where(held, np.exp(np.asarray(val, np.float64) / _check_temperature(temperature)
+                                   - np.asarray(lse, np.float64)[:, None]), 0.0)
+        p_rest = np.maximum(1.0 - pk.sum(1), 0.0) + 0.0 * np.asarray(lse, np.float64)  # (NaN lse: NaN)
+    return s, idx, pk, p_rest
+
+
+def _sample_masses(student, idx, counts, entropy):
+    """The draws as bucket masses: their frequencies, the rest 0 (a row without draws: NaN,
+    refused by the kernel as sampled_kl refuses it)."""
+    s = _student(student)
+    n, c = s.shape
+    if idx.ndim != 2 or idx.shape[0] != n or counts.shape != idx.shape or np.shape(entropy) != (n,):
+        raise ValueError(f"sampled arrays must be idx (B, S), counts (B, S), entropy (B,) with B={n}; got idx "
+                         f"{idx.shape}, counts {counts.shape}, entropy {np.shape(entropy)}")
+    held = counts > 0
+    if held.any() and (idx[held].min() < 0 or idx[held].max() >= c):
+        raise ConfigError(f"idx holds class ids outside [0, {c}): the student's vocabulary differs from the teacher's")
+    draws = counts.sum(1, dtype=np.float64)
+    with np.errstate(all="ignore"):
+        return s, np.where(held, idx, -1), counts / draws[:, None], np.where(draws > 0, 0.0, np.nan)
+
+
+def skew_kl_topk(student, idx, val, lse, *, temperature=1.0, beta=0.1, mask=None, weights=None, reduction="mean",
+                 coef=1.0):
+    """Skew KL over the top-K classes plus the tail bucket: KL(P || b P + (1-b) Q)."""
+    return _skewed(*_topk_masses(student, idx, val, lse, temperature), False, temperature, beta, mask, weights,
+                   reduction, coef, "teacher top-k")
+
+
+def skew_reverse_kl_topk(student, idx, val, lse, *, temperature=1.0, beta=0.1, mask=None, weights=None,
+                         reduction="mean", coef=1.0):
+    """Skew reverse KL over the top-K classes plus the tail bucket: KL(Q || b Q + (1-b) P)."""
+    return _skewed(*_topk_masses(student, idx, val, lse, temperature), True, temperature, beta, mask, weights,
+                   reduction, coef, "teacher top-k")
+
+
+def skew_kl_sampled(student, idx, counts, entropy, *, temperature=1.0, beta=0.1, mask=None, weights=None,
+                    reduction="mean", coef=1.0):
+    """Skew KL from the draws' frequencies W: KL(W || b W + (1-b) Q)."""
+    return _skewed(*_sample_masses(student, idx, counts, entropy), False, temperature, beta, mask, weights,
+                   reduction, coef, "teacher samples")
+
+
+def skew_reverse_kl_sampled(student, idx, counts, entropy, *, temperature=1.0, beta=0.1, mask=None, weights=None,
+                            reduction="mean", coef=1.0):
+    """Skew reverse KL from the draws' frequencies W: KL(Q || b Q + (1-b) W); the student's
+    mass outside the drawn ids costs log(1/b) a unit (so b must be > 0 to be finite)."""
+    return _skewed(*_sample_masses(student, idx, counts, entropy), True, temperature, beta, mask, weights,
+                   reduction, coef, "teacher samples")
+
+
 __all__ = ["DENSE", "SPARSE", "cosine", "distance", "euclidean", "js", "kl", "mse", "reverse_kl", "sampled_kl",
-           "topk_kl", "tv"]
+           "skew_kl_sampled", "skew_kl_topk", "skew_reverse_kl_sampled", "skew_reverse_kl_topk", "topk_kl", "tv"]
 
 
 # stage 1's fused row pass (pipeline/kernels/teacher_rows.py): its tables and its entry point

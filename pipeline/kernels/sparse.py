@@ -32,6 +32,7 @@ from pipeline.kernels._base import (
 )
 
 _JIT = {"parallel": True, "cache": True, "fastmath": FASTMATH}
+TINY = 1e-37  # pipeline.losses.TINY: the skewed KLs' floor under a mixture
 
 
 @nb.njit(**_JIT)
@@ -143,3 +144,73 @@ def ce_rows(s, labels, w, loss, grad, add):
                 grad[i, j] = g * vexp(s[i, j] - s_max)
         grad[i, y] -= like(s, w[i])
         loss[i] = w[i] * (vlog(total) + s_max - s[i, y])
+
+
+@nb.njit(inline="always", fastmath=FASTMATH)
+def _skew_bucket(s, p, q, b, reverse):
+    """One bucket of a skewed KL, teacher mass p, student mass q, skew b: its term of the
+    loss and G = d loss / d q. Forward, KL(P || b P + (1-b) Q): p log(p / m), m = b p + (1-b) q,
+    G = -(1-b) p / m. Reverse, KL(Q || b Q + (1-b) P): q log(q / m), m = b q + (1-b) p,
+    G = log(q / m) + 1 - b q / m. The mixture is floored at TINY, as the torch rows floor it
+    (``s``: the student array, whose float type the arithmetic keeps)."""
+    zero = like(s, 0.0)
+    one = like(s, 1.0)
+    a = q if reverse else p
+    m = max(b * a + (one - b) * (p if reverse else q), like(s, TINY))
+    if a <= zero:
+        return zero, zero
+    log_ratio = vlog(a) - vlog(m)
+    if reverse:
+        return a * log_ratio, log_ratio + one - b * a / m
+    return a * log_ratio, -(one - b) * a / m
+
+
+@nb.njit(**_JIT)
+def skew_rows(s, idx, pk, p_rest, temperature, beta, reverse, w, scale, loss, grad, bad):
+    """A skewed KL between bucket distributions: the K entries ``idx`` (-1: none) with the
+    teacher's masses ``pk`` and one bucket for the rest of the student's classes, the
+    teacher's mass there ``p_rest`` (the top-K's tail, or 0 for draws). Its gradient is
+    T q_j (G_b(j) - sum_b Q_b G_b), b(j) the bucket of class j (:func:`_skew_bucket`)."""
+    n, c = s.shape
+    k = idx.shape[1]
+    inv_t = like(s, 1.0 / temperature)
+    b = like(s, beta)
+    for i in nb.prange(n):
+        if w[i] == 0.0:
+            zero_row(loss, grad, i)
+            continue
+        s_max, total = max_and_exps(s, i, inv_t, grad)
+        for r in range(k):  # mark the K classes negative: the rest's sum below skips them
+            if idx[i, r] >= 0:
+                grad[i, idx[i, r]] = -like(s, 1.0)
+        rest = like(s, 0.0)
+        for j in range(c):
+            rest += max(grad[i, j], like(s, 0.0))
+        r_total = like(s, 1.0) / total
+        acc, g_bar = _skew_bucket(s, p_rest[i], rest * r_total, b, reverse)
+        g_rest = g_bar
+        g_bar *= rest * r_total
+        finite = is_finite(p_rest[i])
+        for r in range(k):
+            j = idx[i, r]
+            if j < 0:
+                continue
+            finite &= is_finite(pk[i, r])
+            q = vexp((s[i, j] - s_max) * inv_t) * r_total
+            term, gb = _skew_bucket(s, pk[i, r], q, b, reverse)
+            acc += term
+            g_bar += q * gb
+        if not finite:
+            bad[i] = 1
+        g = like(s, scale * w[i] * temperature)
+        f = g * (g_rest - g_bar) * r_total
+        for j in range(c):  # the rest's gradient everywhere, then the K classes overwritten
+            grad[i, j] = f * grad[i, j]
+        for r in range(k):
+            j = idx[i, r]
+            if j < 0:
+                continue
+            q = vexp((s[i, j] - s_max) * inv_t) * r_total
+            _, gb = _skew_bucket(s, pk[i, r], q, b, reverse)
+            grad[i, j] = g * q * (gb - g_bar)
+        loss[i] = w[i] * temperature * temperature * acc

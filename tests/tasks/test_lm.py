@@ -172,7 +172,8 @@ def test_the_sequence_stream_serves_each_sequence_once_with_its_rows(lm_cache):
     assert [b.sequences.tolist() for b in s2] == first[1:]
 
 
-@pytest.mark.parametrize("variant", ["labels", "topk_kl:4", "topk_kl", "sampled_kl"])
+@pytest.mark.parametrize("variant", ["labels", "topk_kl:4", "topk_kl", "sampled_kl", "skew_kl_topk",
+                                     "skew_reverse_kl_sampled"])
 def test_one_training_step_with_each_loss(lm_cache, variant):
     cfg, data, url = lm_cache
     r = open_cache(url)
@@ -181,7 +182,8 @@ def test_one_training_step_with_each_loss(lm_cache, variant):
     assert row["steps"] == 1 and np.isfinite(row["final_loss"]) and row["final_loss"] > 0
     assert np.isfinite(row["heldout_perplexity"]) and row["heldout_tokens"] == 40 - 1 + 2 - 1
     assert row["bytes_per_token"] == {"labels": 0, "topk_kl:4": 4 * 6 + 4, "topk_kl": 16 * 6 + 4,
-                                      "sampled_kl": 8 * 6 + 4 + 4}[variant]  # + top1 on its own
+                                      "sampled_kl": 8 * 6 + 4 + 4, "skew_kl_topk": 16 * 6 + 4,
+                                      "skew_reverse_kl_sampled": 8 * 6 + 4 + 4}[variant]  # + top1 on its own
 
 
 def test_padding_rows_never_reach_the_loss(lm_cache):

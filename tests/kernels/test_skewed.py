@@ -1,0 +1,152 @@
+"""The skewed KLs' sparse forms (top-K + tail bucket, draws' frequencies): the Numba kernel
+and the torch rows (the CUDA path) against the definition written here in float64 NumPy,
+values and gradients, on hand-made and seeded rows; their ends (b = 0: top-k KL and sampled
+KL; b = 1: nothing to learn) and their refusals."""
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline import kernels
+from pipeline.losses import (
+    distance_term,
+    torch_skew_kl_sampled,
+    torch_skew_kl_topk,
+    torch_skew_reverse_kl_sampled,
+    torch_skew_reverse_kl_topk,
+)
+from pipeline.representations import sample_counts
+
+TORCH_ROWS = {"skew_kl_topk": torch_skew_kl_topk, "skew_reverse_kl_topk": torch_skew_reverse_kl_topk,
+              "skew_kl_sampled": torch_skew_kl_sampled, "skew_reverse_kl_sampled": torch_skew_reverse_kl_sampled}
+FORMS = list(TORCH_ROWS)
+
+
+def softmax(x, T):
+    z = np.asarray(x, np.float64) / T
+    e = np.exp(z - z.max())
+    return e / e.sum()
+
+
+def definition(name, s_row, arrays_row, T, beta):
+    """T^2 KL(A || b A + (1-b) B) between the buckets of one row: the entries held (top-k ids,
+    or drawn ids) and the rest; the teacher's side from the softmax of its logits at T (top-k)
+    or the draws' frequencies, the student's from its softmax."""
+    q = softmax(s_row, T)
+    if name.endswith("topk"):
+        ids, val, lse = arrays_row
+        held = ids >= 0
+        pk = np.exp(val[held] / T - lse)
+        P = np.append(pk, 1 - pk.sum())
+    else:
+        ids, cnt, _ = arrays_row
+        held = cnt > 0
+        P = np.append(cnt[held] / cnt.sum(), 0.0)
+    rest = np.ones(len(q), bool)
+    rest[ids[held]] = False
+    Q = np.append(q[ids[held]], q[rest].sum())
+    A, B = (Q, P) if "reverse" in name else (P, Q)
+    M = beta * A + (1 - beta) * B
+    return T * T * sum(a * np.log(a / m) for a, m in zip(A, M, strict=True) if a > 0)
+
+
+def arrays_for(name, t, T, seed=0):
+    if name.endswith("topk"):
+        val, idx = torch.topk(torch.from_numpy(t), 8)
+        idx, val = idx.numpy().astype(np.int32), val.numpy().copy()
+        idx[2, 3:], val[2, 3:] = -1, -np.inf
+        lse = torch.logsumexp(torch.from_numpy(t) / T, -1).numpy()
+        return idx, val, lse
+    idx, cnt = sample_counts(torch.from_numpy(t), 16, T, torch.Generator().manual_seed(seed))
+    lp = torch.log_softmax(torch.from_numpy(t) / T, -1)
+    return idx.numpy(), cnt.numpy(), (-(lp.exp() * lp).sum(-1)).numpy()
+
+
+def data(name, T, seed=0):
+    rng = np.random.default_rng(seed)
+    t = rng.standard_normal((7, 40)) * 3
+    t[1, 5] = 40.0  # nearly one-hot: the tail holds almost nothing
+    s = rng.standard_normal((7, 40)) * 3
+    return s, arrays_for(name, t, T, seed)
+
+
+@pytest.mark.parametrize("name", FORMS)
+@pytest.mark.parametrize("T", [1.0, 2.0])
+@pytest.mark.parametrize("beta", [0.1, 0.5, 0.9])
+def test_kernel_and_torch_rows_equal_the_definition(name, T, beta):
+    s, arrays = data(name, T)
+    loss, grad = getattr(kernels, name)(s, *arrays, temperature=T, beta=beta, reduction="none")
+    want = [definition(name, s[i], [a[i] for a in arrays], T, beta) for i in range(len(s))]
+    np.testing.assert_allclose(loss, want, rtol=1e-9, atol=1e-12)
+    x = torch.tensor(s, requires_grad=True)
+    ref = TORCH_ROWS[name](x, *(torch.from_numpy(np.asarray(a)) for a in arrays), T, beta)
+    np.testing.assert_allclose(ref.detach().numpy(), want, rtol=1e-9, atol=1e-12)
+    ref.sum().backward()
+    np.testing.assert_allclose(grad, x.grad.numpy(), rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", FORMS)
+def test_gradcheck_through_the_bridge_and_float32(name):
+    s, arrays = data(name, 2.0, seed=3)
+    x = torch.tensor(s, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda v: distance_term(name, v, arrays, temperature=2.0, beta=0.2), (x,))
+    l64 = distance_term(name, x.detach(), arrays, temperature=2.0, beta=0.2)
+    l32 = distance_term(name, x.detach().float(), tuple(a.astype(np.float32) if a.dtype == np.float64 else a
+                                                         for a in arrays), temperature=2.0, beta=0.2)
+    torch.testing.assert_close(l32.double(), l64, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("T", [1.0, 2.0])
+def test_at_b_0_the_forward_forms_are_topk_kl_and_sampled_kls_gradient(T):
+    s, arrays = data("skew_kl_topk", T)
+    np.testing.assert_allclose(kernels.skew_kl_topk(s, *arrays, temperature=T, beta=0.0, reduction="none")[0],
+                               kernels.topk_kl(s, *arrays, temperature=T, reduction="none")[0], rtol=1e-9)
+    np.testing.assert_allclose(kernels.skew_kl_topk(s, *arrays, temperature=T, beta=0.0)[1],
+                               kernels.topk_kl(s, *arrays, temperature=T)[1], rtol=1e-9, atol=1e-14)
+    s, arrays = data("skew_kl_sampled", T)
+    np.testing.assert_allclose(kernels.skew_kl_sampled(s, *arrays, temperature=T, beta=0.0)[1],
+                               kernels.sampled_kl(s, *arrays, temperature=T)[1], rtol=1e-9, atol=1e-14)
+
+
+@pytest.mark.parametrize("name", FORMS)
+def test_at_b_1_nothing_is_learned_and_masked_rows_are_skipped(name):
+    s, arrays = data(name, 1.0)
+    loss, grad = getattr(kernels, name)(s, *arrays, beta=1.0, reduction="none")
+    assert np.abs(loss).max() < 1e-12 and np.abs(grad).max() < 1e-12
+    mask = np.array([1, 0, 1, 1, 0, 1, 1], bool)
+    loss, grad = getattr(kernels, name)(s, *arrays, beta=0.3, mask=mask, reduction="none")
+    full, full_grad = getattr(kernels, name)(s, *arrays, beta=0.3, reduction="none")
+    assert (loss[~mask] == 0).all() and (grad[~mask] == 0).all()
+    np.testing.assert_array_equal(loss[mask], full[mask])
+    mean = getattr(kernels, name)(s, *arrays, beta=0.3, mask=mask)[0]
+    assert mean == pytest.approx(full[mask].mean(), rel=1e-12)
+
+
+def test_padding_entries_are_rows_without_them():
+    s, (idx, val, lse) = data("skew_kl_topk", 2.0)
+    for name in ("skew_kl_topk", "skew_reverse_kl_topk"):
+        loss, grad = getattr(kernels, name)(s, idx, val, lse, temperature=2.0, reduction="none")
+        one, one_grad = getattr(kernels, name)(s[2:3], idx[2:3, :3], val[2:3, :3], lse[2:3], temperature=2.0,
+                                               reduction="none")
+        assert loss[2] == pytest.approx(one[0], rel=1e-12)
+        np.testing.assert_allclose(grad[2], one_grad[0], rtol=1e-12, atol=1e-16)
+
+
+def test_refusals_name_what_is_wrong():
+    s, (idx, val, lse) = data("skew_kl_topk", 1.0)
+    with pytest.raises(ValueError, match=r"beta=1.5: the skew must be in \[0, 1\]"):
+        kernels.skew_kl_topk(s, idx, val, lse, beta=1.5)
+    bad = lse.copy()
+    bad[4] = np.nan
+    with pytest.raises(ValueError, match=r"teacher top-k holds non-finite values at rows \[4\]"):
+        kernels.skew_reverse_kl_topk(s, idx, val, bad)
+    with pytest.raises(ValueError, match=r"outside \[0, 40\)"):
+        kernels.skew_kl_topk(s, idx + 1, val, lse)
+    s, (ids, cnt, ent) = data("skew_kl_sampled", 1.0)
+    cnt = cnt.copy()
+    cnt[3] = 0  # a row without draws that counts
+    with pytest.raises(ValueError, match=r"teacher samples holds non-finite values at rows \[3\]"):
+        kernels.skew_kl_sampled(s, ids, cnt, ent)
+    mask = np.ones(len(s), bool)
+    mask[3] = False  # the same row masked (padding): skipped
+    assert np.isfinite(kernels.skew_kl_sampled(s, ids, cnt, ent, mask=mask)[0])
