@@ -80,6 +80,10 @@ _DECLARED = [
     DistanceSpec("skew_reverse_kl_sampled", "sampled", "skew reverse KL to the draws' frequencies, KL(q || b q + "
                  "(1-b) W), b = loss.beta > 0 (default 0.1)", "skew_reverse_kl_sampled",
                  "torch_skew_reverse_kl_sampled", beta=True, defaults={"beta": 0.1}),
+    # Adaptive KL (Wu et al., 2024): forward and reverse KL weighted per row by the head's and the tail's gaps
+    DistanceSpec("akl", "full", "T^2 AKL: w KL(p || q) + (1-w) KL(q || p), w = head gap / (head + tail gap)", None,
+                 "torch_akl"),
+    DistanceSpec("akl_topk", "topk", "AKL over the cached top-K plus one tail bucket", "akl_topk", "torch_akl_topk"),
     # Universal Logit Distillation: L1 between sorted probabilities, no vocabulary correspondence
     DistanceSpec("uld_topk", "topk", "ULD: L1 between sorted probabilities, from the top-K + tail", None,
                  "torch_uld_topk", by_class=False),

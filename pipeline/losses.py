@@ -209,6 +209,36 @@ def torch_skew_reverse_kl_sampled(s, idx, cnt, ent, temperature=1.0, beta=0.1):
     return temperature**2 * _bucket_skew(q, p, beta)
 
 
+def _akl(p: torch.Tensor, q: torch.Tensor, held: torch.Tensor, rank: torch.Tensor | None = None) -> torch.Tensor:
+    """AKL (Wu et al., 2024) per row between distributions over buckets (B, n) (``held``:
+    the buckets that exist): wf KL(P || Q) + (1 - wf) KL(Q || P), wf = g_head / (g_head +
+    g_tail) held constant, the tail the least likely buckets whose running teacher mass from
+    the least stays under kernels.AKL_MU (the rule :func:`pipeline.kernels.akl_head` writes
+    in NumPy for the kernel); ``rank`` orders the buckets where p does not."""
+    order = torch.where(held, p if rank is None else rank, torch.inf).sort(dim=-1, stable=True).indices
+    running = torch.where(held, p, 0).gather(1, order).cumsum(-1)
+    tail = torch.zeros_like(held).scatter(1, order, running < kernels.AKL_MU) & held
+    gap = torch.where(held, (p - q).abs(), 0).detach()
+    g_head, g_tail = (gap * ~tail).sum(-1), (gap * tail).sum(-1)
+    wf = torch.where(g_head + g_tail > 0, g_head / (g_head + g_tail).clamp_min(TINY), 0.5)
+    return wf * _bucket_skew(p, q, 0.0) + (1 - wf) * _bucket_skew(q, p, 0.0)
+
+
+def torch_akl(s, t, temperature=1.0, beta=0.5):
+    """AKL from full logits: every class a bucket."""
+    log_p, log_q = _log_softmaxes(s, t, temperature)
+    return temperature**2 * _akl(log_p.exp(), log_q.exp(), torch.ones_like(log_p, dtype=torch.bool))
+
+
+def torch_akl_topk(s, idx, val, lse, temperature=1.0, beta=0.5):
+    """AKL over the top-K classes plus the tail bucket (the tail bucket counts whole: its
+    classes are each less likely than every cached one)."""
+    p, q = _topk_bucket_pair(s, idx, val, lse, temperature)
+    held = torch.cat([idx >= 0, torch.ones_like(idx[:, :1], dtype=torch.bool)], 1)
+    first = torch.cat([p[:, :-1], torch.full_like(p[:, :1], -1.0)], 1)  # the tail bucket ranks least
+    return temperature**2 * _akl(p, q, held, first)
+
+
 def _torch_reduced(student: torch.Tensor, arrays: tuple, torch_rows: Callable, mask, weights,
                    reduction: str) -> torch.Tensor:
     """The torch rows over the rows that count (mask, weights > 0; the others are not

@@ -194,18 +194,21 @@ def sampled_kl(student: np.ndarray, idx: np.ndarray, counts: np.ndarray, entropy
 
 
 
-def _skewed(student, idx: np.ndarray, pk: np.ndarray, p_rest: np.ndarray, reverse: bool, temperature: float,
-            beta: float, mask, weights, reduction: str, coef: float, what: str):
-    """A skewed KL between bucket distributions (:func:`sparse.skew_rows`): the entries
+_NO_HEAD = np.zeros((1, 1), np.uint8)
+
+
+def _buckets(student, idx: np.ndarray, pk: np.ndarray, p_rest: np.ndarray, kind: int, temperature: float,
+             beta: float, mask, weights, reduction: str, coef: float, what: str, head: np.ndarray = _NO_HEAD):
+    """A divergence between bucket distributions (:func:`sparse.bucket_rows`): the entries
     ``idx`` (-1: none) with the teacher's masses ``pk``, and the rest, ``p_rest``."""
     if not 0.0 <= beta <= 1.0:
         raise ConfigError(f"beta={beta}: the skew must be in [0, 1] (0: KL or reverse KL, 1: no divergence)")
     s = _student(student)
     w, scale = _row_weights(len(s), mask, weights, reduction, coef)
     loss, grad, bad = np.empty(len(s), s.dtype), np.empty_like(s), np.zeros(len(s), np.uint8)
-    sparse.skew_rows(s, np.ascontiguousarray(idx, np.int32), np.ascontiguousarray(pk, s.dtype),
-                     np.ascontiguousarray(p_rest, s.dtype), _check_temperature(temperature), float(beta),
-                     bool(reverse), w, scale, loss, grad, bad)
+    sparse.bucket_rows(s, np.ascontiguousarray(idx, np.int32), np.ascontiguousarray(pk, s.dtype),
+                       np.ascontiguousarray(p_rest, s.dtype), np.ascontiguousarray(head, np.uint8),
+                       _check_temperature(temperature), float(beta), kind, w, scale, loss, grad, bad)
     return _finish(loss, grad, bad, reduction, scale, what)
 
 
@@ -246,21 +249,21 @@ def _sample_masses(student, idx, counts, entropy):
 def skew_kl_topk(student, idx, val, lse, *, temperature=1.0, beta=0.1, mask=None, weights=None, reduction="mean",
                  coef=1.0):
     """Skew KL over the top-K classes plus the tail bucket: KL(P || b P + (1-b) Q)."""
-    return _skewed(*_topk_masses(student, idx, val, lse, temperature), False, temperature, beta, mask, weights,
+    return _buckets(*_topk_masses(student, idx, val, lse, temperature), sparse.SKEW, temperature, beta, mask, weights,
                    reduction, coef, "teacher top-k")
 
 
 def skew_reverse_kl_topk(student, idx, val, lse, *, temperature=1.0, beta=0.1, mask=None, weights=None,
                          reduction="mean", coef=1.0):
     """Skew reverse KL over the top-K classes plus the tail bucket: KL(Q || b Q + (1-b) P)."""
-    return _skewed(*_topk_masses(student, idx, val, lse, temperature), True, temperature, beta, mask, weights,
+    return _buckets(*_topk_masses(student, idx, val, lse, temperature), sparse.SKEW_REVERSE, temperature, beta, mask, weights,
                    reduction, coef, "teacher top-k")
 
 
 def skew_kl_sampled(student, idx, counts, entropy, *, temperature=1.0, beta=0.1, mask=None, weights=None,
                     reduction="mean", coef=1.0):
     """Skew KL from the draws' frequencies W: KL(W || b W + (1-b) Q)."""
-    return _skewed(*_sample_masses(student, idx, counts, entropy), False, temperature, beta, mask, weights,
+    return _buckets(*_sample_masses(student, idx, counts, entropy), sparse.SKEW, temperature, beta, mask, weights,
                    reduction, coef, "teacher samples")
 
 
@@ -268,12 +271,40 @@ def skew_reverse_kl_sampled(student, idx, counts, entropy, *, temperature=1.0, b
                             reduction="mean", coef=1.0):
     """Skew reverse KL from the draws' frequencies W: KL(Q || b Q + (1-b) W); the student's
     mass outside the drawn ids costs log(1/b) a unit (so b must be > 0 to be finite)."""
-    return _skewed(*_sample_masses(student, idx, counts, entropy), True, temperature, beta, mask, weights,
+    return _buckets(*_sample_masses(student, idx, counts, entropy), sparse.SKEW_REVERSE, temperature, beta, mask, weights,
                    reduction, coef, "teacher samples")
 
 
+AKL_MU = 0.5  # AKL's split: the tail is the least likely classes holding less than this mass (the paper's 0.5)
+
+
+def akl_topk(student, idx, val, lse, *, temperature=1.0, beta=0.5, mask=None, weights=None, reduction="mean",
+             coef=1.0):
+    """Adaptive KL (Wu et al., 2024) over the top-K classes plus the tail bucket:
+    wf KL(P || Q) + (1 - wf) KL(Q || P), wf = g_head / (g_head + g_tail), the gaps
+    sum |P_b - Q_b| over the head and the tail; the tail is the buckets of least teacher
+    mass whose running total, from the least, stays under AKL_MU (the tail bucket first: its
+    classes are each below every cached one, so it counts whole)."""
+    s, idx, pk, p_rest = _topk_masses(student, idx, val, lse, temperature)
+    return _buckets(s, idx, pk, p_rest, sparse.AKL, temperature, 0.0, mask, weights, reduction, coef, "teacher top-k",
+                    head=akl_head(idx, pk, p_rest))
+
+
+def akl_head(idx: np.ndarray, pk: np.ndarray, p_rest: np.ndarray) -> np.ndarray:
+    """(B, K+1) AKL's head buckets: not among the least likely whose running mass, from the
+    least (the rest bucket first), stays under AKL_MU; column K is the rest bucket."""
+    held = idx >= 0
+    order = np.argsort(np.where(held, pk, np.inf), axis=1, kind="stable")  # least first, padding last
+    ranked = np.take_along_axis(np.where(held, pk, 0.0), order, axis=1)
+    running = p_rest[:, None] + np.cumsum(ranked, axis=1)
+    head = np.ones((len(idx), idx.shape[1] + 1), np.uint8)
+    np.put_along_axis(head[:, :-1], order, (running >= AKL_MU).astype(np.uint8), axis=1)
+    head[:, -1] = p_rest >= AKL_MU
+    return head
+
+
 __all__ = ["DENSE", "SPARSE", "cosine", "distance", "euclidean", "js", "kl", "mse", "reverse_kl", "sampled_kl",
-           "skew_kl_sampled", "skew_kl_topk", "skew_reverse_kl_sampled", "skew_reverse_kl_topk", "topk_kl", "tv"]
+           "akl_topk", "skew_kl_sampled", "skew_kl_topk", "skew_reverse_kl_sampled", "skew_reverse_kl_topk", "topk_kl", "tv"]
 
 
 # stage 1's fused row pass (pipeline/kernels/teacher_rows.py): its tables and its entry point

@@ -165,12 +165,29 @@ def _skew_bucket(s, p, q, b, reverse):
     return a * log_ratio, -(one - b) * a / m
 
 
+SKEW, SKEW_REVERSE, AKL = 0, 1, 2  # bucket_rows' kinds
+
+
+@nb.njit(inline="always", fastmath=FASTMATH)
+def _bucket(s, p, q, b, kind, wf):
+    """One bucket's loss term and G of ``kind``: a skewed KL (:func:`_skew_bucket`), or AKL's
+    wf * KL(P || Q) + (1 - wf) * KL(Q || P) (the skewed KLs at b = 0)."""
+    if kind == AKL:
+        t1, g1 = _skew_bucket(s, p, q, like(s, 0.0), False)
+        t2, g2 = _skew_bucket(s, p, q, like(s, 0.0), True)
+        return wf * t1 + (like(s, 1.0) - wf) * t2, wf * g1 + (like(s, 1.0) - wf) * g2
+    return _skew_bucket(s, p, q, b, kind == SKEW_REVERSE)
+
+
 @nb.njit(**_JIT)
-def skew_rows(s, idx, pk, p_rest, temperature, beta, reverse, w, scale, loss, grad, bad):
-    """A skewed KL between bucket distributions: the K entries ``idx`` (-1: none) with the
+def bucket_rows(s, idx, pk, p_rest, head, temperature, beta, kind, w, scale, loss, grad, bad):
+    """A divergence between bucket distributions: the K entries ``idx`` (-1: none) with the
     teacher's masses ``pk`` and one bucket for the rest of the student's classes, the
-    teacher's mass there ``p_rest`` (the top-K's tail, or 0 for draws). Its gradient is
-    T q_j (G_b(j) - sum_b Q_b G_b), b(j) the bucket of class j (:func:`_skew_bucket`)."""
+    teacher's mass there ``p_rest`` (the top-K's tail, or 0 for draws). ``kind``: SKEW,
+    SKEW_REVERSE (skew ``beta``) or AKL, whose row weight wf = g_head / (g_head + g_tail)
+    sums |P_b - Q_b| over the buckets ``head`` marks (``head[i, K]``: the rest) and the
+    others, held constant in the gradient as AKL's authors detach it. The gradient is
+    T q_j (G_b(j) - sum_b Q_b G_b), b(j) the bucket of class j."""
     n, c = s.shape
     k = idx.shape[1]
     inv_t = like(s, 1.0 / temperature)
@@ -187,9 +204,24 @@ def skew_rows(s, idx, pk, p_rest, temperature, beta, reverse, w, scale, loss, gr
         for j in range(c):
             rest += max(grad[i, j], like(s, 0.0))
         r_total = like(s, 1.0) / total
-        acc, g_bar = _skew_bucket(s, p_rest[i], rest * r_total, b, reverse)
+        q_rest = rest * r_total
+        wf = like(s, 1.0)
+        if kind == AKL:
+            gap = abs(p_rest[i] - q_rest)
+            g_head = gap if head[i, k] else like(s, 0.0)
+            g_tail = like(s, 0.0) if head[i, k] else gap
+            for r in range(k):
+                j = idx[i, r]
+                if j >= 0:
+                    gap = abs(pk[i, r] - vexp((s[i, j] - s_max) * inv_t) * r_total)
+                    if head[i, r]:
+                        g_head += gap
+                    else:
+                        g_tail += gap
+            wf = g_head / (g_head + g_tail) if g_head + g_tail > 0.0 else like(s, 0.5)  # (equal rows: any)
+        acc, g_bar = _bucket(s, p_rest[i], q_rest, b, kind, wf)
         g_rest = g_bar
-        g_bar *= rest * r_total
+        g_bar *= q_rest
         finite = is_finite(p_rest[i])
         for r in range(k):
             j = idx[i, r]
@@ -197,7 +229,7 @@ def skew_rows(s, idx, pk, p_rest, temperature, beta, reverse, w, scale, loss, gr
                 continue
             finite &= is_finite(pk[i, r])
             q = vexp((s[i, j] - s_max) * inv_t) * r_total
-            term, gb = _skew_bucket(s, pk[i, r], q, b, reverse)
+            term, gb = _bucket(s, pk[i, r], q, b, kind, wf)
             acc += term
             g_bar += q * gb
         if not finite:
@@ -211,6 +243,6 @@ def skew_rows(s, idx, pk, p_rest, temperature, beta, reverse, w, scale, loss, gr
             if j < 0:
                 continue
             q = vexp((s[i, j] - s_max) * inv_t) * r_total
-            _, gb = _skew_bucket(s, pk[i, r], q, b, reverse)
+            _, gb = _bucket(s, pk[i, r], q, b, kind, wf)
             grad[i, j] = g * q * (gb - g_bar)
         loss[i] = w[i] * temperature * temperature * acc

@@ -1,7 +1,8 @@
-"""The skewed KLs' sparse forms (top-K + tail bucket, draws' frequencies): the Numba kernel
-and the torch rows (the CUDA path) against the definition written here in float64 NumPy,
-values and gradients, on hand-made and seeded rows; their ends (b = 0: top-k KL and sampled
-KL; b = 1: nothing to learn) and their refusals."""
+"""The divergences between bucket distributions (the skewed KLs' sparse forms, over the
+top-K + tail bucket or the draws' frequencies, and AKL over the top-K + tail bucket): the
+Numba kernel and the torch rows (the CUDA path) against the definitions written here in
+float64 NumPy, values and gradients, on hand-made and seeded rows; their ends (b = 0: top-k
+KL and sampled KL; b = 1: nothing to learn; K = C: dense AKL) and their refusals."""
 
 import numpy as np
 import pytest
@@ -10,6 +11,8 @@ import torch
 from pipeline import kernels
 from pipeline.losses import (
     distance_term,
+    torch_akl,
+    torch_akl_topk,
     torch_skew_kl_sampled,
     torch_skew_kl_topk,
     torch_skew_reverse_kl_sampled,
@@ -28,10 +31,10 @@ def softmax(x, T):
     return e / e.sum()
 
 
-def definition(name, s_row, arrays_row, T, beta):
-    """T^2 KL(A || b A + (1-b) B) between the buckets of one row: the entries held (top-k ids,
-    or drawn ids) and the rest; the teacher's side from the softmax of its logits at T (top-k)
-    or the draws' frequencies, the student's from its softmax."""
+def buckets(name, s_row, arrays_row, T):
+    """One row's teacher and student bucket masses: the entries held (top-k ids, or drawn
+    ids), then the rest; the teacher's side from its top-K logits and logsumexp at T, or the
+    draws' frequencies, the student's from its softmax."""
     q = softmax(s_row, T)
     if name.endswith("topk"):
         ids, val, lse = arrays_row
@@ -44,10 +47,33 @@ def definition(name, s_row, arrays_row, T, beta):
         P = np.append(cnt[held] / cnt.sum(), 0.0)
     rest = np.ones(len(q), bool)
     rest[ids[held]] = False
-    Q = np.append(q[ids[held]], q[rest].sum())
+    return P, np.append(q[ids[held]], q[rest].sum())
+
+
+def kl(A, B):
+    return sum(a * np.log(a / b) for a, b in zip(A, B, strict=True) if a > 0)
+
+
+def definition(name, s_row, arrays_row, T, beta):
+    """T^2 KL(A || b A + (1-b) B) between the buckets of one row: the entries held (top-k ids,
+    or drawn ids) and the rest; the teacher's side from the softmax of its logits at T (top-k)
+    or the draws' frequencies, the student's from its softmax."""
+    P, Q = buckets(name, s_row, arrays_row, T)
     A, B = (Q, P) if "reverse" in name else (P, Q)
-    M = beta * A + (1 - beta) * B
-    return T * T * sum(a * np.log(a / m) for a, m in zip(A, M, strict=True) if a > 0)
+    return T * T * kl(A, beta * A + (1 - beta) * B)
+
+
+def akl_definition(P, Q, mu=0.5, rest_first=True):
+    """AKL as its authors compute it: buckets sorted by teacher mass, least first (the tail
+    bucket, last here, first of all where ``rest_first``), the tail those whose running mass
+    stays under mu, wf = the head's sum |P - Q| over both sums."""
+    order = list(np.argsort(P[:-1], kind="stable"))
+    order = [len(P) - 1, *order] if rest_first else list(np.argsort(P, kind="stable"))
+    tail = np.zeros(len(P), bool)
+    tail[order] = np.cumsum(P[order]) < mu
+    gap = np.abs(P - Q)
+    wf = gap[~tail].sum() / gap.sum()
+    return wf * kl(P, Q) + (1 - wf) * kl(Q, P)
 
 
 def arrays_for(name, t, T, seed=0):
@@ -150,3 +176,39 @@ def test_refusals_name_what_is_wrong():
     mask = np.ones(len(s), bool)
     mask[3] = False  # the same row masked (padding): skipped
     assert np.isfinite(kernels.skew_kl_sampled(s, ids, cnt, ent, mask=mask)[0])
+
+
+@pytest.mark.parametrize("T", [1.0, 2.0])
+def test_akl_kernel_and_torch_rows_equal_the_definition(T):
+    """AKL over the top-K + tail: the rows of data() (a padded row, a near one-hot one),
+    and a flat teacher whose tail bucket holds more than half the mass (a head of its own)."""
+    s, arrays = data("akl_topk", T)
+    flat = arrays_for("akl_topk", np.random.default_rng(5).standard_normal((7, 40)) * 0.2, T)
+    for idx, val, lse in (arrays, flat):
+        loss, grad = kernels.akl_topk(s, idx, val, lse, temperature=T, reduction="none")
+        want = [T * T * akl_definition(*buckets("topk", s[i], (idx[i], val[i], lse[i]), T)) for i in range(len(s))]
+        np.testing.assert_allclose(loss, want, rtol=1e-9, atol=1e-12)
+        x = torch.tensor(s, requires_grad=True)
+        ref = torch_akl_topk(x, *(torch.from_numpy(a) for a in (idx, val, lse)), T)
+        np.testing.assert_allclose(ref.detach().numpy(), want, rtol=1e-9, atol=1e-12)
+        ref.sum().backward()  # wf held constant on both sides, as AKL's authors detach it
+        np.testing.assert_allclose(grad, x.grad.numpy(), rtol=1e-8, atol=1e-12)
+    p_tail = 1 - np.exp(flat[1] / T - flat[2][:, None]).sum(1)
+    assert (p_tail > 0.5).all()  # the flat rows' tail bucket is a head bucket: the case is exercised
+    assert (kernels.akl_head(flat[0], np.exp(flat[1] / T - flat[2][:, None]), p_tail)[:, -1] == 1).all()
+
+
+def test_akl_over_every_class_is_dense_akl_as_its_authors_define_it():
+    s, _ = data("akl_topk", 2.0)
+    t = np.random.default_rng(9).standard_normal((7, 40)) * 3
+    val, idx = torch.topk(torch.from_numpy(t), 40)
+    lse = torch.logsumexp(torch.from_numpy(t) / 2.0, -1)
+    loss, grad = kernels.akl_topk(s, idx.numpy(), val.numpy(), lse.numpy(), temperature=2.0, reduction="none")
+    want = [4.0 * akl_definition(np.append(softmax(t[i], 2.0), 0.0), np.append(softmax(s[i], 2.0), 0.0),
+                                 rest_first=False) for i in range(7)]
+    np.testing.assert_allclose(loss, want, rtol=1e-9)
+    x = torch.tensor(s, requires_grad=True)
+    dense = torch_akl(x, torch.from_numpy(t), 2.0)
+    np.testing.assert_allclose(dense.detach().numpy(), want, rtol=1e-9)
+    dense.sum().backward()
+    np.testing.assert_allclose(grad, x.grad.numpy(), rtol=1e-8, atol=1e-13)
