@@ -43,7 +43,7 @@ KINDS = {
     "layers": ["student=teacher_layers", "train.lr=0.003", "train.warmup_steps=24"],
 }
 GOALS = {"scratch": 0.95, "layers": 0.90}
-OBJECTIVES = ["topk_kl:64", "sampled_kl"]
+OBJECTIVES = ["topk_kl:64", "sampled_kl", "skew_kl_topk", "akl_topk"]
 CORPORA = ["shakespeare", *corpora.CORPORA]
 
 
@@ -82,9 +82,26 @@ def summary(state: dict) -> dict:
                 by_seed = paired(runs, twin) if name != "labels" else None
                 if by_seed:
                     cells[name] |= {"vs_labels": by_seed[0], "vs_labels_sd": by_seed[1], "paired_seeds": by_seed[2]}
+                if name != "labels" and twin:
+                    cells[name]["nll_change_by_confidence"] = confidence_change(runs, twin)
             ranked = [n for n in cells if "vs_labels" in cells[n]]
             best = min(ranked, key=lambda n: cells[n]["vs_labels"]) if ranked else None
             out.setdefault(corpus, {})[kind] = {"cells": cells, "best": best}
+    return out
+
+
+def confidence_change(runs: dict, twin: dict) -> dict:
+    """Per bin of the teacher's top-1 probability at the held-out positions: the mean over
+    shared seeds of the distilled student's NLL there minus its twin's (nats a token; negative:
+    distillation helped there), and the bin's share of the positions."""
+    out = {}
+    seeds = [s for s in runs if s in twin and runs[s].get("by_confidence") and twin[s].get("by_confidence")]
+    for b in (runs[seeds[0]]["by_confidence"] if seeds else {}):
+        d = [runs[s]["by_confidence"][b]["nll"] - twin[s]["by_confidence"][b]["nll"] for s in seeds
+             if runs[s]["by_confidence"][b]["nll"] is not None]
+        n = twin[seeds[0]]["by_confidence"][b]["tokens"]
+        total = sum(v["tokens"] for v in twin[seeds[0]]["by_confidence"].values())
+        out[b] = {"share": n / total, "delta_nll": sum(d) / len(d) if d else None}
     return out
 
 
@@ -191,6 +208,15 @@ def main() -> None:
                       f"{c['vs_labels']:.3f}" if "vs_labels" in c else "")
                 print(f"{corpus:12s} {kind:8s} {name:14s} {c['n']:5d} {c['ppl']:9.2f}{spread:9s} {c['kl']:7.3f} "
                       f"{vs:>20s}")
+    print("\nheld-out NLL change against the labels-only twin (nats a token, seed mean) by the teacher's "
+          "top-1 probability at the position (share of positions):")
+    for corpus, kinds in s.items():
+        for kind, k in kinds.items():
+            for name, c in k["cells"].items():
+                if c.get("nll_change_by_confidence"):
+                    print(f"{corpus:12s} {kind:8s} {name:14s} " + "  ".join(
+                        f"{b}: {v['delta_nll']:+.3f} ({100 * v['share']:.0f}%)"
+                        for b, v in c["nll_change_by_confidence"].items() if v["delta_nll"] is not None))
     v = verdict(s)
     import torch
 

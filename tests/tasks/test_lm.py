@@ -181,6 +181,11 @@ def test_one_training_step_with_each_loss(lm_cache, variant):
                         torch.device("cpu"))
     assert row["steps"] == 1 and np.isfinite(row["final_loss"]) and row["final_loss"] > 0
     assert np.isfinite(row["heldout_perplexity"]) and row["heldout_tokens"] == 40 - 1 + 2 - 1
+    # every scored position has a teacher row: the bins of its confidence split them all, and
+    # their losses average back to the held-out loss
+    bins = row["heldout_nll_by_teacher_confidence"].values()
+    assert sum(b["tokens"] for b in bins) == row["heldout_tokens"] and sum(b["tokens"] > 0 for b in bins) >= 2
+    assert sum(b["tokens"] * (b["nll"] or 0.0) for b in bins) == pytest.approx(row["heldout_nll"] * 40, rel=1e-5)
     assert row["bytes_per_token"] == {"labels": 0, "topk_kl:4": 4 * 6 + 4, "topk_kl": 16 * 6 + 4,
                                       "sampled_kl": 8 * 6 + 4 + 4, "skew_kl_topk": 16 * 6 + 4,
                                       "skew_reverse_kl_sampled": 8 * 6 + 4 + 4}[variant]  # + top1 on its own

@@ -22,6 +22,9 @@ from pipeline.tasks.lm.text import TokenData
 log = logging.getLogger(__name__)
 
 TEACHER_EVAL = task_file("teacher_eval.json")  # the teacher's held-out perplexity, beside the cache
+# the teacher's top-1 probability at T=1 (from its cached top-K and logsumexp): where a
+# student's held-out loss is reported apart (a distilled student against its twin, by bin)
+CONFIDENCE_BINS = ((0.0, 1 / 3), (1 / 3, 2 / 3), (2 / 3, 1.01))
 
 def scored_positions(data: TokenData, i: int) -> np.ndarray:
     """The positions of sequence i whose next-token prediction is scored: those with a cache
@@ -60,7 +63,9 @@ def read_teacher_eval(storage: Storage) -> dict:
 def evaluate_student(student, reader: CacheReader, data: TokenData, batch_size: int, adapter, device) -> dict:
     """Held-out perplexity (of the student's tokens), and KL(teacher || student) over the
     cached top-K + tail at T=1 at the positions with a teacher row (with another tokenizer:
-    the aligned ones, the rows projected onto the student's ids)."""
+    the aligned ones, the rows projected onto the student's ids); the held-out NLL by the
+    teacher's top-1 probability there (CONFIDENCE_BINS; positions without a teacher row in
+    none), to see where distillation moves a student's loss."""
     student.eval()
     m = reader.manifest
     arrays = (TOPK_IDX, TOPK_VAL, LSE) if "topk" in m.modes and 1.0 in m.temperatures else ()
@@ -68,22 +73,35 @@ def evaluate_student(student, reader: CacheReader, data: TokenData, batch_size: 
     stream = SequenceStream(reader, data.tokens, split="heldout", batch_size=batch_size, seed=0, arrays=arrays,
                             token_offsets=data.offsets)
     nll, count, kl, kl_rows = 0.0, 0, 0.0, 0
+    by_conf = np.zeros((2, len(CONFIDENCE_BINS)))  # (NLL sum, tokens) per bin of the teacher's confidence
     for batch in stream:
         batch = to_student(dataclasses.replace(batch, teacher=select_teacher(batch.teacher, col)) if arrays
                            else batch, adapter)
         logits = student_logits(student, batch, device)
-        tokens = int(batch.label_mask().sum())
-        nll += next_token_nll(logits, batch, reduction="sum").item()
-        count += tokens
+        per = next_token_nll(logits, batch, reduction="none").view(len(logits), -1).cpu().numpy()
+        scored = batch.label_mask().numpy()
+        nll += float(per[scored].sum())
+        count += int(scored.sum())
         if arrays:
             rows = batch.teacher_mask()
             flat = logits.reshape(-1, logits.shape[-1])[torch.from_numpy(rows).to(device)].float()
             idx, val, lse = (torch.from_numpy(batch.teacher[n][rows]).to(device) for n in arrays)
             kl += torch_topk_kl(flat, idx, val, lse, 1.0).sum().item()
             kl_rows += len(flat)
+            conf = np.full(rows.shape, np.nan)  # the teacher's top-1 probability at each row's position
+            conf[rows] = np.exp(batch.teacher[TOPK_VAL][rows][:, 0].astype(np.float64) - batch.teacher[LSE][rows])
+            conf = conf.reshape(logits.shape[:2])[:, :-1]
+            for b, (lo, hi) in enumerate(CONFIDENCE_BINS):
+                sel = scored & (conf >= lo) & (conf < hi)
+                by_conf[:, b] += per[sel].sum(), sel.sum()
     student.train()
-    return {"heldout_perplexity": math.exp(nll / count), "heldout_nll": nll / count, "heldout_tokens": count,
-            "heldout_kl_topk": kl / kl_rows if kl_rows else None}
+    out = {"heldout_perplexity": math.exp(nll / count), "heldout_nll": nll / count, "heldout_tokens": count,
+           "heldout_kl_topk": kl / kl_rows if kl_rows else None}
+    if arrays:
+        out["heldout_nll_by_teacher_confidence"] = {
+            f"{lo:g}-{min(hi, 1):g}": {"tokens": int(n), "nll": s / n if n else None}
+            for (lo, hi), s, n in zip(CONFIDENCE_BINS, *by_conf, strict=True)}
+    return out
 
 
 def heldout_bytes(data: TokenData, tokenizer) -> int:
