@@ -1,7 +1,7 @@
 """Distance kernels: forward + backward of each Numba kernel (through the autograd bridge,
 as stage 3 calls it) against the plain torch implementation of the same loss, side by side
 in one run, 2 threads each, plus the memory-copy bandwidth measured in the same run: every
-dense distance of the registry, top-k KL (K=64) and sampled KL (32 draws a row).
+distance of the registry with a kernel, dense, over the top-K (K=64) or over 32 draws a row.
 
     .venv/bin/python bench/kernels.py [--quick]
 
@@ -21,16 +21,11 @@ import numba
 import numpy as np
 import torch
 
+from pipeline import losses
 from pipeline.device import machine
-from pipeline.kernels import DENSE
-from pipeline.losses import (
-    distance_loss,
-    sampled_kl_loss,
-    topk_kl_loss,
-    torch_distance,
-    torch_sampled_kl,
-    torch_topk_kl,
-)
+from pipeline.distances import distance_spec
+from pipeline.kernels import DENSE, SPARSE
+from pipeline.losses import distance_loss, distance_term, torch_distance
 
 SIZES = [(4096, 10), (4096, 1000), (512, 32000), (64, 128000)]
 
@@ -83,17 +78,18 @@ def bench_dense(name: str, b: int, c: int, repeats: int) -> tuple[float, float]:
                         lambda x: torch_distance(name, x, t, 2.0), repeats)
 
 
-def bench_topk(b: int, c: int, repeats: int) -> tuple[float, float]:
+def bench_topk(name: str, b: int, c: int, repeats: int) -> tuple[float, float]:
+    """A distance over the top-K (K=64) and the exact logsumexp at T=2."""
     k = min(64, c)
     s, full = logits(b, c)
     val, idx = torch.topk(full, k)
     lse = torch.logsumexp(full / 2.0, -1)
-    return side_by_side(s, lambda x: topk_kl_loss(x, idx, val, lse, temperature=2.0),
-                        lambda x: torch_topk_kl(x, idx, val, lse, 2.0), repeats)
+    return side_by_side(s, lambda x: distance_term(name, x, (idx, val, lse), temperature=2.0),
+                        lambda x: torch_rows(name, x, idx, val, lse), repeats)
 
 
-def bench_sampled(b: int, c: int, repeats: int) -> tuple[float, float]:
-    """sampled_kl over 32 draws a row from the teacher's softmax at T=2 (distinct ids with
+def bench_sampled(name: str, b: int, c: int, repeats: int) -> tuple[float, float]:
+    """A distance over 32 draws a row from the teacher's softmax at T=2 (distinct ids with
     their counts, as the cache holds them; unused slots -1 with count 0)."""
     n = min(32, c)
     s, t = logits(b, c)
@@ -105,8 +101,14 @@ def bench_sampled(b: int, c: int, repeats: int) -> tuple[float, float]:
         ids[i, :len(u)], counts[i, :len(u)] = u, k
     entropy = -(p * p.clamp_min(1e-30).log()).sum(-1)
     idx, cnt = torch.from_numpy(ids), torch.from_numpy(counts.astype(np.int32))
-    return side_by_side(s, lambda x: sampled_kl_loss(x, ids, counts, entropy, temperature=2.0),
-                        lambda x: torch_sampled_kl(x, idx, cnt, entropy, 2.0), repeats)
+    return side_by_side(s, lambda x: distance_term(name, x, (ids, counts, entropy), temperature=2.0),
+                        lambda x: torch_rows(name, x, idx, cnt, entropy), repeats)
+
+
+def torch_rows(name: str, s: torch.Tensor, *arrays) -> torch.Tensor:
+    """The distance's torch rows (its declaration's reference) at T=2 and its own beta."""
+    spec = distance_spec(name)
+    return getattr(losses, spec.reference)(s, *arrays, 2.0, spec.beta_of(None))
 
 
 def main() -> None:
@@ -128,8 +130,8 @@ def main() -> None:
                 fraction.setdefault(name, {})[key] = 3 * b * c * 4 / t_nb / bw
             print(f"{name:11s} {key:10s} numba {t_nb * 1e3:8.3f} ms  torch {t_torch * 1e3:8.3f} ms  "
                   f"x{t_torch / t_nb:5.2f}", flush=True)
-        for name, bench in (("topk_kl", bench_topk), ("sampled_kl", bench_sampled)):
-            t_nb, t_torch = bench(b, c, repeats)
+        for name in SPARSE:  # every distance over the top-K or the draws with a kernel
+            t_nb, t_torch = (bench_topk if distance_spec(name).reads == "topk" else bench_sampled)(name, b, c, repeats)
             speedup.setdefault(name, {})[key] = t_torch / t_nb
             print(f"{name:11s} {key:10s} numba {t_nb * 1e3:8.3f} ms  torch {t_torch * 1e3:8.3f} ms  "
                   f"x{t_torch / t_nb:5.2f}", flush=True)

@@ -213,9 +213,10 @@ def _akl(p: torch.Tensor, q: torch.Tensor, held: torch.Tensor, rank: torch.Tenso
     """AKL (Wu et al., 2024) per row between distributions over buckets (B, n) (``held``:
     the buckets that exist): wf KL(P || Q) + (1 - wf) KL(Q || P), wf = g_head / (g_head +
     g_tail) held constant, the tail the least likely buckets whose running teacher mass from
-    the least stays under kernels.AKL_MU (the rule :func:`pipeline.kernels.akl_head` writes
-    in NumPy for the kernel); ``rank`` orders the buckets where p does not."""
-    order = torch.where(held, p if rank is None else rank, torch.inf).sort(dim=-1, stable=True).indices
+    the least stays under kernels.AKL_MU (the kernel's rule: equal masses taken from the
+    last); ``rank`` orders the buckets where p does not."""
+    key = torch.where(held, p if rank is None else rank, torch.inf).flip(-1)  # (flipped: ties from the last)
+    order = held.shape[-1] - 1 - key.sort(dim=-1, stable=True).indices
     running = torch.where(held, p, 0).gather(1, order).cumsum(-1)
     tail = torch.zeros_like(held).scatter(1, order, running < kernels.AKL_MU) & held
     gap = torch.where(held, (p - q).abs(), 0).detach()

@@ -80,6 +80,28 @@ def _check_temperature(temperature: float) -> float:
     return float(temperature)
 
 
+ROWS_PER_THREAD = 16  # fewer rows than this a thread: fewer threads
+
+
+@functools.cache
+def _row_pool(threads: int) -> ThreadPoolExecutor:
+    """The threads the serial row kernels run on, started once per process (not once per batch)."""
+    return ThreadPoolExecutor(threads, thread_name_prefix="row-pass")
+
+
+def on_threads(rows, n: int) -> None:
+    """``rows(a, z)`` over ranges of n rows on Numba's thread count of threads (one below
+    ROWS_PER_THREAD rows a thread): for serial ``nogil`` kernels, which compile in half the
+    time of prange ones (no parfor lowering); rows are independent."""
+    threads = max(1, min(numba.get_num_threads(), n // ROWS_PER_THREAD))
+    if threads == 1:
+        rows(0, n)
+        return
+    cuts = np.linspace(0, n, threads + 1).astype(int)
+    for f in [_row_pool(threads).submit(rows, a, z) for a, z in zip(cuts[:-1], cuts[1:], strict=True)]:
+        f.result()
+
+
 def _dense(rows, student: np.ndarray, teacher: np.ndarray, params: tuple, mask, weights, reduction: str,
            coef: float):
     """A dense kernel ``rows(s, t, table, *params, w, scale, loss, grad, bad)`` over (B, C)
@@ -194,11 +216,8 @@ def sampled_kl(student: np.ndarray, idx: np.ndarray, counts: np.ndarray, entropy
 
 
 
-_NO_HEAD = np.zeros((1, 1), np.uint8)
-
-
 def _buckets(student, idx: np.ndarray, pk: np.ndarray, p_rest: np.ndarray, kind: int, temperature: float,
-             beta: float, mask, weights, reduction: str, coef: float, what: str, head: np.ndarray = _NO_HEAD):
+             beta: float, mask, weights, reduction: str, coef: float, what: str):
     """A divergence between bucket distributions (:func:`sparse.bucket_rows`): the entries
     ``idx`` (-1: none) with the teacher's masses ``pk``, and the rest, ``p_rest``."""
     if not 0.0 <= beta <= 1.0:
@@ -206,9 +225,10 @@ def _buckets(student, idx: np.ndarray, pk: np.ndarray, p_rest: np.ndarray, kind:
     s = _student(student)
     w, scale = _row_weights(len(s), mask, weights, reduction, coef)
     loss, grad, bad = np.empty(len(s), s.dtype), np.empty_like(s), np.zeros(len(s), np.uint8)
-    sparse.bucket_rows(s, np.ascontiguousarray(idx, np.int32), np.ascontiguousarray(pk, s.dtype),
-                       np.ascontiguousarray(p_rest, s.dtype), np.ascontiguousarray(head, np.uint8),
-                       _check_temperature(temperature), float(beta), kind, w, scale, loss, grad, bad)
+    args = (s, np.ascontiguousarray(idx, np.int32), np.ascontiguousarray(pk, s.dtype),
+            np.ascontiguousarray(p_rest, s.dtype), _check_temperature(temperature), float(beta), kind, AKL_MU, w,
+            scale, loss, grad, bad)
+    on_threads(lambda a, z: sparse.bucket_rows(*args, a, z), len(s))
     return _finish(loss, grad, bad, reduction, scale, what)
 
 
@@ -223,10 +243,11 @@ def _topk_masses(student, idx, val, lse, temperature):
     if idx.size and (idx.min() < -1 or idx.max() >= c):
         raise ConfigError(f"idx holds class ids outside [0, {c}): the student's vocabulary differs from the teacher's")
     held = idx >= 0
+    dtype = s.dtype  # (float32 exps: a quarter of the time of float64 ones here)
     with np.errstate(all="ignore"):  # a non-finite value stays so: the kernel names its row
-        pk = np.where(held, np.exp(np.asarray(val, np.float64) / _check_temperature(temperature)
-                                   - np.asarray(lse, np.float64)[:, None]), 0.0)
-        p_rest = np.maximum(1.0 - pk.sum(1), 0.0) + 0.0 * np.asarray(lse, np.float64)  # (NaN lse: NaN)
+        pk = np.where(held, np.exp(np.asarray(val, dtype) * dtype.type(1 / _check_temperature(temperature))
+                                   - np.asarray(lse, dtype)[:, None]), dtype.type(0))
+        p_rest = np.maximum(1.0 - pk.sum(1, dtype=np.float64), 0.0) + 0.0 * lse  # (NaN lse: NaN)
     return s, idx, pk, p_rest
 
 
@@ -286,21 +307,12 @@ def akl_topk(student, idx, val, lse, *, temperature=1.0, beta=0.5, mask=None, we
     mass whose running total, from the least, stays under AKL_MU (the tail bucket first: its
     classes are each below every cached one, so it counts whole)."""
     s, idx, pk, p_rest = _topk_masses(student, idx, val, lse, temperature)
-    return _buckets(s, idx, pk, p_rest, sparse.AKL, temperature, 0.0, mask, weights, reduction, coef, "teacher top-k",
-                    head=akl_head(idx, pk, p_rest))
-
-
-def akl_head(idx: np.ndarray, pk: np.ndarray, p_rest: np.ndarray) -> np.ndarray:
-    """(B, K+1) AKL's head buckets: not among the least likely whose running mass, from the
-    least (the rest bucket first), stays under AKL_MU; column K is the rest bucket."""
     held = idx >= 0
-    order = np.argsort(np.where(held, pk, np.inf), axis=1, kind="stable")  # least first, padding last
-    ranked = np.take_along_axis(np.where(held, pk, 0.0), order, axis=1)
-    running = p_rest[:, None] + np.cumsum(ranked, axis=1)
-    head = np.ones((len(idx), idx.shape[1] + 1), np.uint8)
-    np.put_along_axis(head[:, :-1], order, (running >= AKL_MU).astype(np.uint8), axis=1)
-    head[:, -1] = p_rest >= AKL_MU
-    return head
+    if (np.diff(np.where(held, pk, -1.0), axis=1)[held[:, 1:]] > 0).any():  # not largest first: sort
+        order = np.argsort(np.where(held, -pk, 1.0), axis=1, kind="stable")
+        idx, pk = np.take_along_axis(idx, order, 1), np.take_along_axis(pk, order, 1)
+    return _buckets(s, idx, pk, p_rest, sparse.AKL, temperature, 0.0, mask, weights, reduction, coef,
+                    "teacher top-k")
 
 
 __all__ = ["DENSE", "SPARSE", "cosine", "distance", "euclidean", "js", "kl", "mse", "reverse_kl", "sampled_kl",
@@ -322,15 +334,6 @@ def _exp_tables(inv_t: tuple[float, ...]) -> np.ndarray:
         t = np.exp(x[None, :] * np.array(inv_t, np.float64)[:, None])
     t.setflags(write=False)
     return t
-
-
-ROWS_PER_THREAD = 16  # fewer rows than this a thread: fewer threads
-
-
-@functools.cache
-def _row_pool(threads: int) -> ThreadPoolExecutor:
-    """The threads the row pass runs on, started once per process (not once per batch)."""
-    return ThreadPoolExecutor(threads, thread_name_prefix="row-pass")
 
 
 def summarize_rows(x: np.ndarray, k: int, temperatures: list[float], sample_temperature: float | None,
@@ -356,11 +359,6 @@ def summarize_rows(x: np.ndarray, k: int, temperatures: list[float], sample_temp
     def rows(a: int, b: int) -> None:  # (``out`` in the kernel's argument order)
         teacher_rows(x[a:b], k, inv_t, col, u[a:b], tables, *(o[a:b] for o in out.values()))
 
-    # row ranges on threads (the kernel releases the GIL): a serial kernel compiles in half
-    # the time of a prange one (no parfor lowering), and rows are independent
-    threads = max(1, min(numba.get_num_threads(), n // ROWS_PER_THREAD))
-    cuts = np.linspace(0, n, threads + 1).astype(int)
-    for f in [_row_pool(threads).submit(rows, a, b) for a, b in zip(cuts[:-1], cuts[1:], strict=True)]:
-        f.result()
+    on_threads(rows, n)
     out["lse"] = out["lse"][:, [temps.index(t) for t in temperatures]]
     return out

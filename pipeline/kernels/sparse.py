@@ -19,6 +19,7 @@ finite, or holds no draws, sets 1).
 from __future__ import annotations
 
 import numba as nb
+import numpy as np
 
 from pipeline.kernels._base import (
     FASTMATH,
@@ -179,20 +180,26 @@ def _bucket(s, p, q, b, kind, wf):
     return _skew_bucket(s, p, q, b, kind == SKEW_REVERSE)
 
 
-@nb.njit(**_JIT)
-def bucket_rows(s, idx, pk, p_rest, head, temperature, beta, kind, w, scale, loss, grad, bad):
+@nb.njit(cache=True, fastmath=FASTMATH, nogil=True)  # serial over rows a..z: the caller runs ranges on threads
+def bucket_rows(s, idx, pk, p_rest, temperature, beta, kind, mu, w, scale, loss, grad, bad, a, z):
     """A divergence between bucket distributions: the K entries ``idx`` (-1: none) with the
     teacher's masses ``pk`` and one bucket for the rest of the student's classes, the
     teacher's mass there ``p_rest`` (the top-K's tail, or 0 for draws). ``kind``: SKEW,
     SKEW_REVERSE (skew ``beta``) or AKL, whose row weight wf = g_head / (g_head + g_tail)
-    sums |P_b - Q_b| over the buckets ``head`` marks (``head[i, K]``: the rest) and the
-    others, held constant in the gradient as AKL's authors detach it. The gradient is
-    T q_j (G_b(j) - sum_b Q_b G_b), b(j) the bucket of class j."""
-    n, c = s.shape
+    sums |P_b - Q_b| over the head and the tail, held constant in the gradient as AKL's
+    authors detach it; the tail is the least likely buckets whose running teacher mass, from
+    the least, stays under ``mu``: the rest bucket first (each of its classes is below every
+    entry), then the entries from the last, which must be in decreasing teacher mass (a
+    top-K's order; padding anywhere). The gradient is
+    T q_j (G_b(j) - sum_b Q_b G_b), b(j) the bucket of class j. Rows a..z-1 only, serially
+    (a prange kernel took twice the compile: 14-17 s a float type here)."""
+    c = s.shape[1]
     k = idx.shape[1]
     inv_t = like(s, 1.0 / temperature)
     b = like(s, beta)
-    for i in nb.prange(n):
+    qk = np.empty(k, s.dtype)  # a row's student masses at the entries, and their G: computed once
+    gk = np.empty(k, s.dtype)
+    for i in range(a, z):
         if w[i] == 0.0:
             zero_row(loss, grad, i)
             continue
@@ -205,33 +212,34 @@ def bucket_rows(s, idx, pk, p_rest, head, temperature, beta, kind, w, scale, los
             rest += max(grad[i, j], like(s, 0.0))
         r_total = like(s, 1.0) / total
         q_rest = rest * r_total
+        for r in range(k):
+            j = idx[i, r]
+            qk[r] = vexp((s[i, j] - s_max) * inv_t) * r_total if j >= 0 else like(s, 0.0)
         wf = like(s, 1.0)
         if kind == AKL:
+            running = p_rest[i]
             gap = abs(p_rest[i] - q_rest)
-            g_head = gap if head[i, k] else like(s, 0.0)
-            g_tail = like(s, 0.0) if head[i, k] else gap
-            for r in range(k):
-                j = idx[i, r]
-                if j >= 0:
-                    gap = abs(pk[i, r] - vexp((s[i, j] - s_max) * inv_t) * r_total)
-                    if head[i, r]:
+            g_head = gap if running >= mu else like(s, 0.0)
+            g_tail = like(s, 0.0) if running >= mu else gap
+            for r in range(k - 1, -1, -1):  # least first
+                if idx[i, r] >= 0:
+                    running += pk[i, r]
+                    gap = abs(pk[i, r] - qk[r])
+                    if running >= mu:
                         g_head += gap
                     else:
                         g_tail += gap
             wf = g_head / (g_head + g_tail) if g_head + g_tail > 0.0 else like(s, 0.5)  # (equal rows: any)
-        acc, g_bar = _bucket(s, p_rest[i], q_rest, b, kind, wf)
-        g_rest = g_bar
-        g_bar *= q_rest
+        acc, g_rest = _bucket(s, p_rest[i], q_rest, b, kind, wf)
+        g_bar = g_rest * q_rest
         finite = is_finite(p_rest[i])
         for r in range(k):
-            j = idx[i, r]
-            if j < 0:
+            if idx[i, r] < 0:
                 continue
             finite &= is_finite(pk[i, r])
-            q = vexp((s[i, j] - s_max) * inv_t) * r_total
-            term, gb = _bucket(s, pk[i, r], q, b, kind, wf)
+            term, gk[r] = _bucket(s, pk[i, r], qk[r], b, kind, wf)
             acc += term
-            g_bar += q * gb
+            g_bar += qk[r] * gk[r]
         if not finite:
             bad[i] = 1
         g = like(s, scale * w[i] * temperature)
@@ -240,9 +248,6 @@ def bucket_rows(s, idx, pk, p_rest, head, temperature, beta, kind, w, scale, los
             grad[i, j] = f * grad[i, j]
         for r in range(k):
             j = idx[i, r]
-            if j < 0:
-                continue
-            q = vexp((s[i, j] - s_max) * inv_t) * r_total
-            _, gb = _bucket(s, pk[i, r], q, b, kind, wf)
-            grad[i, j] = g * q * (gb - g_bar)
+            if j >= 0:
+                grad[i, j] = g * qk[r] * (gk[r] - g_bar)
         loss[i] = w[i] * temperature * temperature * acc
