@@ -257,8 +257,9 @@ class LossConfig:
     alpha: float = 1.0
     lam: float = 1.0
     temperature: float = 2.0  # softmax-based distances (kl, reverse_kl, js, topk_kl, sampled_kl)
-    # js: 0 = forward KL, 1 = reverse KL, 0.5 = symmetric; the skewed KLs: the skew. None: the
-    # distance's own (js 0.5, the skewed KLs 0.1: pipeline/distances.py), for lm.variants too
+    # js: 0 = forward KL, 1 = reverse KL, 0.5 = symmetric; the skewed KLs: the skew; TAID: the
+    # teacher's weight at the first step (1 at the last). None: the distance's own (js 0.5, the
+    # skewed KLs 0.1, TAID 0.4: pipeline/distances.py), for lm.variants too
     beta: float | None = None
     k: int = 0  # topk_kl: use the first k of the cache's K logits (0: all), as a top-k cache would hold
 

@@ -17,7 +17,12 @@ This module imports neither torch nor Numba: the config is built from it before 
 
 from __future__ import annotations
 
+from contextvars import ContextVar
 from dataclasses import dataclass, field
+
+# how far the training loop is through its steps (0 to 1; 1 outside one): a scheduled
+# distance's weight moves with it (pipeline.training.train sets it before each batch)
+PROGRESS: ContextVar[float] = ContextVar("progress", default=1.0)
 
 
 @dataclass(frozen=True)
@@ -37,10 +42,14 @@ class DistanceSpec:
     by_class: bool = True
     # its own values of the loss settings left unset (None): ``beta``
     defaults: dict = field(default_factory=dict)
+    # beta is where a weight starts, moving linearly to 1 over the training steps (TAID)
+    scheduled: bool = False
 
     def beta_of(self, beta: float | None) -> float:
-        """``loss.beta`` as this distance reads it: the value set, else its own default."""
-        return self.defaults.get("beta", 0.5) if beta is None else beta
+        """``loss.beta`` as this distance reads it: the value set, else its own default; a
+        scheduled distance's at the training loop's progress (:data:`PROGRESS`)."""
+        b = self.defaults.get("beta", 0.5) if beta is None else beta
+        return b + (1.0 - b) * PROGRESS.get() if self.scheduled else b
 
     @property
     def fused(self) -> bool:
@@ -84,6 +93,15 @@ _DECLARED = [
     DistanceSpec("akl", "full", "T^2 AKL: w KL(p || q) + (1-w) KL(q || p), w = head gap / (head + tail gap)", None,
                  "torch_akl"),
     DistanceSpec("akl_topk", "topk", "AKL over the cached top-K plus one tail bucket", "akl_topk", "torch_akl_topk"),
+    # TAID (Shing et al., ICLR 2025): KL to the teacher interpolated with the (detached) student, the
+    # teacher's weight t rising linearly from loss.beta to 1 over the steps (the paper's lower bound)
+    DistanceSpec("taid", "full", "T^2 KL(p_t || q), p_t = softmax(((1-t) sg(s) + t x) / T), t from loss.beta "
+                 "(default 0.4) to 1 over training", None, "torch_taid", beta=True, defaults={"beta": 0.4},
+                 scheduled=True),
+    DistanceSpec("taid_topk", "topk", "TAID over the cached top-K plus one tail bucket", "taid_topk",
+                 "torch_taid_topk", beta=True, defaults={"beta": 0.4}, scheduled=True),
+    DistanceSpec("taid_sampled", "sampled", "TAID with the draws' frequencies standing for the teacher",
+                 "taid_sampled", "torch_taid_sampled", beta=True, defaults={"beta": 0.4}, scheduled=True),
     # Universal Logit Distillation: L1 between sorted probabilities, no vocabulary correspondence
     DistanceSpec("uld_topk", "topk", "ULD: L1 between sorted probabilities, from the top-K + tail", None,
                  "torch_uld_topk", by_class=False),
@@ -110,4 +128,4 @@ def names(reads: str | None = None, fused: bool | None = None) -> tuple[str, ...
                  and (fused is None or d.fused == fused))
 
 
-__all__ = ["DISTANCES", "DistanceSpec", "distance_spec", "names"]
+__all__ = ["DISTANCES", "PROGRESS", "DistanceSpec", "distance_spec", "names"]

@@ -209,6 +209,35 @@ def torch_skew_reverse_kl_sampled(s, idx, cnt, ent, temperature=1.0, beta=0.1):
     return temperature**2 * _bucket_skew(q, p, beta)
 
 
+def _taid_target(p: torch.Tensor, q: torch.Tensor, t: float) -> torch.Tensor:
+    """TAID's target over buckets: proportional to q^(1-t) p^t, the student's side detached."""
+    q = q.detach()
+    if t <= 0:
+        return q
+    if t >= 1:
+        return p
+    m = torch.where((p > 0) & (q > 0), torch.exp((1 - t) * q.clamp_min(TINY).log() + t * p.clamp_min(TINY).log()),
+                    0)
+    return m / m.sum(-1, keepdim=True).clamp_min(TINY)
+
+
+def torch_taid(s, t, temperature=1.0, beta=1.0):
+    """TAID from full logits: KL(p_t || q), p_t = softmax(((1-b) s + b t) / T), s detached."""
+    log_pt = F.log_softmax(((1 - beta) * s.detach() + beta * t.to(s.dtype)) / temperature, dim=-1)
+    log_q = F.log_softmax(s / temperature, dim=-1)
+    return temperature**2 * (log_pt.exp() * (log_pt - log_q)).sum(-1)
+
+
+def torch_taid_topk(s, idx, val, lse, temperature=1.0, beta=1.0):
+    p, q = _topk_bucket_pair(s, idx, val, lse, temperature)
+    return temperature**2 * _bucket_skew(_taid_target(p, q, beta), q, 0.0)
+
+
+def torch_taid_sampled(s, idx, cnt, ent, temperature=1.0, beta=1.0):
+    p, q = _sampled_bucket_pair(s, idx, cnt, temperature)
+    return temperature**2 * _bucket_skew(_taid_target(p, q, beta), q, 0.0)
+
+
 def _akl(p: torch.Tensor, q: torch.Tensor, held: torch.Tensor, rank: torch.Tensor | None = None) -> torch.Tensor:
     """AKL (Wu et al., 2024) per row between distributions over buckets (B, n) (``held``:
     the buckets that exist): wf KL(P || Q) + (1 - wf) KL(Q || P), wf = g_head / (g_head +

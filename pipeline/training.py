@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from pipeline.cache.storage import write_file_atomic
 from pipeline.device import autocast
+from pipeline.distances import PROGRESS
 from pipeline.errors import DataError
 from pipeline.processes import Processes
 
@@ -152,6 +153,7 @@ def train(model: nn.Module, stream, steps: int, loss_fn: Callable[[nn.Module, ob
         while step < steps:
             served, fresh = 0, getattr(stream, "position", 0) == 0
             for batch in batches():
+                PROGRESS.set(step / steps)  # (a scheduled distance's weight: TAID)
                 with autocast(device, precision):
                     out = loss_fn(net, batch)
                 (out / accumulate if accumulate > 1 else out).backward()
@@ -179,4 +181,5 @@ def train(model: nn.Module, stream, steps: int, loss_fn: Callable[[nn.Module, ob
                 if not micro:
                     save()  # the epoch's end (with a step's batches pending across it, the next step's)
     save()
+    PROGRESS.set(1.0)
     return step, loss

@@ -69,7 +69,8 @@ def shared_problems(cfg: Config) -> list[str]:
             p.append(f"loss.{name}={getattr(cfg.loss, name)}: must be >= 0")
     if cfg.loss.beta is not None and not 0 <= cfg.loss.beta <= 1:
         p.append(f"loss.beta={cfg.loss.beta}: must be in [0, 1] (js: 0 = forward KL, 1 = reverse KL; "
-                 "skew_kl, skew_reverse_kl: the share of the distribution itself in the mixture)")
+                 "the skewed KLs: the share of the distribution itself in the mixture; TAID: the teacher's "
+                 "weight at the first step)")
     if cfg.loss.alpha == 0 and cfg.loss.lam == 0:
         p.append("loss.alpha and loss.lam are both 0: nothing to train on")
     for name in ("chunk_rows", "shard_chunks", "k", "samples", "sample_temperature", "max_full_gb"):

@@ -221,7 +221,7 @@ def _buckets(student, idx: np.ndarray, pk: np.ndarray, p_rest: np.ndarray, kind:
     """A divergence between bucket distributions (:func:`sparse.bucket_rows`): the entries
     ``idx`` (-1: none) with the teacher's masses ``pk``, and the rest, ``p_rest``."""
     if not 0.0 <= beta <= 1.0:
-        raise ConfigError(f"beta={beta}: the skew must be in [0, 1] (0: KL or reverse KL, 1: no divergence)")
+        raise ConfigError(f"beta={beta}: must be in [0, 1] (the skew, or TAID's teacher weight)")
     s = _student(student)
     w, scale = _row_weights(len(s), mask, weights, reduction, coef)
     loss, grad, bad = np.empty(len(s), s.dtype), np.empty_like(s), np.zeros(len(s), np.uint8)
@@ -315,8 +315,25 @@ def akl_topk(student, idx, val, lse, *, temperature=1.0, beta=0.5, mask=None, we
                     "teacher top-k")
 
 
+def taid_topk(student, idx, val, lse, *, temperature=1.0, beta=1.0, mask=None, weights=None, reduction="mean",
+              coef=1.0):
+    """TAID over the top-K classes plus the tail bucket: KL(P_t || Q), P_t proportional to
+    Q^(1-t) P^t per bucket, t = ``beta`` (the tail bucket's Q_tail^(1-t) P_tail^t bounds the
+    sum over its classes from above: the teacher's tail is not cached class by class)."""
+    return _buckets(*_topk_masses(student, idx, val, lse, temperature), sparse.TAID, temperature, beta, mask,
+                    weights, reduction, coef, "teacher top-k")
+
+
+def taid_sampled(student, idx, counts, entropy, *, temperature=1.0, beta=1.0, mask=None, weights=None,
+                 reduction="mean", coef=1.0):
+    """TAID with the draws' frequencies W standing for the teacher: P_t proportional to
+    Q^(1-t) W^t over the drawn ids (none elsewhere)."""
+    return _buckets(*_sample_masses(student, idx, counts, entropy), sparse.TAID, temperature, beta, mask, weights,
+                    reduction, coef, "teacher samples")
+
+
 __all__ = ["DENSE", "SPARSE", "cosine", "distance", "euclidean", "js", "kl", "mse", "reverse_kl", "sampled_kl",
-           "akl_topk", "skew_kl_sampled", "skew_kl_topk", "skew_reverse_kl_sampled", "skew_reverse_kl_topk", "topk_kl", "tv"]
+           "akl_topk", "skew_kl_sampled", "skew_kl_topk", "skew_reverse_kl_sampled", "skew_reverse_kl_topk", "taid_sampled", "taid_topk", "topk_kl", "tv"]
 
 
 # stage 1's fused row pass (pipeline/kernels/teacher_rows.py): its tables and its entry point

@@ -166,18 +166,32 @@ def _skew_bucket(s, p, q, b, reverse):
     return a * log_ratio, -(one - b) * a / m
 
 
-SKEW, SKEW_REVERSE, AKL = 0, 1, 2  # bucket_rows' kinds
+SKEW, SKEW_REVERSE, AKL, TAID = 0, 1, 2, 3  # bucket_rows' kinds
 
 
 @nb.njit(inline="always", fastmath=FASTMATH)
 def _bucket(s, p, q, b, kind, wf):
     """One bucket's loss term and G of ``kind``: a skewed KL (:func:`_skew_bucket`), or AKL's
     wf * KL(P || Q) + (1 - wf) * KL(Q || P) (the skewed KLs at b = 0)."""
+    if kind == TAID:  # forward KL to the (already interpolated) target
+        return _skew_bucket(s, p, q, like(s, 0.0), False)
     if kind == AKL:
         t1, g1 = _skew_bucket(s, p, q, like(s, 0.0), False)
         t2, g2 = _skew_bucket(s, p, q, like(s, 0.0), True)
         return wf * t1 + (like(s, 1.0) - wf) * t2, wf * g1 + (like(s, 1.0) - wf) * g2
     return _skew_bucket(s, p, q, b, kind == SKEW_REVERSE)
+
+
+@nb.njit(inline="always", fastmath=FASTMATH)
+def _interpolated(s, q, p, t):
+    """TAID's unnormalised target mass of a bucket: q^(1-t) p^t (the logits interpolated)."""
+    if t <= 0.0:  # (0^0 = 1: the student itself, where the teacher has no mass too)
+        return q
+    if p <= 0.0 or (q <= 0.0 and t < 1.0):
+        return like(s, 0.0)
+    if t >= 1.0:
+        return p
+    return vexp((like(s, 1.0) - t) * vlog(q) + t * vlog(p))
 
 
 @nb.njit(cache=True, fastmath=FASTMATH, nogil=True)  # serial over rows a..z: the caller runs ranges on threads
@@ -190,7 +204,9 @@ def bucket_rows(s, idx, pk, p_rest, temperature, beta, kind, mu, w, scale, loss,
     authors detach it; the tail is the least likely buckets whose running teacher mass, from
     the least, stays under ``mu``: the rest bucket first (each of its classes is below every
     entry), then the entries from the last, which must be in decreasing teacher mass (a
-    top-K's order; padding anywhere). The gradient is
+    top-K's order; padding anywhere). TAID: KL(P_t || Q), P_t proportional to Q^(1-t) P^t,
+    t = ``beta``, held constant in the gradient (the student's side of it detached). The
+    gradient is
     T q_j (G_b(j) - sum_b Q_b G_b), b(j) the bucket of class j. Rows a..z-1 only, serially
     (a prange kernel took twice the compile: 14-17 s a float type here)."""
     c = s.shape[1]
@@ -199,6 +215,7 @@ def bucket_rows(s, idx, pk, p_rest, temperature, beta, kind, mu, w, scale, loss,
     b = like(s, beta)
     qk = np.empty(k, s.dtype)  # a row's student masses at the entries, and their G: computed once
     gk = np.empty(k, s.dtype)
+    tk = np.empty(k, s.dtype)  # TAID's target masses
     for i in range(a, z):
         if w[i] == 0.0:
             zero_row(loss, grad, i)
@@ -230,14 +247,25 @@ def bucket_rows(s, idx, pk, p_rest, temperature, beta, kind, mu, w, scale, loss,
                     else:
                         g_tail += gap
             wf = g_head / (g_head + g_tail) if g_head + g_tail > 0.0 else like(s, 0.5)  # (equal rows: any)
-        acc, g_rest = _bucket(s, p_rest[i], q_rest, b, kind, wf)
+        target_rest = p_rest[i]
+        if kind == TAID:  # the interpolated target, normalised over the buckets
+            target_rest = _interpolated(s, q_rest, p_rest[i], b)
+            norm = target_rest
+            for r in range(k):
+                tk[r] = _interpolated(s, qk[r], pk[i, r], b) if idx[i, r] >= 0 else like(s, 0.0)
+                norm += tk[r]
+            r_norm = like(s, 1.0) / norm if norm > 0.0 else like(s, 0.0)
+            target_rest *= r_norm
+            for r in range(k):
+                tk[r] *= r_norm
+        acc, g_rest = _bucket(s, target_rest, q_rest, b, kind, wf)
         g_bar = g_rest * q_rest
         finite = is_finite(p_rest[i])
         for r in range(k):
             if idx[i, r] < 0:
                 continue
             finite &= is_finite(pk[i, r])
-            term, gk[r] = _bucket(s, pk[i, r], qk[r], b, kind, wf)
+            term, gk[r] = _bucket(s, tk[r] if kind == TAID else pk[i, r], qk[r], b, kind, wf)
             acc += term
             g_bar += qk[r] * gk[r]
         if not finite:

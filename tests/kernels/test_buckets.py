@@ -1,14 +1,16 @@
-"""The divergences between bucket distributions (the skewed KLs' sparse forms, over the
-top-K + tail bucket or the draws' frequencies, and AKL over the top-K + tail bucket): the
-Numba kernel and the torch rows (the CUDA path) against the definitions written here in
-float64 NumPy, values and gradients, on hand-made and seeded rows; their ends (b = 0: top-k
-KL and sampled KL; b = 1: nothing to learn; K = C: dense AKL) and their refusals."""
+"""The divergences between bucket distributions (the skewed KLs' and TAID's sparse forms,
+over the top-K + tail bucket or the draws' frequencies, and AKL over the top-K + tail
+bucket): the Numba kernel and the torch rows (the CUDA path) against the definitions written
+here in float64 NumPy, values and gradients, on hand-made and seeded rows; their ends (b = 0:
+top-k KL and sampled KL; b = 1: nothing to learn; K = C: dense AKL and TAID; TAID at t = 1:
+top-k KL), TAID's schedule, and their refusals."""
 
 import numpy as np
 import pytest
 import torch
 
 from pipeline import kernels
+from pipeline.distances import PROGRESS, distance_spec
 from pipeline.losses import (
     distance_term,
     torch_akl,
@@ -17,6 +19,9 @@ from pipeline.losses import (
     torch_skew_kl_topk,
     torch_skew_reverse_kl_sampled,
     torch_skew_reverse_kl_topk,
+    torch_taid,
+    torch_taid_sampled,
+    torch_taid_topk,
 )
 from pipeline.representations import sample_counts
 
@@ -213,3 +218,71 @@ def test_akl_over_every_class_is_dense_akl_as_its_authors_define_it():
     np.testing.assert_allclose(dense.detach().numpy(), want, rtol=1e-9)
     dense.sum().backward()
     np.testing.assert_allclose(grad, x.grad.numpy(), rtol=1e-8, atol=1e-13)
+
+
+def taid_definition(P, Q, t):
+    """KL(P_t || Q), P_t proportional to Q^(1-t) P^t over the buckets."""
+    m = np.array([q ** (1 - t) * p ** t if p > 0 else 0.0 for p, q in zip(P, Q, strict=True)])
+    return kl(m / m.sum(), Q)
+
+
+@pytest.mark.parametrize("name", ["taid_topk", "taid_sampled"])
+@pytest.mark.parametrize("t", [0.4, 0.7, 1.0])
+def test_taid_kernel_and_torch_rows_equal_the_definition(name, t):
+    s, arrays = data(name, 2.0)
+    loss, grad = getattr(kernels, name)(s, *arrays, temperature=2.0, beta=t, reduction="none")
+    want = [4.0 * taid_definition(*buckets(name, s[i], [a[i] for a in arrays], 2.0), t) for i in range(len(s))]
+    np.testing.assert_allclose(loss, want, rtol=1e-9, atol=1e-12)
+    x = torch.tensor(s, requires_grad=True)
+    ref = {"taid_topk": torch_taid_topk, "taid_sampled": torch_taid_sampled}[name](
+        x, *(torch.from_numpy(np.asarray(a)) for a in arrays), 2.0, t)
+    np.testing.assert_allclose(ref.detach().numpy(), want, rtol=1e-9, atol=1e-12)
+    ref.sum().backward()  # the target held constant on both sides (the student's side detached)
+    np.testing.assert_allclose(grad, x.grad.numpy(), rtol=1e-8, atol=1e-12)
+    if t == 1.0 and name == "taid_topk":  # the teacher itself: top-k KL
+        np.testing.assert_allclose(loss, kernels.topk_kl(s, *arrays, temperature=2.0, reduction="none")[0],
+                                   rtol=1e-9)
+    assert np.abs(getattr(kernels, name)(s, *arrays, temperature=2.0, beta=0.0, reduction="none")[0]).max() < 1e-12
+
+
+def test_taid_over_every_class_is_dense_taid_the_interpolated_logits():
+    s, _ = data("taid_topk", 2.0)
+    t = np.random.default_rng(9).standard_normal((7, 40)) * 3
+    val, idx = torch.topk(torch.from_numpy(t), 40)
+    lse = torch.logsumexp(torch.from_numpy(t) / 2.0, -1)
+    loss, grad = kernels.taid_topk(s, idx.numpy(), val.numpy(), lse.numpy(), temperature=2.0, beta=0.6,
+                                   reduction="none")
+    want = [4.0 * kl(softmax(0.4 * s[i] + 0.6 * t[i], 2.0), softmax(s[i], 2.0)) for i in range(7)]
+    np.testing.assert_allclose(loss, want, rtol=1e-9)
+    x = torch.tensor(s, requires_grad=True)
+    dense = torch_taid(x, torch.from_numpy(t), 2.0, 0.6)
+    np.testing.assert_allclose(dense.detach().numpy(), want, rtol=1e-9)
+    dense.sum().backward()
+    np.testing.assert_allclose(grad, x.grad.numpy(), rtol=1e-8, atol=1e-13)
+
+
+def test_taid_weight_moves_from_its_start_to_1_with_the_training_loop():
+    """loss.beta (default 0.4) is where TAID's teacher weight starts; it rises linearly with
+    the loop's progress, reaches 1 outside a loop; the other distances ignore the progress;
+    the loop sets the progress before each batch and puts it back to 1 after."""
+    from torch import nn
+
+    from pipeline.training import train
+
+    spec = distance_spec("taid_topk")
+    token = PROGRESS.set(0.5)
+    try:
+        assert spec.beta_of(None) == pytest.approx(0.7) and spec.beta_of(0.2) == pytest.approx(0.6)
+        assert distance_spec("skew_kl_topk").beta_of(None) == 0.1
+    finally:
+        PROGRESS.reset(token)
+    assert spec.beta_of(None) == 1.0
+    seen = []
+
+    def loss_fn(model, batch):
+        seen.append(PROGRESS.get())
+        return model(batch).sum()
+
+    stream = [torch.ones(1, 2)] * 2  # two batches an epoch
+    train(nn.Linear(2, 1), stream, 4, loss_fn, lr=0.0, weight_decay=0.0, desc="taid")
+    assert seen == [0.0, 0.25, 0.5, 0.75] and PROGRESS.get() == 1.0
