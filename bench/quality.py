@@ -43,7 +43,7 @@ KINDS = {
     "layers": ["student=teacher_layers", "train.lr=0.003", "train.warmup_steps=24"],
 }
 GOALS = {"scratch": 0.95, "layers": 0.90}
-OBJECTIVES = ["topk_kl:64", "sampled_kl", "skew_kl_topk", "akl_topk"]
+OBJECTIVES = ["topk_kl:64", "sampled_kl", "skew_kl_topk", "akl_topk", "taid_topk"]
 CORPORA = ["shakespeare", *corpora.CORPORA]
 
 
