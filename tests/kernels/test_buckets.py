@@ -165,7 +165,7 @@ def test_padding_entries_are_rows_without_them():
 
 def test_refusals_name_what_is_wrong():
     s, (idx, val, lse) = data("skew_kl_topk", 1.0)
-    with pytest.raises(ValueError, match=r"beta=1.5: the skew must be in \[0, 1\]"):
+    with pytest.raises(ValueError, match=r"beta=1.5: must be in \[0, 1\] \(the skew"):
         kernels.skew_kl_topk(s, idx, val, lse, beta=1.5)
     bad = lse.copy()
     bad[4] = np.nan
