@@ -22,6 +22,7 @@ teacher-layer student, 0.95 from scratch) and whether each is met.
     .venv/bin/python bench/quality.py                        # everything, 3 seeds (hours on 2 cores)
     .venv/bin/python bench/quality.py --corpora python --kinds scratch --seeds 1
     .venv/bin/python bench/quality.py --objectives topk_kl:64 sampled_kl loss.temperature=2.0
+    .venv/bin/python bench/quality.py --report              # the runs so far (another may be running)
 """
 
 from __future__ import annotations
@@ -76,6 +77,8 @@ def summary(state: dict) -> dict:
             twin = variants.get("labels", {})
             cells = {}
             for name, runs in variants.items():
+                if not runs:
+                    continue
                 ppl, sd = mean_sd([r["ppl"] for r in runs.values()])
                 cells[name] = {"ppl": ppl, "sd": sd, "n": len(runs),
                                "kl": sum(r["kl"] for r in runs.values()) / len(runs)}
@@ -158,6 +161,7 @@ def main() -> None:
     ap.add_argument("--kinds", nargs="*", default=list(KINDS), choices=list(KINDS))
     ap.add_argument("--objectives", nargs="*", default=OBJECTIVES, help="lm.variants entries besides labels")
     ap.add_argument("--threads", type=int, default=None, help="threads per run (default: torch's)")
+    ap.add_argument("--report", action="store_true", help="report the runs kept under --root; run nothing")
     ap.add_argument("--results", default="bench/results/quality.json")
     ap.add_argument("--plot", default="docs/quality.png")
     ap.add_argument("overrides", nargs="*", help="settings for every student (loss.temperature=2.0); a root holds "
@@ -183,7 +187,7 @@ def main() -> None:
             save(state_path, state)
         return path, data
 
-    for seed in range(args.seeds):  # seed by seed over every cell: a partial run is a fair one
+    for seed in range(0 if args.report else args.seeds):  # seed by seed over every cell: a partial run is fair
         for corpus in args.corpora:
             cache, data = cache_of(corpus)
             for kind in args.kinds:
