@@ -35,6 +35,7 @@ import sys
 import time
 
 import corpora
+import numpy as np
 from runs import cli, load, mean_sd, paired, save, train
 
 ROOT_DEFAULT = "data/quality"
@@ -56,6 +57,31 @@ def corpus_settings(root: str, name: str) -> list[str]:
     if not os.path.exists(path):
         print(f"building corpus {name}: {corpora.build(name, path)}", file=sys.stderr)
     return ["data=corpus", f"data.path={path}", f"data.name={name}", *SIZES]
+
+
+def cache_stats(path: str) -> dict:
+    """What the teacher's cached rows say about a corpus (at T=1, every row): the mass its
+    top-K leaves to the tail bucket and its top-1 probability (mean and median), and the
+    entropy of its softmax (the sampled rows' cached entropy): how much of the teacher a top-K
+    student sees, and how sure the teacher is."""
+    import dask.array as da
+
+    from pipeline.cache import open_cache
+    from pipeline.cache.format import LSE, SAMPLED_ENT, TOPK_VAL
+
+    r = open_cache(path)
+    lse = r.arrays[LSE][:, r.manifest.temperatures.index(1.0)].astype("f8")
+    val = r.arrays[TOPK_VAL].astype("f8")
+    tail = (1 - da.exp(val - lse[:, None]).sum(axis=1)).clip(0, 1)
+    top1 = da.exp(val[:, 0] - lse)
+    ent = r.arrays[SAMPLED_ENT].astype("f8") if SAMPLED_ENT in r.arrays else None
+    tail, top1, ent = da.compute(tail, top1, ent)
+    out = {"rows": int(len(tail)), "k": int(val.shape[1]), "tail_mass_mean": float(tail.mean()),
+           "tail_mass_median": float(np.median(tail)), "top1_mean": float(top1.mean()),
+           "top1_median": float(np.median(top1))}
+    if ent is not None:
+        out["entropy_mean"] = float(ent.mean())
+    return out
 
 
 def commit() -> str:
@@ -185,6 +211,9 @@ def main() -> None:
                 f"hydra.run.dir={os.path.join(root, 'runs', 'capture-' + corpus)}", threads=args.threads)
             state["caches"][corpus] = {"seconds": time.perf_counter() - t0}
             save(state_path, state)
+        if "tail_mass_mean" not in state["caches"].get(corpus, {}):
+            state["caches"].setdefault(corpus, {}).update(cache_stats(path))
+            save(state_path, state)
         return path, data
 
     for seed in range(0 if args.report else args.seeds):  # seed by seed over every cell: a partial run is fair
@@ -201,6 +230,13 @@ def main() -> None:
                                                                                   *args.overrides], args.threads)
                     save(state_path, state)
 
+    for corpus in (c for c in args.corpora if os.path.exists(os.path.join(root, "caches", c, "manifest.json"))):
+        c = state["caches"].setdefault(corpus, {})
+        if "tail_mass_mean" not in c:
+            c.update(cache_stats(os.path.join(root, "caches", corpus)))
+        print(f"{corpus:12s} teacher rows {c['rows']}: top-{c['k']} leaves {100 * c['tail_mass_mean']:.1f}% of the mass "
+              f"to the tail (median {100 * c['tail_mass_median']:.1f}%), top-1 probability {c['top1_mean']:.3f} "
+              f"(median {c['top1_median']:.3f}), entropy {c.get('entropy_mean', float('nan')):.2f} nats")
     s = summary(state)
     print(f"{'corpus':12s} {'student':8s} {'trained on':14s} {'seeds':>5s} {'perplexity':>18s} {'KL':>7s} "
           f"{'vs labels, paired':>20s}")
