@@ -112,24 +112,26 @@ def summary(state: dict) -> dict:
                 if by_seed:
                     cells[name] |= {"vs_labels": by_seed[0], "vs_labels_sd": by_seed[1], "paired_seeds": by_seed[2]}
                 if name != "labels" and twin:
-                    cells[name]["nll_change_by_confidence"] = confidence_change(runs, twin)
+                    for key in ("by_confidence", "by_target_in_topk"):
+                        cells[name][f"nll_change_{key}"] = nll_change(runs, twin, key)
             ranked = [n for n in cells if "vs_labels" in cells[n]]
             best = min(ranked, key=lambda n: cells[n]["vs_labels"]) if ranked else None
             out.setdefault(corpus, {})[kind] = {"cells": cells, "best": best}
     return out
 
 
-def confidence_change(runs: dict, twin: dict) -> dict:
-    """Per bin of the teacher's top-1 probability at the held-out positions: the mean over
-    shared seeds of the distilled student's NLL there minus its twin's (nats a token; negative:
-    distillation helped there), and the bin's share of the positions."""
+def nll_change(runs: dict, twin: dict, key: str) -> dict:
+    """Per group of held-out positions (``key``: by_confidence, the bins of the teacher's
+    top-1 probability; by_target_in_topk, the next token inside or outside the cached top-K):
+    the mean over shared seeds of the distilled student's NLL there minus its twin's (nats a
+    token; negative: distillation helped there), and the group's share of the positions."""
     out = {}
-    seeds = [s for s in runs if s in twin and runs[s].get("by_confidence") and twin[s].get("by_confidence")]
-    for b in (runs[seeds[0]]["by_confidence"] if seeds else {}):
-        d = [runs[s]["by_confidence"][b]["nll"] - twin[s]["by_confidence"][b]["nll"] for s in seeds
-             if runs[s]["by_confidence"][b]["nll"] is not None]
-        n = twin[seeds[0]]["by_confidence"][b]["tokens"]
-        total = sum(v["tokens"] for v in twin[seeds[0]]["by_confidence"].values())
+    seeds = [s for s in runs if s in twin and runs[s].get(key) and twin[s].get(key)]
+    for b in (runs[seeds[0]][key] if seeds else {}):
+        d = [runs[s][key][b]["nll"] - twin[s][key][b]["nll"] for s in seeds
+             if runs[s][key][b]["nll"] is not None and twin[s][key][b]["nll"] is not None]
+        n = twin[seeds[0]][key][b]["tokens"]
+        total = sum(v["tokens"] for v in twin[seeds[0]][key].values())
         out[b] = {"share": n / total, "delta_nll": sum(d) / len(d) if d else None}
     return out
 
@@ -249,15 +251,17 @@ def main() -> None:
                       f"{c['vs_labels']:.3f}" if "vs_labels" in c else "")
                 print(f"{corpus:12s} {kind:8s} {name:14s} {c['n']:5d} {c['ppl']:9.2f}{spread:9s} {c['kl']:7.3f} "
                       f"{vs:>20s}")
-    print("\nheld-out NLL change against the labels-only twin (nats a token, seed mean) by the teacher's "
-          "top-1 probability at the position (share of positions):")
-    for corpus, kinds in s.items():
-        for kind, k in kinds.items():
-            for name, c in k["cells"].items():
-                if c.get("nll_change_by_confidence"):
-                    print(f"{corpus:12s} {kind:8s} {name:14s} " + "  ".join(
-                        f"{b}: {v['delta_nll']:+.3f} ({100 * v['share']:.0f}%)"
-                        for b, v in c["nll_change_by_confidence"].items() if v["delta_nll"] is not None))
+    for key, what in (("by_confidence", "the teacher's top-1 probability at the position"),
+                      ("by_target_in_topk", "whether the next token is in the cached top-K")):
+        print(f"\nheld-out NLL change against the labels-only twin (nats a token, seed mean) by {what} "
+              "(share of positions):")
+        for corpus, kinds in s.items():
+            for kind, k in kinds.items():
+                for name, c in k["cells"].items():
+                    if c.get(f"nll_change_{key}"):
+                        print(f"{corpus:12s} {kind:8s} {name:14s} " + "  ".join(
+                            f"{b}: {v['delta_nll']:+.3f} ({100 * v['share']:.0f}%)"
+                            for b, v in c[f"nll_change_{key}"].items() if v["delta_nll"] is not None))
     v = verdict(s)
     import torch
 

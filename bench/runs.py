@@ -50,7 +50,8 @@ def train(root: str, run_dir: str, cache: str, variant: str, seed: int, extra: l
     return {"ppl": row["heldout_perplexity"], "bits_per_byte": row["heldout_bits_per_byte"],
             "kl": row["heldout_kl_topk"], "seconds": time.perf_counter() - t0,
             "teacher_ppl": (results.get("teacher") or {}).get("heldout_perplexity"),
-            "by_confidence": row.get("heldout_nll_by_teacher_confidence")}
+            "by_confidence": row.get("heldout_nll_by_teacher_confidence"),
+            "by_target_in_topk": row.get("heldout_nll_by_target_in_topk")}
 
 
 def mean_sd(xs: list[float]) -> tuple[float, float]:

@@ -186,6 +186,10 @@ def test_one_training_step_with_each_loss(lm_cache, variant):
     bins = row["heldout_nll_by_teacher_confidence"].values()
     assert sum(b["tokens"] for b in bins) == row["heldout_tokens"] and sum(b["tokens"] > 0 for b in bins) >= 2
     assert sum(b["tokens"] * (b["nll"] or 0.0) for b in bins) == pytest.approx(row["heldout_nll"] * 40, rel=1e-5)
+    held = row["heldout_nll_by_target_in_topk"]  # the next token inside / outside the cached top-16
+    assert held["inside"]["tokens"] + held["outside"]["tokens"] == 40 and held["inside"]["tokens"] > 0
+    assert held["inside"]["tokens"] * held["inside"]["nll"] + held["outside"]["tokens"] * (
+        held["outside"]["nll"] or 0.0) == pytest.approx(row["heldout_nll"] * 40, rel=1e-5)
     assert row["bytes_per_token"] == {"labels": 0, "topk_kl:4": 4 * 6 + 4, "topk_kl": 16 * 6 + 4,
                                       "sampled_kl": 8 * 6 + 4 + 4, "skew_kl_topk": 16 * 6 + 4,
                                       "skew_reverse_kl_sampled": 8 * 6 + 4 + 4}[variant]  # + top1 on its own

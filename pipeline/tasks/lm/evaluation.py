@@ -65,7 +65,8 @@ def evaluate_student(student, reader: CacheReader, data: TokenData, batch_size: 
     cached top-K + tail at T=1 at the positions with a teacher row (with another tokenizer:
     the aligned ones, the rows projected onto the student's ids); the held-out NLL by the
     teacher's top-1 probability there (CONFIDENCE_BINS; positions without a teacher row in
-    none), to see where distillation moves a student's loss."""
+    none), and by whether the next token is among the cached top-K (outside it, the top-K
+    says only that its mass is in the tail), to see where distillation moves a student's loss."""
     student.eval()
     m = reader.manifest
     arrays = (TOPK_IDX, TOPK_VAL, LSE) if "topk" in m.modes and 1.0 in m.temperatures else ()
@@ -74,6 +75,7 @@ def evaluate_student(student, reader: CacheReader, data: TokenData, batch_size: 
                             token_offsets=data.offsets)
     nll, count, kl, kl_rows = 0.0, 0, 0.0, 0
     by_conf = np.zeros((2, len(CONFIDENCE_BINS)))  # (NLL sum, tokens) per bin of the teacher's confidence
+    by_held = np.zeros((2, 2))  # (NLL sum, tokens): the next token outside / inside the cached top-K
     for batch in stream:
         batch = to_student(dataclasses.replace(batch, teacher=select_teacher(batch.teacher, col)) if arrays
                            else batch, adapter)
@@ -94,6 +96,13 @@ def evaluate_student(student, reader: CacheReader, data: TokenData, batch_size: 
             for b, (lo, hi) in enumerate(CONFIDENCE_BINS):
                 sel = scored & (conf >= lo) & (conf < hi)
                 by_conf[:, b] += per[sel].sum(), sel.sum()
+            held = np.zeros(rows.shape, bool)  # whether the next token is among the row's cached top-K
+            nxt = np.zeros(logits.shape[:2], np.int64)
+            nxt[:, :-1] = batch.input_ids[:, 1:].numpy()
+            held[rows] = (batch.teacher[TOPK_IDX][rows] == nxt.reshape(-1)[rows][:, None]).any(1)
+            held = held.reshape(logits.shape[:2])[:, :-1]
+            for b, sel in enumerate((scored & ~held & np.isfinite(conf), scored & held)):
+                by_held[:, b] += per[sel].sum(), sel.sum()
     student.train()
     out = {"heldout_perplexity": math.exp(nll / count), "heldout_nll": nll / count, "heldout_tokens": count,
            "heldout_kl_topk": kl / kl_rows if kl_rows else None}
@@ -101,6 +110,9 @@ def evaluate_student(student, reader: CacheReader, data: TokenData, batch_size: 
         out["heldout_nll_by_teacher_confidence"] = {
             f"{lo:g}-{min(hi, 1):g}": {"tokens": int(n), "nll": s / n if n else None}
             for (lo, hi), s, n in zip(CONFIDENCE_BINS, *by_conf, strict=True)}
+        out["heldout_nll_by_target_in_topk"] = {
+            name: {"tokens": int(n), "nll": s / n if n else None}
+            for name, s, n in zip(("outside", "inside"), *by_held, strict=True)}
     return out
 
 
