@@ -80,25 +80,31 @@ def _check_temperature(temperature: float) -> float:
     return float(temperature)
 
 
-ROWS_PER_THREAD = 16  # fewer rows than this a thread: fewer threads
+# values a thread takes at least: handing a range to another thread cost 100-150 us here
+# (a prange kernel's fork 5-10 us), so a call with less work than two of these stays on one
+WORK_PER_THREAD = 1 << 16
 
 
 @functools.cache
 def _row_pool(threads: int) -> ThreadPoolExecutor:
-    """The threads the serial row kernels run on, started once per process (not once per batch)."""
-    return ThreadPoolExecutor(threads, thread_name_prefix="row-pass")
+    """The threads the serial row kernels run on, started once per process (not once per call)."""
+    return ThreadPoolExecutor(threads, thread_name_prefix="kernel-rows")
 
 
-def on_threads(rows, n: int) -> None:
-    """``rows(a, z)`` over ranges of n rows on Numba's thread count of threads (one below
-    ROWS_PER_THREAD rows a thread): for serial ``nogil`` kernels, which compile in half the
-    time of prange ones (no parfor lowering); rows are independent."""
-    threads = max(1, min(numba.get_num_threads(), n // ROWS_PER_THREAD))
+def on_threads(rows, n: int, width: int) -> None:
+    """``rows(a, z)`` over ranges of n rows of ``width`` values on up to Numba's thread count
+    (one per WORK_PER_THREAD values), the first range on this thread: for the serial ``nogil``
+    kernels (stage 1's row pass, the bucket kernel), which compile in half the time of prange
+    ones (no parfor lowering). The distance kernels over full rows stay prange: measured
+    against this, the hand-off cost them 3x at 4096x10 and 5-30% at 4096x1000."""
+    threads = max(1, min(numba.get_num_threads(), n * width // WORK_PER_THREAD, n))
     if threads == 1:
         rows(0, n)
         return
     cuts = np.linspace(0, n, threads + 1).astype(int)
-    for f in [_row_pool(threads).submit(rows, a, z) for a, z in zip(cuts[:-1], cuts[1:], strict=True)]:
+    rest = [_row_pool(threads - 1).submit(rows, a, z) for a, z in zip(cuts[1:-1], cuts[2:], strict=True)]
+    rows(cuts[0], cuts[1])
+    for f in rest:
         f.result()
 
 
@@ -228,7 +234,7 @@ def _buckets(student, idx: np.ndarray, pk: np.ndarray, p_rest: np.ndarray, kind:
     args = (s, np.ascontiguousarray(idx, np.int32), np.ascontiguousarray(pk, s.dtype),
             np.ascontiguousarray(p_rest, s.dtype), _check_temperature(temperature), float(beta), kind, AKL_MU, w,
             scale, loss, grad, bad)
-    on_threads(lambda a, z: sparse.bucket_rows(*args, a, z), len(s))
+    on_threads(lambda a, z: sparse.bucket_rows(*args, a, z), len(s), s.shape[1])
     return _finish(loss, grad, bad, reduction, scale, what)
 
 
@@ -376,6 +382,6 @@ def summarize_rows(x: np.ndarray, k: int, temperatures: list[float], sample_temp
     def rows(a: int, b: int) -> None:  # (``out`` in the kernel's argument order)
         teacher_rows(x[a:b], k, inv_t, col, u[a:b], tables, *(o[a:b] for o in out.values()))
 
-    on_threads(rows, n)
+    on_threads(rows, n, c)
     out["lse"] = out["lse"][:, [temps.index(t) for t in temperatures]]
     return out
