@@ -34,7 +34,8 @@ register()
 # compile them too before the first had saved them): each goes to one process whole; every other test is
 # handed out on its own. The longest go first, so no process is left with one at the end.
 SHARED = ("tests/tasks/test_lm.py", "tests/test_trust.py", "tests/tasks/test_lm_cli.py", "tests/cache/test_s3.py",
-          "tests/test_cli.py", "tests/kernels/test_distances.py", "tests/kernels/test_teacher_rows.py")
+          "tests/test_cli.py", "tests/kernels/test_distances.py", "tests/kernels/test_teacher_rows.py",
+          "tests/kernels/test_buckets.py")
 FIRST = ("tests/tasks/test_lm.py", "tests/test_trust.py", "tests/tasks/test_lm_cli.py",
          "tests/kernels/test_distances.py", "tests/test_student_resume.py", "tests/cache/test_s3.py")
 
