@@ -34,7 +34,7 @@ import json
 import os
 import sys
 
-from runs import cli, load, mean_sd, paired, save, train
+from runs import cli, complete, load, mean_sd, paired, save, train
 
 ROOT_DEFAULT = "data/frontier"
 PARENT = dict(k=128, samples=64)
@@ -152,14 +152,14 @@ def main() -> None:
     parent = os.path.join(root, "caches", "parent")
     corpus = [o for o in args.overrides if o.startswith("data.")]
     wide = (f"cache.k={PARENT['k']}", f"cache.samples={PARENT['samples']}")
-    if not os.path.exists(os.path.join(parent, "manifest.json")):
+    if not complete(parent):
         print("stage 1: the wide parent cache", file=sys.stderr)
         cli("stage=1", f"paths.root={root}", f"cache.path={parent}", *wide, *corpus)
     names = args.only or list(REPRESENTATIONS)
     for name in names:
         derive, _, _ = REPRESENTATIONS[name]
         path = os.path.join(root, "caches", name)
-        if not os.path.exists(os.path.join(path, "manifest.json")):
+        if not complete(path):
             print(f"stage 2: derive {name}", file=sys.stderr)
             cli("stage=2", f"paths.root={root}", f"cache.path={parent}", *wide, *corpus, f"derive.path={path}", *derive,
                 f"hydra.run.dir={os.path.join(root, 'runs', 'derive-' + name)}")

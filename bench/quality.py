@@ -36,7 +36,7 @@ import time
 
 import corpora
 import numpy as np
-from runs import cli, load, mean_sd, paired, save, train
+from runs import cli, complete, load, mean_sd, paired, save, train
 
 ROOT_DEFAULT = "data/quality"
 SIZES = ["data.train_size=480", "data.test_size=48", "data.seq_len=128"]
@@ -206,7 +206,7 @@ def main() -> None:
     def cache_of(corpus: str) -> tuple[str, list[str]]:
         data = corpus_settings(root, corpus)
         path = os.path.join(root, "caches", corpus)
-        if not os.path.exists(os.path.join(path, "manifest.json")):
+        if not complete(path):  # (stage 1 resumes a capture killed part way)
             print(f"stage 1: {corpus}", file=sys.stderr)
             t0 = time.perf_counter()
             cli("stage=1", f"paths.root={root}", f"cache.path={path}", *data,
@@ -233,7 +233,7 @@ def main() -> None:
                                                                                   *args.overrides], args.threads)
                     save(state_path, state)
 
-    for corpus in (c for c in args.corpora if os.path.exists(os.path.join(root, "caches", c, "manifest.json"))):
+    for corpus in (c for c in args.corpora if complete(os.path.join(root, "caches", c))):
         c = state["caches"].setdefault(corpus, {})
         if "tail_mass_mean" not in c:
             c.update(cache_stats(os.path.join(root, "caches", corpus)))

@@ -26,6 +26,19 @@ def cli(*args: str, threads: int | None = None) -> subprocess.CompletedProcess:
     return proc
 
 
+def complete(path: str) -> bool:
+    """Whether a whole cache is at ``path`` (a capture killed part way leaves a manifest and
+    uncommitted shards: stage 1 again finishes it)."""
+    from pipeline.cache import open_cache
+    from pipeline.errors import CacheError, CacheNotFound
+
+    try:
+        open_cache(path)
+    except (CacheError, CacheNotFound):
+        return False
+    return True
+
+
 def load(path: str, empty: dict) -> dict:
     return json.load(open(path)) if os.path.exists(path) else empty
 
