@@ -34,7 +34,7 @@ import json
 import os
 import sys
 
-from runs import cli, complete, load, mean_sd, paired, save, train
+from runs import cli, complete, mean_sd, open_state, paired, save, train
 
 ROOT_DEFAULT = "data/frontier"
 PARENT = dict(k=128, samples=64)
@@ -143,12 +143,7 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*", help="settings for every student (train.lr=0.001; before --only); data.* "
                     "ones also go to stages 1 and 2 (data.train_size=2000: a larger corpus)")
     args = ap.parse_args()
-    root = os.path.abspath(args.root)
-    os.makedirs(root, exist_ok=True)
-    state_path = os.path.join(root, "frontier.json")
-    state = load(state_path, {"sizes": {}, "runs": {}})
-    if state.setdefault("overrides", args.overrides) != args.overrides:
-        sys.exit(f"{state_path} holds runs with {state['overrides']}, not {args.overrides}: use another --root")
+    root, state_path, state = open_state(args.root, "frontier.json", {"sizes": {}, "runs": {}}, args.overrides)
     parent = os.path.join(root, "caches", "parent")
     corpus = [o for o in args.overrides if o.startswith("data.")]
     wide = (f"cache.k={PARENT['k']}", f"cache.samples={PARENT['samples']}")

@@ -36,7 +36,7 @@ import time
 
 import corpora
 import numpy as np
-from runs import cli, complete, load, mean_sd, paired, save, train
+from runs import cli, complete, mean_sd, open_state, paired, save, train
 
 ROOT_DEFAULT = "data/quality"
 SIZES = ["data.train_size=480", "data.test_size=48", "data.seq_len=128"]
@@ -195,12 +195,7 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*", help="settings for every student (loss.temperature=2.0); a root holds "
                     "runs of one set of them")
     args = ap.parse_args()
-    root = os.path.abspath(args.root)
-    os.makedirs(root, exist_ok=True)
-    state_path = os.path.join(root, "quality.json")
-    state = load(state_path, {"runs": {}, "caches": {}})
-    if state.setdefault("overrides", args.overrides) != args.overrides:
-        sys.exit(f"{state_path} holds runs with {state['overrides']}, not {args.overrides}: use another --root")
+    root, state_path, state = open_state(args.root, "quality.json", {"runs": {}, "caches": {}}, args.overrides)
     variants = ["labels", *args.objectives]
 
     def cache_of(corpus: str) -> tuple[str, list[str]]:

@@ -43,6 +43,18 @@ def load(path: str, empty: dict) -> dict:
     return json.load(open(path)) if os.path.exists(path) else empty
 
 
+def open_state(root: str, name: str, empty: dict, overrides: list[str]) -> tuple[str, str, dict]:
+    """A benchmark's root folder (made, absolute), its state file ``<root>/<name>`` and the
+    state kept there (``empty`` the first time); a root holds runs of one set of overrides."""
+    root = os.path.abspath(root)
+    os.makedirs(root, exist_ok=True)
+    path = os.path.join(root, name)
+    state = load(path, empty)
+    if state.setdefault("overrides", overrides) != overrides:
+        sys.exit(f"{path} holds runs with {state['overrides']}, not {overrides}: use another --root")
+    return root, path, state
+
+
 def save(path: str, state: dict) -> None:
     """Written whole and renamed into place: a killed benchmark keeps every finished run."""
     tmp = path + ".tmp"

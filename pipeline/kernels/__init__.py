@@ -74,6 +74,22 @@ def _block_count() -> int:
     return 4 * numba.get_num_threads()
 
 
+def _check_topk(n: int, idx, val, lse) -> None:
+    if idx.ndim != 2 or idx.shape[0] != n or val.shape != idx.shape or np.shape(lse) != (n,):
+        raise ValueError(f"top-k arrays must be idx (B, K), val (B, K), lse (B,) with B={n}; got idx {idx.shape}, "
+                         f"val {val.shape}, lse {np.shape(lse)}")
+
+
+def _check_sampled(n: int, idx, counts, entropy) -> None:
+    if idx.ndim != 2 or idx.shape[0] != n or counts.shape != idx.shape or np.shape(entropy) != (n,):
+        raise ValueError(f"sampled arrays must be idx (B, S), counts (B, S), entropy (B,) with B={n}; got idx "
+                         f"{idx.shape}, counts {counts.shape}, entropy {np.shape(entropy)}")
+
+
+def _ids_outside(c: int) -> ConfigError:
+    return ConfigError(f"idx holds class ids outside [0, {c}): the student's vocabulary differs from the teacher's")
+
+
 def _check_temperature(temperature: float) -> float:
     if not temperature > 0:
         raise ConfigError(f"temperature={temperature}: must be > 0")
@@ -185,13 +201,11 @@ def topk_kl(student: np.ndarray, idx: np.ndarray, val: np.ndarray, lse: np.ndarr
     adaptive row's unused entries, a class the student lacks): skipped, its mass in the tail."""
     s = _student(student)
     n, c = s.shape
-    if idx.ndim != 2 or idx.shape[0] != n or val.shape != idx.shape or np.shape(lse) != (n,):
-        raise ValueError(f"top-k arrays must be idx (B, K), val (B, K), lse (B,) with B={n}; got idx {idx.shape}, "
-                         f"val {val.shape}, lse {np.shape(lse)}")
+    _check_topk(n, idx, val, lse)
     if idx.shape[1] > c:
         raise ConfigError(f"K={idx.shape[1]} is larger than the student's {c} classes")
     if idx.size and (idx.min() < -1 or idx.max() >= c):  # (-1: padding, skipped)
-        raise ConfigError(f"idx holds class ids outside [0, {c}): the student's vocabulary differs from the teacher's")
+        raise _ids_outside(c)
     w, scale = _row_weights(n, mask, weights, reduction, coef)
     loss, grad, bad = np.empty(n, s.dtype), np.empty_like(s), np.zeros(n, np.uint8)
     sparse.topk_kl_rows(s, np.ascontiguousarray(idx, np.int32), np.ascontiguousarray(val, s.dtype),
@@ -205,9 +219,7 @@ def sampled_kl(student: np.ndarray, idx: np.ndarray, counts: np.ndarray, entropy
     """Unbiased RS-KD estimate of T^2 KL(p_T || q_T) from sampled ids and their counts."""
     s = _student(student)
     n, c = s.shape
-    if idx.ndim != 2 or idx.shape[0] != n or counts.shape != idx.shape or np.shape(entropy) != (n,):
-        raise ValueError(f"sampled arrays must be idx (B, S), counts (B, S), entropy (B,) with B={n}; got idx "
-                         f"{idx.shape}, counts {counts.shape}, entropy {np.shape(entropy)}")
+    _check_sampled(n, idx, counts, entropy)
     w, scale = _row_weights(n, mask, weights, reduction, coef)
     loss, grad, bad = np.empty(n, s.dtype), np.empty_like(s), np.zeros(n, np.uint8)
     # the cache's uint16 counts as they are; any other integers as int64 (int32 counts made
@@ -217,7 +229,7 @@ def sampled_kl(student: np.ndarray, idx: np.ndarray, counts: np.ndarray, entropy
                            np.ascontiguousarray(entropy, s.dtype), _check_temperature(temperature), w, scale, loss,
                            grad, bad)
     if (bad == 2).any():  # (checked in the row loop: a separate scan of the drawn ids cost 5% of the call)
-        raise ConfigError(f"idx holds class ids outside [0, {c}): the student's vocabulary differs from the teacher's")
+        raise _ids_outside(c)
     return _finish(loss, grad, bad, reduction, scale, "teacher samples")
 
 
@@ -243,11 +255,9 @@ def _topk_masses(student, idx, val, lse, temperature):
     tail's 1 - sum p_k, checked as :func:`topk_kl` checks them."""
     s = _student(student)
     n, c = s.shape
-    if idx.ndim != 2 or idx.shape[0] != n or val.shape != idx.shape or np.shape(lse) != (n,):
-        raise ValueError(f"top-k arrays must be idx (B, K), val (B, K), lse (B,) with B={n}; got idx {idx.shape}, "
-                         f"val {val.shape}, lse {np.shape(lse)}")
+    _check_topk(n, idx, val, lse)
     if idx.size and (idx.min() < -1 or idx.max() >= c):
-        raise ConfigError(f"idx holds class ids outside [0, {c}): the student's vocabulary differs from the teacher's")
+        raise _ids_outside(c)
     held = idx >= 0
     dtype = s.dtype  # (float32 exps: a quarter of the time of float64 ones here)
     with np.errstate(all="ignore"):  # a non-finite value stays so: the kernel names its row
@@ -262,12 +272,10 @@ def _sample_masses(student, idx, counts, entropy):
     refused by the kernel as sampled_kl refuses it)."""
     s = _student(student)
     n, c = s.shape
-    if idx.ndim != 2 or idx.shape[0] != n or counts.shape != idx.shape or np.shape(entropy) != (n,):
-        raise ValueError(f"sampled arrays must be idx (B, S), counts (B, S), entropy (B,) with B={n}; got idx "
-                         f"{idx.shape}, counts {counts.shape}, entropy {np.shape(entropy)}")
+    _check_sampled(n, idx, counts, entropy)
     held = counts > 0
     if held.any() and (idx[held].min() < 0 or idx[held].max() >= c):
-        raise ConfigError(f"idx holds class ids outside [0, {c}): the student's vocabulary differs from the teacher's")
+        raise _ids_outside(c)
     draws = counts.sum(1, dtype=np.float64)
     with np.errstate(all="ignore"):
         return s, np.where(held, idx, -1), counts / draws[:, None], np.where(draws > 0, 0.0, np.nan)

@@ -36,6 +36,21 @@ _JIT = {"parallel": True, "cache": True, "fastmath": FASTMATH}
 TINY = 1e-37  # pipeline.losses.TINY: the skewed KLs' floor under a mixture
 
 
+@nb.njit(inline="always", fastmath=FASTMATH)
+def _exps_and_rest(s, i, idx, inv_t, grad):
+    """Row i's maximum, softmax normaliser and the sum of its exps outside the entries
+    ``idx[i]`` (-1: none), summed directly (no 1 - sum(q_k) cancellation); the exps are left
+    in ``grad[i]``, the entries' marked -1 (the caller overwrites them)."""
+    s_max, total = max_and_exps(s, i, inv_t, grad)
+    for r in range(idx.shape[1]):
+        if idx[i, r] >= 0:
+            grad[i, idx[i, r]] = -like(s, 1.0)
+    rest = like(s, 0.0)
+    for j in range(s.shape[1]):
+        rest += max(grad[i, j], like(s, 0.0))
+    return s_max, total, rest
+
+
 @nb.njit(**_JIT)
 def topk_kl_rows(s, idx, val, lse, temperature, w, scale, loss, grad, bad):
     n, c = s.shape
@@ -46,13 +61,7 @@ def topk_kl_rows(s, idx, val, lse, temperature, w, scale, loss, grad, bad):
             bad[i] = w[i] != 0.0
             zero_row(loss, grad, i)
             continue
-        s_max, total = max_and_exps(s, i, inv_t, grad)
-        for r in range(k):  # mark the K classes negative: the tail sum below skips them
-            if idx[i, r] >= 0:
-                grad[i, idx[i, r]] = -like(s, 1.0)
-        tail = like(s, 0.0)
-        for j in range(c):
-            tail += max(grad[i, j], like(s, 0.0))
+        s_max, total, tail = _exps_and_rest(s, i, idx, inv_t, grad)
         r_total = like(s, 1.0) / total
         q_tail = tail * r_total  # summed directly: no 1 - sum(q_k) cancellation
         s_lse = vlog(total)
@@ -224,13 +233,7 @@ def bucket_rows(s, idx, pk, p_rest, temperature, beta, kind, mu, w, scale, loss,
         if w[i] == 0.0:
             zero_row(loss, grad, i)
             continue
-        s_max, total = max_and_exps(s, i, inv_t, grad)
-        for r in range(k):  # mark the K classes negative: the rest's sum below skips them
-            if idx[i, r] >= 0:
-                grad[i, idx[i, r]] = -like(s, 1.0)
-        rest = like(s, 0.0)
-        for j in range(c):
-            rest += max(grad[i, j], like(s, 0.0))
+        s_max, total, rest = _exps_and_rest(s, i, idx, inv_t, grad)
         r_total = like(s, 1.0) / total
         q_rest = rest * r_total
         for r in range(k):
